@@ -1,0 +1,12 @@
+"""moe_kernels: fused Triton kernels for Mixture-of-Experts routing and expert compute.
+
+Importing the package needs only torch: Triton is imported when a kernel first runs, and CPU
+tensors run the pure-PyTorch references in ``moe_kernels.reference``.
+"""
+
+__version__ = "0.1.0"
+
+from moe_kernels.functional import softmax_topk
+from moe_kernels.nn import TopKRouter
+
+__all__ = ["softmax_topk", "TopKRouter", "__version__"]

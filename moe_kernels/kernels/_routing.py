@@ -1,0 +1,235 @@
+"""Triton kernels of the gate + top-k op (no allocation, no launch logic: see ``ops/routing.py``).
+
+Layout shared by both kernels: a program owns ``BLOCK_T`` consecutive rows (tokens) and holds
+each row's ``E`` experts in one ``BLOCK_E = next_pow2(E)`` wide register tile, so every row is
+read from memory once. Columns past ``E`` are padding and can never be selected.
+
+Selection packs each key into one int64 (order-preserving integer image of the float32 key in
+the high half, ``BLOCK_E - expert`` in the low half), so each of the ``K`` rounds is a single
+integer max-reduction that yields the largest key and, among equal keys, the lowest expert id.
+"""
+
+import triton
+import triton.language as tl
+
+# Marks a column already selected or outside ``[0, E)``: below every packed real key, because the
+# smallest real key (-inf; NaN keys are mapped to -inf first) packs to more than -2**63.
+_EXCLUDED = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _gate_scores(x, SOFTMAX: tl.constexpr):
+    """Scores of a ``[BLOCK_T, BLOCK_E]`` float32 tile (padding holds -inf).
+
+    Returns the scores and, for softmax, the row max and the reciprocal of the row sum, so a
+    caller can recompute single scores bit-identically from reloaded logits.
+    """
+    if SOFTMAX:
+        # NaN-ignoring max: a NaN logit then turns its row's sum, and so every score, into NaN
+        # (as torch.softmax does) instead of depending on how the GPU's max treats NaN.
+        row_max = tl.max(tl.where(x == x, x, float("-inf")), axis=1)
+        p = tl.exp(x - row_max[:, None])
+        inv_sum = 1.0 / tl.sum(p, axis=1)
+        return p * inv_sum[:, None], row_max, inv_sum
+    else:
+        # The row max and sum are not needed: ``x`` stands in for them (and is never read).
+        return 1.0 / (1.0 + tl.exp(-x)), x, x
+
+
+@triton.jit
+def _score_of(x, row_max, inv_sum, SOFTMAX: tl.constexpr):
+    """The score of reloaded logits ``x`` with the same arithmetic as :func:`_gate_scores`."""
+    if SOFTMAX:
+        return tl.exp(x - row_max[:, None]) * inv_sum[:, None]
+    else:
+        return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _limit_to_best_groups(
+    key,
+    cols,
+    group_size,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
+):
+    """Set the keys of experts outside the ``TOPK_GROUPS`` best groups to -inf.
+
+    A group's score is its max key or the sum of its two largest keys; a group is kept when fewer
+    than ``TOPK_GROUPS`` groups beat it (a higher score, or an equal score and a lower index).
+    """
+    group_of_col = cols // group_size  # padding columns fall in no group (index >= NUM_GROUPS)
+    gidx = tl.arange(0, G_PAD)
+    group_scores = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
+    for g in tl.static_range(NUM_GROUPS):
+        member = tl.where((group_of_col == g)[None, :], key, float("-inf"))
+        top1 = tl.max(member, axis=1)
+        score = top1
+        if GROUP_TOP2:
+            first = tl.min(tl.where(member == top1[:, None], cols[None, :], BLOCK_E), axis=1)
+            top2 = tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), member), axis=1)
+            score = top1 + top2
+        score = tl.where(score == score, score, float("-inf"))  # inf + -inf
+        group_scores = tl.where(gidx[None, :] == g, score[:, None], group_scores)
+    kept = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for g in tl.static_range(NUM_GROUPS):
+        mine = tl.max(tl.where(gidx[None, :] == g, group_scores, float("-inf")), axis=1)
+        beats = (group_scores > mine[:, None]) | ((group_scores == mine[:, None]) & (gidx[None, :] < g))
+        rank = tl.sum(beats.to(tl.int32), axis=1)
+        kept += ((group_of_col[None, :] == g) & (rank[:, None] < TOPK_GROUPS)).to(tl.int32)
+    return tl.where(kept > 0, key, float("-inf"))
+
+
+@triton.jit
+def _softmax_topk_fwd_kernel(
+    logits_ptr,  # (T, E) float32/float16/bfloat16, any strides
+    bias_ptr,  # (E,) float32, read only when HAS_BIAS
+    weights_ptr,  # (T, K) float32, contiguous, written
+    ids_ptr,  # (T, K) int32, contiguous, written
+    T,
+    E,
+    group_size,
+    stride_lt,
+    stride_le,
+    scale,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
+):
+    """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens end to end."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    col_ok = cols < E
+    row_off = rows.to(tl.int64) * stride_lt
+    x = tl.load(
+        logits_ptr + row_off[:, None] + cols[None, :] * stride_le,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    # Padding columns score 0; rows past T stay finite so they compute no NaN.
+    x = tl.where(col_ok[None, :], x, float("-inf"))
+    s, row_max, inv_sum = _gate_scores(x, SOFTMAX)
+
+    key = s
+    if HAS_BIAS:
+        key = key + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    key = tl.where(key == key, key, float("-inf")) + 0.0  # NaN -> -inf; -0.0 -> +0.0
+    if NUM_GROUPS > 0:
+        key = _limit_to_best_groups(
+            key, cols, group_size, BLOCK_T, BLOCK_E, NUM_GROUPS, TOPK_GROUPS, G_PAD, GROUP_TOP2
+        )
+
+    # Order-preserving int32 image of the float key: flip the magnitude bits of negatives.
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (ordered.to(tl.int64) << 32) | (BLOCK_E - cols).to(tl.int64)[None, :]
+    packed = tl.where(col_ok[None, :], packed, _EXCLUDED)
+
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for j in range(K):
+        best = tl.max(packed, axis=1)
+        chosen = BLOCK_E - best.to(tl.int32)  # the low half holds BLOCK_E - expert
+        ids = tl.where(kcols[None, :] == j, chosen[:, None], ids)
+        packed = tl.where(cols[None, :] == chosen[:, None], _EXCLUDED, packed)
+
+    out_mask = row_ok[:, None] & (kcols < K)[None, :]
+    # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is cheaper
+    # than K more reductions over the tile, and recomputes the scores bit-identically.
+    x_chosen = tl.load(
+        logits_ptr + row_off[:, None] + ids * stride_le, mask=out_mask, other=0.0
+    ).to(tl.float32)
+    weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
+    if RENORMALIZE:
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+    weights = weights * scale
+    out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    tl.store(weights_ptr + out_off, weights, mask=out_mask)
+    tl.store(ids_ptr + out_off, ids, mask=out_mask)
+
+
+@triton.jit
+def _softmax_topk_bwd_kernel(
+    grad_weights_ptr,  # (T, K) float32, any strides
+    logits_ptr,  # (T, E) float32/float16/bfloat16, any strides
+    ids_ptr,  # (T, K) int32, contiguous (the forward's output)
+    grad_logits_ptr,  # (T, E) logits' dtype, contiguous, written
+    T,
+    E,
+    stride_gt,
+    stride_gk,
+    stride_lt,
+    stride_le,
+    scale,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    """Grid ``(cdiv(T, BLOCK_T),)``: the gradient of ``BLOCK_T`` rows of weights w.r.t. logits.
+
+    With ``g`` the gradient reaching the unscaled, unnormalised scores ``w = s[ids]``:
+    softmax: ``dx = s * (g_dense - <g, w>)``; sigmoid: ``dx = g_dense * s * (1 - s)``. The dense
+    part is stored for every column first, then the K selected columns are overwritten.
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    tile_mask = row_ok[:, None] & (cols < E)[None, :]
+    k_mask = row_ok[:, None] & (kcols < K)[None, :]
+    rows64 = rows.to(tl.int64)
+    row_off = rows64 * stride_lt
+
+    ids = tl.load(ids_ptr + rows64[:, None] * K + kcols[None, :], mask=k_mask, other=0)
+    g = tl.load(
+        grad_weights_ptr + rows64[:, None] * stride_gt + kcols[None, :] * stride_gk,
+        mask=k_mask,
+        other=0.0,
+    ).to(tl.float32)
+    g = g * scale
+    x_chosen = tl.load(logits_ptr + row_off[:, None] + ids * stride_le, mask=k_mask, other=0.0)
+    x_chosen = x_chosen.to(tl.float32)
+    if SOFTMAX:
+        x = tl.load(
+            logits_ptr + row_off[:, None] + cols[None, :] * stride_le, mask=tile_mask, other=0.0
+        ).to(tl.float32)
+        x = tl.where((cols < E)[None, :], x, float("-inf"))
+        s, row_max, inv_sum = _gate_scores(x, SOFTMAX)
+        w = _score_of(x_chosen, row_max, inv_sum, SOFTMAX)
+    else:
+        w = _score_of(x_chosen, x_chosen, x_chosen, SOFTMAX)
+    w = tl.where(k_mask, w, 0.0)
+    if RENORMALIZE:
+        denom = tl.sum(w, axis=1)[:, None] + 1e-20
+        g = g / denom - tl.sum(g * w, axis=1)[:, None] / (denom * denom)
+    g = tl.where(k_mask, g, 0.0)
+
+    out_ty = grad_logits_ptr.dtype.element_ty
+    out_row = grad_logits_ptr + rows64[:, None] * E
+    if SOFTMAX:
+        dot = tl.sum(g * w, axis=1)[:, None]
+        tl.store(out_row + cols[None, :], (-s * dot).to(out_ty), mask=tile_mask)
+        selected = w * (g - dot)
+    else:
+        tl.store(out_row + cols[None, :], tl.zeros([BLOCK_T, BLOCK_E], tl.float32).to(out_ty), mask=tile_mask)
+        selected = g * w * (1.0 - w)
+    # The selected columns were just written with the dense value by other threads of this
+    # program: the barrier orders those stores before the overwrite.
+    tl.debug_barrier()
+    tl.store(out_row + ids, selected.to(out_ty), mask=k_mask)

@@ -1,0 +1,61 @@
+"""``nn.Module`` wrappers of the functional ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_kernels.functional import softmax_topk
+
+
+class TopKRouter(nn.Module):
+    """Linear gate + fused :func:`moe_kernels.softmax_topk`.
+
+    ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``.
+    ``weight (E, H)`` is the gate (the HF ``*TopKRouter.weight`` layout); with
+    ``correction_bias=True`` a float32 ``(E,)`` buffer ``e_score_correction_bias`` biases
+    selection only (DeepSeek-V3), and is not trained by gradients.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        k: int,
+        *,
+        renormalize: bool = False,
+        score_func: str = "softmax",
+        correction_bias: bool = False,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        group_score: str = "top2_sum",
+        scale: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if correction_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
+        self.k = k
+        self.routing = dict(
+            renormalize=renormalize,
+            score_func=score_func,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            scale=scale,
+            backend=backend,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = nn.functional.linear(hidden, self.weight)
+        return softmax_topk(logits, self.k, bias=self.e_score_correction_bias, **self.routing)
+
+    def extra_repr(self) -> str:
+        num_experts, hidden = self.weight.shape
+        return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, " + ", ".join(
+            f"{key}={value}" for key, value in self.routing.items()
+        )

@@ -1,0 +1,4 @@
+"""Launchers (validate bounds, allocate, pick the grid, launch; never sync the host) and the
+``torch.library`` registration of every op in the ``moe_kernels::`` namespace."""
+
+from moe_kernels.ops import routing  # noqa: F401  (registers moe_kernels::softmax_topk*)

@@ -1,0 +1,9 @@
+"""Pure-PyTorch references, one module per op family.
+
+They are the CPU fallback of every op, the oracles of the tests and the eager baselines of the
+benchmarks: all three import them from here, so there is exactly one definition of each op.
+"""
+
+from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
+
+__all__ = ["softmax_topk", "softmax_topk_backward"]

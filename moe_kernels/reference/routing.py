@@ -1,0 +1,121 @@
+"""Pure-PyTorch reference of the gate + top-k op: the CPU fallback, the test oracle and the
+benchmarks' eager baseline. Semantics are documented on :func:`moe_kernels.softmax_topk`.
+
+Every function works on ``(..., E)`` tensors and computes in float32 (float64 for float64 logits,
+so that ``gradcheck`` can run on it). Selection uses a stable descending sort rather than
+``torch.topk`` because the op promises "equal keys -> lower expert id first", which ``topk`` does
+not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RENORM_EPS = 1e-20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gate_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """``softmax(logits)`` or ``sigmoid(logits)`` over the last dim, in the compute dtype."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if score_func == "softmax":
+        return torch.softmax(x, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+
+
+def _nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+
+
+def selection_keys(
+    scores: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+) -> torch.Tensor:
+    """The key experts are ranked by: ``scores + bias``, NaN replaced by -inf, and with groups,
+    every expert outside the best ``topk_groups`` groups set to -inf.
+
+    Groups are contiguous blocks of ``E // num_groups`` experts, scored by the max key
+    (``"max"``) or the sum of the two largest keys (``"top2_sum"``); equal group scores keep the
+    lower group index first.
+    """
+    keys = scores if bias is None else scores + bias.to(scores.dtype)
+    keys = _nan_to_neg_inf(keys)
+    if not num_groups:
+        return keys
+    num_experts = keys.shape[-1]
+    grouped = keys.unflatten(-1, (num_groups, num_experts // num_groups))
+    if group_score == "max":
+        per_group = grouped.amax(dim=-1)
+    elif group_score == "top2_sum":
+        per_group = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        raise ValueError(f"group_score must be 'top2_sum' or 'max', got {group_score!r}")
+    per_group = _nan_to_neg_inf(per_group)
+    best = torch.sort(per_group, dim=-1, descending=True, stable=True).indices[..., :topk_groups]
+    keep = torch.zeros_like(per_group, dtype=torch.bool).scatter_(-1, best, True)
+    keep = keep.repeat_interleave(num_experts // num_groups, dim=-1)
+    return keys.masked_fill(~keep, float("-inf"))
+
+
+def softmax_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = False,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`moe_kernels.softmax_topk` (arguments assumed valid).
+
+    Returns ``weights (..., k)`` float32 (float64 for float64 logits), differentiable with respect
+    to ``logits``, and ``ids (..., k)`` int32.
+    """
+    scores = gate_scores(logits, score_func)
+    keys = selection_keys(scores, bias, num_groups, topk_groups, group_score)
+    ids = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
+    weights = scores.gather(-1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    return weights * scale, ids.to(torch.int32)
+
+
+def softmax_topk_backward(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    renormalize: bool,
+    score_func: str,
+    scale: float,
+) -> torch.Tensor:
+    """Gradient of ``softmax_topk``'s weights with respect to ``logits``, written out.
+
+    ``grad_weights (..., k)``, ``logits (..., E)``, ``ids (..., k)`` int32 -> ``(..., E)`` in
+    ``logits.dtype``. The bias and the group mask only choose ``ids``, so they take no part.
+    """
+    scores = gate_scores(logits, score_func)
+    index = ids.long()
+    grad = grad_weights.to(scores.dtype) * scale
+    if renormalize:
+        picked = scores.gather(-1, index)
+        denom = picked.sum(dim=-1, keepdim=True) + RENORM_EPS
+        grad = grad / denom - (grad * picked).sum(dim=-1, keepdim=True) / (denom * denom)
+    grad_scores = torch.zeros_like(scores).scatter_(-1, index, grad)
+    if score_func == "softmax":
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+    else:
+        grad_logits = grad_scores * scores * (1.0 - scores)
+    return grad_logits.to(logits.dtype)

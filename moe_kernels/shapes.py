@@ -1,0 +1,54 @@
+"""Registry of real models' MoE shapes, shared by the benchmarks, ``moe-kernels validate`` and the
+ahead-of-time compile check (which compiles every kernel configuration these shapes select).
+
+Routing settings follow each model's released config and HF modelling code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoutingShape:
+    """One model's router: ``num_experts`` routed experts, ``k`` per token, and the keyword
+    arguments of :func:`moe_kernels.softmax_topk` that reproduce its routing formula."""
+
+    model: str
+    num_experts: int
+    k: int
+    options: dict = field(default_factory=dict)
+    has_bias: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} E={self.num_experts} k={self.k}"
+
+
+ROUTING_SHAPES: tuple[RoutingShape, ...] = (
+    RoutingShape("Mixtral-8x7B", 8, 2, dict(renormalize=True)),
+    RoutingShape("Qwen1.5-MoE-A2.7B", 60, 4),
+    RoutingShape("OLMoE-1B-7B", 64, 8),
+    RoutingShape("Qwen3-30B-A3B", 128, 8, dict(renormalize=True)),
+    RoutingShape(
+        "DeepSeek-V2", 160, 6, dict(num_groups=8, topk_groups=3, group_score="max", scale=16.0)
+    ),
+    RoutingShape(
+        "DeepSeek-V3",
+        256,
+        8,
+        dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5),
+        has_bias=True,
+    ),
+    RoutingShape(
+        "Kimi-K2",
+        384,
+        8,
+        dict(score_func="sigmoid", num_groups=1, topk_groups=1, renormalize=True, scale=2.827),
+        has_bias=True,
+    ),
+    RoutingShape("Qwen3-Next-80B-A3B", 512, 10, dict(renormalize=True)),
+)
+
+# Token counts of the routing benchmarks: decode batches to long prefill / training steps.
+ROUTING_TOKENS: tuple[int, ...] = (1, 8, 64, 512, 4096, 16384, 65536)

@@ -1,0 +1,79 @@
+"""Small helpers shared by every op: backend selection, output allocation, integer math."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from moe_kernels._compat import interpreter_enabled, triton_importable
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Poisoning is switched on by ``moe_kernels.testing.poisoned_outputs()``: every output buffer a
+# launcher allocates is then filled with a value no kernel writes, so a test can prove that every
+# element was written. Off, it costs one Python bool test per allocation.
+_poison_outputs = False
+_warned_fallback: set[str] = set()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def poison_value(dtype: torch.dtype) -> float | int:
+    """The fill value of a poisoned buffer: NaN for floats, a large sentinel for integers."""
+    if dtype.is_floating_point:
+        return float("nan")
+    return torch.iinfo(dtype).max - 12345
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an op output (``torch.empty``), poisoned when a test asked for it."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(poison_value(dtype))
+    return out
+
+
+def use_triton(backend: str, device: torch.device, op_name: str) -> bool:
+    """Resolve ``backend`` ("auto" | "triton" | "torch") for tensors on ``device``.
+
+    "auto": CUDA tensors run the Triton kernels (falling back to the PyTorch reference, with a
+    one-time warning, when Triton is not installed); every other device runs the reference.
+    "triton" on CPU runs the kernels through the Triton interpreter, which needs
+    ``TRITON_INTERPRET=1`` in the environment before Python starts.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        if device.type != "cuda":
+            return False
+        if triton_importable():
+            return True
+        if op_name not in _warned_fallback:
+            _warned_fallback.add(op_name)
+            warnings.warn(
+                f"{op_name}: triton is not installed; CUDA tensors run the PyTorch reference",
+                stacklevel=3,
+            )
+        return False
+    if not triton_importable():
+        raise RuntimeError(f"{op_name}: backend='triton' needs the triton package (pip install triton)")
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return True
+        raise RuntimeError(
+            f"{op_name}: backend='triton' got CPU tensors; Triton runs on the CPU only through its "
+            "interpreter: set TRITON_INTERPRET=1 in the environment before starting Python, or use "
+            "backend='torch'"
+        )
+    raise RuntimeError(f"{op_name}: backend='triton' supports cuda and cpu tensors, got {device.type}")
