@@ -129,7 +129,9 @@ def _check_args(logits, k, renormalize, score_func, bias, num_groups, topk_group
         raise ValueError(f"softmax_topk: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
     if group_score not in GROUP_SCORES:
         raise ValueError(f"softmax_topk: group_score must be one of {GROUP_SCORES}, got {group_score!r}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    # ``abs(scale) < inf`` rather than math.isfinite: it also holds for the symbolic floats
+    # torch.compile(dynamic=True) passes, and is False for NaN.
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not abs(scale) < math.inf:
         raise ValueError(f"softmax_topk: scale must be a finite number, got {scale!r}")
     if bias is not None:
         _check_bias(bias, logits)

@@ -1,0 +1,309 @@
+"""Shared benchmark harness: the environment record, timers, a measured bandwidth roofline, and the
+result files every op's benchmark writes.
+
+A benchmark produces *rows*, flat dicts with one measurement each, and hands them to
+:func:`write_results`, which appends them in long format, beside the environment that produced
+them, to ``<results root>/<device slug>/<op>.csv`` and draws time-vs-tokens plots. The results
+root is ``benchmarks/results`` unless the ``MOE_KERNELS_RESULTS_DIR`` environment variable (or
+``write_results``'s ``results_dir``) names another.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+import moe_kernels
+from moe_kernels._compat import triton_version
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR_ENV = "MOE_KERNELS_RESULTS_DIR"
+DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# Quantiles asked of triton.testing (median first, as the rows list them).
+QUANTILES = (0.5, 0.2, 0.8)
+# CPU wall-clock timer: time spent per measurement, and the fewest timed calls.
+CPU_TARGET_S = 0.2
+CPU_MIN_REPS = 5
+CPU_WARMUP_CALLS = 3
+# Bandwidth probe sizes: far larger than any cache, so the copy streams from memory.
+CUDA_COPY_BYTES = 1 << 30
+CPU_COPY_BYTES = 64 << 20
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to benchmark on: ``device`` if given, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def slugify(text: str) -> str:
+    """Lower-case ``text`` with every run of characters other than ``[a-z0-9]`` turned into one
+    ``-``: a name safe for a folder on any filesystem."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def environment(device: str | torch.device | None = None) -> dict:
+    """What produced a run: a dict of ``device_name``, ``device_slug`` (the results folder),
+    ``torch``, ``triton`` ("none" when not installed), ``python`` and ``moe_kernels`` versions,
+    ``git_commit`` (short hash, "-dirty" when the tree has changes, "unknown" without git),
+    ``date_utc`` (ISO 8601, seconds) and ``torch_threads`` (CPU timings depend on it, and on
+    whatever else shares those cores)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        slug = slugify(name)
+    else:
+        name = _cpu_model()
+        slug = "cpu-" + slugify(name)
+    return {
+        "device_name": name,
+        "device_slug": slug,
+        "torch": torch.__version__,
+        "triton": triton_version() or "none",
+        "python": platform.python_version(),
+        "moe_kernels": moe_kernels.__version__,
+        "git_commit": _git_commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _git_commit() -> str:
+    """Short HEAD hash of the repository, "-dirty" when files outside the results differ from it
+    or are new; "unknown" when git is missing or this is no checkout."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        # --no-optional-locks: plain `git status` may rewrite the index, racing anyone else's git
+        # command in this checkout. Results are excluded so that the files an earlier run wrote do
+        # not mark the tree dirty; any other new or changed file does.
+        changes = _git(
+            "--no-optional-locks", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if changes else "")
+
+
+def _git(*args: str) -> str:
+    """stdout of ``git *args`` run in the repository root, stripped; raises on failure."""
+    result = subprocess.run(
+        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+    )
+    return result.stdout.strip()
+
+
+def time_fn(fn: Callable[[], object], *, device: torch.device, cuda_graph: bool = False) -> dict:
+    """Time ``fn()`` on ``device``; returns ``median_us``, ``p20_us``, ``p80_us`` and ``timer``.
+
+    ``timer`` names the method: ``"cudagraph"`` (``triton.testing.do_bench_cudagraph``: calls
+    replayed from one CUDA graph, so launch overhead is excluded), ``"do_bench"``
+    (``triton.testing.do_bench``: one launch per call, L2 flushed in between),
+    ``"do_bench:graph-failed"`` (a graph was asked for but ``fn`` could not be captured, e.g. it
+    synchronises), or ``"wall"`` (CPU: ``time.perf_counter`` around each call).
+    """
+    if device.type == "cuda":
+        return _time_cuda(fn, cuda_graph)
+    return _time_wall(fn)
+
+
+def _time_cuda(fn: Callable[[], object], cuda_graph: bool) -> dict:
+    """:func:`time_fn` on CUDA (``quantiles=`` gives a list on triton 3.x, 3.6 to 3.9 included)."""
+    import triton.testing
+
+    timer = "do_bench"
+    if cuda_graph:
+        try:
+            return _timing(triton.testing.do_bench_cudagraph(fn, quantiles=list(QUANTILES)), "cudagraph")
+        except Exception as exc:  # capture errors surface as RuntimeError or torch's CUDA errors
+            print(f"  note: CUDA graph capture failed ({type(exc).__name__}: {exc}); timing with do_bench")
+            timer = "do_bench:graph-failed"
+    return _timing(triton.testing.do_bench(fn, quantiles=list(QUANTILES)), timer)
+
+
+def _time_wall(fn: Callable[[], object]) -> dict:
+    """:func:`time_fn` on the CPU: a few warm-up calls (which also estimate the per-call time),
+    then enough individually timed calls to fill about ``CPU_TARGET_S``, at least ``CPU_MIN_REPS``."""
+    start = time.perf_counter()
+    for _ in range(CPU_WARMUP_CALLS):
+        fn()
+    per_call = (time.perf_counter() - start) / CPU_WARMUP_CALLS
+    reps = max(CPU_MIN_REPS, math.ceil(CPU_TARGET_S / max(per_call, 1e-7)))
+    samples_ms = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples_ms.append((time.perf_counter() - start) * 1e3)
+    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return _timing([statistics.median(samples_ms), deciles[1], deciles[7]], "wall")
+
+
+def _timing(ms: Sequence[float], timer: str) -> dict:
+    """Row fields from ``[median, p20, p80]`` in milliseconds."""
+    median, p20, p80 = (float(v) * 1e3 for v in ms)
+    return {"median_us": median, "p20_us": p20, "p80_us": p80, "timer": timer}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_bandwidth_gbs(device: torch.device) -> float:
+    """Memory bandwidth of ``device`` in GB/s (1e9 bytes), counting bytes read plus written by a
+    device-to-device copy of 1 GiB (CUDA) or 64 MiB (CPU); measured once per process and device.
+
+    This is the roofline the benchmarks' "% of bandwidth" refers to: what a copy reaches on this
+    very machine, rather than a datasheet number no kernel attains.
+    """
+    nbytes = CUDA_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    median_us = time_fn(lambda: dst.copy_(src), device=device)["median_us"]
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / median_us / 1e3
+
+
+def results_root(results_dir: str | os.PathLike | None = None) -> Path:
+    """Where results go: ``results_dir``, else ``$MOE_KERNELS_RESULTS_DIR``, else
+    ``benchmarks/results`` in this repository."""
+    return Path(results_dir or os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
+
+
+def write_results(
+    op_name: str, rows: Sequence[dict], env: dict, results_dir: str | os.PathLike | None = None
+) -> tuple[Path, Path | None]:
+    """Append ``rows`` (each prefixed with every ``env`` field) to
+    ``<results root>/<env["device_slug"]>/<op_name>.csv`` and plot them to ``<op_name>.png`` there.
+
+    Plots need rows with ``model``, ``provider``, ``T`` and ``median_us`` (and ``dtype`` when a run
+    has several). Returns ``(csv_path, png_path)``; ``png_path`` is None when matplotlib is not
+    installed.
+    """
+    out_dir = results_root(results_dir) / env["device_slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{op_name}.csv"
+    _append_csv(csv_path, [{**env, **row} for row in rows])
+    title = f"{op_name} on {env['device_name']}  ({env['git_commit']}, {env['date_utc']})"
+    png_path = _plot(out_dir / f"{op_name}.png", rows, title)
+    return csv_path, png_path
+
+
+def _columns(records: Iterable[dict]) -> list[str]:
+    """Every key of ``records``, in order of first appearance."""
+    return list(dict.fromkeys(key for record in records for key in record))
+
+
+def _append_csv(path: Path, records: Sequence[dict]) -> None:
+    """Append ``records`` to the CSV at ``path``, creating it with a header when new. When the
+    records bring a column the header lacks (a field added since earlier runs), the file is
+    rewritten with the widened header so every row stays readable by name."""
+    old_columns, old_rows = [], []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_rows = list(reader)
+            old_columns = list(reader.fieldnames or [])
+    columns = old_columns + [c for c in _columns(records) if c not in old_columns]
+    rewrite = columns != old_columns
+    with path.open("w" if rewrite else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        if rewrite:
+            writer.writeheader()
+            writer.writerows(old_rows)
+        writer.writerows({key: _csv_value(value) for key, value in record.items()} for record in records)
+
+
+def _csv_value(value):
+    """Floats to 6 significant digits (timer noise is far larger); None to an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
+    """Median time vs tokens, log-log, one line per provider and one panel per model (and dtype,
+    when the rows hold several); returns ``path``, or None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return None
+    several_dtypes = len({row.get("dtype") for row in rows}) > 1
+    panels: dict[str, list[dict]] = {}
+    for row in rows:
+        label = f"{row['model']} {row['dtype']}" if several_dtypes else row["model"]
+        panels.setdefault(label, []).append(row)
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.8))
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax, (label, panel_rows) in zip(axes, panels.items()):
+        for provider in dict.fromkeys(row["provider"] for row in panel_rows):
+            points = sorted((row["T"], row["median_us"]) for row in panel_rows if row["provider"] == provider)
+            ax.plot(*zip(*points), marker="o", markersize=3, label=provider)
+        ax.set(xscale="log", yscale="log", title=label, xlabel="tokens T", ylabel="median time (us)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(panels):]:  # the grid's unused panels
+        ax.set_axis_off()
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-"),
+    numeric columns right-aligned."""
+    cells = [[_format_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    numeric = [all(_is_number(row.get(c)) for row in rows if row.get(c) is not None) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+        return "  ".join(padded).rstrip()
+
+    print(line(columns))
+    print(line(["-" * w for w in widths]))
+    for values in cells:
+        print(line(values))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format_cell(value) -> str:
+    """Table text of a value: floats to 3 significant digits (whole numbers from 100 up)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,169 @@
+"""The ``moe-kernels`` command line: ``info``, ``validate`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import moe_kernels
+from moe_kernels import _compat, reference, testing
+from moe_kernels.shapes import ROUTING_SHAPES
+from moe_kernels.utils import use_triton
+
+VALIDATE_TOKENS = {"cuda": (1, 7, 256, 4099), "cpu": (1, 7, 256)}
+VALIDATE_DTYPES = {"cuda": ("float32", "float16", "bfloat16"), "cpu": ("float32", "bfloat16")}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend_label(device: torch.device, backend: str = "auto") -> str:
+    try:
+        triton_path = use_triton(backend, device, "softmax_topk")
+    except RuntimeError as error:
+        return f"unavailable ({error})"
+    if not triton_path:
+        return "torch reference"
+    return "triton interpreter" if device.type == "cpu" else "triton"
+
+
+def cmd_info(args) -> int:
+    device = _default_device()
+    rows = [
+        ("moe_kernels", moe_kernels.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", _compat.triton_version() or "not installed"),
+        ("device", _device_name(device)),
+        ("TRITON_INTERPRET", "1" if _compat.interpreter_enabled() else "unset"),
+        ("softmax_topk backend", f"{_backend_label(device)} for {device.type} tensors"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.kernels:
+        from moe_kernels import aot
+
+        print()
+        print(aot.format_table(aot.compile_all()))
+    return 0
+
+
+def _validate_routing_case(shape, num_tokens, dtype, device, backend) -> dict:
+    """One row of ``validate``: the op against the float64 reference, forward and backward."""
+    bias = testing.make_bias(shape.num_experts, seed=1, device=device) if shape.has_bias else None
+    group_keys = ("score_func", "num_groups", "topk_groups", "group_score")
+    logits = testing.make_routing_logits(
+        num_tokens,
+        shape.num_experts,
+        dtype,
+        bias=None if bias is None else bias.cpu(),
+        **{key: shape.options[key] for key in group_keys if key in shape.options},
+    ).to(device)
+    logits.requires_grad_(True)
+    weights, ids = moe_kernels.softmax_topk(logits, shape.k, bias=bias, backend=backend, **shape.options)
+    grad_out = torch.randn(weights.shape, device=device)
+    weights.backward(grad_out)
+
+    logits64 = logits.detach().double()
+    bias64 = None if bias is None else bias.double()
+    ref_weights, ref_ids = reference.softmax_topk(logits64, shape.k, bias=bias64, **shape.options)
+    ref_grad = reference.softmax_topk_backward(
+        grad_out.double(),
+        logits64,
+        ref_ids,
+        renormalize=shape.options.get("renormalize", False),
+        score_func=shape.options.get("score_func", "softmax"),
+        scale=shape.options.get("scale", 1.0),
+    )
+    ids_match = torch.equal(ids.cpu(), ref_ids.cpu())
+    weight_err = testing.max_errors(weights, ref_weights)[0]
+    grad_err = testing.max_errors(logits.grad, ref_grad)[0]
+    ok = ids_match and _within(weights, ref_weights, torch.float32) and _within(logits.grad, ref_grad, dtype)
+    return dict(
+        op="softmax_topk",
+        model=shape.model,
+        E=shape.num_experts,
+        k=shape.k,
+        T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        ids="exact" if ids_match else "MISMATCH",
+        weight_err=f"{weight_err:.1e}",
+        grad_err=f"{grad_err:.1e}",
+        status="ok" if ok else "FAIL",
+    )
+
+
+def _within(actual, expected, dtype) -> bool:
+    atol, rtol = testing.tolerance(dtype)
+    return torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def _print_rows(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(f"{c:>{widths[c]}}" for c in columns))
+    for row in rows:
+        print("  ".join(f"{str(row[c]):>{widths[c]}}" for c in columns))
+
+
+def cmd_validate(args) -> int:
+    device = torch.device(args.device) if args.device else _default_device()
+    dtypes = args.dtype or VALIDATE_DTYPES[device.type]
+    tokens = args.tokens or VALIDATE_TOKENS[device.type]
+    print(f"validate on {_device_name(device)}; softmax_topk runs: {_backend_label(device, args.backend)}")
+    rows = [
+        _validate_routing_case(shape, num_tokens, getattr(torch, dtype), device, args.backend)
+        for shape in ROUTING_SHAPES
+        for dtype in dtypes
+        for num_tokens in tokens
+    ]
+    _print_rows(rows)
+    failures = sum(row["status"] != "ok" for row in rows)
+    print(f"{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def cmd_bench(args, extra: list[str]) -> int:
+    repo_root = Path(__file__).resolve().parent.parent
+    if not (repo_root / "benchmarks" / "bench_routing.py").is_file():
+        print("moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo_root))
+    from benchmarks import bench_routing
+
+    return bench_routing.main(extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-kernels", description=moe_kernels.__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, device, and which backend each op uses")
+    info.add_argument("--kernels", action="store_true", help="compile every kernel for sm_90/sm_80 and print its resources")
+    validate = commands.add_parser("validate", help="check every op against its float64 reference on this device")
+    validate.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    validate.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"))
+    validate.add_argument("--tokens", type=int, nargs="+")
+    validate.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    commands.add_parser("bench", help="run the benchmark suite (arguments pass to benchmarks.bench_routing)", add_help=False)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return cmd_info(args) if args.command == "info" else cmd_validate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Helpers for testing ops against their references (used by the tests and ``moe-kernels validate``).
+
+- :data:`TOLERANCES`: the one table of ``(atol, rtol)`` per dtype.
+- :func:`assert_close` / :func:`max_errors`: compare an output with a (float64) reference.
+- :func:`poisoned_outputs` / :func:`assert_written`: prove every output element was written.
+- :func:`make_routing_logits` / :func:`make_bias`: tie-free routing inputs, so ids can be
+  compared exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from moe_kernels import utils
+from moe_kernels.reference import routing as routing_ref
+
+# (atol, rtol) by the dtype of the tensor being checked. Routing weights are float32 computed
+# from (possibly low-precision) logits, so they use the float32 row; gradients come back in the
+# logits' dtype and use its row.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for tensors of ``dtype``."""
+    return TOLERANCES[dtype]
+
+
+def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """Largest absolute error and largest error relative to ``|expected|`` (float64)."""
+    if actual.numel() == 0:
+        return 0.0, 0.0
+    diff = (actual.double() - expected.double()).abs()
+    rel = diff / expected.double().abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return diff.max().item(), rel.max().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None, msg: str = ""):
+    """``actual`` equals ``expected`` within the tolerance of ``dtype`` (default: actual's)."""
+    atol, rtol = tolerance(dtype or actual.dtype)
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        atol=atol,
+        rtol=rtol,
+        msg=lambda default: f"{msg}\n{default}" if msg else default,
+    )
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within the block, every output buffer an op allocates starts filled with poison
+    (:func:`moe_kernels.utils.poison_value`): NaN for floats, a sentinel for integers."""
+    previous = utils._poison_outputs
+    utils._poison_outputs = True
+    try:
+        yield
+    finally:
+        utils._poison_outputs = previous
+
+
+def assert_written(tensor: torch.Tensor, name: str = "output"):
+    """No element of ``tensor`` still holds the poison value."""
+    poison = utils.poison_value(tensor.dtype)
+    left = torch.isnan(tensor) if tensor.dtype.is_floating_point else tensor == poison
+    count = int(left.sum())
+    assert count == 0, f"{name}: {count} of {tensor.numel()} elements were never written"
+
+
+def _distinct_values(dtype: torch.dtype, low: float, high: float, min_magnitude: float) -> torch.Tensor:
+    """All finite values of a 16-bit ``dtype`` in ``[low, high]`` with ``|x| >= min_magnitude``,
+    as float64 (so choosing among them can never round two picks onto one value)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).double()
+    keep = torch.isfinite(values) & (values >= low) & (values <= high) & (values.abs() >= min_magnitude)
+    return values[keep].unique()
+
+
+def _draw_logits(
+    rows: int, num_experts: int, dtype: torch.dtype, score_func: str, generator: torch.Generator
+) -> torch.Tensor:
+    """Logits distinct within each row even after rounding to ``dtype``, in ``[-8, 8]`` for
+    softmax and ``[-4, 4]`` for sigmoid (which flattens beyond, bringing scores together)."""
+    bound = 8.0 if score_func == "softmax" else 4.0
+    if dtype in (torch.float16, torch.bfloat16):
+        pool = _distinct_values(dtype, -bound, bound, 2.0**-4)
+    else:  # a grid much finer than any E, coarse enough that neighbours' scores stay apart
+        pool = torch.linspace(-bound, bound, 8193, dtype=torch.float64)
+    picks = torch.rand(rows, pool.numel(), generator=generator).topk(num_experts, dim=1).indices
+    return pool[picks].to(dtype)
+
+
+def _has_near_ties(values: torch.Tensor, min_gap: float) -> torch.Tensor:
+    """Per row: do two finite entries lie within ``min_gap`` (relative) of each other?"""
+    ordered = values.sort(dim=-1, descending=True).values
+    upper, lower = ordered[..., :-1], ordered[..., 1:]
+    both_finite = torch.isfinite(upper) & torch.isfinite(lower)
+    close = (upper - lower) <= min_gap * torch.maximum(upper.abs(), lower.abs())
+    return (close & both_finite).any(dim=-1)
+
+
+def make_bias(num_experts: int, *, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A random ``(E,)`` float32 selection bias (never zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_experts, generator=generator) * 0.5).to(torch.float32).to(device)
+
+
+def make_routing_logits(
+    num_tokens: int,
+    num_experts: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+    seed: int = 0,
+    min_gap: float = 2e-6,
+    device="cpu",
+) -> torch.Tensor:
+    """``(T, E)`` random logits of ``dtype`` whose routing has no near-ties.
+
+    In every row, the float64 selection keys (and, with groups, the group scores) differ
+    pairwise by more than ``min_gap`` relative (about 17 float32 ulps, several times the error
+    of a float32 computation of the keys), so every correct
+    implementation must choose the same ids in the same order. Rows with a near-tie are redrawn.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    logits = _draw_logits(num_tokens, num_experts, dtype, score_func, generator)
+    bias64 = None if bias is None else bias.detach().double().cpu()
+    for _ in range(200):
+        scores = routing_ref.gate_scores(logits.double(), score_func)
+        keys = routing_ref.selection_keys(scores, bias64)
+        bad = _has_near_ties(keys, min_gap)
+        if num_groups:
+            grouped = keys.unflatten(-1, (num_groups, num_experts // num_groups))
+            per_group = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+            bad |= _has_near_ties(per_group, min_gap)
+        if not bad.any():
+            return logits.to(device)
+        logits[bad] = _draw_logits(int(bad.sum()), num_experts, dtype, score_func, generator)
+    raise RuntimeError(f"could not draw tie-free logits for E={num_experts}, dtype={dtype}, min_gap={min_gap}")

@@ -1,0 +1,49 @@
+"""Shared fixtures and markers.
+
+Markers (declared in pyproject.toml):
+- ``kernel``: runs the Triton kernels, on CUDA or, on a CPU machine, through the interpreter
+  (``TRITON_INTERPRET=1`` set before Python starts). The CPU test command runs these in a second
+  pytest pass with the interpreter on.
+- ``gpu``: needs a CUDA device (bf16 kernels, CUDA graphs); skipped on CPU machines.
+- ``aot``: ahead-of-time compiles kernels for sm_90/sm_80 (not under the interpreter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_kernels._compat import interpreter_enabled, triton_importable
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _kernel_device() -> str | None:
+    if not triton_importable():
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    if interpreter_enabled():
+        return "cpu"
+    return None
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Device on which ``backend="triton"`` runs: cuda, or cpu under the interpreter."""
+    device = _kernel_device()
+    if device is None:
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1 on CPU (the test command's second pass)")
+    return device
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,37 @@
+"""Routing configurations shared by the reference, kernel and registration tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_kernels import testing
+
+# (id, E, k, options, with_bias): every routing style, groups and bias, odd E.
+ROUTING_CASES = [
+    ("softmax", 60, 4, {}, False),
+    ("softmax-renorm", 8, 2, dict(renormalize=True), False),
+    ("sigmoid-renorm-scale", 257, 7, dict(score_func="sigmoid", renormalize=True, scale=2.5), False),
+    ("softmax-bias", 64, 8, {}, True),
+    ("dsv2-groups-max", 160, 6, dict(num_groups=8, topk_groups=3, group_score="max", scale=16.0), False),
+    (
+        "dsv3-sigmoid-bias-top2",
+        256,
+        8,
+        dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5),
+        True,
+    ),
+    ("sigmoid-bias-groups-max", 60, 5, dict(score_func="sigmoid", num_groups=6, topk_groups=2, group_score="max"), True),
+]
+
+routing_cases = pytest.mark.parametrize(
+    "num_experts,k,options,with_bias", [pytest.param(*case[1:], id=case[0]) for case in ROUTING_CASES]
+)
+
+
+def routing_inputs(num_tokens, num_experts, options, with_bias, dtype=torch.float32, device="cpu", seed=0):
+    """Tie-free logits and the bias (or None) for one case."""
+    bias = testing.make_bias(num_experts, seed=seed + 1) if with_bias else None
+    group_options = {key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options}
+    logits = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
+    return logits.to(device), None if bias is None else bias.to(device)

@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark harness on the CPU: the routing benchmark runs, and its results land
+in a CSV with the columns, sizes and derived fields later analysis reads. Speed is not checked."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from benchmarks import bench_routing
+from benchmarks.common import RESULTS_DIR_ENV, environment, write_results
+from moe_kernels.shapes import ROUTING_SHAPES
+
+MIXTRAL = next(s for s in ROUTING_SHAPES if s.model == "Mixtral-8x7B")
+DEEPSEEK_V3 = next(s for s in ROUTING_SHAPES if s.model == "DeepSeek-V3")
+# torch_compile is left out: a cold inductor build alone takes longer than this test may.
+PROVIDERS = ("moe_kernels", "torch_eager", "torch_topk_chain")
+EXPECTED_COLUMNS = {
+    "device_name", "device_slug", "torch", "triton", "python", "moe_kernels", "git_commit", "date_utc",
+    "torch_threads", "op", "model", "E", "k", "T", "dtype", "provider", "median_us", "p20_us", "p80_us",
+    "timer", "bytes", "gb_per_s", "pct_bw", "measured_bw_gbs", "ids_match", "speedup_vs_eager",
+    "speedup_vs_compile",
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return bench_routing.run(quick=True, device="cpu", shapes=[MIXTRAL], tokens=(1, 33), providers=PROVIDERS)
+
+
+def test_run_measures_every_provider_and_token_count(rows):
+    assert {(row["provider"], row["T"]) for row in rows} == {(p, t) for p in PROVIDERS for t in (1, 33)}
+    assert all(row["dtype"] == "float32" and row["timer"] == "wall" for row in rows)
+    assert all(row["ids_match"] is True for row in rows)
+
+
+def test_results_csv(rows, tmp_path, monkeypatch):
+    monkeypatch.setenv(RESULTS_DIR_ENV, str(tmp_path))
+    env = environment("cpu")
+    csv_path, png_path = write_results(bench_routing.OP_NAME, rows, env)
+    assert csv_path == tmp_path / env["device_slug"] / "softmax_topk.csv"
+    assert png_path is None or png_path.is_file()
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        records = list(reader)
+    assert EXPECTED_COLUMNS <= set(reader.fieldnames)
+    assert len(records) == len(rows)
+    for record in records:
+        assert 0 < float(record["p20_us"]) <= float(record["median_us"]) <= float(record["p80_us"])
+        assert float(record["gb_per_s"]) > 0 and float(record["pct_bw"]) > 0
+        # Mixtral float32: T * 8 experts * 4 B of logits + T * k=2 * (4 B weight + 4 B id).
+        assert int(record["bytes"]) == int(record["T"]) * (8 * 4 + 2 * 8)
+        ours = record["provider"] == "moe_kernels"
+        assert (record["speedup_vs_eager"] != "") == ours
+        assert record["speedup_vs_compile"] == ""  # torch_compile was not run
+    # A second run appends below the same header.
+    write_results(bench_routing.OP_NAME, rows, env)
+    with csv_path.open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(rows)
+
+
+def test_routing_bytes_counts_bias():
+    # DeepSeek-V3 bf16: logits 256 * 2 B per token, k=8 weights + ids, and the float32 bias once.
+    assert bench_routing.routing_bytes(DEEPSEEK_V3, torch.bfloat16, 10) == 10 * (256 * 2 + 8 * 8) + 256 * 4
+
+
+def test_main_no_write(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(RESULTS_DIR_ENV, str(tmp_path))
+    argv = ["--quick", "--device", "cpu", "--models", "mixtral", "--tokens", "4",
+            "--providers", "moe_kernels", "torch_eager", "--no-write"]
+    assert bench_routing.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "speedup_vs_eager" in out and "Mixtral-8x7B" in out
+    assert not any(tmp_path.iterdir())
