@@ -1,0 +1,105 @@
+"""Bad input to ``softmax_topk`` gets a clear error naming the argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_kernels
+
+LOGITS = torch.randn(4, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(k=0), ValueError, r"k must be an int in \[1, 16\].*got 0"),
+        (dict(k=17), ValueError, r"k must be an int in \[1, 16\].*got 17"),
+        (dict(k=2.0), ValueError, r"k must be an int"),
+        (dict(k=True), ValueError, r"k must be an int"),
+        (dict(k=7, num_groups=4, topk_groups=1), ValueError, r"k must be an int in \[1, 4\] \(the 4 experts of the kept groups\), got 7"),
+        (dict(k=2, num_groups=5, topk_groups=1), ValueError, r"num_groups must be a positive int dividing E=16, got 5"),
+        (dict(k=2, num_groups=0, topk_groups=1), ValueError, r"num_groups must be a positive int dividing E=16, got 0"),
+        (dict(k=2, num_groups=4, topk_groups=0), ValueError, r"topk_groups must be an int in \[1, num_groups=4\], got 0"),
+        (dict(k=2, num_groups=4, topk_groups=5), ValueError, r"topk_groups must be an int in \[1, num_groups=4\], got 5"),
+        (dict(k=2, num_groups=4), ValueError, r"topk_groups must be an int .*got None"),
+        (dict(k=2, topk_groups=2), ValueError, r"topk_groups=2 needs num_groups"),
+        (dict(k=2, num_groups=16, topk_groups=2), ValueError, r"group_score='top2_sum' needs at least 2 experts per group"),
+        (dict(k=2, score_func="tanh"), ValueError, r"score_func must be one of \('softmax', 'sigmoid'\), got 'tanh'"),
+        (dict(k=2, num_groups=4, topk_groups=2, group_score="mean"), ValueError, r"group_score must be one of"),
+        (dict(k=2, scale=float("nan")), ValueError, r"scale must be a finite number, got nan"),
+        (dict(k=2, scale=float("inf")), ValueError, r"scale must be a finite number"),
+        (dict(k=2, renormalize=1), TypeError, r"renormalize must be a bool, got int"),
+        (dict(k=2, bias=torch.zeros(15)), ValueError, r"bias must have shape \(E,\) = \(16,\), got \(15,\)"),
+        (dict(k=2, bias=torch.zeros(1, 16)), ValueError, r"bias must have shape \(E,\)"),
+        (dict(k=2, bias=torch.zeros(16, dtype=torch.float16)), TypeError, r"bias must be float32, got torch.float16"),
+        (dict(k=2, bias=[0.0] * 16), TypeError, r"bias must be a torch.Tensor or None, got list"),
+        (dict(k=2, backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        moe_kernels.softmax_topk(LOGITS, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_non_float_logits(dtype):
+    with pytest.raises(TypeError, match=r"logits must be float32, float16 or bfloat16.*got torch\."):
+        moe_kernels.softmax_topk(torch.ones(4, 8, dtype=dtype), 2)
+
+
+def test_logits_shape_and_type():
+    with pytest.raises(ValueError, match=r"logits must have shape \(\.\.\., E\) with E >= 1, got \(\)"):
+        moe_kernels.softmax_topk(torch.tensor(1.0), 1)
+    with pytest.raises(ValueError, match=r"got \(4, 0\)"):
+        moe_kernels.softmax_topk(torch.ones(4, 0), 1)
+    with pytest.raises(TypeError, match=r"logits must be a torch.Tensor, got list"):
+        moe_kernels.softmax_topk([[1.0, 2.0]], 1)
+
+
+@pytest.mark.kernel
+def test_float64_rejected_by_triton_backend(kernel_device):
+    with pytest.raises(TypeError, match=r"backend='triton' takes float32/float16/bfloat16 logits, got torch.float64"):
+        moe_kernels.softmax_topk(torch.randn(3, 8, dtype=torch.float64, device=kernel_device), 2, backend="triton")
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
+    result = _run_python(
+        "import torch, moe_kernels\n"
+        "try:\n"
+        "    moe_kernels.softmax_topk(torch.randn(3, 8), 2, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR softmax_topk: backend='triton' got CPU tensors" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_import_and_cpu_path_without_triton():
+    # sys.modules['triton'] = None makes `import triton` fail and find_spec('triton') return None,
+    # as on a machine where it is not installed.
+    result = _run_python(
+        "import sys\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, moe_kernels\n"
+        "w, i = moe_kernels.softmax_topk(torch.randn(5, 8), 2, renormalize=True)\n"
+        "assert i.shape == (5, 2)\n"
+        "try:\n"
+        "    moe_kernels.softmax_topk(torch.randn(5, 8), 2, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR softmax_topk: backend='triton' needs the triton package" in result.stdout
