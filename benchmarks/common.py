@@ -27,6 +27,7 @@ import torch
 
 import moe_kernels
 from moe_kernels._compat import triton_version
+from moe_kernels._table import format_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR_ENV = "MOE_KERNELS_RESULTS_DIR"
@@ -178,13 +179,17 @@ def measured_bandwidth_gbs(device: torch.device) -> float:
     very machine, rather than a datasheet number no kernel attains.
     """
     nbytes = CUDA_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
+    median_us = _copy_time_us(nbytes, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's buffers are freed on return; give the memory back
+    return 2 * nbytes / median_us / 1e3
+
+
+def _copy_time_us(nbytes: int, device: torch.device) -> float:
+    """Median time of one device-to-device copy of ``nbytes``."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    median_us = time_fn(lambda: dst.copy_(src), device=device)["median_us"]
-    del src, dst
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return 2 * nbytes / median_us / 1e3
+    return time_fn(lambda: dst.copy_(src), device=device)["median_us"]
 
 
 def results_root(results_dir: str | os.PathLike | None = None) -> Path:
@@ -280,30 +285,5 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-"),
-    numeric columns right-aligned."""
-    cells = [[_format_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-    numeric = [all(_is_number(row.get(c)) for row in rows if row.get(c) is not None) for c in columns]
-
-    def line(values: Sequence[str]) -> str:
-        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
-        return "  ".join(padded).rstrip()
-
-    print(line(columns))
-    print(line(["-" * w for w in widths]))
-    for values in cells:
-        print(line(values))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _format_cell(value) -> str:
-    """Table text of a value: floats to 3 significant digits (whole numbers from 100 up)."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isfinite(value) and value != 0:
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)
+    """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-")."""
+    print(format_table(rows, columns))

@@ -11,6 +11,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import _compat, reference, testing
+from moe_kernels._table import format_table
 from moe_kernels.shapes import ROUTING_SHAPES
 from moe_kernels.utils import use_triton
 
@@ -110,14 +111,6 @@ def _within(actual, expected, dtype) -> bool:
     return torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
 
-def _print_rows(rows: list[dict]) -> None:
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(f"{c:>{widths[c]}}" for c in columns))
-    for row in rows:
-        print("  ".join(f"{str(row[c]):>{widths[c]}}" for c in columns))
-
-
 def cmd_validate(args) -> int:
     device = torch.device(args.device) if args.device else _default_device()
     dtypes = args.dtype or VALIDATE_DTYPES[device.type]
@@ -129,7 +122,7 @@ def cmd_validate(args) -> int:
         for dtype in dtypes
         for num_tokens in tokens
     ]
-    _print_rows(rows)
+    print(format_table(rows, list(rows[0])))
     failures = sum(row["status"] != "ok" for row in rows)
     print(f"{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0

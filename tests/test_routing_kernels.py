@@ -132,3 +132,28 @@ def test_kernel_empty_batch(kernel_device):
     assert weights.shape == ids.shape == (0, 8)
     weights.sum().backward()
     assert logits.grad.shape == (0, 64)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    options = dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5)
+    bias = testing.make_bias(256)
+
+    def fresh_logits(seed):
+        return testing.make_routing_logits(64, 256, torch.bfloat16, score_func="sigmoid", bias=bias,
+                                           num_groups=8, topk_groups=4, seed=seed).cuda()
+
+    bias = bias.cuda()
+    static_logits = fresh_logits(0)
+    moe_kernels.softmax_topk(static_logits, 8, bias=bias, **options)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights, ids = moe_kernels.softmax_topk(static_logits, 8, bias=bias, **options)
+    for seed in (1, 2):
+        fresh = fresh_logits(seed)
+        static_logits.copy_(fresh)
+        graph.replay()
+        want_weights, want_ids = reference.softmax_topk(fresh, 8, bias=bias, **options)
+        torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+        testing.assert_close(weights, want_weights)

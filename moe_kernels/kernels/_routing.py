@@ -1,11 +1,11 @@
 """Triton kernels of the gate + top-k op (no allocation, no launch logic: see ``ops/routing.py``).
 
 Layout shared by both kernels: a program owns ``BLOCK_T`` consecutive rows (tokens) and holds
-each row's ``E`` experts in one ``BLOCK_E = next_pow2(E)`` wide register tile, so every row is
-read from memory once. Columns past ``E`` are padding and can never be selected.
+each row's ``E`` experts in one power-of-two wide register tile, so every row is read from
+memory once. Padding columns can never be selected.
 
 Selection packs each key into one int64 (order-preserving integer image of the float32 key in
-the high half, ``BLOCK_E - expert`` in the low half), so each of the ``K`` rounds is a single
+the high half, ``BLOCK_W - expert`` in the low half), so each of the ``K`` rounds is a single
 integer max-reduction that yields the largest key and, among equal keys, the lowest expert id.
 """
 
@@ -19,7 +19,7 @@ _EXCLUDED = tl.constexpr(-(2**63))
 
 @triton.jit
 def _gate_scores(x, SOFTMAX: tl.constexpr):
-    """Scores of a ``[BLOCK_T, BLOCK_E]`` float32 tile (padding holds -inf).
+    """Scores of a ``[BLOCK_T, width]`` float32 tile of logits (padding holds -inf).
 
     Returns the scores and, for softmax, the row max and the reciprocal of the row sum, so a
     caller can recompute single scores bit-identically from reloaded logits.
@@ -48,40 +48,36 @@ def _score_of(x, row_max, inv_sum, SOFTMAX: tl.constexpr):
 @triton.jit
 def _limit_to_best_groups(
     key,
-    cols,
-    group_size,
     BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
     G_PAD: tl.constexpr,
+    GS_PAD: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
     GROUP_TOP2: tl.constexpr,
 ):
     """Set the keys of experts outside the ``TOPK_GROUPS`` best groups to -inf.
 
-    A group's score is its max key or the sum of its two largest keys; a group is kept when fewer
-    than ``TOPK_GROUPS`` groups beat it (a higher score, or an equal score and a lower index).
+    ``key`` is ``[BLOCK_T, G_PAD * GS_PAD]`` in group-major order (column ``g * GS_PAD + j`` is
+    expert ``j`` of group ``g``; padding holds -inf), so one reshape gives every group's keys
+    along the last axis and all groups are scored by a few reductions at once. A group's score is
+    its max key or the sum of its two largest; it is kept when fewer than ``TOPK_GROUPS`` groups
+    beat it (a higher score, or an equal score and a lower index). Padding groups score -inf and
+    come after every real group, so they are never preferred to one.
     """
-    group_of_col = cols // group_size  # padding columns fall in no group (index >= NUM_GROUPS)
-    gidx = tl.arange(0, G_PAD)
-    group_scores = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
-    for g in tl.static_range(NUM_GROUPS):
-        member = tl.where((group_of_col == g)[None, :], key, float("-inf"))
-        top1 = tl.max(member, axis=1)
-        score = top1
-        if GROUP_TOP2:
-            first = tl.min(tl.where(member == top1[:, None], cols[None, :], BLOCK_E), axis=1)
-            top2 = tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), member), axis=1)
-            score = top1 + top2
-        score = tl.where(score == score, score, float("-inf"))  # inf + -inf
-        group_scores = tl.where(gidx[None, :] == g, score[:, None], group_scores)
-    kept = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-    for g in tl.static_range(NUM_GROUPS):
-        mine = tl.max(tl.where(gidx[None, :] == g, group_scores, float("-inf")), axis=1)
-        beats = (group_scores > mine[:, None]) | ((group_scores == mine[:, None]) & (gidx[None, :] < g))
-        rank = tl.sum(beats.to(tl.int32), axis=1)
-        kept += ((group_of_col[None, :] == g) & (rank[:, None] < TOPK_GROUPS)).to(tl.int32)
-    return tl.where(kept > 0, key, float("-inf"))
+    grouped = tl.reshape(key, [BLOCK_T, G_PAD, GS_PAD])
+    top1 = tl.max(grouped, axis=2)
+    score = top1
+    if GROUP_TOP2:
+        member = tl.arange(0, GS_PAD)[None, None, :]
+        first = tl.min(tl.where(grouped == top1[:, :, None], member, GS_PAD), axis=2)
+        score = top1 + tl.max(tl.where(member == first[:, :, None], float("-inf"), grouped), axis=2)
+    score = tl.where(score == score, score, float("-inf"))  # inf + -inf
+    mine = tl.arange(0, G_PAD)[None, :, None]
+    other = tl.arange(0, G_PAD)[None, None, :]
+    theirs = score[:, None, :]
+    beats = (theirs > score[:, :, None]) | ((theirs == score[:, :, None]) & (other < mine))
+    kept = tl.sum(beats.to(tl.int32), axis=2) < TOPK_GROUPS
+    grouped = tl.where(kept[:, :, None], grouped, float("-inf"))
+    return tl.reshape(grouped, [BLOCK_T, G_PAD * GS_PAD])
 
 
 @triton.jit
@@ -99,24 +95,32 @@ def _softmax_topk_fwd_kernel(
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GS_PAD: tl.constexpr,
     SOFTMAX: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
+    GROUPED: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
-    G_PAD: tl.constexpr,
     GROUP_TOP2: tl.constexpr,
 ):
-    """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens end to end."""
+    """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens end to end.
+
+    The row tile is ``G_PAD * GS_PAD`` columns in group-major order: column ``c`` holds expert
+    ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
+    ``group_size = E``, so column ``c`` is expert ``c``).
+    """
+    BLOCK_W: tl.constexpr = G_PAD * GS_PAD
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
+    cols = tl.arange(0, BLOCK_W)
     kcols = tl.arange(0, K_PAD)
+    member = cols % GS_PAD
+    expert = (cols // GS_PAD) * group_size + member
+    col_ok = (member < group_size) & (expert < E)
     row_ok = rows < T
-    col_ok = cols < E
     row_off = rows.to(tl.int64) * stride_lt
     x = tl.load(
-        logits_ptr + row_off[:, None] + cols[None, :] * stride_le,
+        logits_ptr + row_off[:, None] + expert[None, :] * stride_le,
         mask=row_ok[:, None] & col_ok[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -126,25 +130,25 @@ def _softmax_topk_fwd_kernel(
 
     key = s
     if HAS_BIAS:
-        key = key + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        key = key + tl.load(bias_ptr + expert, mask=col_ok, other=0.0)[None, :]
     key = tl.where(key == key, key, float("-inf")) + 0.0  # NaN -> -inf; -0.0 -> +0.0
-    if NUM_GROUPS > 0:
-        key = _limit_to_best_groups(
-            key, cols, group_size, BLOCK_T, BLOCK_E, NUM_GROUPS, TOPK_GROUPS, G_PAD, GROUP_TOP2
-        )
+    key = tl.where(col_ok[None, :], key, float("-inf"))
+    if GROUPED:
+        key = _limit_to_best_groups(key, BLOCK_T, G_PAD, GS_PAD, TOPK_GROUPS, GROUP_TOP2)
 
     # Order-preserving int32 image of the float key: flip the magnitude bits of negatives.
     bits = key.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (ordered.to(tl.int64) << 32) | (BLOCK_E - cols).to(tl.int64)[None, :]
+    packed = (ordered.to(tl.int64) << 32) | (BLOCK_W - expert).to(tl.int64)[None, :]
     packed = tl.where(col_ok[None, :], packed, _EXCLUDED)
 
     ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     for j in range(K):
         best = tl.max(packed, axis=1)
-        chosen = BLOCK_E - best.to(tl.int32)  # the low half holds BLOCK_E - expert
+        chosen = BLOCK_W - best.to(tl.int32)  # the low half holds BLOCK_W - expert
         ids = tl.where(kcols[None, :] == j, chosen[:, None], ids)
-        packed = tl.where(cols[None, :] == chosen[:, None], _EXCLUDED, packed)
+        # Padding columns may alias a real expert id here; they are excluded already.
+        packed = tl.where(expert[None, :] == chosen[:, None], _EXCLUDED, packed)
 
     out_mask = row_ok[:, None] & (kcols < K)[None, :]
     # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is cheaper

@@ -46,24 +46,34 @@ def forward_meta(
     group_score: str,
 ) -> dict:
     """Constexprs and ``num_warps`` of the forward kernel for a problem (a pure function of the
-    sizes and flags, shared with the ahead-of-time compile registry)."""
+    sizes and flags, shared with the ahead-of-time compile registry).
+
+    With groups the row tile is group-major, ``G_PAD * GS_PAD`` wide (each group padded to a
+    power of two), so the kernel can score all groups with one reshape.
+    """
+    groups = max(num_groups, 1)
+    g_pad, gs_pad = next_power_of_2(groups), next_power_of_2(num_experts // groups)
+    block_t, num_warps = _row_tiling(num_tokens, g_pad * gs_pad)
     return dict(
-        backward_meta(num_tokens, num_experts, k, renormalize=renormalize, score_func=score_func),
+        K=k,
+        K_PAD=next_power_of_2(k),
+        BLOCK_T=block_t,
+        G_PAD=g_pad,
+        GS_PAD=gs_pad,
+        SOFTMAX=score_func == "softmax",
+        RENORMALIZE=renormalize,
         HAS_BIAS=has_bias,
-        NUM_GROUPS=num_groups,
+        GROUPED=num_groups > 0,
         TOPK_GROUPS=topk_groups,
-        G_PAD=next_power_of_2(max(num_groups, 1)),
         GROUP_TOP2=group_score == "top2_sum",
+        num_warps=num_warps,
     )
 
 
 def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: bool, score_func: str) -> dict:
-    """Constexprs and ``num_warps`` of the backward kernel (the forward's are a superset)."""
+    """Constexprs and ``num_warps`` of the backward kernel."""
     block_e = next_power_of_2(num_experts)
-    # Several rows per program amortise index math at large T; small batches are split finer.
-    block_t = max(1, min(64, _MAX_TILE // block_e))
-    while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
-        block_t //= 2
+    block_t, num_warps = _row_tiling(num_tokens, block_e)
     return dict(
         K=k,
         K_PAD=next_power_of_2(k),
@@ -71,14 +81,22 @@ def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: boo
         BLOCK_E=block_e,
         SOFTMAX=score_func == "softmax",
         RENORMALIZE=renormalize,
-        num_warps=_num_warps(block_t * block_e),
+        num_warps=num_warps,
     )
 
 
-def _num_warps(tile: int) -> int:
-    # About 16 elements per thread: enough loads in flight, and the int64 selection tile stays
-    # within registers.
-    return max(1, min(8, tile // 512))
+def _row_tiling(num_tokens: int, width: int) -> tuple[int, int]:
+    """Rows per program and warps for rows ``width`` columns wide.
+
+    Several rows per program amortise index math at large T; small batches are split finer.
+    About 4 elements of the row tile per thread (16 at the largest tiles, 8 warps) keep the
+    int64 selection tile and the per-row (BLOCK_T, K) tiles in registers: with 16 and 8 per
+    thread, narrow rows (E=8, BLOCK_T=64) spilled on sm_80 (``moe-kernels info --kernels``).
+    """
+    block_t = max(1, min(64, _MAX_TILE // width))
+    while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
+        block_t //= 2
+    return block_t, max(1, min(8, block_t * width // 128))
 
 
 def _grid(meta: dict, num_tokens: int) -> tuple[int]:
@@ -122,7 +140,7 @@ def launch_softmax_topk(
         ids,
         num_tokens,
         num_experts,
-        num_experts // max(num_groups, 1),
+        num_experts // max(num_groups, 1),  # group_size
         logits.stride(0),
         logits.stride(1),
         float(scale),

@@ -1,0 +1,226 @@
+"""Every ``@triton.jit`` kernel of the package with the configurations its launchers can choose.
+
+The ahead-of-time compile check (:mod:`moe_kernels.aot`, ``tests/test_aot_compile.py``) compiles
+each :class:`KernelCase` for real GPU targets (no GPU needed) and reports registers, spills and
+shared memory. A new kernel is registered with a case generator::
+
+    @register_kernel("my_kernel")
+    def _my_kernel_cases():
+        from moe_kernels.kernels._mine import _my_kernel
+        for ... in ...:  # every configuration the launcher can pick over moe_kernels.shapes
+            meta = my_meta(...)  # the launcher's own pure meta function, never re-derived
+            num_warps = meta.pop("num_warps")
+            yield KernelCase("my_kernel", _my_kernel, signature, meta, num_warps)
+
+The test fails if a ``*_kernel`` defined in a ``moe_kernels.kernels._*`` module is not registered.
+
+A case's ``signature`` holds the runtime arguments only (name -> Triton type: ``"*fp32"``,
+``"*bf16"``, ``"i32"``, ``"fp32"``, ...): types as the launcher passes them, runtime values not
+specialised (one case covers every size, stride and scale); ``constexprs`` holds the
+``tl.constexpr`` arguments by name, taken from the launcher's meta function, with ``num_warps``
+split out.
+
+Generating cases imports the kernels, so it needs Triton; ``moe_kernels`` never imports this
+module (the package stays importable without Triton).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
+
+# Triton pointer element type of each logits dtype the Triton path accepts.
+TRITON_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class KernelCase:
+    """One compilation of one kernel: ``fn`` specialised on ``signature`` and ``constexprs``.
+
+    Identity (for deduplication) is :meth:`key`; ``label`` is only a short description of the
+    configuration for reports, derived from the configuration itself (not from the model shape
+    that chose it, since one case usually serves several shapes and token counts).
+    """
+
+    kernel_name: str
+    fn: Any  # triton.runtime.jit.JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    label: str = ""
+
+    def key(self) -> tuple:
+        """Identity of the compiled binary: two cases with equal keys compile identically."""
+        return (
+            fn_path(self.fn),
+            tuple(sorted(self.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+            self.num_warps,
+        )
+
+
+CaseGenerator = Callable[[], Iterable[KernelCase]]
+
+# kernel name -> generator of its cases. Extended by :func:`register_kernel`.
+KERNELS: dict[str, CaseGenerator] = {}
+
+
+def register_kernel(name: str) -> Callable[[CaseGenerator], CaseGenerator]:
+    """Decorator registering ``gen`` as the case generator of kernel ``name``."""
+
+    def deco(gen: CaseGenerator) -> CaseGenerator:
+        if name in KERNELS:
+            raise ValueError(f"kernel {name!r} is already registered")
+        KERNELS[name] = gen
+        return gen
+
+    return deco
+
+
+def fn_path(fn: Any) -> str:
+    """``"module:name"`` of a JIT function (picklable, importable again in a worker process)."""
+    inner = getattr(fn, "fn", fn)
+    return f"{inner.__module__}:{inner.__qualname__}"
+
+
+def cases(name: str) -> list[KernelCase]:
+    """The distinct cases of one registered kernel, in generation order."""
+    return _dedupe(KERNELS[name]())
+
+
+def all_cases() -> list[KernelCase]:
+    """The distinct cases of every registered kernel (identical compilations listed once)."""
+    out: list[KernelCase] = []
+    for name in KERNELS:
+        out.extend(cases(name))
+    return _dedupe(out)
+
+
+def _dedupe(items: Iterable[KernelCase]) -> list[KernelCase]:
+    seen: dict[tuple, KernelCase] = {}
+    for case in items:
+        seen.setdefault(case.key(), case)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Gate + top-k routing (moe_kernels/kernels/_routing.py, launchers in moe_kernels/ops/routing.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _routing_label(dtype: str, meta: dict, num_warps: int) -> str:
+    width = meta["BLOCK_E"] if "BLOCK_E" in meta else meta["G_PAD"] * meta["GS_PAD"]
+    parts = [
+        dtype,
+        f"W{width}",
+        f"K{meta['K']}",
+        f"BT{meta['BLOCK_T']}",
+        "softmax" if meta["SOFTMAX"] else "sigmoid",
+    ]
+    if meta["RENORMALIZE"]:
+        parts.append("renorm")
+    if meta.get("HAS_BIAS"):
+        parts.append("bias")
+    if meta.get("GROUPED"):
+        score = "top2" if meta["GROUP_TOP2"] else "max"
+        parts.append(f"G{meta['G_PAD']}x{meta['GS_PAD']}/{meta['TOPK_GROUPS']}{score}")
+    return " ".join(parts)
+
+
+def _routing_configs() -> Iterator[tuple[Any, int, torch.dtype, bool]]:
+    """(shape, num_tokens, logits dtype, renormalize) over the benchmark registry."""
+    for shape in ROUTING_SHAPES:
+        for num_tokens in ROUTING_TOKENS:
+            for dtype in TRITON_DTYPES:
+                for renormalize in (False, True):
+                    yield shape, num_tokens, dtype, renormalize
+
+
+@register_kernel("softmax_topk_fwd")
+def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
+    from moe_kernels.ops.routing import forward_meta
+
+    for shape, num_tokens, dtype, renormalize in _routing_configs():
+        opts = shape.options
+        num_groups = opts.get("num_groups") or 0
+        meta = forward_meta(
+            num_tokens,
+            shape.num_experts,
+            shape.k,
+            renormalize=renormalize,
+            score_func=opts.get("score_func", "softmax"),
+            has_bias=shape.has_bias,
+            num_groups=num_groups,
+            topk_groups=opts.get("topk_groups") or 0,
+            group_score=opts.get("group_score", "top2_sum"),
+        )
+        num_warps = meta.pop("num_warps")
+        logits = "*" + TRITON_DTYPES[dtype]
+        signature = {
+            "logits_ptr": logits,
+            # Without a bias the launcher passes the logits as the (never read) bias pointer.
+            "bias_ptr": "*fp32" if shape.has_bias else logits,
+            "weights_ptr": "*fp32",
+            "ids_ptr": "*i32",
+            "T": "i32",
+            "E": "i32",
+            "group_size": "i32",
+            "stride_lt": "i32",
+            "stride_le": "i32",
+            "scale": "fp32",
+        }
+        yield KernelCase(
+            "softmax_topk_fwd",
+            _softmax_topk_fwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=_routing_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )
+
+
+@register_kernel("softmax_topk_bwd")
+def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
+    from moe_kernels.ops.routing import backward_meta
+
+    for shape, num_tokens, dtype, renormalize in _routing_configs():
+        meta = backward_meta(
+            num_tokens,
+            shape.num_experts,
+            shape.k,
+            renormalize=renormalize,
+            score_func=shape.options.get("score_func", "softmax"),
+        )
+        num_warps = meta.pop("num_warps")
+        logits = "*" + TRITON_DTYPES[dtype]
+        signature = {
+            "grad_weights_ptr": "*fp32",
+            "logits_ptr": logits,
+            "ids_ptr": "*i32",
+            "grad_logits_ptr": logits,
+            "T": "i32",
+            "E": "i32",
+            "stride_gt": "i32",
+            "stride_gk": "i32",
+            "stride_lt": "i32",
+            "stride_le": "i32",
+            "scale": "fp32",
+        }
+        yield KernelCase(
+            "softmax_topk_bwd",
+            _softmax_topk_bwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=_routing_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )
