@@ -21,8 +21,10 @@ from moe_kernels import reference
 from moe_kernels._compat import interpreter_enabled
 from moe_kernels.utils import cdiv, new_output, next_power_of_2
 
-# Largest tile one program holds (elements): bounds registers per thread at 8 warps.
-_MAX_TILE = 4096
+# Largest tile one program holds (elements): 4 per thread at 8 warps. Registers grow about 8 per
+# element held per thread (sm_90, Triton 3.9: 48-64 at 4, 80-128 at 8, ~166 at 16, with ptxas
+# spilling at some of the larger points), and fewer registers let more programs share an SM.
+_MAX_TILE = 1024
 # Largest E the kernels take: one row must fit one program's registers.
 MAX_TRITON_EXPERTS = 4096
 # Largest group count the kernels unroll.
@@ -89,9 +91,8 @@ def _row_tiling(num_tokens: int, width: int) -> tuple[int, int]:
     """Rows per program and warps for rows ``width`` columns wide.
 
     Several rows per program amortise index math at large T; small batches are split finer.
-    About 4 elements of the row tile per thread (16 at the largest tiles, 8 warps) keep the
-    int64 selection tile and the per-row (BLOCK_T, K) tiles in registers: with 16 and 8 per
-    thread, narrow rows (E=8, BLOCK_T=64) spilled on sm_80 (``moe-kernels info --kernels``).
+    About 4 elements of the row tile per thread keep the int64 selection tile and the per-row
+    (BLOCK_T, K) tiles in registers (see ``_MAX_TILE``; ``moe-kernels info --kernels``).
     """
     block_t = max(1, min(64, _MAX_TILE // width))
     while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
