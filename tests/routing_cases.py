@@ -35,3 +35,16 @@ def routing_inputs(num_tokens, num_experts, options, with_bias, dtype=torch.floa
     group_options = {key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options}
     logits = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
     return logits.to(device), None if bias is None else bias.to(device)
+
+
+def non_finite_logits(score_func: str, device="cpu") -> torch.Tensor:
+    """(6, 12) logits with a NaN (row 0), all NaN (1), a +inf (2), all -inf (3), a -inf (4) and
+    every other entry NaN (5)."""
+    logits = testing.make_routing_logits(6, 12, score_func=score_func, device=device)
+    logits[0, 3] = float("nan")
+    logits[1, :] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, :] = float("-inf")
+    logits[4, 2] = float("-inf")
+    logits[5, ::2] = float("nan")
+    return logits

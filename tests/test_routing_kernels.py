@@ -13,7 +13,7 @@ import moe_kernels
 from moe_kernels import reference, testing
 from moe_kernels.ops import routing as routing_ops
 from oracles import softmax_topk_oracle
-from routing_cases import routing_cases, routing_inputs
+from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 pytestmark = pytest.mark.kernel
 
@@ -87,13 +87,7 @@ def test_kernel_non_contiguous_and_leading_dims(kernel_device):
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_kernel_non_finite_rows_match_reference(kernel_device, score_func):
     num_experts, k = 12, 5
-    logits = testing.make_routing_logits(6, num_experts, score_func=score_func, device=kernel_device)
-    logits[0, 3] = float("nan")
-    logits[1, :] = float("nan")
-    logits[2, 7] = float("inf")
-    logits[3, :] = float("-inf")
-    logits[4, 2] = float("-inf")
-    logits[5, ::2] = float("nan")
+    logits = non_finite_logits(score_func, device=kernel_device)
     options = dict(score_func=score_func, renormalize=True)
     weights, ids = moe_kernels.softmax_topk(logits, k, backend="triton", **options)
     want_weights, want_ids = reference.softmax_topk(logits, k, **options)

@@ -9,7 +9,7 @@ import torch
 import moe_kernels
 from moe_kernels import reference, testing
 from oracles import softmax_topk_oracle
-from routing_cases import routing_cases, routing_inputs
+from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 
 @routing_cases
@@ -83,13 +83,7 @@ def test_renormalize_and_scale():
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_non_finite_rows_give_valid_distinct_ids(score_func):
     num_experts, k = 12, 5
-    logits = testing.make_routing_logits(6, num_experts, score_func=score_func)
-    logits[0, 3] = float("nan")
-    logits[1, :] = float("nan")
-    logits[2, 7] = float("inf")
-    logits[3, :] = float("-inf")
-    logits[4, 2] = float("-inf")
-    logits[5, ::2] = float("nan")
+    logits = non_finite_logits(score_func)
     weights, ids = moe_kernels.softmax_topk(logits, k, score_func=score_func, renormalize=True, backend="torch")
     assert ((ids >= 0) & (ids < num_experts)).all()
     assert all(len(set(row)) == k for row in ids.tolist())
