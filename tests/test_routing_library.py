@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels
 from moe_kernels import testing
+from moe_kernels.ops.routing import SoftmaxTopkFunction
 from routing_cases import routing_inputs
 
 OPCHECK_CASES = [
@@ -58,6 +59,30 @@ def test_opcheck_reference_path(num_tokens):
 @pytest.mark.parametrize("num_tokens", [0, 13])
 def test_opcheck_kernel_path(kernel_device, num_tokens):
     _opcheck(kernel_device, True, num_tokens)
+
+
+def _eager_function_matches_op(device, use_triton):
+    for _, num_experts, k, options, with_bias in OPCHECK_CASES:
+        logits, bias = routing_inputs(29, num_experts, options, with_bias, device=device)
+        through_function = logits.clone().requires_grad_(True)
+        through_op = logits.clone().requires_grad_(True)
+        weights_f, ids_f = SoftmaxTopkFunction.apply(*_op_args(through_function, k, bias, options, use_triton))
+        weights_o, ids_o = torch.ops.moe_kernels.softmax_topk(*_op_args(through_op, k, bias, options, use_triton))
+        torch.testing.assert_close(ids_f, ids_o, atol=0, rtol=0)
+        torch.testing.assert_close(weights_f, weights_o, atol=0, rtol=0)
+        grad = torch.randn_like(weights_f)
+        weights_f.backward(grad)
+        weights_o.backward(grad)
+        torch.testing.assert_close(through_function.grad, through_op.grad, atol=0, rtol=0)
+
+
+def test_eager_function_matches_registered_op():
+    _eager_function_matches_op("cpu", False)
+
+
+@pytest.mark.kernel
+def test_eager_function_matches_registered_op_kernel_path(kernel_device):
+    _eager_function_matches_op(kernel_device, True)
 
 
 def test_fake_kernel_shapes_without_running():

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS, softmax_topk_op
+from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS, SoftmaxTopkFunction, softmax_topk_op
 from moe_kernels.utils import use_triton
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -92,7 +92,10 @@ def softmax_topk(
     if triton_path:
         _check_triton_limits(logits, num_experts, num_groups)
     flat = logits.reshape(-1, num_experts)
-    weights, ids = softmax_topk_op(
+    # torch.compile traces the registered op (fake kernel, opaque to graph breaks); eager calls
+    # skip the dispatcher's per-call cost through the equivalent autograd.Function.
+    route = softmax_topk_op if torch.compiler.is_compiling() else SoftmaxTopkFunction.apply
+    weights, ids = route(
         flat,
         k,
         renormalize,
