@@ -18,13 +18,13 @@ run() {  # run a step, log it, remember a failure but carry on with the next ste
     [ "$rc" -eq 0 ] || status=1
 }
 run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-run python -m moe_kernels.cli info
-run python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml"
-run python -m moe_kernels.cli validate
+run python3 -m moe_kernels.cli info
+run python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+run python3 -m moe_kernels.cli validate
 if [ "${1:-}" = "--quick-bench" ]; then
-    run python -m benchmarks.bench_routing --quick
+    run python3 -m benchmarks.bench_routing --quick
 else
-    run python -m benchmarks.bench_routing --dtype bfloat16 --dtype float32
+    run python3 -m benchmarks.bench_routing --dtype bfloat16 --dtype float32
 fi
 cp -r benchmarks/results "$OUT/results" 2>/dev/null
 exit $status
