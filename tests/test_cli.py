@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from moe_kernels import cli
 
 
@@ -30,3 +32,12 @@ def test_validate_reports_failure(capsys, monkeypatch):
     monkeypatch.setattr(cli.moe_kernels, "softmax_topk", broken)
     assert cli.main(["validate", "--tokens", "5", "--dtype", "float32"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.aot
+def test_info_kernels_prints_resource_table(capsys):
+    # Compiles every registered kernel configuration (cached by Triton after test_aot_compile).
+    assert cli.main(["info", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax_topk_fwd" in out and "softmax_topk_bwd" in out
+    assert "regs" in out and "stack" in out

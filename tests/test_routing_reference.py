@@ -161,3 +161,15 @@ def test_top_k_router_module():
     testing.assert_close(weights, want_weights)
     (weights * torch.randn_like(weights)).sum().backward()
     assert router.weight.grad is not None and hidden.grad is not None
+
+
+def test_top_k_router_correction_bias_selects_only():
+    router = moe_kernels.TopKRouter(8, 6, 2, score_func="sigmoid", correction_bias=True, backend="torch")
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0, 4.0]))
+    hidden = torch.randn(7, 8)
+    weights, ids = router(hidden)
+    assert (ids == torch.tensor([4, 5], dtype=torch.int32)).all()  # the bias decides the experts
+    scores = torch.sigmoid(torch.nn.functional.linear(hidden, router.weight))
+    testing.assert_close(weights, scores[:, [4, 5]])  # ... but not the weights
+    assert router(torch.randn(0, 8))[0].shape == (0, 2)
