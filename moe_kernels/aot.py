@@ -46,7 +46,7 @@ def _check_not_interpreted() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int):
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, divisible: tuple):
     """``triton.compile`` ``fn`` for ``GPUTarget("cuda", arch, 32)``; returns the compiled kernel
     (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
     import triton
@@ -63,7 +63,15 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int):
             full_sig[name] = signature[name]
         else:
             raise KeyError(f"{fn.__name__}: argument {name!r} is in neither signature nor constexprs")
-    src = ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs))
+    # As the JIT specialises them for torch's (256-byte aligned) allocations: every pointer, and
+    # the integer arguments in ``divisible``, are multiples of 16; this is what lets the compiler
+    # emit vector loads.
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if full_sig[name].startswith("*") or name in divisible
+    }
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs), attrs=aligned)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps})
 
@@ -140,7 +148,7 @@ def _load_fn(path: str):
 
 def _compile_spec(spec: tuple) -> dict:
     """Worker body (picklable arguments only: the kernel is re-imported by ``module:name``)."""
-    kernel_name, fn_path, label, signature, constexprs, num_warps, arch = spec
+    kernel_name, fn_path, label, signature, constexprs, num_warps, arch, divisible = spec
     _check_not_interpreted()
     fn = _load_fn(fn_path)
     start = time.perf_counter()
@@ -148,7 +156,7 @@ def _compile_spec(spec: tuple) -> dict:
         # Triton 3.9 warns once per process that the FP-fusion default will change; the check
         # compiles with the default, as the launchers do.
         warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-        compiled = _compile(fn, signature, constexprs, num_warps, arch)
+        compiled = _compile(fn, signature, constexprs, num_warps, arch, divisible)
     seconds = time.perf_counter() - start
     usage = res_usage(compiled.asm["cubin"])
     name = getattr(compiled, "name", None) or fn.__name__
@@ -182,6 +190,7 @@ def _spec(case, arch: int) -> tuple:
         dict(case.constexprs),
         int(case.num_warps),
         int(arch),
+        tuple(case.divisible),
     )
 
 

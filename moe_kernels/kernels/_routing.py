@@ -82,7 +82,7 @@ def _limit_to_best_groups(
 
 @triton.jit
 def _softmax_topk_fwd_kernel(
-    logits_ptr,  # (T, E) float32/float16/bfloat16, any strides
+    logits_ptr,  # (T, E) float32/float16/bfloat16, row stride stride_lt, experts contiguous
     bias_ptr,  # (E,) float32, read only when HAS_BIAS
     weights_ptr,  # (T, K) float32, contiguous, written
     ids_ptr,  # (T, K) int32, contiguous, written
@@ -90,7 +90,6 @@ def _softmax_topk_fwd_kernel(
     E,
     group_size,
     stride_lt,
-    stride_le,
     scale,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -103,24 +102,31 @@ def _softmax_topk_fwd_kernel(
     GROUPED: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
     GROUP_TOP2: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens end to end.
 
     The row tile is ``G_PAD * GS_PAD`` columns in group-major order: column ``c`` holds expert
     ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
-    ``group_size = E``, so column ``c`` is expert ``c``).
+    ``group_size = E``, so column ``c`` is expert ``c``). ``CONTIGUOUS`` says that column ``c``
+    is expert ``c`` (no groups, or a power-of-two group size), which lets the compiler see
+    consecutive addresses and issue vector loads.
     """
     BLOCK_W: tl.constexpr = G_PAD * GS_PAD
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_W)
     kcols = tl.arange(0, K_PAD)
-    member = cols % GS_PAD
-    expert = (cols // GS_PAD) * group_size + member
-    col_ok = (member < group_size) & (expert < E)
+    if CONTIGUOUS:
+        expert = cols
+        col_ok = cols < E
+    else:
+        member = cols % GS_PAD
+        expert = (cols // GS_PAD) * group_size + member
+        col_ok = (member < group_size) & (expert < E)
     row_ok = rows < T
     row_off = rows.to(tl.int64) * stride_lt
     x = tl.load(
-        logits_ptr + row_off[:, None] + expert[None, :] * stride_le,
+        logits_ptr + row_off[:, None] + expert[None, :],
         mask=row_ok[:, None] & col_ok[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -154,7 +160,7 @@ def _softmax_topk_fwd_kernel(
     # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is cheaper
     # than K more reductions over the tile, and recomputes the scores bit-identically.
     x_chosen = tl.load(
-        logits_ptr + row_off[:, None] + ids * stride_le, mask=out_mask, other=0.0
+        logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0
     ).to(tl.float32)
     weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
     if RENORMALIZE:
@@ -168,7 +174,7 @@ def _softmax_topk_fwd_kernel(
 @triton.jit
 def _softmax_topk_bwd_kernel(
     grad_weights_ptr,  # (T, K) float32, any strides
-    logits_ptr,  # (T, E) float32/float16/bfloat16, any strides
+    logits_ptr,  # (T, E) float32/float16/bfloat16, row stride stride_lt, experts contiguous
     ids_ptr,  # (T, K) int32, contiguous (the forward's output)
     grad_logits_ptr,  # (T, E) logits' dtype, contiguous, written
     T,
@@ -176,7 +182,6 @@ def _softmax_topk_bwd_kernel(
     stride_gt,
     stride_gk,
     stride_lt,
-    stride_le,
     scale,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -207,11 +212,11 @@ def _softmax_topk_bwd_kernel(
         other=0.0,
     ).to(tl.float32)
     g = g * scale
-    x_chosen = tl.load(logits_ptr + row_off[:, None] + ids * stride_le, mask=k_mask, other=0.0)
+    x_chosen = tl.load(logits_ptr + row_off[:, None] + ids, mask=k_mask, other=0.0)
     x_chosen = x_chosen.to(tl.float32)
     if SOFTMAX:
         x = tl.load(
-            logits_ptr + row_off[:, None] + cols[None, :] * stride_le, mask=tile_mask, other=0.0
+            logits_ptr + row_off[:, None] + cols[None, :], mask=tile_mask, other=0.0
         ).to(tl.float32)
         x = tl.where((cols < E)[None, :], x, float("-inf"))
         s, row_max, inv_sum = _gate_scores(x, SOFTMAX)

@@ -68,6 +68,7 @@ def forward_meta(
         GROUPED=num_groups > 0,
         TOPK_GROUPS=topk_groups,
         GROUP_TOP2=group_score == "top2_sum",
+        CONTIGUOUS=num_groups == 0 or gs_pad * num_groups == num_experts,
         num_warps=num_warps,
     )
 
@@ -100,6 +101,13 @@ def _row_tiling(num_tokens: int, width: int) -> tuple[int, int]:
     return block_t, max(1, min(8, block_t * width // 128))
 
 
+def _experts_contiguous(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with unit stride along experts (a copy only when it is not): rows may keep any
+    stride (a slice of a larger buffer costs nothing), but unit-stride rows are what let the
+    compiler emit 16-byte vector loads."""
+    return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
+
+
 def _grid(meta: dict, num_tokens: int) -> tuple[int]:
     return (cdiv(num_tokens, meta["BLOCK_T"]),)
 
@@ -119,6 +127,7 @@ def launch_softmax_topk(
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
     num_tokens, num_experts = logits.shape
+    logits = _experts_contiguous(logits)
     weights = new_output((num_tokens, k), torch.float32, logits.device)
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
@@ -143,7 +152,6 @@ def launch_softmax_topk(
         num_experts,
         num_experts // max(num_groups, 1),  # group_size
         logits.stride(0),
-        logits.stride(1),
         float(scale),
         **meta,
     )
@@ -162,6 +170,7 @@ def launch_softmax_topk_backward(
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     num_tokens, num_experts = logits.shape
+    logits = _experts_contiguous(logits)
     k = ids.shape[1]
     grad_logits = new_output((num_tokens, num_experts), logits.dtype, logits.device)
     if num_tokens == 0:
@@ -178,7 +187,6 @@ def launch_softmax_topk_backward(
         grad_weights.stride(0),
         grad_weights.stride(1),
         logits.stride(0),
-        logits.stride(1),
         float(scale),
         **meta,
     )
