@@ -217,6 +217,14 @@ def _cost(case) -> int:
     return case.num_warps * size
 
 
+def _failure(spec: tuple, exc: Exception) -> RuntimeError:
+    """The error naming which compilation failed (``spec`` as built by :func:`_spec`)."""
+    kernel, _, label, _, _, num_warps, arch, _ = spec
+    return RuntimeError(
+        f"AOT compile failed: {kernel} [{label}] num_warps={num_warps} sm_{arch}: {type(exc).__name__}: {exc}"
+    )
+
+
 def compile_all(
     archs: Sequence[int] = DEFAULT_ARCHS,
     workers: int | None = None,
@@ -233,7 +241,7 @@ def compile_all(
 
     case_list = list(registry.all_cases() if cases is None else cases)
     specs = [_spec(case, arch) for case in case_list for arch in archs]
-    order = sorted(range(len(specs)), key=lambda i: (-_cost(case_list[i // len(archs)]), specs[i][-1]))
+    order = sorted(range(len(specs)), key=lambda i: (-_cost(case_list[i // len(archs)]), specs[i][6]))
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
     if workers == 1:
         rows = {}
@@ -241,11 +249,7 @@ def compile_all(
             try:
                 rows[i] = _compile_spec(specs[i])
             except Exception as exc:
-                kernel, _, label, _, _, num_warps, arch = specs[i]
-                raise RuntimeError(
-                    f"AOT compile failed: {kernel} [{label}] num_warps={num_warps} "
-                    f"sm_{arch}: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise _failure(specs[i], exc) from exc
     else:
         import concurrent.futures as cf
         import multiprocessing
@@ -263,11 +267,7 @@ def compile_all(
                 except Exception as exc:
                     for other in futures:
                         other.cancel()
-                    kernel, _, label, _, _, num_warps, arch = specs[i]
-                    raise RuntimeError(
-                        f"AOT compile failed: {kernel} [{label}] num_warps={num_warps} "
-                        f"sm_{arch}: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise _failure(specs[i], exc) from exc
     return [rows[i] for i in range(len(specs))]
 
 

@@ -7,6 +7,7 @@ resource table. Compiled binaries are kept in Triton's cache, so a rerun takes s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import time
@@ -81,3 +82,13 @@ def test_aot_compile_all_kernels():
         f"regs={r['regs']} stack={r['stack']} local={r['local']}"
         for r in spills
     )
+
+
+def test_aot_compile_failure_names_the_configuration():
+    from moe_kernels import aot
+    from moe_kernels.kernels import registry
+
+    case = next(iter(registry.cases("softmax_topk_fwd")))
+    broken = dataclasses.replace(case, constexprs={**case.constexprs, "BLOCK_T": 3})  # not a power of 2
+    with pytest.raises(RuntimeError, match=r"AOT compile failed: softmax_topk_fwd \[.*\] num_warps=\d+ sm_90"):
+        aot.compile_all(archs=(90,), workers=1, cases=[broken])
