@@ -6,7 +6,7 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
-from moe_kernels.functional import softmax_topk
+from moe_kernels.functional import knn_mix, softmax_topk
 from moe_kernels.nn import TopKRouter
 
-__all__ = ["softmax_topk", "TopKRouter", "__version__"]
+__all__ = ["knn_mix", "softmax_topk", "TopKRouter", "__version__"]

@@ -106,6 +106,38 @@ def _validate_routing_case(shape, num_tokens, dtype, device, backend) -> dict:
     )
 
 
+def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=8) -> dict:
+    """One row of ``validate`` for ``knn_mix`` (softmax weighting, fallback threshold 0.3)."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    router = torch.randn(num_tokens, shape.num_experts, generator=generator).to(dtype).to(device)
+    neighbors = torch.randn(num_tokens, num_neighbors, shape.num_experts, generator=generator).to(dtype).to(device)
+    sims = (torch.rand(num_tokens, num_neighbors, generator=generator) * 1.2 - 0.2).to(device)
+    options = dict(weighting="softmax", temperature=0.1, min_confidence=0.3)
+    router.requires_grad_(True)
+    neighbors.requires_grad_(True)
+    mixed, conf = moe_kernels.knn_mix(router, neighbors, sims, backend=backend, **options)
+    grad_out = torch.randn(mixed.shape, device=device)
+    mixed.backward(grad_out)
+
+    router64 = router.detach().double().requires_grad_(True)
+    neighbors64 = neighbors.detach().double().requires_grad_(True)
+    ref_mixed, ref_conf = reference.knn_mix(router64, neighbors64, sims.double(), **options)
+    ref_mixed.backward(grad_out.double())
+    mixed_err = max(testing.max_errors(mixed, ref_mixed)[0], testing.max_errors(conf, ref_conf)[0])
+    grad_err = max(testing.max_errors(router.grad, router64.grad)[0], testing.max_errors(neighbors.grad, neighbors64.grad)[0])
+    ok = (
+        _within(mixed, ref_mixed, torch.float32)
+        and _within(conf, ref_conf, torch.float32)
+        and _within(router.grad, router64.grad, dtype)
+        and _within(neighbors.grad, neighbors64.grad, dtype)
+    )
+    return dict(
+        op="knn_mix", model=shape.model, E=shape.num_experts, k=num_neighbors, T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."), ids="-", weight_err=f"{mixed_err:.1e}",
+        grad_err=f"{grad_err:.1e}", status="ok" if ok else "FAIL",
+    )
+
+
 def _within(actual, expected, dtype) -> bool:
     atol, rtol = testing.tolerance(dtype)
     return torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol)
@@ -115,9 +147,11 @@ def cmd_validate(args) -> int:
     device = torch.device(args.device) if args.device else _default_device()
     dtypes = args.dtype or VALIDATE_DTYPES[device.type]
     tokens = args.tokens or VALIDATE_TOKENS[device.type]
-    print(f"validate on {_device_name(device)}; softmax_topk runs: {_backend_label(device, args.backend)}")
+    print(f"validate on {_device_name(device)}; the ops run: {_backend_label(device, args.backend)} "
+          "(k is the neighbour count n for knn_mix)")
     rows = [
-        _validate_routing_case(shape, num_tokens, getattr(torch, dtype), device, args.backend)
+        validate_case(shape, num_tokens, getattr(torch, dtype), device, args.backend)
+        for validate_case in (_validate_routing_case, _validate_knn_case)
         for shape in ROUTING_SHAPES
         for dtype in dtypes
         for num_tokens in tokens

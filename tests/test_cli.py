@@ -18,7 +18,7 @@ def test_validate_passes_and_prints_every_model(capsys):
     out = capsys.readouterr().out
     for model in ("Mixtral-8x7B", "DeepSeek-V3", "Qwen3-Next-80B-A3B"):
         assert model in out
-    assert "8 passed, 0 failed" in out
+    assert "16 passed, 0 failed" in out  # softmax_topk and knn_mix, 8 models each
 
 
 def test_validate_reports_failure(capsys, monkeypatch):

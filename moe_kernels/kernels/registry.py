@@ -233,3 +233,68 @@ def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
             label=_routing_label(TRITON_DTYPES[dtype], meta, num_warps),
             divisible=_row_stride_divisibility(shape.num_experts),
         )
+
+
+# --------------------------------------------------------------------------------------------
+# kNN-MoE logit mixing (moe_kernels/kernels/_knn.py, launchers in moe_kernels/ops/knn.py)
+# --------------------------------------------------------------------------------------------
+
+# Neighbours per token the benchmarks use (kNN-MoE's default 8, and a wide 32).
+KNN_NEIGHBORS = (8, 32)
+
+
+def _knn_configs() -> Iterator[tuple[int, int, torch.dtype, str]]:
+    """(E, n, logits dtype, weighting) over the routing shapes' expert counts."""
+    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
+        for num_neighbors in KNN_NEIGHBORS:
+            for dtype in TRITON_DTYPES:
+                for weighting in ("similarity", "softmax"):
+                    yield num_experts, num_neighbors, dtype, weighting
+
+
+def _knn_label(dtype: str, meta: dict, num_warps: int) -> str:
+    weighting = "sim" if meta["SIMILARITY"] else "softmax"
+    return f"{dtype} W{meta['BLOCK_E']} n{meta['N']} BT{meta['BLOCK_T']} {weighting}"
+
+
+@register_kernel("knn_mix_fwd")
+def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
+    from moe_kernels.ops.knn import knn_meta
+
+    for num_experts, num_neighbors, dtype, weighting in _knn_configs():
+        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+        num_warps = meta.pop("num_warps")
+        logits = "*" + TRITON_DTYPES[dtype]
+        signature = {
+            "router_ptr": logits, "neighbors_ptr": logits, "sims_ptr": "*fp32", "mixed_ptr": "*fp32",
+            "conf_ptr": "*fp32", "T": "i32", "E": "i32", "stride_rt": "i32", "stride_nt": "i32",
+            "stride_nn": "i32", "stride_st": "i32", "stride_sn": "i32", "inv_temperature": "fp32",
+            "min_confidence": "fp32",
+        }
+        yield KernelCase(
+            "knn_mix_fwd", _knn_mix_fwd_kernel, signature, meta, num_warps,
+            label=_knn_label(TRITON_DTYPES[dtype], meta, num_warps),
+            divisible=("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else (),
+        )
+
+
+@register_kernel("knn_mix_bwd")
+def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
+    from moe_kernels.ops.knn import knn_meta
+
+    for num_experts, num_neighbors, dtype, weighting in _knn_configs():
+        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+        num_warps = meta.pop("num_warps")
+        logits = "*" + TRITON_DTYPES[dtype]
+        signature = {
+            "grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": logits,
+            "grad_neighbors_ptr": logits, "T": "i32", "E": "i32", "stride_gt": "i32", "stride_st": "i32",
+            "stride_sn": "i32", "inv_temperature": "fp32", "min_confidence": "fp32",
+        }
+        yield KernelCase(
+            "knn_mix_bwd", _knn_mix_bwd_kernel, signature, meta, num_warps,
+            label=_knn_label(TRITON_DTYPES[dtype], meta, num_warps),
+            divisible=("E", "stride_gt") if num_experts % 16 == 0 else (),
+        )

@@ -4,6 +4,7 @@ They are the CPU fallback of every op, the oracles of the tests and the eager ba
 benchmarks: all three import them from here, so there is exactly one definition of each op.
 """
 
+from moe_kernels.reference.knn import knn_mix, knn_mix_backward
 from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
 
-__all__ = ["softmax_topk", "softmax_topk_backward"]
+__all__ = ["knn_mix", "knn_mix_backward", "softmax_topk", "softmax_topk_backward"]
