@@ -31,6 +31,7 @@ import torch
 
 import moe_kernels
 from benchmarks.common import (
+    add_speedups,
     environment,
     measured_bandwidth_gbs,
     print_table,
@@ -57,8 +58,6 @@ QUICK_CPU_COMPILE_MAX_EXPERTS = 8
 # a serving engine replays them from graphs too. Larger batches hide the launch anyway.
 CUDA_GRAPH_MAX_TOKENS = 512
 
-# (column, provider): the moe_kernels row's speedup over that provider.
-SPEEDUP_BASELINES = (("speedup_vs_eager", "torch_eager"), ("speedup_vs_compile", "torch_compile"))
 TABLE_COLUMNS = (
     "model", "E", "k", "T", "dtype", "provider", "median_us", "p20_us", "p80_us", "gb_per_s",
     "pct_bw", "speedup_vs_eager", "speedup_vs_compile", "ids_match", "timer",
@@ -255,7 +254,7 @@ def _bench_point(
             "gb_per_s": gb_per_s, "pct_bw": 100 * gb_per_s / peak_gbs, "measured_bw_gbs": peak_gbs,
             "ids_match": ids_match,
         })
-    _add_speedups(rows)
+    add_speedups(rows)
     return rows
 
 
@@ -274,16 +273,6 @@ def _ids_match(outputs: dict, shape: RoutingShape, dtype: torch.dtype, num_token
     print(f"WARNING: {shape.label} {dtype} T={num_tokens}: moe_kernels ids differ from torch_eager "
           f"on {tokens_differing} token(s)")
     return False
-
-
-def _add_speedups(rows: list[dict]) -> None:
-    """Set ``speedup_vs_eager`` / ``speedup_vs_compile`` (baseline median / moe_kernels median) on
-    the moe_kernels row of one point, None elsewhere or when a baseline was not measured."""
-    median = {row["provider"]: row["median_us"] for row in rows}
-    for row in rows:
-        for column, baseline in SPEEDUP_BASELINES:
-            measured = row["provider"] == "moe_kernels" and baseline in median
-            row[column] = median[baseline] / row["median_us"] if measured else None
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -284,6 +284,21 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
     return path
 
 
+# (column, provider): the moe_kernels row's speedup over that provider, in every op's benchmark.
+SPEEDUP_BASELINES = (("speedup_vs_eager", "torch_eager"), ("speedup_vs_compile", "torch_compile"))
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Set ``speedup_vs_eager`` / ``speedup_vs_compile`` (baseline median / moe_kernels median)
+    on the moe_kernels row of one benchmark point, None elsewhere or when a baseline was not
+    measured."""
+    median = {row["provider"]: row["median_us"] for row in rows}
+    for row in rows:
+        for column, baseline in SPEEDUP_BASELINES:
+            measured = row["provider"] == "moe_kernels" and baseline in median
+            row[column] = median[baseline] / row["median_us"] if measured else None
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-")."""
     print(format_table(rows, columns))

@@ -22,9 +22,9 @@ run python3 -m moe_kernels.cli info
 run python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 run python3 -m moe_kernels.cli validate
 if [ "${1:-}" = "--quick-bench" ]; then
-    run python3 -m benchmarks.bench_routing --quick
+    run python3 -m moe_kernels.cli bench --quick
 else
-    run python3 -m benchmarks.bench_routing --dtype bfloat16 --dtype float32
+    run python3 -m moe_kernels.cli bench --dtype bfloat16 --dtype float32
 fi
 cp -r benchmarks/results "$OUT/results" 2>/dev/null
 exit $status

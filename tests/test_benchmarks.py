@@ -73,3 +73,24 @@ def test_main_no_write(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "speedup_vs_eager" in out and "Mixtral-8x7B" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_knn_benchmark_rows():
+    from benchmarks import bench_knn
+
+    rows = bench_knn.run(quick=True, device="cpu", tokens=(1, 9))
+    assert {(row["E"], row["T"], row["provider"]) for row in rows} == {
+        (e, t, p) for e in (64, 256) for t in (1, 9) for p in ("moe_kernels", "torch_eager")
+    }
+    for row in rows:
+        # router + 8 neighbours float32 read, float32 sims read, float32 mixed + conf written
+        assert row["bytes"] == row["T"] * (row["E"] * 9 * 4 + 8 * 4 + (row["E"] + 1) * 4)
+        assert row["median_us"] > 0 and (row["speedup_vs_eager"] is not None) == (row["provider"] == "moe_kernels")
+
+
+def test_cli_bench_selects_op(capsys):
+    from moe_kernels import cli
+
+    assert cli.main(["bench", "--op", "knn_mix", "--quick", "--device", "cpu", "--tokens", "3", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "knn_mix on" in out and "softmax_topk on" not in out

@@ -1,0 +1,129 @@
+"""kNN-MoE logit mixing benchmark: :func:`moe_kernels.knn_mix` against the PyTorch reference in
+eager mode and under ``torch.compile``, over the routing registry's expert counts.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_knn --quick
+    python -m benchmarks.bench_knn --dtype bfloat16 --neighbors 8 32 --tokens 1 64 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Sequence
+
+import torch
+
+import moe_kernels
+from benchmarks.common import (
+    add_speedups,
+    environment,
+    measured_bandwidth_gbs,
+    print_table,
+    resolve_device,
+    time_fn,
+    write_results,
+)
+from moe_kernels import reference
+from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
+
+OP_NAME = "knn_mix"
+OPTIONS = dict(weighting="similarity", temperature=0.1, min_confidence=0.0)
+NEIGHBORS = (8, 32)
+QUICK_CPU = dict(experts=(64, 256), tokens=(1, 64, 1024), neighbors=(8,))
+CUDA_GRAPH_MAX_TOKENS = 512
+TABLE_COLUMNS = (
+    "E", "n", "T", "dtype", "provider", "median_us", "p20_us", "p80_us", "gb_per_s", "pct_bw",
+    "speedup_vs_eager", "speedup_vs_compile", "timer",
+)
+
+
+def mix_bytes(num_tokens: int, num_experts: int, num_neighbors: int, dtype: torch.dtype) -> int:
+    """Bytes the op must move: router and neighbour logits and float32 sims read, float32 mixed
+    logits and confidences written."""
+    reads = num_tokens * num_experts * (num_neighbors + 1) * dtype.itemsize + num_tokens * num_neighbors * 4
+    return reads + num_tokens * (num_experts + 1) * 4
+
+
+def _providers(device: torch.device, quick_cpu: bool) -> dict:
+    providers = {
+        "moe_kernels": functools.partial(moe_kernels.knn_mix, **OPTIONS),
+        "torch_eager": functools.partial(reference.knn_mix, **OPTIONS),
+    }
+    if not quick_cpu:  # inductor's C++ build takes minutes on a small CPU
+        torch._dynamo.reset()
+        providers["torch_compile"] = torch.compile(functools.partial(reference.knn_mix, **OPTIONS))
+    return providers
+
+
+def run(*, quick: bool = False, dtypes: Sequence[str] | None = None, device=None,
+        tokens: Sequence[int] | None = None, neighbors: Sequence[int] | None = None) -> list[dict]:
+    """Rows of every (E, n, dtype, T) point, one per provider."""
+    device = resolve_device(device)
+    quick_cpu = quick and device.type == "cpu"
+    experts = QUICK_CPU["experts"] if quick_cpu else sorted({s.num_experts for s in ROUTING_SHAPES})
+    tokens = tokens or (QUICK_CPU["tokens"] if quick_cpu else ROUTING_TOKENS)
+    neighbors = neighbors or (QUICK_CPU["neighbors"] if quick_cpu else NEIGHBORS)
+    dtypes = dtypes or (("float32",) if quick_cpu else ("bfloat16",))
+    peak_gbs = measured_bandwidth_gbs(device)
+    providers = _providers(device, quick_cpu)
+    rows = []
+    for num_experts in experts:
+        for num_neighbors in neighbors:
+            for dtype in map(lambda name: getattr(torch, name), dtypes):
+                for num_tokens in tokens:
+                    rows += _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers, peak_gbs)
+    return rows
+
+
+def _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers, peak_gbs) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(num_tokens)
+    router = torch.randn(num_tokens, num_experts, generator=generator, device=device).to(dtype)
+    values = torch.randn(num_tokens, num_neighbors, num_experts, generator=generator, device=device).to(dtype)
+    sims = torch.rand(num_tokens, num_neighbors, generator=generator, device=device)
+    moved = mix_bytes(num_tokens, num_experts, num_neighbors, dtype)
+    use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS
+    rows = []
+    for name, provider in providers.items():
+        call = functools.partial(provider, router, values, sims)
+        call()  # compile and warm up outside the timing
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timing = time_fn(call, device=device, cuda_graph=use_graph)
+        gb_per_s = moved / timing["median_us"] / 1e3
+        rows.append({
+            "op": OP_NAME, "E": num_experts, "n": num_neighbors, "T": num_tokens,
+            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "bytes": moved,
+            "gb_per_s": gb_per_s, "pct_bw": 100 * gb_per_s / peak_gbs, "measured_bw_gbs": peak_gbs,
+            "model": f"E={num_experts} n={num_neighbors}",
+        })
+    add_speedups(rows)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_knn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU: E in (64, 256), n=8, T in (1, 64, 1024), float32")
+    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), dest="dtypes")
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--neighbors", type=int, nargs="+")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    env = environment(device)
+    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']} ({env['git_commit']})")
+    start = time.perf_counter()
+    rows = run(quick=args.quick, dtypes=args.dtypes, device=device, tokens=args.tokens, neighbors=args.neighbors)
+    print_table(rows, TABLE_COLUMNS)
+    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
+    if not args.no_write:
+        csv_path, png_path = write_results(OP_NAME, rows, env)
+        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
