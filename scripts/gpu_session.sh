@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One long run on a lent GPU machine (torch and triton preinstalled there, no network): the whole
-# test suite on the GPU, `validate`, the ahead-of-time resource table, and the full benchmark.
+# test suite on the GPU (the ahead-of-time compile check included), `validate`, and the full benchmark.
 # Everything is logged under $OUT (or ./gpu_out), and the benchmark results are written to
 # benchmarks/results/<device>/ and copied there too, so they can be committed afterwards.
 #   usage: bash scripts/gpu_session.sh [--quick-bench]

@@ -1,0 +1,249 @@
+"""The kNN-MoE routing memory: keys (router inputs of reference tokens) and values (their
+optimised routing logits), searched by similarity.
+
+Search goes through faiss when it is installed (an exact flat index, or IVF / IVF-PQ / HNSW for
+large memories) and through an exact chunked-matmul search in PyTorch otherwise. A memory is saved
+as one safetensors file holding the keys, the values, the serialised faiss index and a manifest,
+written to a temporary file and renamed into place, so a crash mid-save never damages an existing
+memory, and a file whose checksum or manifest does not match is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+METRICS = ("cosine", "inner_product")
+INDEXES = ("flat", "ivf", "ivfpq", "hnsw", "torch")
+# Keys scored per step of the exact PyTorch search: bounds its (T, chunk) similarity buffer.
+SEARCH_CHUNK = 65536
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+class RoutingMemory:
+    """A routing memory of ``N`` cases.
+
+    Args:
+        keys: ``(N, d)`` float router inputs (hidden states) of the reference tokens.
+        values: ``(N, E)`` float routing logits optimised for those tokens.
+        metric: ``"cosine"`` (keys and queries L2-normalised, the default) or ``"inner_product"``.
+        index: ``"flat"`` (exact, faiss), ``"ivf"``, ``"ivfpq"`` (the kNN-MoE paper's setting:
+            ``d / 8`` one-byte codes per key), ``"hnsw"``, or ``"torch"`` (exact, no faiss).
+            Without faiss every index falls back to ``"torch"`` with a warning.
+        index_options: ``nlist`` and ``nprobe`` (IVF, IVF-PQ), ``m`` (IVF-PQ sub-quantisers),
+            ``hnsw_m`` and ``ef_search`` (HNSW).
+        model, layer: what the memory was built for; kept in the manifest and checked on load.
+
+    Keys and values are kept as float32 CPU tensors (``.keys``, ``.values``).
+    """
+
+    def __init__(self, keys, values, *, metric="cosine", index="flat", index_options=None, model=None, layer=None):
+        _check_tensor("keys", keys, 2)
+        _check_tensor("values", values, 2)
+        if keys.shape[0] != values.shape[0]:
+            raise ValueError(f"RoutingMemory: keys and values must have the same N, got {keys.shape[0]} and {values.shape[0]}")
+        if keys.shape[0] < 1:
+            raise ValueError("RoutingMemory: the memory needs at least one case, got N=0")
+        if metric not in METRICS:
+            raise ValueError(f"RoutingMemory: metric must be one of {METRICS}, got {metric!r}")
+        if index not in INDEXES:
+            raise ValueError(f"RoutingMemory: index must be one of {INDEXES}, got {index!r}")
+        keys = keys.detach().to("cpu", torch.float32)
+        self.keys = _normalize(keys) if metric == "cosine" else keys.contiguous()
+        self.values = values.detach().to("cpu", torch.float32).contiguous()
+        self.metric = metric
+        self.index_kind = index
+        self.index_options = dict(index_options or {})
+        self.model, self.layer = model, layer
+        self._faiss_index = None
+        if index != "torch":
+            if faiss_available():
+                self._faiss_index = _build_faiss_index(self.keys, index, self.index_options)
+            else:
+                warnings.warn(f"RoutingMemory: faiss is not installed; index={index!r} falls back to exact torch search")
+
+    @property
+    def num_entries(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def key_dim(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.values.shape[1]
+
+    def search(self, queries: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` most similar cases of each query.
+
+        ``queries (T, d)`` float on any device -> ``ids (T, n)`` int64 and ``sims (T, n)`` float32
+        on the queries' device, most similar first. ``n`` may not exceed the memory size.
+        """
+        _check_tensor("queries", queries, 2)
+        if queries.shape[1] != self.key_dim:
+            raise ValueError(f"RoutingMemory.search: queries must have shape (T, {self.key_dim}), got {tuple(queries.shape)}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_entries:
+            raise ValueError(f"RoutingMemory.search: n must be an int in [1, {self.num_entries}], got {n!r}")
+        device = queries.device
+        q = queries.detach().to(torch.float32)
+        if self.metric == "cosine":
+            q = _normalize(q)
+        if self._faiss_index is None:
+            sims, ids = _exact_search(self.keys.to(device), q, n)
+            return ids, sims
+        sims, ids = self._faiss_index.search(q.cpu().contiguous().numpy(), n)
+        return torch.from_numpy(ids).to(device), torch.from_numpy(sims).to(device)
+
+    def save(self, path) -> None:
+        """Write the memory to ``path`` (one safetensors file), atomically: the file is written
+        next to ``path`` under a temporary name and renamed over it only once complete."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"keys": self.keys, "values": self.values}
+        if self._faiss_index is not None:
+            import faiss
+
+            tensors["faiss_index"] = torch.from_numpy(faiss.serialize_index(self._faiss_index))
+        manifest = dict(
+            format_version=FORMAT_VERSION,
+            num_entries=self.num_entries,
+            key_dim=self.key_dim,
+            num_experts=self.num_experts,
+            metric=self.metric,
+            index=self.index_kind,
+            index_options=self.index_options,
+            model=self.model,
+            layer=self.layer,
+            checksum=_checksum(tensors),
+        )
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, tmp, metadata={"moe_kernels_manifest": json.dumps(manifest)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path, *, model=None, layer=None, key_dim=None, num_experts=None) -> "RoutingMemory":
+        """Read a memory written by :meth:`save`. ``model``, ``layer``, ``key_dim`` and
+        ``num_experts``, when given, must match the manifest. A missing, truncated, corrupted or
+        mismatched file raises (FileNotFoundError / ValueError) and nothing is loaded."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RoutingMemory.load: no memory file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                manifest = json.loads((f.metadata() or {})["moe_kernels_manifest"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as error:  # safetensors reports truncation and bad headers in its own types
+            raise ValueError(f"RoutingMemory.load: {path} is not a readable routing memory ({error})") from error
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"RoutingMemory.load: {path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
+            )
+        if _checksum(tensors) != manifest["checksum"]:
+            raise ValueError(f"RoutingMemory.load: {path} is corrupted (checksum mismatch)")
+        expected = dict(model=model, layer=layer, key_dim=key_dim, num_experts=num_experts)
+        for field, want in expected.items():
+            if want is not None and manifest[field] != want:
+                raise ValueError(f"RoutingMemory.load: {path} was built for {field}={manifest[field]!r}, expected {want!r}")
+        memory = cls.__new__(cls)
+        memory.keys, memory.values = tensors["keys"], tensors["values"]
+        memory.metric, memory.index_kind = manifest["metric"], manifest["index"]
+        memory.index_options = manifest["index_options"]
+        memory.model, memory.layer = manifest["model"], manifest["layer"]
+        memory._faiss_index = None
+        if "faiss_index" in tensors:
+            if faiss_available():
+                import faiss
+
+                memory._faiss_index = faiss.deserialize_index(tensors["faiss_index"].numpy())
+                _set_search_options(memory._faiss_index, memory.index_kind, memory.index_options)
+            else:
+                warnings.warn("RoutingMemory.load: faiss is not installed; searching exactly with torch instead")
+        return memory
+
+
+def _check_tensor(name: str, tensor, dims: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"RoutingMemory: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"RoutingMemory: {name} must be a float tensor, got {tensor.dtype}")
+    if tensor.dim() != dims:
+        raise ValueError(f"RoutingMemory: {name} must be {dims}-D, got shape {tuple(tensor.shape)}")
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1).contiguous()
+
+
+def _exact_search(keys: torch.Tensor, queries: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``n`` inner products, ``SEARCH_CHUNK`` keys at a time (merging running top-n)."""
+    best_sims = torch.full((queries.shape[0], 0), float("-inf"), device=queries.device)
+    best_ids = torch.empty((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
+    for start in range(0, keys.shape[0], SEARCH_CHUNK):
+        chunk = queries @ keys[start : start + SEARCH_CHUNK].T
+        ids = torch.arange(start, start + chunk.shape[1], device=queries.device).expand_as(chunk)
+        sims = torch.cat([best_sims, chunk], dim=1)
+        top = sims.topk(min(n, sims.shape[1]), dim=1)
+        best_sims, best_ids = top.values, torch.cat([best_ids, ids], dim=1).gather(1, top.indices)
+    return best_sims, best_ids
+
+
+def _build_faiss_index(keys: torch.Tensor, kind: str, options: dict):
+    import faiss
+
+    data = keys.numpy()
+    num_entries, dim = data.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(options.get("hnsw_m", 32)), faiss.METRIC_INNER_PRODUCT)
+    else:
+        nlist = int(options.get("nlist", max(1, min(4 * int(num_entries**0.5), num_entries // 39 or 1))))
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:  # ivfpq: d / 8 one-byte codes per key, as in the kNN-MoE paper's setting
+            m = int(options.get("m", max(1, dim // 8)))
+            if dim % m:
+                raise ValueError(f"RoutingMemory: index='ivfpq' needs m dividing d={dim}, got m={m}")
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        index.train(data)
+    index.add(data)
+    _set_search_options(index, kind, options)
+    return index
+
+
+def _set_search_options(index, kind: str, options: dict) -> None:
+    if kind in ("ivf", "ivfpq"):
+        index.nprobe = int(options.get("nprobe", min(16, index.nlist)))
+    elif kind == "hnsw":
+        index.hnsw.efSearch = int(options.get("ef_search", 64))
+
+
+def _checksum(tensors: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,135 @@
+"""The kNN-MoE routing memory: exact search, faiss indexes, save/load safety, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moe_kernels.knn import RoutingMemory, faiss_available
+from moe_kernels.knn import memory as memory_module
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed on this machine")
+
+
+def _cases(num_entries=3000, dim=32, num_experts=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_entries, dim, generator=generator)
+    values = torch.randn(num_entries, num_experts, generator=generator)
+    queries = torch.randn(57, dim, generator=generator)
+    return keys, values, queries
+
+
+def _brute_force(keys, queries, n):
+    sims = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T
+    top = sims.topk(n, dim=1)
+    return top.indices, top.values
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, memory_module.SEARCH_CHUNK])
+def test_exact_torch_search_equals_brute_force(monkeypatch, chunk):
+    monkeypatch.setattr(memory_module, "SEARCH_CHUNK", chunk)  # merges across chunk boundaries
+    keys, values, queries = _cases()
+    ids, sims = RoutingMemory(keys, values, index="torch").search(queries, 8)
+    want_ids, want_sims = _brute_force(keys, queries, 8)
+    assert ids.dtype == torch.int64 and sims.dtype == torch.float32 and ids.shape == (57, 8)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    torch.testing.assert_close(sims, want_sims)
+
+
+@needs_faiss
+def test_faiss_flat_equals_exact():
+    keys, values, queries = _cases()
+    ids, sims = RoutingMemory(keys, values, index="flat").search(queries, 8)
+    want_ids, want_sims = RoutingMemory(keys, values, index="torch").search(queries, 8)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    torch.testing.assert_close(sims, want_sims, atol=1e-5, rtol=1e-5)
+
+
+@needs_faiss
+def test_ivf_probing_every_list_is_exact_and_approximate_indexes_recall():
+    keys, values, queries = _cases()
+    want_ids, _ = RoutingMemory(keys, values, index="torch").search(queries, 8)
+    ids, _ = RoutingMemory(keys, values, index="ivf", index_options=dict(nlist=16, nprobe=16)).search(queries, 8)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    for index, options in (("hnsw", dict(ef_search=256)), ("ivfpq", dict(nlist=8, nprobe=8, m=8))):
+        ids, _ = RoutingMemory(keys, values, index=index, index_options=options).search(queries, 8)
+        assert ((ids >= 0) & (ids < len(keys))).all()
+        recall = sum(len(set(a) & set(b)) for a, b in zip(ids.tolist(), want_ids.tolist())) / want_ids.numel()
+        assert recall > (0.9 if index == "hnsw" else 0.3), f"{index} recall@8 {recall:.2f}"
+
+
+@pytest.mark.parametrize("index", ["torch", pytest.param("ivf", marks=needs_faiss)])
+def test_save_load_round_trip(tmp_path, index):
+    keys, values, queries = _cases()
+    memory = RoutingMemory(keys, values, index=index, index_options=dict(nlist=16, nprobe=4), model="tiny-moe", layer=3)
+    path = tmp_path / "memory.safetensors"
+    memory.save(path)
+    loaded = RoutingMemory.load(path, model="tiny-moe", layer=3, key_dim=32, num_experts=16)
+    assert torch.equal(loaded.keys, memory.keys) and torch.equal(loaded.values, memory.values)
+    assert (loaded.metric, loaded.index_kind, loaded.model, loaded.layer) == ("cosine", index, "tiny-moe", 3)
+    for got, want in zip(loaded.search(queries, 5), memory.search(queries, 5)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert os.listdir(tmp_path) == ["memory.safetensors"]  # no temporary file left behind
+
+
+def test_corrupt_truncated_missing_and_mismatched_files_are_refused(tmp_path):
+    keys, values, _ = _cases(200)
+    path = tmp_path / "memory.safetensors"
+    RoutingMemory(keys, values, index="torch", model="tiny-moe", layer=1).save(path)
+    data = bytearray(path.read_bytes())
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF  # a byte of the values
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted \\(checksum mismatch\\)"):
+        RoutingMemory.load(corrupt)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match="is not a readable routing memory"):
+        RoutingMemory.load(truncated)
+
+    with pytest.raises(FileNotFoundError, match="no memory file at"):
+        RoutingMemory.load(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match="was built for layer=1, expected 2"):
+        RoutingMemory.load(path, layer=2)
+    with pytest.raises(ValueError, match="was built for num_experts=16, expected 64"):
+        RoutingMemory.load(path, num_experts=64)
+
+
+def test_interrupted_save_keeps_the_old_memory(tmp_path, monkeypatch):
+    keys, values, _ = _cases(200)
+    path = tmp_path / "memory.safetensors"
+    RoutingMemory(keys, values, index="torch", layer=1).save(path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash before the rename")
+
+    monkeypatch.setattr(memory_module.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RoutingMemory(keys * 2, values, index="torch", layer=2).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["memory.safetensors"]
+    assert RoutingMemory.load(path).layer == 1
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda k, v: RoutingMemory(k[:5], v), ValueError, r"same N, got 5 and 300"),
+        (lambda k, v: RoutingMemory(k.int(), v), TypeError, r"keys must be a float tensor"),
+        (lambda k, v: RoutingMemory(k[0], v), ValueError, r"keys must be 2-D"),
+        (lambda k, v: RoutingMemory(k, v, metric="l1"), ValueError, r"metric must be one of"),
+        (lambda k, v: RoutingMemory(k, v, index="lsh"), ValueError, r"index must be one of"),
+        (lambda k, v: RoutingMemory(k, v, index="torch").search(torch.randn(3, 7), 2), ValueError, r"shape \(T, 32\)"),
+        (lambda k, v: RoutingMemory(k, v, index="torch").search(torch.randn(3, 32), 301), ValueError, r"n must be an int in \[1, 300\]"),
+    ],
+)
+def test_bad_input(call, error, match):
+    keys, values, _ = _cases(300)
+    with pytest.raises(error, match=match):
+        call(keys, values)
