@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from moe_kernels.knn import RoutingMemory, faiss_available
+from moe_kernels import softmax_topk
+from moe_kernels.knn import KNNRouter, RoutingMemory, faiss_available
 from moe_kernels.knn import memory as memory_module
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed on this machine")
@@ -133,3 +134,36 @@ def test_bad_input(call, error, match):
     keys, values, _ = _cases(300)
     with pytest.raises(error, match=match):
         call(keys, values)
+
+
+def _router_and_memory(num_experts=16, hidden=32, entries=400, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_experts, hidden, generator=generator)
+    keys = torch.randn(entries, hidden, generator=generator)
+    # The stored logits strongly prefer experts the frozen router would not pick: 0 and 1.
+    values = torch.full((entries, num_experts), -5.0)
+    values[:, :2] = 5.0
+    return weight, RoutingMemory(keys, values, index="torch")
+
+
+def test_knn_router_follows_a_confident_memory():
+    weight, memory = _router_and_memory()
+    router = KNNRouter(weight, memory, 2, n_neighbors=1, renormalize=True, backend="torch")
+    weights, ids = router(memory.keys[:7].reshape(7, 1, 32) * 3.0)  # cosine similarity 1
+    assert weights.shape == ids.shape == (7, 1, 2)
+    assert (ids.sort(-1).values == torch.tensor([0, 1], dtype=torch.int32)).all()
+
+
+def test_knn_router_falls_back_to_the_frozen_router():
+    weight, memory = _router_and_memory()
+    queries = torch.randn(9, 32)
+    router = KNNRouter(weight, memory, 3, n_neighbors=4, min_confidence=0.99, backend="torch")
+    weights, ids = router(queries)  # random queries: mean similarity far below 0.99
+    want_weights, want_ids = softmax_topk(queries @ weight.T, 3, backend="torch")
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
+
+
+def test_knn_router_rejects_a_mismatched_memory():
+    weight, memory = _router_and_memory()
+    with pytest.raises(ValueError, match=r"router weight \(E, H\) = \(8, 32\) needs 32 and 8"):
+        KNNRouter(weight[:8], memory, 2)

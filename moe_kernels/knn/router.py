@@ -1,0 +1,69 @@
+"""``KNNRouter``: a frozen router's gate with kNN-MoE retrieval mixed into its logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_kernels.functional import knn_mix, softmax_topk
+from moe_kernels.knn.memory import RoutingMemory
+
+
+class KNNRouter(nn.Module):
+    """Drop-in gate: ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``.
+
+    Per token: the frozen router's logits ``z = hidden @ weight.T``; the ``n_neighbors`` most
+    similar cases of ``memory`` (searched with ``hidden`` as the query); their stored logits mixed
+    into ``z`` by :func:`moe_kernels.knn_mix` (confidence = mean similarity, 0 below
+    ``min_confidence``, where the frozen router is used unchanged); then
+    :func:`moe_kernels.softmax_topk` with ``routing`` (its keyword arguments).
+
+    ``weight (E, H)`` is the frozen router's weight (shared, not copied; no gradient is asked of
+    it). The search runs where the memory's index lives (faiss: CPU), so a CUDA forward copies
+    the queries to the host and waits for them: this gate is not CUDA-graph capturable.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        memory: RoutingMemory,
+        k: int,
+        *,
+        n_neighbors: int = 8,
+        weighting: str = "similarity",
+        temperature: float = 0.1,
+        min_confidence: float = 0.0,
+        backend: str = "auto",
+        **routing,
+    ):
+        super().__init__()
+        num_experts, hidden_size = weight.shape
+        if memory.key_dim != hidden_size or memory.num_experts != num_experts:
+            raise ValueError(
+                f"KNNRouter: the memory holds keys of dim {memory.key_dim} and logits over {memory.num_experts} "
+                f"experts; the router weight (E, H) = {tuple(weight.shape)} needs {hidden_size} and {num_experts}"
+            )
+        self.weight = weight
+        self.memory = memory
+        self.k = k
+        self.n_neighbors = n_neighbors
+        self.mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
+        self.routing = routing
+        self.backend = backend
+        self.register_buffer("memory_logits", memory.values.to(weight.device), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
+        flat = hidden.reshape(-1, hidden_size)
+        logits = nn.functional.linear(flat, self.weight)
+        ids, sims = self.memory.search(flat, self.n_neighbors)
+        neighbor_logits = self.memory_logits[ids.to(self.memory_logits.device)].to(logits.device)
+        mixed, _ = knn_mix(logits, neighbor_logits, sims.to(logits.device), backend=self.backend, **self.mixing)
+        weights, chosen = softmax_topk(mixed, self.k, backend=self.backend, **self.routing)
+        return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.weight.shape[0]}, k={self.k}, n_neighbors={self.n_neighbors}, "
+            f"memory_entries={self.memory.num_entries}, {self.mixing}"
+        )
