@@ -10,8 +10,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _confidence_and_weights(sims, n_ok, N: tl.constexpr, SIMILARITY: tl.constexpr, inv_temperature, min_confidence):
-    """``conf [BLOCK_T]`` and neighbour weights ``[BLOCK_T, N_PAD]`` of a sims tile (padding 0)."""
+def _confidence_and_weights(
+    sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence,
+    N: tl.constexpr, N_PAD: tl.constexpr, SIMILARITY: tl.constexpr,
+):
+    """Load a ``[BLOCK_T, N_PAD]`` tile of similarities (padding 0) and return ``conf [BLOCK_T]``
+    and the neighbour weights ``[BLOCK_T, N_PAD]``."""
+    ncols = tl.arange(0, N_PAD)
+    n_ok = (ncols < N)[None, :]
+    sims = tl.load(
+        sims_ptr + rows64[:, None] * stride_st + ncols[None, :] * stride_sn,
+        mask=row_ok[:, None] & n_ok,
+        other=0.0,
+    ).to(tl.float32)
     conf = tl.sum(sims, axis=1) / N
     conf = tl.where(conf == conf, conf, 0.0)  # a NaN similarity falls back to the router
     conf = tl.minimum(tl.maximum(conf, 0.0), 1.0)
@@ -58,13 +69,9 @@ def _knn_mix_fwd_kernel(
     rows64 = rows.to(tl.int64)
     row_ok = rows < T
     tile_mask = row_ok[:, None] & (cols < E)[None, :]
-    n_ok = (ncols < N)[None, :]
-    sims = tl.load(
-        sims_ptr + rows64[:, None] * stride_st + ncols[None, :] * stride_sn,
-        mask=row_ok[:, None] & n_ok,
-        other=0.0,
-    ).to(tl.float32)
-    conf, weights = _confidence_and_weights(sims, n_ok, N, SIMILARITY, inv_temperature, min_confidence)
+    conf, weights = _confidence_and_weights(
+        sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
+    )
 
     retrieved = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for j in range(N):
@@ -107,13 +114,9 @@ def _knn_mix_bwd_kernel(
     rows64 = rows.to(tl.int64)
     row_ok = rows < T
     tile_mask = row_ok[:, None] & (cols < E)[None, :]
-    n_ok = (ncols < N)[None, :]
-    sims = tl.load(
-        sims_ptr + rows64[:, None] * stride_st + ncols[None, :] * stride_sn,
-        mask=row_ok[:, None] & n_ok,
-        other=0.0,
-    ).to(tl.float32)
-    conf, weights = _confidence_and_weights(sims, n_ok, N, SIMILARITY, inv_temperature, min_confidence)
+    conf, weights = _confidence_and_weights(
+        sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
+    )
     share = tl.where(conf[:, None] > 0, conf[:, None] * weights, 0.0)
     g = tl.load(grad_mixed_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tile_mask, other=0.0)
     router_ty = grad_router_ptr.dtype.element_ty

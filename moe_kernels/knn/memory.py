@@ -103,6 +103,9 @@ class RoutingMemory:
         if self._faiss_index is None:
             sims, ids = _exact_search(self.keys.to(device), q, n)
             return ids, sims
+        # faiss CPU indexes search host memory: CUDA queries are copied over (a host sync, which is
+        # why a faiss-backed gate cannot be captured in a CUDA graph; the torch search stays on
+        # the queries' device).
         sims, ids = self._faiss_index.search(q.cpu().contiguous().numpy(), n)
         return torch.from_numpy(ids).to(device), torch.from_numpy(sims).to(device)
 
