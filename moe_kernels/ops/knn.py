@@ -17,30 +17,22 @@ import torch
 
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import cdiv, new_output, next_power_of_2
+from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
 
-# Elements of the (tokens x experts) tile one program holds: 4 per thread at 8 warps, as the
-# routing kernels (see ops/routing.py).
-_MAX_TILE = 1024
 
 
 def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
     """Constexprs and ``num_warps`` of both kernels (shared with the AOT compile registry)."""
     block_e = next_power_of_2(num_experts)
-    block_t = max(1, min(64, _MAX_TILE // block_e))
+    block_t, num_warps = row_tiling(block_e)
     return dict(
         N=num_neighbors,
         N_PAD=next_power_of_2(num_neighbors),
         BLOCK_T=block_t,
         BLOCK_E=block_e,
         SIMILARITY=weighting == "similarity",
-        num_warps=max(1, min(8, block_t * block_e // 128)),
+        num_warps=num_warps,
     )
-
-
-def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with a unit-stride last dim (copied only when it is not), for vector loads."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence):
@@ -48,8 +40,8 @@ def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, tem
     from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
 
     num_tokens, num_neighbors, num_experts = neighbor_logits.shape
-    router_logits = _unit_stride_last(router_logits)
-    neighbor_logits = _unit_stride_last(neighbor_logits)
+    router_logits = unit_stride_last(router_logits)
+    neighbor_logits = unit_stride_last(neighbor_logits)
     mixed = new_output((num_tokens, num_experts), torch.float32, router_logits.device)
     conf = new_output((num_tokens,), torch.float32, router_logits.device)
     if num_tokens == 0:
@@ -81,7 +73,7 @@ def launch_knn_mix_backward(grad_mixed, neighbor_sims, weighting, temperature, m
 
     num_tokens, num_experts = grad_mixed.shape
     num_neighbors = neighbor_sims.shape[1]
-    grad_mixed = _unit_stride_last(grad_mixed)
+    grad_mixed = unit_stride_last(grad_mixed)
     device = grad_mixed.device
     grad_router = new_output((num_tokens, num_experts), router_dtype, device)
     grad_neighbors = new_output((num_tokens, num_neighbors, num_experts), neighbor_dtype, device)

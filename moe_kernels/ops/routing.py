@@ -19,12 +19,8 @@ import torch
 
 from moe_kernels import reference
 from moe_kernels._compat import interpreter_enabled
-from moe_kernels.utils import cdiv, new_output, next_power_of_2
+from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
 
-# Largest tile one program holds (elements): 4 per thread at 8 warps. Registers grow about 8 per
-# element held per thread (sm_90, Triton 3.9: 48-64 at 4, 80-128 at 8, ~166 at 16, with ptxas
-# spilling at some of the larger points), and fewer registers let more programs share an SM.
-_MAX_TILE = 1024
 # Largest E the kernels take: one row must fit one program's registers.
 MAX_TRITON_EXPERTS = 4096
 # Largest group count the kernels unroll.
@@ -55,7 +51,7 @@ def forward_meta(
     """
     groups = max(num_groups, 1)
     g_pad, gs_pad = next_power_of_2(groups), next_power_of_2(num_experts // groups)
-    block_t, num_warps = _row_tiling(num_tokens, g_pad * gs_pad)
+    block_t, num_warps = row_tiling(g_pad * gs_pad, num_tokens, _MIN_PROGRAMS)
     return dict(
         K=k,
         K_PAD=next_power_of_2(k),
@@ -76,7 +72,7 @@ def forward_meta(
 def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: bool, score_func: str) -> dict:
     """Constexprs and ``num_warps`` of the backward kernel."""
     block_e = next_power_of_2(num_experts)
-    block_t, num_warps = _row_tiling(num_tokens, block_e)
+    block_t, num_warps = row_tiling(block_e, num_tokens, _MIN_PROGRAMS)
     return dict(
         K=k,
         K_PAD=next_power_of_2(k),
@@ -86,26 +82,6 @@ def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: boo
         RENORMALIZE=renormalize,
         num_warps=num_warps,
     )
-
-
-def _row_tiling(num_tokens: int, width: int) -> tuple[int, int]:
-    """Rows per program and warps for rows ``width`` columns wide.
-
-    Several rows per program amortise index math at large T; small batches are split finer.
-    About 4 elements of the row tile per thread keep the int64 selection tile and the per-row
-    (BLOCK_T, K) tiles in registers (see ``_MAX_TILE``; ``moe-kernels info --kernels``).
-    """
-    block_t = max(1, min(64, _MAX_TILE // width))
-    while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
-        block_t //= 2
-    return block_t, max(1, min(8, block_t * width // 128))
-
-
-def _experts_contiguous(logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` with unit stride along experts (a copy only when it is not): rows may keep any
-    stride (a slice of a larger buffer costs nothing), but unit-stride rows are what let the
-    compiler emit 16-byte vector loads."""
-    return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
 
 
 def _grid(meta: dict, num_tokens: int) -> tuple[int]:
@@ -127,7 +103,7 @@ def launch_softmax_topk(
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
     num_tokens, num_experts = logits.shape
-    logits = _experts_contiguous(logits)
+    logits = unit_stride_last(logits)
     weights = new_output((num_tokens, k), torch.float32, logits.device)
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
@@ -170,7 +146,7 @@ def launch_softmax_topk_backward(
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     num_tokens, num_experts = logits.shape
-    logits = _experts_contiguous(logits)
+    logits = unit_stride_last(logits)
     k = ids.shape[1]
     grad_logits = new_output((num_tokens, num_experts), logits.dtype, logits.device)
     if num_tokens == 0:
