@@ -260,15 +260,4 @@ torch::Tensor softmax_topk_backward_ref(torch::Tensor grad_weights, torch::Tenso
   return grad_logits;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Independent C++ reference of moe_kernels' gate + top-k routing (test oracle only).";
-  m.def("softmax_topk_ref", &softmax_topk_ref,
-        "Gate scores + top-k selection; returns weights (T, k) float64 and ids (T, k) int32.",
-        py::arg("logits"), py::arg("k"), py::arg("renormalize"), py::arg("score_func"),
-        py::arg("bias"), py::arg("num_groups"), py::arg("topk_groups"), py::arg("group_score"),
-        py::arg("scale"));
-  m.def("softmax_topk_backward_ref", &softmax_topk_backward_ref,
-        "Gradient of softmax_topk_ref's weights w.r.t. logits; returns (T, E) float64.",
-        py::arg("grad_weights"), py::arg("logits"), py::arg("ids"), py::arg("renormalize"),
-        py::arg("score_func"), py::arg("scale"));
-}
+// Bound to Python in csrc_ref/bindings.cpp.

@@ -1,4 +1,4 @@
-"""Build and load the independent C++ routing oracle (``csrc_ref/routing_ref.cpp``) for tests.
+"""Build and load the independent C++ oracles (``csrc_ref/*.cpp``: routing, experts) for tests.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` into
 ``<repo>/build/csrc_ref`` (ninja reuses the objects across runs) and loaded once per process.
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [REPO_ROOT / "csrc_ref" / "routing_ref.cpp"]
+SOURCES = [REPO_ROOT / "csrc_ref" / name for name in ("routing_ref.cpp", "experts_ref.cpp", "bindings.cpp")]
 BUILD_DIR = REPO_ROOT / "build" / "csrc_ref"
 
 
@@ -25,7 +25,7 @@ def _find_cxx() -> str | None:
 @functools.lru_cache(maxsize=None)
 def load_cpp_reference():
     """The compiled ``moe_kernels_csrc_ref`` module (``softmax_topk_ref``,
-    ``softmax_topk_backward_ref``), built once per process.
+    ``softmax_topk_backward_ref``, ``grouped_mm_ref``, ``fused_experts_ref``), built once per process.
 
     Raises ``RuntimeError`` when no C++ compiler is available: the oracle tests must fail loudly
     rather than skip on a machine that is expected to build them.
@@ -33,7 +33,7 @@ def load_cpp_reference():
     if _find_cxx() is None:
         raise RuntimeError(
             "tests/cpp_reference.py: no C++ compiler found ($CXX, c++, g++ or clang++ on PATH); "
-            "the C++ routing oracle in csrc_ref/ needs one to build (install g++)"
+            "the C++ oracles in csrc_ref/ need one to build (install g++)"
         )
     from torch.utils.cpp_extension import load
 

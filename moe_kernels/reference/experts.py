@@ -1,0 +1,311 @@
+"""Pure-PyTorch reference of the fused MoE experts op (grouped GEMM + gated activation + weighted
+combine): the CPU fallback, the test oracle and the benchmarks' eager baseline.
+
+Layout follows HF transformers v5: ``gate_up_proj (E, 2I, H)`` (gate rows then up rows; GPT-OSS
+interleaves them), ``down_proj (E, H, I)``. Slots are sorted by expert and each expert's rows are
+multiplied by a grouped GEMM with :func:`torch._grouped_mm`'s convention, so there is no Python loop
+over experts or tokens. Computes in float32 (float64 for float64 activations, so that ``gradcheck``
+can run on it); outputs come back in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moe_kernels.reference.routing import compute_dtype
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "gpt_oss")
+GPT_OSS_LIMIT = 7.0
+GPT_OSS_ALPHA = 1.702
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of slots routed to each expert.
+
+    ``ids (T, k)`` int32/int64 (-1 = empty slot, not counted) -> ``(E,)`` int32.
+    """
+    # Shift by one so that -1 lands in bin 0, which is dropped: no data-dependent masking.
+    shifted = ids.reshape(-1).long() + 1
+    return torch.bincount(shifted, minlength=num_experts + 1)[1 : num_experts + 1].to(torch.int32)
+
+
+def _group_layout(offsets: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Where each of the first ``offsets[-1]`` rows goes in a ``(G, max_rows, .)`` padded batch:
+    its group ``(n,)`` int64, its position in the group ``(n,)`` int64, ``n`` and ``max_rows``."""
+    ends = offsets.long()
+    num_groups = ends.numel()
+    num_valid = int(ends[-1]) if num_groups else 0
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    max_rows = int((ends - starts).max()) if num_groups else 0
+    rows = torch.arange(min(num_valid, num_rows), device=offsets.device)
+    group = torch.searchsorted(ends, rows, right=True)
+    return group, rows - starts[group], rows.numel(), max_rows
+
+
+def _pad(x: torch.Tensor, group: torch.Tensor, pos: torch.Tensor, num_groups: int, max_rows: int) -> torch.Tensor:
+    """Rows ``x (n, D)`` scattered into a zero ``(G, max_rows, D)`` batch."""
+    padded = x.new_zeros(num_groups, max_rows, x.shape[-1])
+    padded[group, pos] = x
+    return padded
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul with :func:`torch._grouped_mm`'s convention.
+
+    ``a (M, K)``, ``b (G, K, N)``, ``offsets (G,)`` int32 (cumulative end row of each group) ->
+    ``(M, N)`` in ``a.dtype``: rows ``offsets[g-1]:offsets[g]`` (from 0 for ``g = 0``) are
+    ``a[rows] @ b[g]``; empty groups are allowed and rows at or past ``offsets[-1]`` are zero.
+
+    The rows are scattered into a zero-padded ``(G, max_rows, K)`` batch for one ``bmm`` (memory
+    ``G * max_rows * K``, rather than the ``M * K * N`` of gathering ``b`` per row).
+    """
+    dtype = compute_dtype(a.dtype)
+    num_rows, num_groups, n_cols = a.shape[0], b.shape[0], b.shape[-1]
+    group, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
+    padded = _pad(a[:num_valid].to(dtype), group, pos, num_groups, max_rows)
+    products = torch.bmm(padded, b.to(dtype))
+    out = a.new_zeros(num_rows, n_cols, dtype=dtype)
+    out[:num_valid] = products[group, pos]
+    return out.to(a.dtype)
+
+
+def grouped_mm_backward(
+    grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`grouped_mm` written out.
+
+    ``grad_out (M, N)``, ``a (M, K)``, ``b (G, K, N)``, ``offsets (G,)`` int32 ->
+    ``grad_a (M, K)`` in ``a.dtype`` (``grad_out[rows] @ b[g]^T``, zero past ``offsets[-1]``) and
+    ``grad_b (G, K, N)`` in ``b.dtype`` (``a[rows]^T @ grad_out[rows]``, zero for empty groups).
+    """
+    dtype = compute_dtype(a.dtype)
+    num_rows, num_groups = a.shape[0], b.shape[0]
+    group, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
+    grad_pad = _pad(grad_out[:num_valid].to(dtype), group, pos, num_groups, max_rows)  # (G, R, N)
+    a_pad = _pad(a[:num_valid].to(dtype), group, pos, num_groups, max_rows)  # (G, R, K)
+    grad_a = a.new_zeros(a.shape, dtype=dtype)
+    grad_a[:num_valid] = torch.bmm(grad_pad, b.to(dtype).transpose(1, 2))[group, pos]
+    grad_b = torch.bmm(a_pad.transpose(1, 2), grad_pad)
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+
+def _split_gate_up(x: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if activation == "gpt_oss":
+        return x[..., 0::2], x[..., 1::2]
+    return x.chunk(2, dim=-1)
+
+
+def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gpt_oss":
+        return torch.stack((gate, up), dim=-1).flatten(-2)
+    return torch.cat((gate, up), dim=-1)
+
+
+def gated_activation(
+    gate_up: torch.Tensor, activation: str, *, limit: float = GPT_OSS_LIMIT, alpha: float = GPT_OSS_ALPHA
+) -> torch.Tensor:
+    """Gated activation of the expert MLP.
+
+    ``gate_up (..., 2I)`` -> ``(..., I)`` in ``gate_up.dtype``:
+
+    - ``"silu"`` (SwiGLU): ``silu(gate) * up`` with ``gate, up`` the first and second halves;
+    - ``"gelu"`` / ``"gelu_tanh"`` (GeGLU): ``gelu(gate) * up``, exact erf or tanh approximation;
+    - ``"gpt_oss"``: ``gate, up = gate_up[..., 0::2], gate_up[..., 1::2]`` (interleaved),
+      ``gate = gate.clamp(max=limit)``, ``up = up.clamp(-limit, limit)``,
+      ``(up + 1) * gate * sigmoid(alpha * gate)``.
+    """
+    _check_activation(activation)
+    gate, up = _split_gate_up(gate_up.to(compute_dtype(gate_up.dtype)), activation)
+    if activation == "silu":
+        out = F.silu(gate) * up
+    elif activation == "gelu":
+        out = F.gelu(gate) * up
+    elif activation == "gelu_tanh":
+        out = F.gelu(gate, approximate="tanh") * up
+    else:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+        out = (up + 1.0) * gate * torch.sigmoid(alpha * gate)
+    return out.to(gate_up.dtype)
+
+
+def gated_activation_backward(
+    grad_out: torch.Tensor,
+    gate_up: torch.Tensor,
+    activation: str,
+    *,
+    limit: float = GPT_OSS_LIMIT,
+    alpha: float = GPT_OSS_ALPHA,
+) -> torch.Tensor:
+    """Gradient of :func:`gated_activation` written out.
+
+    ``grad_out (..., I)``, ``gate_up (..., 2I)`` -> ``grad_gate_up (..., 2I)`` in
+    ``gate_up.dtype``. GPT-OSS clamps pass the gradient where ``-limit <= x <= limit`` (boundary
+    included, as torch autograd's ``clamp``) and zero elsewhere.
+    """
+    _check_activation(activation)
+    dtype = compute_dtype(gate_up.dtype)
+    grad = grad_out.to(dtype)
+    gate, up = _split_gate_up(gate_up.to(dtype), activation)
+    if activation == "silu":
+        s = torch.sigmoid(gate)
+        grad_gate = grad * up * s * (1.0 + gate * (1.0 - s))
+        grad_up = grad * gate * s
+    elif activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(gate * _INV_SQRT2))
+        pdf = torch.exp(-0.5 * gate * gate) * _INV_SQRT_2PI
+        grad_gate = grad * up * (cdf + gate * pdf)
+        grad_up = grad * gate * cdf
+    elif activation == "gelu_tanh":
+        t = torch.tanh(_GELU_TANH_C * (gate + 0.044715 * gate**3))
+        dt = (1.0 - t * t) * _GELU_TANH_C * (1.0 + 3.0 * 0.044715 * gate * gate)
+        grad_gate = grad * up * (0.5 * (1.0 + t) + 0.5 * gate * dt)
+        grad_up = grad * 0.5 * gate * (1.0 + t)
+    else:
+        g = gate.clamp(max=limit)
+        u = up.clamp(-limit, limit)
+        s = torch.sigmoid(alpha * g)
+        grad_gate = grad * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s))
+        grad_up = grad * g * s
+        grad_gate = torch.where(gate <= limit, grad_gate, torch.zeros_like(grad_gate))
+        grad_up = torch.where((up >= -limit) & (up <= limit), grad_up, torch.zeros_like(grad_up))
+    return _join_gate_up(grad_gate, grad_up, activation).to(gate_up.dtype)
+
+
+def _sorted_slots(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-empty slots of ``ids (T, k)`` sorted by expert (stable): flat slot indices ``(n,)``,
+    their tokens ``(n,)`` and experts ``(n,)`` int64, and the ``(E,)`` int32 group offsets."""
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)  # empty slots sort last
+    order = torch.argsort(key, stable=True)
+    offsets = expert_counts(ids, num_experts).cumsum(0).to(torch.int32)
+    slots = order[: int(offsets[-1])]
+    return slots, slots // max(ids.shape[-1], 1), key[slots], offsets
+
+
+class _Intermediates(NamedTuple):
+    """Per sorted slot, in the compute dtype: the input rows ``x (n, H)``, the pre-activation
+    ``h (n, 2I)``, the activation ``act (n, I)`` and the expert output ``y (n, H)``; the routing
+    from :func:`_sorted_slots`; the weights in grouped-GEMM layout ``w1 (E, H, 2I)``, ``w2 (E, I, H)``."""
+
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    offsets: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    x: torch.Tensor
+    h: torch.Tensor
+    act: torch.Tensor
+    y: torch.Tensor
+
+
+def _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias) -> _Intermediates:
+    dtype = compute_dtype(hidden.dtype)
+    slots, tokens, experts, offsets = _sorted_slots(ids, gate_up_proj.shape[0])
+    w1 = gate_up_proj.to(dtype).transpose(1, 2)
+    w2 = down_proj.to(dtype).transpose(1, 2)
+    x = hidden.to(dtype)[tokens]
+    h = grouped_mm(x, w1, offsets)
+    if gate_up_bias is not None:
+        h = h + gate_up_bias.to(dtype)[experts]
+    act = gated_activation(h, activation)
+    y = grouped_mm(act, w2, offsets)
+    if down_bias is not None:
+        y = y + down_bias.to(dtype)[experts]
+    return _Intermediates(slots, tokens, experts, offsets, w1, w2, x, h, act, y)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of the fused MoE experts op (arguments assumed valid).
+
+    ``hidden (T, H)``, ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, ``weights (T, k)``
+    float, ``ids (T, k)`` int32/int64 (-1 = empty slot), ``gate_up_bias (E, 2I)`` and
+    ``down_bias (E, H)`` optional -> ``(T, H)`` in ``hidden.dtype``::
+
+        out[t] = sum_j weights[t, j] * (down_proj[e] @ act(gate_up_proj[e] @ hidden[t] + gate_up_bias[e])
+                                        + down_bias[e]),   e = ids[t, j] != -1
+
+    Differentiable by autograd with respect to every float input.
+    """
+    _check_activation(activation)
+    fwd = _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias)
+    y = fwd.y
+    slot_weights = weights.reshape(-1)[fwd.slots].to(y.dtype)
+    out = y.new_zeros(hidden.shape[0], y.shape[-1])
+    out.index_add_(0, fwd.tokens, y * slot_weights.unsqueeze(-1))
+    return out.to(hidden.dtype)
+
+
+def fused_experts_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`fused_experts` written out (the forward intermediates are recomputed).
+
+    ``grad_out (T, H)`` and the forward's inputs -> ``grad_hidden (T, H)``,
+    ``grad_gate_up_proj (E, 2I, H)``, ``grad_down_proj (E, H, I)``, ``grad_weights (T, k)`` (zero
+    at empty slots), ``grad_gate_up_bias (E, 2I)`` and ``grad_down_bias (E, H)`` (None without
+    the bias), each in its input's dtype.
+    """
+    _check_activation(activation)
+    fwd = _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias)
+    y, tokens, experts, offsets = fwd.y, fwd.tokens, fwd.experts, fwd.offsets
+    dtype = y.dtype
+    num_experts = gate_up_proj.shape[0]
+
+    grad_y_combined = grad_out.to(dtype)[tokens]  # (n, H)
+    grad_weights = weights.new_zeros(weights.numel(), dtype=dtype)
+    grad_weights[fwd.slots] = (grad_y_combined * y).sum(dim=-1)
+    slot_weights = weights.reshape(-1)[fwd.slots].to(dtype)
+    grad_y = grad_y_combined * slot_weights.unsqueeze(-1)
+
+    grad_down_bias = None
+    if down_bias is not None:
+        grad_down_bias = y.new_zeros(num_experts, y.shape[-1]).index_add_(0, experts, grad_y)
+    grad_act, grad_w2 = grouped_mm_backward(grad_y, fwd.act, fwd.w2, offsets)
+    grad_h = gated_activation_backward(grad_act, fwd.h, activation)
+    grad_gate_up_bias = None
+    if gate_up_bias is not None:
+        grad_gate_up_bias = grad_h.new_zeros(num_experts, grad_h.shape[-1]).index_add_(0, experts, grad_h)
+    grad_x, grad_w1 = grouped_mm_backward(grad_h, fwd.x, fwd.w1, offsets)
+    grad_hidden = grad_x.new_zeros(hidden.shape).index_add_(0, tokens, grad_x)
+
+    return (
+        grad_hidden.to(hidden.dtype),
+        grad_w1.transpose(1, 2).contiguous().to(gate_up_proj.dtype),
+        grad_w2.transpose(1, 2).contiguous().to(down_proj.dtype),
+        grad_weights.reshape(weights.shape).to(weights.dtype),
+        None if grad_gate_up_bias is None else grad_gate_up_bias.to(gate_up_bias.dtype),
+        None if grad_down_bias is None else grad_down_bias.to(down_bias.dtype),
+    )
