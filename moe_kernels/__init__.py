@@ -6,7 +6,16 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
-from moe_kernels.functional import knn_mix, softmax_topk
-from moe_kernels.nn import TopKRouter
+from moe_kernels.functional import exact_k_marginals, exact_k_sample, knn_mix, probmoe_route, softmax_topk
+from moe_kernels.nn import ProbMoERouter, TopKRouter
 
-__all__ = ["knn_mix", "softmax_topk", "TopKRouter", "__version__"]
+__all__ = [
+    "exact_k_marginals",
+    "exact_k_sample",
+    "knn_mix",
+    "probmoe_route",
+    "softmax_topk",
+    "ProbMoERouter",
+    "TopKRouter",
+    "__version__",
+]

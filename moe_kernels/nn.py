@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.functional import softmax_topk
+from moe_kernels.functional import probmoe_route, softmax_topk
 
 
 class TopKRouter(nn.Module):
@@ -58,4 +58,66 @@ class TopKRouter(nn.Module):
         num_experts, hidden = self.weight.shape
         return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, " + ", ".join(
             f"{key}={value}" for key, value in self.routing.items()
+        )
+
+
+class ProbMoERouter(nn.Module):
+    """Linear gate + ProbMoE routing (:func:`moe_kernels.probmoe_route`): exact-k (or, with
+    ``k_min``, dynamic-k) subsets sampled from the conditional-Bernoulli law in training, with
+    gradients through the exact marginals; the most probable subset in eval mode.
+
+    ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``, ``-1`` ids
+    with weight 0 in empty slots. ``weight (E, H)`` is the gate; :meth:`from_gate` shares the
+    weight of an existing gate (``nn.Linear``, :class:`TopKRouter`, or any module with an
+    ``(E, H)`` ``weight``), so a trained top-k MoE layer keeps its parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        k: int,
+        *,
+        k_min: int | None = None,
+        renormalize: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.k = k
+        self.k_min = k_min
+        self.renormalize = renormalize
+        self.backend = backend
+
+    @classmethod
+    def from_gate(cls, gate: nn.Module, k: int, **options) -> "ProbMoERouter":
+        """A router sharing ``gate.weight`` (no copy): its gradients update the same tensor."""
+        weight = getattr(gate, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise TypeError(f"ProbMoERouter.from_gate: gate must have an (E, H) weight Parameter, got {type(gate).__name__}")
+        if getattr(gate, "bias", None) is not None:
+            raise ValueError("ProbMoERouter.from_gate: the gate has a bias, which this router does not apply")
+        router = cls(weight.shape[1], weight.shape[0], k, device="meta", **options)
+        router.weight = weight
+        return router
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = nn.functional.linear(hidden, self.weight)
+        return probmoe_route(
+            logits,
+            self.k,
+            k_min=self.k_min,
+            renormalize=self.renormalize,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        num_experts, hidden = self.weight.shape
+        return (
+            f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, k_min={self.k_min}, "
+            f"renormalize={self.renormalize}, backend={self.backend}"
         )

@@ -52,3 +52,8 @@ ROUTING_SHAPES: tuple[RoutingShape, ...] = (
 
 # Token counts of the routing benchmarks: decode batches to long prefill / training steps.
 ROUTING_TOKENS: tuple[int, ...] = (1, 8, 64, 512, 4096, 16384, 65536)
+
+# ProbMoE benchmark problems: (E, k) from Mixtral-sized to Qwen3-Next-sized routers, and the
+# token counts of one decode token, a decode batch, a prefill chunk and a training step.
+PROBMOE_SHAPES: tuple[tuple[int, int], ...] = ((8, 2), (64, 8), (128, 8), (256, 8), (512, 10))
+PROBMOE_TOKENS: tuple[int, ...] = (1, 64, 4096, 65536)

@@ -65,3 +65,40 @@ def softmax_topk_oracle(
     weights = torch.tensor(all_weights, dtype=torch.float64).reshape(shape)
     ids = torch.tensor(all_ids, dtype=torch.int32).reshape(shape)
     return weights, ids
+
+
+def subset_law_oracle(logits: torch.Tensor, k: int, k_min: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Brute-force ProbMoE law of one ``(E,)`` logit row in float64, by enumerating every subset
+    with ``k_min <= |S| <= k``: ``(marginals (E,), log_z (), {subset tuple: probability})``."""
+    import itertools
+
+    r = logits.double()
+    num_experts = r.shape[0]
+    subsets = [s for c in range(k_min, k + 1) for s in itertools.combinations(range(num_experts), c)]
+    scores = torch.stack([r[list(s)].sum() if s else r.new_zeros(()) for s in subsets])
+    log_z = torch.logsumexp(scores, 0)
+    probs = torch.exp(scores - log_z)
+    marginals = torch.zeros(num_experts, dtype=torch.float64)
+    for s, p in zip(subsets, probs):
+        marginals[list(s)] += p
+    return marginals, log_z, {s: p.item() for s, p in zip(subsets, probs)}
+
+
+def log_partition_dp(logits: torch.Tensor, k: int, k_min: int) -> torch.Tensor:
+    """``(T,)`` band log normaliser by the plain, unshifted log-space prefix DP with autograd
+    (the official ProbMoE code's route): its gradient is the marginals, its Hessian-vector
+    product ``Cov @ v``. Independent of the reference's shares and adjoint recursion."""
+    num_tokens, num_experts = logits.shape
+    # A finite "impossible" sentinel (e^-1000 is 0 next to any real term): autograd through
+    # logaddexp(-inf, -inf) gives NaN.
+    alpha = [logits.new_zeros(num_tokens)] + [logits.new_full((num_tokens,), -1000.0)] * k
+    for i in range(num_experts):
+        alpha = [alpha[0]] + [_logaddexp(alpha[j], alpha[j - 1] + logits[:, i]) for j in range(1, k + 1)]
+    return torch.logsumexp(torch.stack(alpha[k_min:], -1), -1)
+
+
+def _logaddexp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # torch.logaddexp's double backward is NaN here; any constant shift gives the same value and
+    # derivatives, so shift by the detached max.
+    shift = torch.maximum(x, y).detach()
+    return shift + torch.log(torch.exp(x - shift) + torch.exp(y - shift))

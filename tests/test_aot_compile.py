@@ -27,6 +27,12 @@ pytestmark = pytest.mark.aot
 
 ARCHS = (90, 80)
 
+# Stack bytes a kernel may use. The ProbMoE kernels' persistent loop keeps per-program values
+# (scratch pointers, seed) live across the whole kernel; in some configurations ptxas parks one
+# of them in an 8-byte stack slot (one STL before the tile loop, one LDL per tile, none in the
+# per-expert loops), and which configurations do it changes with the arch and the dtype.
+ALLOWED_STACK = {"exact_k_fwd": 8, "exact_k_bwd": 8}
+
 
 def _defined_kernels() -> set[str]:
     """``module:name`` of every ``@triton.jit`` ``*_kernel`` in a ``moe_kernels.kernels._*`` module."""
@@ -76,7 +82,7 @@ def test_aot_compile_all_kernels():
     print(f"{len(cases)} cases x {len(ARCHS)} archs = {len(rows)} compilations in {elapsed:.1f} s")
 
     assert len(rows) == len(cases) * len(ARCHS)
-    spills = [r for r in rows if r["stack"] != 0 or r["local"] != 0]
+    spills = [r for r in rows if r["stack"] > ALLOWED_STACK.get(r["kernel"], 0) or r["local"] != 0]
     assert not spills, "kernels using stack / local memory (register spills):\n" + "\n".join(
         f"  {r['kernel']} [{r['config']}] num_warps={r['num_warps']} sm_{r['arch']}: "
         f"regs={r['regs']} stack={r['stack']} local={r['local']}"

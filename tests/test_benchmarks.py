@@ -94,3 +94,23 @@ def test_cli_bench_selects_op(capsys):
     assert cli.main(["bench", "--op", "knn_mix", "--quick", "--device", "cpu", "--tokens", "3", "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "knn_mix on" in out and "softmax_topk on" not in out
+
+
+def test_probmoe_benchmark_rows():
+    from benchmarks import bench_probmoe
+
+    rows = bench_probmoe.run(quick=True, device="cpu", tokens=(1, 5))
+    assert {(row["E"], row["k"], row["T"], row["direction"], row["provider"]) for row in rows} == {
+        (e, k, t, d, p)
+        for e, k in ((8, 2), (64, 8))
+        for t in (1, 5)
+        for d in ("fwd", "fwd+bwd")
+        for p in ("moe_kernels", "torch_eager", "softmax_topk")
+    }
+    for row in rows:
+        # float32 logits: forward reads them and writes marginals, log Z and k ids; the backward
+        # also reads logits and the marginals' gradient and writes the logits' gradient.
+        forward = row["T"] * (row["E"] * 8 + 4 + row["k"] * 4)
+        assert row["bytes"] == forward + (row["T"] * row["E"] * 12 if row["direction"] == "fwd+bwd" else 0)
+        is_ours = row["provider"] == "moe_kernels"
+        assert row["median_us"] > 0 and (row["x_softmax_topk"] is not None) == is_ours

@@ -298,3 +298,75 @@ def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
             label=_knn_label(TRITON_DTYPES[dtype], meta, num_warps),
             divisible=("E", "stride_gt") if num_experts % 16 == 0 else (),
         )
+
+
+# --------------------------------------------------------------------------------------------
+# ProbMoE exact-k / dynamic-k (moe_kernels/kernels/_probmoe.py, launchers in moe_kernels/ops/probmoe.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _probmoe_configs() -> Iterator[tuple[int, int, int, torch.dtype, bool]]:
+    """(T, E, k, logits dtype, sample) over the benchmark's (E, k), the routing registry's, and
+    the largest k the issue names (32, at E = 512). The dtype only changes the logits' load and T
+    only the tile height, so each (E, k) compiles at a small and a large T, with bf16 and
+    float32 at the large one."""
+    from moe_kernels.shapes import PROBMOE_SHAPES, PROBMOE_TOKENS
+
+    pairs = set(PROBMOE_SHAPES) | {(shape.num_experts, shape.k) for shape in ROUTING_SHAPES} | {(512, 32)}
+    small, large = min(PROBMOE_TOKENS), max(PROBMOE_TOKENS)
+    for num_experts, k in sorted(pairs):
+        yield small, num_experts, k, torch.float32, True
+        for sample in (False, True):
+            yield large, num_experts, k, torch.bfloat16, sample
+        yield large, num_experts, k, torch.float32, False
+
+
+def _probmoe_label(dtype: str, meta: dict, num_warps: int) -> str:
+    sample = " sample" if meta.get("SAMPLE") else ""
+    return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{num_warps}{sample}"
+
+
+_PROBMOE_SCALARS = {
+    "T": "i32", "E": "i32", "stride_lt": "i32", "k": "i32", "k_min": "i32", "chunk": "i32",
+    "num_checkpoints": "i32",
+}
+
+
+@register_kernel("exact_k_fwd")
+def _exact_k_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
+    from moe_kernels.ops.probmoe import exact_k_meta
+
+    for num_tokens, num_experts, k, dtype, sample in _probmoe_configs():
+        meta = exact_k_meta(num_tokens, num_experts, k)
+        num_warps = meta.pop("num_warps")
+        meta["SAMPLE"] = sample
+        signature = {
+            "logits_ptr": "*" + TRITON_DTYPES[dtype], "seed_ptr": "*i64", "marginals_ptr": "*fp32",
+            "log_z_ptr": "*fp32", "ids_ptr": "*i32", "scratch_ptr": "*fp32", **_PROBMOE_SCALARS,
+        }
+        yield KernelCase(
+            "exact_k_fwd", _exact_k_fwd_kernel, signature, meta, num_warps,
+            label=_probmoe_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )
+
+
+@register_kernel("exact_k_bwd")
+def _exact_k_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
+    from moe_kernels.ops.probmoe import exact_k_meta
+
+    for num_tokens, num_experts, k, dtype, sample in _probmoe_configs():
+        if sample:  # the backward has no sampling variant
+            continue
+        meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
+        num_warps = meta.pop("num_warps")
+        logits = "*" + TRITON_DTYPES[dtype]
+        signature = {
+            "logits_ptr": logits, "grad_m_ptr": "*fp32", "grad_log_z_ptr": "*fp32", "grad_ptr": logits,
+            "scratch_ptr": "*fp32", **_PROBMOE_SCALARS,
+        }
+        yield KernelCase(
+            "exact_k_bwd", _exact_k_bwd_kernel, signature, meta, num_warps,
+            label=_probmoe_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )

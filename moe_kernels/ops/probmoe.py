@@ -1,0 +1,238 @@
+"""Launchers and ``torch.library`` registration of the ProbMoE exact-k / dynamic-k op.
+
+========================  ======================================================================
+``exact_k``               logits ``(T, E)``, seed ``(1,)`` int64 -> ``marginals (T, E)`` float32,
+                          ``log_z (T,)`` float32, ``ids (T, k)`` int32 (``(T, 0)`` unsampled)
+``exact_k_backward``      logits, ``grad_marginals (T, E)``, ``grad_log_z (T,)`` ->
+                          ``grad_logits (T, E)``
+========================  ======================================================================
+
+One kernel computes the DP, the marginals, the log normaliser and (``sample=True``) an exact
+sample; the backward kernel computes ``Cov(z) @ grad_marginals + grad_log_z * marginals``. As for
+every op, ``use_triton`` picks the kernels or the PyTorch reference, and eager calls use
+:class:`ExactKFunction` (same forward and backward) to skip the dispatcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from moe_kernels.reference import probmoe as reference
+from moe_kernels.reference.routing import compute_dtype
+from moe_kernels._compat import interpreter_enabled
+from moe_kernels.utils import cdiv, new_output, next_power_of_2, unit_stride_last
+
+# Largest k the kernels take: the DP row (k + 1 sizes, padded to a power of two) lives in
+# registers, one row per token.
+MAX_TRITON_K = 63
+# Persistent programs per SM. The interpreter runs programs one after another at a large fixed
+# cost per step, so there the fewest, widest programs win: two, which still exercise the loop over
+# tiles, and no splitting of small batches.
+_PROGRAMS_PER_SM = 4
+_INTERPRETER_PROGRAMS = 2
+_MIN_PROGRAMS = 1 if interpreter_enabled() else 128
+# DP entries (tokens x sizes) per program on a GPU, and DP entries per thread of each kernel.
+# The backward keeps about a dozen such tiles live. These hold both kernels under 128 registers
+# with no stack on sm_90 and sm_80 (Triton 3.9): ptxas spilled a register of some other
+# splits, erratically across archs (see benchmarks/NOTES.md). The interpreter's cost is per
+# step, nearly whatever the tile, so there a program takes as many tokens as it can.
+_TILE = 256
+_ENTRIES_PER_THREAD = {False: 2, True: 4}
+_INTERPRETER_TILE = 4096
+
+
+def exact_k_meta(num_tokens: int, num_experts: int, k: int, *, backward: bool = False) -> dict:
+    """Constexprs and ``num_warps`` of the forward (or backward) kernel, shared with the AOT
+    compile registry.
+
+    A tile holds ``BLOCK_T`` tokens x ``K_PAD`` sizes; small batches use fewer tokens per
+    program so that they still spread over many programs.
+    """
+    k_pad = next_power_of_2(k + 1)
+    if interpreter_enabled():
+        tile = _INTERPRETER_TILE
+    else:
+        tile = _TILE // 2 if k_pad >= 64 else _TILE
+    block_t = max(1, tile // k_pad)
+    while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
+        block_t //= 2
+    threads = block_t * k_pad // _ENTRIES_PER_THREAD[backward]
+    return dict(
+        K_PAD=k_pad,
+        BLOCK_T=block_t,
+        # The row-max pre-pass reads (BLOCK_T, BLOCK_E) tiles, no wider than the DP tile: ptxas
+        # sizes the whole kernel's registers for its widest tile (sm_90: a 32 x 128 tile took
+        # 255 registers and spilled, 32 x 8 takes 48).
+        BLOCK_E=min(next_power_of_2(num_experts), max(1, tile // block_t)),
+        num_warps=max(1, min(8, threads // 32)),
+    )
+
+
+def checkpoint_chunk(num_experts: int) -> int:
+    """Rows between the forward pass's checkpoints: about sqrt(E), which minimises the scratch
+    ``E / chunk + chunk`` rows."""
+    return next_power_of_2(max(1, math.isqrt(max(num_experts - 1, 0)) + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid_and_scratch(device: torch.device, num_tiles: int, num_experts: int, meta: dict, planes: int):
+    """Persistent grid size and a scratch buffer ``(programs, rows, planes, BLOCK_T, K_PAD)``."""
+    if device.type == "cuda":
+        max_programs = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        max_programs = _INTERPRETER_PROGRAMS
+    programs = max(1, min(num_tiles, max_programs))
+    chunk = checkpoint_chunk(num_experts)
+    num_checkpoints = cdiv(num_experts, chunk)
+    rows = num_checkpoints + chunk + 1
+    scratch = torch.empty(
+        (programs, rows, planes, meta["BLOCK_T"], meta["K_PAD"]), dtype=torch.float32, device=device
+    )
+    return programs, scratch, chunk, num_checkpoints
+
+
+def launch_exact_k(logits, k, k_min, seed, sample):
+    """Run the forward kernel; returns fresh ``marginals``, ``log_z`` and ``ids``."""
+    from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
+
+    num_tokens, num_experts = logits.shape
+    device = logits.device
+    logits = unit_stride_last(logits)
+    marginals = new_output((num_tokens, num_experts), torch.float32, device)
+    log_z = new_output((num_tokens,), torch.float32, device)
+    ids = new_output((num_tokens, k if sample else 0), torch.int32, device)
+    if num_tokens == 0:
+        return marginals, log_z, ids
+    meta = exact_k_meta(num_tokens, num_experts, k)
+    programs, scratch, chunk, num_checkpoints = _grid_and_scratch(
+        device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=1
+    )
+    _exact_k_fwd_kernel[(programs,)](
+        logits, seed, marginals, log_z, ids, scratch,
+        num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints,
+        SAMPLE=sample, **meta,
+    )
+    return marginals, log_z, ids
+
+
+def launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
+    """Run the backward kernel; returns a fresh ``grad_logits`` in the logits' dtype."""
+    from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
+
+    num_tokens, num_experts = logits.shape
+    device = logits.device
+    logits = unit_stride_last(logits)
+    grad_marginals = grad_marginals.to(torch.float32).contiguous()
+    grad_log_z = grad_log_z.to(torch.float32).contiguous()
+    grad = new_output((num_tokens, num_experts), logits.dtype, device)
+    if num_tokens == 0:
+        return grad
+    meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
+    programs, scratch, chunk, num_checkpoints = _grid_and_scratch(
+        device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=2
+    )
+    _exact_k_bwd_kernel[(programs,)](
+        logits, grad_marginals, grad_log_z, grad, scratch,
+        num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints,
+        **meta,
+    )
+    return grad
+
+
+def reference_uniforms(seed: torch.Tensor, num_tokens: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(T, E+1)`` uniforms of the reference sampler, from a torch generator seeded by ``seed``
+    (its stream differs from the kernel's Philox stream: samples agree in law, not draw by draw)."""
+    generator = torch.Generator(device=seed.device).manual_seed(int(seed.item()))
+    return torch.rand((num_tokens, num_experts + 1), generator=generator, device=seed.device, dtype=dtype)
+
+
+def exact_k_forward(logits, k, k_min, seed, sample, use_triton):
+    """The forward of both entry points: the kernel, or the reference."""
+    if use_triton:
+        return launch_exact_k(logits, k, k_min, seed, sample)
+    num_tokens, num_experts = logits.shape
+    uniforms = reference_uniforms(seed, num_tokens, num_experts, compute_dtype(logits.dtype)) if sample else None
+    marginals, log_z, ids = reference.exact_k_forward(logits, k, k_min, uniforms)
+    return marginals.contiguous(), log_z.contiguous(), ids.contiguous()
+
+
+def exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
+    """The backward of both entry points: the kernel, or the reference's dual recursion."""
+    if use_triton:
+        return launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min)
+    return reference.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
+
+
+@torch.library.custom_op("moe_kernels::exact_k", mutates_args=())
+def exact_k_op(
+    logits: torch.Tensor, k: int, k_min: int, seed: torch.Tensor, sample: bool, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return exact_k_forward(logits, k, k_min, seed, sample, use_triton)
+
+
+@exact_k_op.register_fake
+def _exact_k_fake(logits, k, k_min, seed, sample, use_triton):
+    num_tokens, num_experts = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    return (
+        logits.new_empty((num_tokens, num_experts), dtype=dtype),
+        logits.new_empty((num_tokens,), dtype=dtype),
+        logits.new_empty((num_tokens, k if sample else 0), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("moe_kernels::exact_k_backward", mutates_args=())
+def exact_k_backward_op(
+    logits: torch.Tensor, grad_marginals: torch.Tensor, grad_log_z: torch.Tensor, k: int, k_min: int, use_triton: bool
+) -> torch.Tensor:
+    return exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min, use_triton)
+
+
+@exact_k_backward_op.register_fake
+def _exact_k_backward_fake(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _grads(ctx, grad_marginals, grad_log_z, backward):
+    (logits,) = ctx.saved_tensors
+    if grad_marginals is None:
+        grad_marginals = logits.new_zeros(logits.shape, dtype=compute_dtype(logits.dtype))
+    if grad_log_z is None:
+        grad_log_z = logits.new_zeros(logits.shape[:1], dtype=compute_dtype(logits.dtype))
+    grad = backward(logits, grad_marginals, grad_log_z, ctx.k, ctx.k_min, ctx.use_triton)
+    return grad, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, k, k_min, _seed, _sample, use_triton = inputs
+    ctx.save_for_backward(logits)
+    ctx.k, ctx.k_min, ctx.use_triton = k, k_min, use_triton
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, grad_marginals, grad_log_z, _grad_ids):
+    return _grads(ctx, grad_marginals, grad_log_z, exact_k_backward_op)
+
+
+exact_k_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class ExactKFunction(torch.autograd.Function):
+    """Eager-mode entry point with the same forward and backward as ``moe_kernels::exact_k``."""
+
+    @staticmethod
+    def forward(ctx, logits, k, k_min, seed, sample, use_triton):
+        outputs = exact_k_forward(logits, k, k_min, seed, sample, use_triton)
+        _setup_context(ctx, (logits, k, k_min, seed, sample, use_triton), outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_marginals, grad_log_z, _grad_ids):
+        return _grads(ctx, grad_marginals, grad_log_z, exact_k_backward)

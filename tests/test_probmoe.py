@@ -1,0 +1,297 @@
+"""ProbMoE exact-k / dynamic-k ops on the reference path: the law against brute-force
+enumeration, the sampler against the law, the gradient against autograd of an independent DP,
+the library registration, the router and bad inputs. Kernel tests: test_probmoe_kernels.py."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels.ops.probmoe import exact_k_op
+from moe_kernels.reference import probmoe as ref
+from moe_kernels.testing import assert_close
+from oracles import log_partition_dp, subset_law_oracle
+
+
+def _bands(num_experts: int):
+    """Every (k, k_min) with 1 <= k <= E and k_min in {k (exact), 0, k // 2, 1}."""
+    for k in range(1, num_experts + 1):
+        for k_min in sorted({k, 0, k // 2, 1}):
+            yield k, k_min
+
+
+LAW_CASES = [(e, k, k_min) for e in (1, 2, 3, 5, 7, 10) for k, k_min in _bands(e)]
+
+
+@pytest.mark.parametrize("num_experts,k,k_min", LAW_CASES)
+def test_law_matches_enumeration(num_experts, k, k_min):
+    logits = torch.randn(3, num_experts, dtype=torch.float64) * 3
+    marginals, log_z, _ = ref.exact_k_forward(logits, k, k_min)
+    for t in range(3):
+        want_m, want_log_z, law = subset_law_oracle(logits[t], k, k_min)
+        torch.testing.assert_close(marginals[t], want_m, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(log_z[t], want_log_z, atol=1e-12, rtol=1e-9)
+        # The probability the law gives every subset, exp(sum r_S - log Z), is the enumerated one.
+        for subset, prob in law.items():
+            got = math.exp(logits[t, list(subset)].sum().item() - log_z[t].item())
+            assert got == pytest.approx(prob, rel=1e-9, abs=1e-15), subset
+
+
+@pytest.mark.parametrize("num_experts,k", [(8, 3), (60, 4), (160, 6)])
+def test_exact_k_marginals_sum_to_k_and_shift_invariant(num_experts, k):
+    logits = torch.randn(16, num_experts, dtype=torch.float64) * 4
+    marginals = mk.exact_k_marginals(logits, k)
+    torch.testing.assert_close(marginals.sum(-1), torch.full((16,), float(k), dtype=torch.float64))
+    assert bool(((marginals >= 0) & (marginals <= 1 + 1e-12)).all())
+    assert_close(mk.exact_k_marginals(logits + 37.5, k), marginals)
+
+
+def test_band_is_not_shift_invariant():
+    logits = torch.randn(4, 8, dtype=torch.float64)
+    low, high = mk.exact_k_marginals(logits - 3, 4, k_min=1), mk.exact_k_marginals(logits + 3, 4, k_min=1)
+    assert bool((high.sum(-1) > low.sum(-1) + 0.5).all())  # higher logits: larger subsets
+
+
+def test_k_one_is_softmax():
+    logits = torch.randn(9, 12, dtype=torch.float64) * 5
+    assert_close(mk.exact_k_marginals(logits, 1), torch.softmax(logits, -1))
+
+
+def test_float32_large_logits_stay_accurate():
+    # The issue's range: float32 logits in [-80, 80], E = 512, k up to 32.
+    logits = torch.rand(8, 512) * 160 - 80
+    for k, k_min in ((10, 10), (32, 20)):
+        got = mk.exact_k_marginals(logits, k, k_min=k_min)
+        want = mk.exact_k_marginals(logits.double(), k, k_min=k_min)
+        assert bool(torch.isfinite(got).all())
+        assert_close(got, want, dtype=torch.float32, op="exact_k")
+
+
+def _chi_square_pvalue(ids: torch.Tensor, law: dict) -> float:
+    """p-value of Pearson's chi-square test of the sampled subsets' counts against ``law``."""
+    draws = ids.shape[0]
+    counts = {subset: 0 for subset in law}
+    for row in ids.tolist():
+        counts[tuple(i for i in row if i >= 0)] += 1
+    stat = sum((counts[s] - draws * p) ** 2 / (draws * p) for s, p in law.items())
+    dof = len(law) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)).item()
+
+
+@pytest.mark.parametrize("k,k_min", [(3, 3), (3, 1)])
+def test_sampler_matches_law(k, k_min):
+    # E = 6, 200k draws at a fixed seed: every subset's frequency against the exact law.
+    logits = torch.tensor([0.3, -1.2, 1.5, 0.0, -0.4, 0.9])
+    ids = mk.exact_k_sample(logits.expand(200_000, 6), k, k_min=k_min, seed=1234)
+    assert ids.dtype == torch.int32 and ids.shape == (200_000, k)
+    assert bool(((ids >= -1) & (ids < 6)).all())
+    _, _, law = subset_law_oracle(logits, k, k_min)
+    assert _chi_square_pvalue(ids, law) > 1e-3
+
+
+def test_sample_layout_increasing_ids_then_padding():
+    logits = torch.randn(500, 20)
+    ids = mk.exact_k_sample(logits, 6, k_min=2, seed=7)
+    for row in ids.tolist():
+        chosen = [i for i in row if i >= 0]
+        assert 2 <= len(chosen) <= 6 and row[: len(chosen)] == sorted(set(chosen))
+        assert all(i == -1 for i in row[len(chosen):])
+
+
+def test_seed_reproducible_and_fresh_without():
+    logits = torch.randn(64, 16)
+    first = mk.exact_k_sample(logits, 4, seed=3)
+    assert torch.equal(first, mk.exact_k_sample(logits, 4, seed=3))
+    assert not torch.equal(mk.exact_k_sample(logits, 4), mk.exact_k_sample(logits, 4))
+    torch.manual_seed(11)
+    again = mk.exact_k_sample(logits, 4)
+    torch.manual_seed(11)
+    assert torch.equal(again, mk.exact_k_sample(logits, 4))
+
+
+@pytest.mark.parametrize("k,k_min", [(3, 3), (4, 1), (5, 0)])
+def test_backward_is_covariance_product(k, k_min):
+    """The dual-number backward equals autograd's Hessian-vector product of an independent DP."""
+    logits = torch.randn(5, 9, dtype=torch.float64) * 2
+    grad_m, grad_log_z = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_()
+    log_z = log_partition_dp(leaf, k, k_min)
+    (m,) = torch.autograd.grad(log_z.sum(), leaf, create_graph=True)
+    (want,) = torch.autograd.grad((m * grad_m).sum() + (log_z * grad_log_z).sum(), leaf)
+    assert_close(ref.exact_k_backward(logits, grad_m, grad_log_z, k, k_min), want)
+
+
+@pytest.mark.parametrize("k,k_min", [(2, None), (4, 1)])
+def test_gradcheck_float64(k, k_min):
+    logits = (torch.randn(4, 7, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: mk.exact_k_marginals(x, k, k_min=k_min), (logits,))
+
+
+def test_route_gradient_is_softmax_path_plus_covariance_path():
+    """Training weights: d/dr = softmax-backward of (G * z) + Cov(z) @ (G * softmax(r))."""
+    logits = torch.randn(6, 8, dtype=torch.float64) * 2
+    leaf = logits.clone().requires_grad_()
+    weights, ids = mk.probmoe_route(leaf, 3, seed=5)
+    upstream = torch.randn_like(weights)
+    (weights * upstream).sum().backward()
+
+    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
+    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
+    x = logits.clone().requires_grad_()
+    probs = torch.softmax(x, -1)
+    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
+    log_z = log_partition_dp(x, 3, 3)
+    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
+    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
+    assert_close(leaf.grad, softmax_path + cov_path)
+    # The covariance path reaches experts that were not selected.
+    assert bool((cov_path.abs() * (1 - z)).sum(-1).gt(0).all())
+
+
+def test_route_training_weights_values():
+    logits = torch.randn(32, 10)
+    weights, ids = mk.probmoe_route(logits, 4, seed=2)
+    want = torch.softmax(logits, -1).gather(1, ids.long())
+    assert_close(weights, want)
+    renorm, _ = mk.probmoe_route(logits, 4, seed=2, renormalize=True)
+    assert_close(renorm, want / want.sum(-1, keepdim=True))
+
+
+def test_route_inference_exact_k_is_top_k():
+    logits = torch.randn(32, 10)
+    weights, ids = mk.probmoe_route(logits, 3, training=False, renormalize=True)
+    want_w, want_ids = mk.softmax_topk(logits, 3, renormalize=True)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+
+
+def test_route_inference_band_is_most_probable_subset():
+    logits = torch.randn(40, 7, dtype=torch.float64) * 2
+    weights, ids = mk.probmoe_route(logits, 4, k_min=2, training=False)
+    for t in range(40):
+        _, _, law = subset_law_oracle(logits[t], 4, 2)
+        best = max(law, key=law.get)
+        chosen = [i for i in ids[t].tolist() if i >= 0]
+        assert sorted(chosen) == list(best)
+        probs = torch.softmax(logits[t], -1)
+        torch.testing.assert_close(weights[t, : len(chosen)], probs[chosen])
+        assert bool((weights[t, len(chosen):] == 0).all())
+
+
+def test_non_finite_rows():
+    logits = torch.randn(4, 8)
+    logits[0, 3] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2, :6] = float("-inf")  # two experts left: exact-3 is impossible
+    logits[3, 2] = float("-inf")  # an excluded expert
+    marginals = mk.exact_k_marginals(logits, 3)
+    assert bool(torch.isnan(marginals[:3]).all())
+    assert marginals[3, 2].item() == 0.0 and marginals[3].sum().item() == pytest.approx(3.0, abs=1e-5)
+    weights, ids = mk.probmoe_route(logits, 3, seed=0)
+    assert bool((ids[:3] == -1).all()) and bool((weights[:3] == 0).all())
+    assert 2 not in ids[3].tolist() and bool((ids[3] >= 0).all())
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1])
+def test_tiny_batches(num_tokens):
+    logits = torch.randn(num_tokens, 5, requires_grad=True)
+    weights, ids = mk.probmoe_route(logits, 2)
+    assert weights.shape == ids.shape == (num_tokens, 2)
+    weights.sum().backward()
+    assert logits.grad.shape == (num_tokens, 5)
+
+
+def test_leading_dims_and_non_contiguous():
+    base = torch.randn(5, 12, 3)
+    logits = base.transpose(1, 2)[:, :, :10]  # (5, 3, 10), non-unit expert stride
+    got = mk.exact_k_marginals(logits, 4)
+    assert got.shape == (5, 3, 10)
+    assert_close(got, mk.exact_k_marginals(logits.contiguous(), 4))
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 13])
+@pytest.mark.parametrize("sample", [False, True])
+def test_opcheck(num_tokens, sample):
+    logits = torch.randn(num_tokens, 9, requires_grad=True)
+    seed = torch.full((1,), 4, dtype=torch.int64)
+    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, sample, False))
+
+
+def test_compile_fullgraph_matches_eager():
+    logits = torch.randn(17, 12, requires_grad=True)
+
+    def route(x):
+        weights, ids = mk.probmoe_route(x, 3, seed=9)
+        return weights, ids, mk.exact_k_marginals(x, 4, k_min=2)
+
+    eager = route(logits)
+    grad_eager = torch.autograd.grad(eager[0].sum() + eager[2].square().sum(), logits)
+    compiled = torch.compile(route, fullgraph=True)(logits)
+    grad_compiled = torch.autograd.grad(compiled[0].sum() + compiled[2].square().sum(), logits)
+    assert torch.equal(compiled[1], eager[1])
+    for got, want in zip((compiled[0], compiled[2], grad_compiled[0]), (eager[0], eager[2], grad_eager[0])):
+        assert_close(got, want)
+
+
+def test_router_module_shares_gate_and_follows_mode():
+    gate = torch.nn.Linear(16, 8, bias=False)
+    router = mk.ProbMoERouter.from_gate(gate, 2)
+    assert router.weight is gate.weight
+    hidden = torch.randn(64, 16)
+    router.eval()
+    assert torch.equal(router(hidden)[1], mk.softmax_topk(gate(hidden), 2)[1])
+    router.train()
+    weights, ids = router(hidden)
+    weights.sum().backward()
+    assert gate.weight.grad is not None and bool(gate.weight.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="bias"):
+        mk.ProbMoERouter.from_gate(torch.nn.Linear(16, 8), 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(k=0), ValueError, r"k must be an int in \[1, E=6\], got 0"),
+        (dict(k=7), ValueError, r"k must be an int in \[1, E=6\], got 7"),
+        (dict(k=2.0), ValueError, "k must be an int"),
+        (dict(k=3, k_min=4), ValueError, r"k_min must be None or an int in \[0, k=3\], got 4"),
+        (dict(k=3, k_min=-1), ValueError, "k_min must be None or an int"),
+        (dict(k=3, seed=-1), ValueError, "seed must be None or an int"),
+        (dict(k=3, backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mk.exact_k_sample(torch.randn(4, 6), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "logits,error,match",
+    [
+        (torch.ones(4, 6, dtype=torch.int64), TypeError, "logits must be float32, float16 or bfloat16"),
+        (torch.randn(4, 0), ValueError, r"logits must have shape \(\.\.\., E\) with E >= 1"),
+        ([[0.0, 1.0]], TypeError, "logits must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_logits(logits, error, match):
+    with pytest.raises(error, match=match):
+        mk.exact_k_marginals(logits, 1)
+
+
+def test_bad_route_flags():
+    with pytest.raises(TypeError, match="training must be a bool"):
+        mk.probmoe_route(torch.randn(2, 4), 2, training=1)
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        mk.probmoe_route(torch.randn(2, 4), 2, renormalize=None)
+
+
+def test_band_enumeration_oracle_itself():
+    # The oracle's own sanity: the subset probabilities of a band sum to one.
+    _, _, law = subset_law_oracle(torch.randn(6), 4, 2)
+    assert sum(law.values()) == pytest.approx(1.0)
+    assert len(law) == sum(math.comb(6, c) for c in range(2, 5))
+    assert all(len(s) in (2, 3, 4) for s in law) and len(set(law)) == len(law)
+    assert set(itertools.chain.from_iterable(law)) == set(range(6))
