@@ -185,6 +185,18 @@ def measured_bandwidth_gbs(device: torch.device) -> float:
     return 2 * nbytes / median_us / 1e3
 
 
+@functools.lru_cache(maxsize=None)
+def measured_gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate of ``device`` in TFLOP/s for ``dtype`` inputs: one square
+    ``torch.matmul`` (8192 on CUDA, 1024 on CPU), measured once per process. The roofline the
+    grouped GEMM benchmarks' "% of dense GEMM" refers to."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    median_us = time_fn(lambda: torch.matmul(a, b), device=device)["median_us"]
+    return 2 * size**3 / median_us / 1e6
+
+
 def _copy_time_us(nbytes: int, device: torch.device) -> float:
     """Median time of one device-to-device copy of ``nbytes``."""
     src = torch.rand(nbytes // 4, device=device)

@@ -6,12 +6,24 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
-from moe_kernels.functional import exact_k_marginals, exact_k_sample, knn_mix, probmoe_route, softmax_topk
+from moe_kernels.functional import (
+    exact_k_marginals,
+    exact_k_sample,
+    expert_counts,
+    fused_experts,
+    grouped_mm,
+    knn_mix,
+    probmoe_route,
+    softmax_topk,
+)
 from moe_kernels.nn import ProbMoERouter, TopKRouter
 
 __all__ = [
     "exact_k_marginals",
     "exact_k_sample",
+    "expert_counts",
+    "fused_experts",
+    "grouped_mm",
     "knn_mix",
     "probmoe_route",
     "softmax_topk",

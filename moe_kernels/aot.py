@@ -71,9 +71,15 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, d
         for i, name in enumerate(fn.arg_names)
         if full_sig[name].startswith("*") or name in divisible
     }
-    src = ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs), attrs=aligned)
+    # A case's ``num_stages`` (software pipelining depth) rides in its constexprs, as the
+    # launchers' meta dicts carry it, and is a compile option, not a kernel argument.
+    constexprs = dict(constexprs)
+    options = {"num_warps": num_warps}
+    if "num_stages" in constexprs:
+        options["num_stages"] = constexprs.pop("num_stages")
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=aligned)
     target = GPUTarget("cuda", arch, 32)
-    return triton.compile(src, target=target, options={"num_warps": num_warps})
+    return triton.compile(src, target=target, options=options)
 
 
 def _cuobjdump_path() -> str:

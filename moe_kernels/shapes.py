@@ -57,3 +57,34 @@ ROUTING_TOKENS: tuple[int, ...] = (1, 8, 64, 512, 4096, 16384, 65536)
 # token counts of one decode token, a decode batch, a prefill chunk and a training step.
 PROBMOE_SHAPES: tuple[tuple[int, int], ...] = ((8, 2), (64, 8), (128, 8), (256, 8), (512, 10))
 PROBMOE_TOKENS: tuple[int, ...] = (1, 64, 4096, 65536)
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """One model's routed experts: ``num_experts`` gated MLPs ``hidden -> intermediate ->
+    hidden`` with ``k`` per token (public model configs)."""
+
+    model: str
+    num_experts: int
+    k: int
+    hidden: int
+    intermediate: int
+    activation: str = "silu"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} E={self.num_experts} k={self.k} H={self.hidden} I={self.intermediate}"
+
+
+EXPERT_SHAPES: tuple[ExpertShape, ...] = (
+    ExpertShape("Mixtral-8x7B", 8, 2, 4096, 14336),
+    ExpertShape("OLMoE-1B-7B", 64, 8, 2048, 1024),
+    ExpertShape("Qwen3-30B-A3B", 128, 8, 2048, 768),
+    ExpertShape("DeepSeek-V2-Lite", 64, 6, 2048, 1408),
+    ExpertShape("GPT-OSS-120b", 128, 4, 2880, 2880, "gpt_oss"),
+    ExpertShape("Qwen3-Next-style", 512, 10, 2048, 512),
+    ExpertShape("DeepSeek-V3 (32 local experts)", 32, 8, 7168, 2048),
+)
+# Token counts of the experts benchmarks: decode (CUDA graph) and prefill / training.
+EXPERT_DECODE_TOKENS: tuple[int, ...] = (1, 8, 64, 256)
+EXPERT_PREFILL_TOKENS: tuple[int, ...] = (4096, 16384, 32768)

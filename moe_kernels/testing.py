@@ -30,6 +30,11 @@ TOLERANCES: dict[torch.dtype | tuple[str, torch.dtype], tuple[float, float]] = {
     torch.float16: (1e-3, 1e-3),
     torch.bfloat16: (8e-3, 1.6e-2),
     ("exact_k", torch.float32): (3e-5, 1e-4),
+    # - ``fused_experts`` in 16-bit: the intermediates (pre-activation, activation, their
+    #   gradients) are stored in the activations' dtype, as HF's eager experts do, so each
+    #   carries one rounding of that dtype, and a weight gradient sums T*k of them.
+    ("fused_experts", torch.float16): (1e-2, 1e-2),
+    ("fused_experts", torch.bfloat16): (6e-2, 6e-2),
 }
 
 

@@ -19,12 +19,15 @@ run() {  # run a step, log it, remember a failure but carry on with the next ste
 }
 run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 run python3 -m moe_kernels.cli info
-run python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+run python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 run python3 -m moe_kernels.cli validate
 if [ "${1:-}" = "--quick-bench" ]; then
     run python3 -m moe_kernels.cli bench --quick
 else
-    run python3 -m moe_kernels.cli bench --dtype bfloat16 --dtype float32
+    run python3 -m moe_kernels.cli bench --op softmax_topk --dtype bfloat16 --dtype float32
+    run python3 -m moe_kernels.cli bench --op knn_mix --dtype bfloat16
+    run python3 -m moe_kernels.cli bench --op probmoe
+    run python3 -m moe_kernels.cli bench --op fused_experts --dtype bfloat16 --routing uniform skewed one_hot
 fi
 cp -r benchmarks/results "$OUT/results" 2>/dev/null
 exit $status

@@ -114,3 +114,34 @@ def test_probmoe_benchmark_rows():
         assert row["bytes"] == forward + (row["T"] * row["E"] * 12 if row["direction"] == "fwd+bwd" else 0)
         is_ours = row["provider"] == "moe_kernels"
         assert row["median_us"] > 0 and (row["x_softmax_topk"] is not None) == is_ours
+
+
+def test_experts_benchmark_rows():
+    from benchmarks import bench_experts
+
+    rows = bench_experts.run(quick=True, device="cpu", tokens=(3,))
+    shape = bench_experts.QUICK_CPU_SHAPE
+    assert {(row["direction"], row["provider"]) for row in rows} == {
+        (d, p) for d in ("fwd", "fwd+bwd") for p in ("moe_kernels", "torch_eager", "hf_eager")
+    }
+    for row in rows:
+        # 6*H*I FLOPs per routed slot forward, three times that with the backward.
+        forward = 6 * shape.hidden * shape.intermediate * 3 * shape.k
+        assert row["flops"] == forward * (3 if row["direction"] == "fwd+bwd" else 1)
+        assert row["median_us"] > 0 and row["tflops"] > 0
+        assert (row["speedup_vs_hf"] is not None) == (row["provider"] == "moe_kernels")
+
+
+def test_hf_loop_baseline_matches_reference():
+    from benchmarks import bench_experts
+    from moe_kernels import reference
+
+    shape = bench_experts.QUICK_CPU_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    weights, ids = bench_experts.route(shape, 9, "skewed", "cpu", generator)
+    ids[2, 1] = -1
+    hidden = torch.randn(9, shape.hidden, generator=generator)
+    gate_up = torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, generator=generator) * 0.1
+    down = torch.randn(shape.num_experts, shape.hidden, shape.intermediate, generator=generator) * 0.1
+    got = bench_experts.hf_eager_experts(hidden, gate_up, down, weights, ids)
+    torch.testing.assert_close(got, reference.fused_experts(hidden, gate_up, down, weights, ids))

@@ -370,3 +370,138 @@ def _exact_k_bwd_cases() -> Iterator[KernelCase]:
             "exact_k_bwd", _exact_k_bwd_kernel, signature, meta, num_warps,
             label=_probmoe_label(TRITON_DTYPES[dtype], meta, num_warps),
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Fused experts around the grouped GEMMs (moe_kernels/kernels/_experts.py, ops/experts.py)
+# --------------------------------------------------------------------------------------------
+
+# The activation kernels only convert on load and store: bf16 stands for both 16-bit dtypes.
+_EXPERT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _expert_activation_cases(kernel_name: str, backward: bool) -> Iterator[KernelCase]:
+    from moe_kernels.kernels import _experts
+    from moe_kernels.ops.experts import _elementwise_meta
+    from moe_kernels.reference.experts import ACTIVATIONS
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    fn = _experts._gated_act_bwd_kernel if backward else _experts._gated_act_fwd_kernel
+    for inter in sorted({shape.intermediate for shape in EXPERT_SHAPES}):
+        for dtype in _EXPERT_DTYPES:
+            for code, activation in enumerate(ACTIVATIONS):
+                meta = _elementwise_meta(inter)
+                if backward:
+                    meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
+                num_warps = meta.pop("num_warps")
+                meta["ACTIVATION"] = code
+                ptr = "*" + TRITON_DTYPES[dtype]
+                if backward:
+                    signature = {"grad_act_ptr": ptr, "h_ptr": ptr, "row_weight_ptr": "*fp32", "grad_h_ptr": ptr,
+                                 "grad_weight_ptr": "*fp32"}
+                else:
+                    signature = {"h_ptr": ptr, "act_ptr": ptr}
+                signature.update({"R": "i32", "I": "i32", "stride_h": "i32", "limit": "fp32", "alpha": "fp32"})
+                yield KernelCase(
+                    kernel_name, fn, signature, meta, num_warps,
+                    label=f"{TRITON_DTYPES[dtype]} {activation} BR{meta['BLOCK_R']} BI{meta['BLOCK_I']}",
+                    divisible=("I", "stride_h") if inter % 16 == 0 else (),
+                )
+
+
+@register_kernel("gated_act_fwd")
+def _gated_act_fwd_cases() -> Iterator[KernelCase]:
+    yield from _expert_activation_cases("gated_act_fwd", backward=False)
+
+
+@register_kernel("gated_act_bwd")
+def _gated_act_bwd_cases() -> Iterator[KernelCase]:
+    yield from _expert_activation_cases("gated_act_bwd", backward=True)
+
+
+@register_kernel("combine")
+def _combine_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._experts import _combine_kernel
+    from moe_kernels.ops.experts import combine_meta
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    for shape in EXPERT_SHAPES:
+        for dtype in _EXPERT_DTYPES:
+            meta = combine_meta(shape.hidden, shape.k)
+            num_warps = meta.pop("num_warps")
+            ptr = "*" + TRITON_DTYPES[dtype]
+            signature = {"rows_ptr": ptr, "position_ptr": "*i32", "out_ptr": ptr, "T": "i32", "H": "i32"}
+            yield KernelCase(
+                "combine", _combine_kernel, signature, meta, num_warps,
+                label=f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}",
+                divisible=("H",) if shape.hidden % 16 == 0 else (),
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped GEMM (moe_kernels/kernels/_grouped_mm.py, launchers in moe_kernels/ops/grouped_mm.py)
+# --------------------------------------------------------------------------------------------
+
+# Row counts of the two tile regimes the heuristic distinguishes (decode-ish and prefill).
+_GEMM_ROWS = (256, 32768)
+
+
+def _gemm_case(kernel_name, fn, signature, meta, unit_strides, gather, scale, dims, label):
+    """A case with the strides the JIT sees as 1 specialised to constexpr 1 (as it compiles
+    them), the other strides and sizes marked divisible by 16 when they are."""
+    meta = dict(meta)
+    num_warps = meta.pop("num_warps")
+    meta.update(GATHER_A=gather, SCALE_ROWS=scale, **{name: 1 for name in unit_strides})
+    signature = {name: kind for name, kind in signature.items() if name not in unit_strides}
+    divisible = tuple(name for name, value in dims.items() if name in signature and value % 16 == 0)
+    return KernelCase(kernel_name, fn, signature, meta, num_warps, label=label, divisible=divisible)
+
+
+def _expert_gemms():
+    """(label, M rows, N, K, b's unit stride, gather, scale) of every forward-kernel GEMM of
+    fused_experts and grouped_mm, over the experts registry."""
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    for shape in EXPERT_SHAPES:
+        hidden, inter = shape.hidden, shape.intermediate
+        for rows in _GEMM_ROWS:
+            yield "up", rows, 2 * inter, hidden, "stride_bk", True, False
+            yield "down", rows, hidden, inter, "stride_bk", False, True
+            yield "d_act", rows, inter, hidden, "stride_bn", True, False
+            yield "d_rows", rows, hidden, 2 * inter, "stride_bn", False, False
+
+
+@register_kernel("grouped_mm")
+def _grouped_mm_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
+    from moe_kernels.ops.grouped_mm import aot_signatures, grouped_mm_meta
+
+    for dtype in (torch.bfloat16, torch.float32):
+        forward, _ = aot_signatures(TRITON_DTYPES[dtype])
+        gemms = list(_expert_gemms()) if dtype == torch.bfloat16 else [("up", 32768, 1536, 2048, "stride_bk", True, False)]
+        for name, rows, n_cols, k_dim, b_unit, gather, scale in gemms:
+            meta = grouped_mm_meta(rows, n_cols, k_dim, dtype)
+            label = (f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
+                     f"{' gather' if gather else ''}{' scale' if scale else ''}")
+            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_cm=n_cols, stride_bg=n_cols * k_dim,
+                        stride_bk=n_cols, stride_bn=k_dim)
+            yield _gemm_case("grouped_mm", _grouped_mm_kernel, forward, meta, ("stride_ak", "stride_cn", b_unit),
+                             gather, scale, dims, label)
+
+
+@register_kernel("grouped_mm_weight_grad")
+def _grouped_mm_weight_grad_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._grouped_mm import _grouped_mm_weight_grad_kernel
+    from moe_kernels.ops.grouped_mm import aot_signatures, grouped_mm_meta
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    _, weight_grad = aot_signatures("bf16")
+    for shape in EXPERT_SHAPES:
+        hidden, inter = shape.hidden, shape.intermediate
+        # grad of down_proj (gathered grad_out, scaled) and of gate_up_proj (gathered hidden).
+        for name, k_dim, n_cols, scale in (("d_down", hidden, inter, True), ("d_gate_up", hidden, 2 * inter, False)):
+            meta = grouped_mm_meta(32768, n_cols, k_dim, torch.bfloat16, weight_grad=True)
+            label = f"bf16 {name} {meta['BLOCK_K_OUT']}x{meta['BLOCK_N']} rows{meta['BLOCK_M']} gather{' scale' if scale else ''}"
+            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim, stride_bk=n_cols)
+            yield _gemm_case("grouped_mm_weight_grad", _grouped_mm_weight_grad_kernel, weight_grad, meta,
+                             ("stride_ak", "stride_dn", "stride_bn"), True, scale, dims, label)

@@ -1,0 +1,213 @@
+"""Fused experts benchmark: :func:`moe_kernels.fused_experts` against what MoE layers run today,
+in the same run: the Hugging Face eager experts loop, a ``torch._grouped_mm`` MoE (CUDA, 16-bit)
+and ``torch.compile`` of the reference. (liger-kernel's fused MoE is not wired in yet: its API
+could not be checked without a network.)
+
+Run from the repository root::
+
+    python -m benchmarks.bench_experts --quick
+    python -m benchmarks.bench_experts --tokens 1 8 64 256 4096 16384 32768 --routing uniform skewed
+
+Rows report TFLOP/s (``6 * H * I`` per routed slot forward, twice that backward), the % of the
+device's measured dense GEMM rate, and for decode batches the % of the weight-bandwidth floor
+(bytes of the experts the batch touches over the measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+import moe_kernels
+from benchmarks.common import (
+    add_speedups,
+    environment,
+    measured_bandwidth_gbs,
+    measured_gemm_tflops,
+    print_table,
+    resolve_device,
+    time_fn,
+    write_results,
+)
+from moe_kernels import reference
+from moe_kernels.shapes import EXPERT_DECODE_TOKENS, EXPERT_PREFILL_TOKENS, EXPERT_SHAPES, ExpertShape
+
+OP_NAME = "fused_experts"
+ROUTINGS = ("uniform", "skewed", "one_hot")
+# A CPU smoke run: one scaled-down Mixtral-like layer, float32, reference and HF loop only.
+QUICK_CPU_SHAPE = ExpertShape("tiny-cpu", 8, 2, 64, 128)
+QUICK_CPU_TOKENS = (1, 64)
+CUDA_GRAPH_MAX_TOKENS = 256
+TABLE_COLUMNS = (
+    "model", "T", "routing", "direction", "provider", "median_us", "tflops", "pct_gemm", "pct_weight_bw",
+    "speedup_vs_eager", "speedup_vs_hf", "speedup_vs_grouped_mm", "timer",
+)
+
+
+def routed_flops(shape: ExpertShape, num_slots: int, backward: bool) -> int:
+    """FLOPs of the expert GEMMs: ``2*H*2I + 2*I*H`` per routed slot forward; the backward does
+    twice the forward (input and weight gradients)."""
+    forward = 6 * shape.hidden * shape.intermediate * num_slots
+    return forward * (3 if backward else 1)
+
+
+def route(shape: ExpertShape, num_tokens: int, routing: str, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights (T, k) float32, ids (T, k) int32)``: softmax top-k of random logits,
+    ``"skewed"`` adds a Zipf-like prior (expert i's logit + 2 log(1 / (i + 1))), ``"one_hot"``
+    sends every token to the same k experts."""
+    logits = torch.randn(num_tokens, shape.num_experts, generator=generator, device=device)
+    if routing == "skewed":
+        logits = logits + 2 * torch.log(1.0 / torch.arange(1, shape.num_experts + 1, device=device))
+    elif routing == "one_hot":
+        logits = logits * 0.01 + torch.linspace(10, 0, shape.num_experts, device=device)
+    return moe_kernels.softmax_topk(logits, shape.k, renormalize=True, backend="torch")
+
+
+def hf_eager_experts(hidden, gate_up_proj, down_proj, weights, ids, activation="silu"):
+    """The loop HF transformers' eager MoE blocks run: one iteration per expert with tokens, each
+    finding its tokens with ``torch.where`` (a host sync) and adding its weighted output."""
+    out = torch.zeros_like(hidden)
+    mask = F.one_hot(ids.long().clamp(min=0), gate_up_proj.shape[0]).permute(2, 1, 0) * (ids >= 0).T[None]
+    for expert in torch.nonzero(mask.sum(dim=(-1, -2)) > 0).flatten().tolist():
+        slot, token = torch.where(mask[expert])
+        gate_up = hidden[token] @ gate_up_proj[expert].T
+        act = reference.gated_activation(gate_up, activation)
+        out.index_add_(0, token, (act @ down_proj[expert].T) * weights[token, slot, None].to(hidden.dtype))
+    return out
+
+
+def grouped_mm_experts(hidden, gate_up_proj, down_proj, weights, ids, activation="silu"):
+    """An MoE built on ``torch._grouped_mm`` (sort, two grouped GEMMs, activation, index_add)."""
+    num_experts = gate_up_proj.shape[0]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(torch.where(flat < 0, num_experts, flat), stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device).scatter_add_(
+        0, torch.where(flat < 0, num_experts, flat), torch.ones_like(flat, dtype=torch.int32)
+    )
+    offsets = counts[:num_experts].cumsum(0, dtype=torch.int32)
+    tokens = order // ids.shape[1]
+    h = torch._grouped_mm(hidden[tokens], gate_up_proj.transpose(1, 2), offs=offsets)
+    act = reference.gated_activation(h, activation)
+    y = torch._grouped_mm(act, down_proj.transpose(1, 2), offs=offsets)
+    slot_weights = weights.reshape(-1)[order].to(y.dtype)
+    valid = (torch.arange(order.numel(), device=ids.device) < offsets[-1]).to(y.dtype)
+    return torch.zeros_like(hidden).index_add_(0, tokens, y * (slot_weights * valid)[:, None])
+
+
+def _providers(device: torch.device, dtype: torch.dtype, quick_cpu: bool) -> dict:
+    providers = {
+        "moe_kernels": moe_kernels.fused_experts,
+        "torch_eager": reference.fused_experts,
+        "hf_eager": hf_eager_experts,
+    }
+    if device.type == "cuda" and dtype != torch.float32:
+        providers["torch_grouped_mm"] = grouped_mm_experts
+    if not quick_cpu:
+        torch._dynamo.reset()
+        providers["torch_compile"] = torch.compile(reference.fused_experts)
+    return providers
+
+
+def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
+        routings: Sequence[str] = ("uniform",), directions: Sequence[str] = ("fwd", "fwd+bwd"),
+        dtypes: Sequence[str] | None = None, models: Sequence[str] | None = None) -> list[dict]:
+    """Rows of every (shape, dtype, T, routing, direction) point, one per provider."""
+    device = resolve_device(device)
+    quick_cpu = quick and device.type == "cpu"
+    shapes = [QUICK_CPU_SHAPE] if quick_cpu else [s for s in EXPERT_SHAPES if not models or s.model in models]
+    tokens = tokens or (QUICK_CPU_TOKENS if quick_cpu else EXPERT_DECODE_TOKENS + EXPERT_PREFILL_TOKENS)
+    dtypes = [getattr(torch, name) for name in (dtypes or (("float32",) if quick_cpu else ("bfloat16",)))]
+    peak_gbs = measured_bandwidth_gbs(device)
+    rows = []
+    for dtype in dtypes:
+        peak_tflops = measured_gemm_tflops(device, dtype)
+        providers = _providers(device, dtype, quick_cpu)
+        for shape in shapes:
+            for num_tokens in tokens:
+                for routing in routings:
+                    for direction in directions:
+                        if direction == "fwd+bwd" and num_tokens in EXPERT_DECODE_TOKENS and not quick_cpu:
+                            continue  # training points are prefill-sized
+                        rows += _bench_point(shape, dtype, num_tokens, routing, direction, device, providers,
+                                             peak_gbs, peak_tflops)
+    return rows
+
+
+def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers, peak_gbs, peak_tflops):
+    generator = torch.Generator(device=device).manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, shape.hidden, generator=generator, device=device).to(dtype)
+    gate_up = (torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, generator=generator, device=device)
+               * shape.hidden**-0.5).to(dtype)
+    down = (torch.randn(shape.num_experts, shape.hidden, shape.intermediate, generator=generator, device=device)
+            * shape.intermediate**-0.5).to(dtype)
+    weights, ids = route(shape, num_tokens, routing, device, generator)
+    backward = direction == "fwd+bwd"
+    flops = routed_flops(shape, num_tokens * shape.k, backward)
+    touched = int(torch.unique(ids).numel())
+    weight_floor_us = touched * 3 * shape.hidden * shape.intermediate * dtype.itemsize / peak_gbs / 1e3
+    use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS and not backward
+    grad = torch.randn_like(hidden)
+    rows = []
+    for name, provider in providers.items():
+        if backward:
+            leaves = [t.detach().requires_grad_() for t in (hidden, gate_up, down)]
+
+            def call(provider=provider, leaves=leaves):
+                out = provider(leaves[0], leaves[1], leaves[2], weights, ids, activation=shape.activation)
+                return torch.autograd.grad(out, leaves, grad)
+        else:
+            call = functools.partial(provider, hidden, gate_up, down, weights, ids, activation=shape.activation)
+        call()  # compile and warm up outside the timing
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        # Providers with host syncs (the HF loop) cannot be captured; time_fn falls back.
+        timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager"))
+        tflops = flops / timing["median_us"] / 1e6
+        rows.append({
+            "op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "H": shape.hidden,
+            "I": shape.intermediate, "T": num_tokens, "routing": routing, "direction": direction,
+            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "flops": flops,
+            "tflops": tflops, "pct_gemm": 100 * tflops / peak_tflops, "measured_gemm_tflops": peak_tflops,
+            "pct_weight_bw": 100 * weight_floor_us / timing["median_us"] if num_tokens <= CUDA_GRAPH_MAX_TOKENS else None,
+        })
+    add_speedups(rows)
+    median = {row["provider"]: row["median_us"] for row in rows}
+    for row in rows:
+        ours = row["provider"] == "moe_kernels"
+        for column, baseline in (("speedup_vs_hf", "hf_eager"), ("speedup_vs_grouped_mm", "torch_grouped_mm")):
+            row[column] = median[baseline] / row["median_us"] if ours and baseline in median else None
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_experts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU: one tiny float32 layer, T in (1, 64)")
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["uniform"])
+    parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
+    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), dest="dtypes")
+    parser.add_argument("--model", action="append", dest="models", help="an EXPERT_SHAPES model name (repeatable)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    env = environment(device)
+    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']} ({env['git_commit']})")
+    start = time.perf_counter()
+    rows = run(quick=args.quick, device=device, tokens=args.tokens, routings=args.routing,
+               directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes, models=args.models)
+    print_table(rows, TABLE_COLUMNS)
+    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
+    if not args.no_write:
+        csv_path, png_path = write_results(OP_NAME, rows, env)
+        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Public expert-compute ops: routing counts and the fused MoE experts op."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.ops.experts import FusedExpertsFunction, fused_experts_op
+from moe_kernels.reference.experts import ACTIVATIONS
+from moe_kernels.utils import use_triton
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots routed to each expert: ``ids (T, k)`` int32/int64 (-1 = empty, not counted) ->
+    ``(E,)`` int32 on ids' device, computed there without a host sync (a scatter-add, not
+    ``bincount``, whose CUDA version reads the maximum back)."""
+    _check_ids(ids, num_experts, "expert_counts")
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))[:num_experts]
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The experts of an MoE layer: for every token, the routing-weighted sum over its k slots of
+    the gated MLP of the slot's expert (HF transformers v5 layout).
+
+    Args:
+        hidden: ``(T, H)`` float32 / float16 / bfloat16 activations (float64 with
+            ``backend="torch"``).
+        gate_up_proj: ``(E, 2I, H)``, hidden's dtype: gate rows then up rows (GPT-OSS:
+            interleaved gate/up rows).
+        down_proj: ``(E, H, I)``, hidden's dtype.
+        weights: ``(T, k)`` float32 routing weights (float64 with float64 hidden), as returned by
+            :func:`moe_kernels.softmax_topk`.
+        ids: ``(T, k)`` int32 / int64 expert ids in ``[-1, E)``; -1 marks an empty slot that
+            contributes nothing (dynamic-k routing, expert-parallel local maps).
+        activation: ``"silu"`` (SwiGLU), ``"gelu"`` (GeGLU, erf), ``"gelu_tanh"`` (GeGLU, tanh
+            approximation) or ``"gpt_oss"`` (GPT-OSS: interleaved, clamped at 7,
+            ``(up + 1) * gate * sigmoid(1.702 gate)``).
+        gate_up_bias: optional ``(E, 2I)``; down_bias: optional ``(E, H)``, hidden's dtype.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, as for every op.
+
+    Returns:
+        ``(T, H)`` in hidden's dtype::
+
+            out[t] = sum_j weights[t, j] * (down_proj[e] @ act(gate_up_proj[e] @ hidden[t] + gate_up_bias[e])
+                                            + down_bias[e]),   e = ids[t, j] != -1
+
+    Gradients flow to ``hidden``, both projections, ``weights`` and both biases; ``ids`` is not
+    differentiable. Saved for backward: the inputs (no copies) and, on the Triton path, the
+    pre-activation ``h`` of every slot, ``T * k * 2I`` elements of hidden's dtype (the activation
+    is recomputed from it). Intermediates are kept in hidden's dtype, GEMMs accumulate in
+    float32. ``ids`` outside ``[-1, E)`` raise on CPU; on CUDA they fail a device-side assert
+    (checked asynchronously, without a host sync).
+    """
+    _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias)
+    triton_path = use_triton(backend, hidden.device, "fused_experts")
+    if triton_path and hidden.dtype == torch.float64:
+        raise TypeError("fused_experts: backend='triton' takes float32/float16/bfloat16 hidden, got torch.float64; "
+                        "use backend='torch' for float64")
+    run = fused_experts_op if torch.compiler.is_compiling() else FusedExpertsFunction.apply
+    out, _ = run(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, triton_path)
+    return out
+
+
+def _check_ids(ids, num_experts, op_name):
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() != 2:
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{op_name}: ids must be a (T, k) int32 or int64 tensor, got {got}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"{op_name}: num_experts must be an int >= 1, got {num_experts!r}")
+    in_range = ((ids >= -1) & (ids < num_experts)).all()
+    # A host-side check would sync a GPU and break a compiled graph: there, assert on the device.
+    if ids.device.type == "cuda" or torch.compiler.is_compiling():
+        torch._assert_async(in_range, f"{op_name}: ids must be in [-1, {num_experts})")
+    elif ids.numel() and not bool(in_range):
+        bad = ids[(ids < -1) | (ids >= num_experts)][0].item()
+        raise ValueError(f"{op_name}: ids must be in [-1, E={num_experts}), got {bad}")
+
+
+def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias):
+    name = "fused_experts"
+    for arg, tensor, dims in (
+        ("hidden", hidden, 2),
+        ("gate_up_proj", gate_up_proj, 3),
+        ("down_proj", down_proj, 3),
+        ("weights", weights, 2),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != dims:
+            raise ValueError(f"{name}: {arg} must have {dims} dims, got shape {tuple(tensor.shape)}")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got {tensor.device}")
+    if hidden.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name}: hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    num_tokens, hidden_size = hidden.shape
+    num_experts, width, gate_up_hidden = gate_up_proj.shape
+    if width % 2 or gate_up_hidden != hidden_size:
+        raise ValueError(
+            f"{name}: gate_up_proj must have shape (E, 2I, H) with H={hidden_size}, got {tuple(gate_up_proj.shape)}"
+        )
+    inter = width // 2
+    if tuple(down_proj.shape) != (num_experts, hidden_size, inter):
+        raise ValueError(
+            f"{name}: down_proj must have shape (E, H, I) = ({num_experts}, {hidden_size}, {inter}), "
+            f"got {tuple(down_proj.shape)}"
+        )
+    for arg, tensor in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name}: {arg} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+    _check_ids(ids, num_experts, name)
+    if ids.device != hidden.device:
+        raise ValueError(f"{name}: ids must be on hidden's device {hidden.device}, got {ids.device}")
+    if tuple(ids.shape[:1]) != (num_tokens,) or tuple(weights.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"{name}: weights and ids must both have shape (T, k) with T={num_tokens}, got weights "
+            f"{tuple(weights.shape)} and ids {tuple(ids.shape)}"
+        )
+    weight_dtypes = (torch.float32, torch.float64) if hidden.dtype == torch.float64 else (torch.float32,)
+    if weights.dtype not in weight_dtypes:
+        raise TypeError(f"{name}: weights must be float32, got {weights.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for arg, bias, shape in (
+        ("gate_up_bias", gate_up_bias, (num_experts, width)),
+        ("down_bias", down_bias, (num_experts, hidden_size)),
+    ):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != shape or bias.dtype != hidden.dtype:
+            got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{name}: {arg} must be None or a {hidden.dtype} tensor of shape {shape}, got {got}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got {bias.device}")

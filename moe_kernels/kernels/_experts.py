@@ -1,0 +1,141 @@
+"""Triton kernels of the fused experts op around the grouped GEMMs (launchers in
+``ops/experts.py``): the gated activation, its backward fused with the routing weights'
+gradient, and the combine of each token's k expert rows.
+
+Rows are *sorted slots*: slot ``t * k + j`` of the routing, ordered by expert; rows of empty
+slots (id -1) sit after the last expert's rows and hold zeros.
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes (the ``ACTIVATION`` constexpr), in the order of ``reference.experts.ACTIVATIONS``.
+SILU, GELU, GELU_TANH, GPT_OSS = 0, 1, 2, 3
+
+
+@triton.jit
+def _gate_up_offsets(cols, I, ACTIVATION: tl.constexpr):
+    """Column offsets of the gate and up halves of a ``2I`` row: ``[gate | up]``, or interleaved
+    ``[g0 u0 g1 u1 ...]`` for GPT-OSS."""
+    if ACTIVATION == 3:
+        return 2 * cols, 2 * cols + 1
+    return cols, cols + I
+
+
+@triton.jit
+def _activation(gate, up, limit, alpha, ACTIVATION: tl.constexpr):
+    """``act`` and its partial derivatives ``(d act / d gate, d act / d up)``, float32."""
+    if ACTIVATION == 0:
+        s = tl.sigmoid(gate)
+        act = gate * s * up
+        d_gate = up * s * (1.0 + gate * (1.0 - s))
+        d_up = gate * s
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
+        act = gate * cdf * up
+        d_gate = up * (cdf + gate * pdf)
+        d_up = gate * cdf
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh
+        dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * gate * gate)
+        act = 0.5 * gate * (1.0 + t) * up
+        d_gate = up * (0.5 * (1.0 + t) + 0.5 * gate * dt)
+        d_up = 0.5 * gate * (1.0 + t)
+    else:
+        # GPT-OSS: clamp, then (up + 1) * gate * sigmoid(alpha * gate); a clamped input passes no
+        # gradient (the boundary itself does, as torch's clamp).
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        s = tl.sigmoid(alpha * g)
+        act = (u + 1.0) * g * s
+        d_gate = tl.where(gate <= limit, (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s)), 0.0)
+        d_up = tl.where((up >= -limit) & (up <= limit), g * s, 0.0)
+    return act, d_gate, d_up
+
+
+@triton.jit
+def _gated_act_fwd_kernel(
+    h_ptr,  # (R, 2I) float, row stride stride_h, unit column stride
+    act_ptr,  # (R, I) float, contiguous, written
+    R,
+    I,
+    stride_h,
+    limit,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < R)[:, None] & (cols < I)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    gate_cols, up_cols = _gate_up_offsets(cols, I, ACTIVATION)
+    gate = tl.load(h_ptr + rows64 * stride_h + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + rows64 * stride_h + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act, _, _ = _activation(gate, up, limit, alpha, ACTIVATION)
+    tl.store(act_ptr + rows64 * I + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_act_bwd_kernel(
+    grad_act_ptr,  # (R, I) float, contiguous: gradient of the *unweighted* expert output's act
+    h_ptr,  # (R, 2I) float, row stride stride_h
+    row_weight_ptr,  # (R,) float32: the routing weight of each sorted slot (0 for empty slots)
+    grad_h_ptr,  # (R, 2I) float, contiguous, written: weight * d act / d h
+    grad_weight_ptr,  # (R,) float32, written: sum_i grad_act * act, the routing weight's gradient
+    R,
+    I,
+    stride_h,
+    limit,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    """One program per ``BLOCK_R`` rows, looping over the ``I`` columns so that the routing
+    weight's gradient (a row sum) needs no atomics."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)[:, None]
+    weight = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    grad_weight = tl.zeros((BLOCK_R,), tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I)
+        mask = row_ok[:, None] & (cols < I)[None, :]
+        gate_cols, up_cols = _gate_up_offsets(cols, I, ACTIVATION)
+        gate = tl.load(h_ptr + rows64 * stride_h + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + rows64 * stride_h + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        grad_act = tl.load(grad_act_ptr + rows64 * I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        act, d_gate, d_up = _activation(gate, up, limit, alpha, ACTIVATION)
+        grad_weight += tl.sum(grad_act * act, axis=1)
+        scaled = grad_act * weight
+        out_dtype = grad_h_ptr.dtype.element_ty
+        tl.store(grad_h_ptr + rows64 * (2 * I) + gate_cols[None, :], (scaled * d_gate).to(out_dtype), mask=mask)
+        tl.store(grad_h_ptr + rows64 * (2 * I) + up_cols[None, :], (scaled * d_up).to(out_dtype), mask=mask)
+    tl.store(grad_weight_ptr + rows, grad_weight, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    rows_ptr,  # (R, H) float, contiguous: one row per sorted slot
+    position_ptr,  # (T * k,) int32: sorted position of slot t * k + j
+    out_ptr,  # (T, H) float, contiguous, written: sum over j of rows[position[t * k + j]]
+    T,
+    H,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Sum each token's k slot rows in a fixed order (deterministic, no atomics)."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_ok = tokens < T
+    mask = token_ok[:, None] & (cols < H)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
+    for j in tl.static_range(K):
+        position = tl.load(position_ptr + tokens.to(tl.int64) * K + j, mask=token_ok, other=0)
+        acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
