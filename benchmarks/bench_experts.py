@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from typing import Sequence
 
 import torch
@@ -26,13 +25,12 @@ import torch.nn.functional as F
 import moe_kernels
 from benchmarks.common import (
     add_speedups,
-    environment,
     measured_bandwidth_gbs,
     measured_gemm_tflops,
-    print_table,
     resolve_device,
+    run_and_report,
     time_fn,
-    write_results,
+    warm_up,
 )
 from moe_kernels import reference
 from moe_kernels.shapes import EXPERT_DECODE_TOKENS, EXPERT_PREFILL_TOKENS, EXPERT_SHAPES, ExpertShape
@@ -162,9 +160,7 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
                 return torch.autograd.grad(out, leaves, grad)
         else:
             call = functools.partial(provider, hidden, gate_up, down, weights, ids, activation=shape.activation)
-        call()  # compile and warm up outside the timing
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        warm_up(call, device)
         # Providers with host syncs (the HF loop) cannot be captured; time_fn falls back.
         timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager"))
         tflops = flops / timing["median_us"] / 1e6
@@ -196,17 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    env = environment(device)
-    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']} ({env['git_commit']})")
-    start = time.perf_counter()
-    rows = run(quick=args.quick, device=device, tokens=args.tokens, routings=args.routing,
-               directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes, models=args.models)
-    print_table(rows, TABLE_COLUMNS)
-    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
-    if not args.no_write:
-        csv_path, png_path = write_results(OP_NAME, rows, env)
-        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
-    return 0
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, device=device, tokens=args.tokens, routings=args.routing,
+                    directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes, models=args.models),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from typing import Sequence
 
 import torch
@@ -19,12 +18,11 @@ import torch
 import moe_kernels
 from benchmarks.common import (
     add_speedups,
-    environment,
     measured_bandwidth_gbs,
-    print_table,
     resolve_device,
+    run_and_report,
     time_fn,
-    write_results,
+    warm_up,
 )
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
@@ -88,9 +86,7 @@ def _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, provider
     rows = []
     for name, provider in providers.items():
         call = functools.partial(provider, router, values, sims)
-        call()  # compile and warm up outside the timing
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        warm_up(call, device)
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = moved / timing["median_us"] / 1e3
         rows.append({
@@ -113,16 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    env = environment(device)
-    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']} ({env['git_commit']})")
-    start = time.perf_counter()
-    rows = run(quick=args.quick, dtypes=args.dtypes, device=device, tokens=args.tokens, neighbors=args.neighbors)
-    print_table(rows, TABLE_COLUMNS)
-    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
-    if not args.no_write:
-        csv_path, png_path = write_results(OP_NAME, rows, env)
-        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
-    return 0
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, dtypes=args.dtypes, device=device, tokens=args.tokens, neighbors=args.neighbors),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from typing import Sequence
 
 import torch
@@ -21,12 +20,11 @@ import torch
 import moe_kernels
 from benchmarks.common import (
     add_speedups,
-    environment,
     measured_bandwidth_gbs,
-    print_table,
     resolve_device,
+    run_and_report,
     time_fn,
-    write_results,
+    warm_up,
 )
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.shapes import PROBMOE_SHAPES, PROBMOE_TOKENS
@@ -103,9 +101,7 @@ def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers
     rows = []
     for name, provider in providers.items():
         call = functools.partial(provider, logits, uniforms, grad)
-        call()  # compile and warm up outside the timing
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        warm_up(call, device)
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = moved / timing["median_us"] / 1e3
         rows.append({
@@ -133,17 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    env = environment(device)
-    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']} ({env['git_commit']})")
-    start = time.perf_counter()
-    rows = run(quick=args.quick, device=device, tokens=args.tokens, directions=args.directions or ("fwd", "fwd+bwd"),
-               dtypes=args.dtypes)
-    print_table(rows, TABLE_COLUMNS)
-    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
-    if not args.no_write:
-        csv_path, png_path = write_results(OP_NAME, rows, env)
-        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
-    return 0
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, device=device, tokens=args.tokens,
+                    directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -32,12 +31,10 @@ import torch
 import moe_kernels
 from benchmarks.common import (
     add_speedups,
-    environment,
     measured_bandwidth_gbs,
-    print_table,
     resolve_device,
+    run_and_report,
     time_fn,
-    write_results,
 )
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS, RoutingShape
@@ -306,21 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     args = _parse_args(argv)
     device = resolve_device(args.device)
-    env = environment(device)
-    print(f"{OP_NAME} on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
-          f"moe_kernels {env['moe_kernels']} ({env['git_commit']})")
-    start = time.perf_counter()
-    rows = run(quick=args.quick, dtypes=args.dtypes, device=device, shapes=args.shapes, tokens=args.tokens,
-               providers=args.providers)
-    print()
-    print_table(rows, TABLE_COLUMNS)
-    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
-    if not args.no_write:
-        csv_path, png_path = write_results(OP_NAME, rows, env)
-        print(f"results: {csv_path}")
-        if png_path is not None:
-            print(f"plot:    {png_path}")
-    return 0
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, dtypes=args.dtypes, device=device, shapes=args.shapes, tokens=args.tokens,
+                    providers=args.providers),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

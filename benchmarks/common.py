@@ -133,6 +133,15 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, cuda_graph: bool 
     return _time_wall(fn)
 
 
+def warm_up(fn: Callable[[], object], device: torch.device) -> object:
+    """Call ``fn`` once outside any timing (it compiles, autotunes and fills caches) and wait for
+    it: graph timing runs on a side stream. Returns its output."""
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
+
+
 def _time_cuda(fn: Callable[[], object], cuda_graph: bool) -> dict:
     """:func:`time_fn` on CUDA (``quantiles=`` gives a list on triton 3.x, 3.6 to 3.9 included)."""
     import triton.testing
@@ -314,3 +323,21 @@ def add_speedups(rows: list[dict]) -> None:
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-")."""
     print(format_table(rows, columns))
+
+
+def run_and_report(op_name: str, device: torch.device, run_rows: Callable[[], list[dict]],
+                   columns: Sequence[str], *, write: bool = True) -> int:
+    """The body of every benchmark's ``main``: print the environment line, run the benchmark,
+    print its table and (with ``write``) append the rows to the op's result files. Returns 0."""
+    env = environment(device)
+    print(f"{op_name} on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
+          f"moe_kernels {env['moe_kernels']} ({env['git_commit']})")
+    start = time.perf_counter()
+    rows = run_rows()
+    print()
+    print_table(rows, columns)
+    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
+    if write:
+        csv_path, png_path = write_results(op_name, rows, env)
+        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
+    return 0
