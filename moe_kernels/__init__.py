@@ -13,6 +13,7 @@ from moe_kernels.functional import (
     fused_experts,
     grouped_mm,
     knn_mix,
+    moe_align,
     probmoe_route,
     softmax_topk,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "fused_experts",
     "grouped_mm",
     "knn_mix",
+    "moe_align",
     "probmoe_route",
     "softmax_topk",
     "ProbMoERouter",

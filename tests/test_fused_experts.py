@@ -44,7 +44,7 @@ def _float64(p):
 
 def test_moe_align_sorts_slots_stably():
     ids = torch.tensor([[2, 0], [-1, 2], [1, 0], [0, -1]], dtype=torch.int32)
-    align = ops.moe_align(ids, 3)
+    align = mk.moe_align(ids, 3)
     assert align.order.tolist() == [1, 5, 6, 4, 0, 3, 2, 7]
     assert align.tokens.tolist() == [0, 2, 3, 2, 0, 1, 1, 3]
     assert align.experts.tolist() == [0, 0, 0, 1, 2, 2, 3, 3]

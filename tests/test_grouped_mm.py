@@ -4,6 +4,8 @@ kernel on ``b^T``, the weight-gradient kernel, the gather / row-scale variants) 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -321,3 +323,27 @@ def test_kernel_opcheck_and_eager_function(kernel_device):
         via_function = GroupedMMFunction.apply(*args)
         via_op = torch.ops.moe_kernels.grouped_mm(*args)
     torch.testing.assert_close(via_function, via_op, atol=0, rtol=0)
+
+
+def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "TUNED_CONFIG_DIR", tmp_path)
+    ops.tuned_table.cache_clear()
+    name = "NVIDIA H100 80GB HBM3"
+    key = ops.tuned_key(False, torch.bfloat16, 1536, 2048)
+    small = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
+    large = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps({key: [[512, small], [32768, large]]}))
+    try:
+        for rows, want in ((100, small), (512, small), (4096, large), (10**6, large)):
+            meta = ops.grouped_mm_meta(rows, 1536, 2048, torch.bfloat16, device_name=name)
+            assert {k: meta[k] for k in want} == want
+        # Another GPU, another shape or no device: the heuristic.
+        heuristic = ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16)
+        assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, device_name="NVIDIA A100") == heuristic
+        assert ops.grouped_mm_meta(100, 1024, 2048, torch.bfloat16, device_name=name) == ops.grouped_mm_meta(
+            100, 1024, 2048, torch.bfloat16
+        )
+        with ops.pinned_config(BLOCK_M=16):  # a pinned config still wins
+            assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, device_name=name)["BLOCK_M"] == 16
+    finally:
+        ops.tuned_table.cache_clear()

@@ -1,6 +1,6 @@
 """The public functional API: validates arguments, picks the backend, calls the registered op."""
 
-from moe_kernels.functional.experts import expert_counts, fused_experts
+from moe_kernels.functional.experts import expert_counts, fused_experts, moe_align
 from moe_kernels.functional.grouped_mm import grouped_mm
 from moe_kernels.functional.knn import knn_mix
 from moe_kernels.functional.probmoe import exact_k_marginals, exact_k_sample, probmoe_route
@@ -13,6 +13,7 @@ __all__ = [
     "fused_experts",
     "grouped_mm",
     "knn_mix",
+    "moe_align",
     "probmoe_route",
     "softmax_topk",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops.experts import FusedExpertsFunction, fused_experts_op
+from moe_kernels.ops import experts as ops
+from moe_kernels.ops.experts import FusedExpertsFunction, MoEAlignment, fused_experts_op
 from moe_kernels.reference.experts import ACTIVATIONS
 from moe_kernels.utils import use_triton
 
@@ -14,13 +15,24 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Slots routed to each expert: ``ids (T, k)`` int32/int64 (-1 = empty, not counted) ->
-    ``(E,)`` int32 on ids' device, computed there without a host sync (a scatter-add, not
-    ``bincount``, whose CUDA version reads the maximum back)."""
+    ``(E,)`` int32 on ids' device, computed there without a host sync."""
     _check_ids(ids, num_experts, "expert_counts")
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    return counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))[:num_experts]
+    return ops.slot_experts_and_counts(ids, num_experts)[1][:num_experts]
+
+
+def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
+    """The routing slots sorted by expert, as :func:`fused_experts` uses them: ``ids (T, k)``
+    int32/int64 (-1 = empty) -> :class:`~moe_kernels.ops.experts.MoEAlignment` (``order``,
+    ``tokens``, ``experts``, ``positions`` of shape ``(T*k,)``, ``counts`` and ``offsets`` of shape
+    ``(E,)``), computed on ids' device without a host sync; every shape is fixed by T, k and E, so
+    the call can be captured in a CUDA graph.
+
+    Unlike vLLM's ``moe_align_block_size`` there is no ``block_m`` padding: the grouped GEMM maps
+    its row tiles to experts from ``offsets`` on the device, so no padded copy of the
+    activations is ever made.
+    """
+    _check_ids(ids, num_experts, "moe_align")
+    return ops.moe_align(ids, num_experts)
 
 
 def fused_experts(

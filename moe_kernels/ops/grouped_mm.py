@@ -19,6 +19,10 @@ As for every op, ``use_triton`` picks the Triton kernels or the PyTorch referenc
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 
@@ -31,6 +35,49 @@ _WEIGHT_GRAD_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K_OUT", "num_warps", "num_stag
 
 # When set (tests: :func:`pinned_config`), these values replace the heuristic's in every launch.
 _PINNED_CONFIG: dict | None = None
+
+# Tuned configurations, one JSON file per GPU model (``benchmarks/tune_grouped_mm.py`` writes
+# them): ``{"<kernel>|<dtype>|N|K": [[max_rows, {meta}], ...]}`` with ``kernel`` ``forward`` or
+# ``weight_grad`` and the entries in increasing ``max_rows``; a launch with M rows takes the first
+# entry with ``M <= max_rows`` (the last one beyond). Shapes without an entry use the heuristic.
+TUNED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "grouped_mm"
+
+
+def device_slug(name: str) -> str:
+    """File-name form of a GPU model name (``"NVIDIA H100 80GB HBM3"`` -> ``nvidia-h100-80gb-hbm3``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tuned_key(weight_grad: bool, dtype: torch.dtype, n_cols: int, k_dim: int) -> str:
+    return f"{'weight_grad' if weight_grad else 'forward'}|{str(dtype).removeprefix('torch.')}|{n_cols}|{k_dim}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(device_name: str | None) -> dict:
+    """The tuned configurations of a GPU model ({} when none were tuned for it)."""
+    if device_name is None:
+        return {}
+    path = TUNED_CONFIG_DIR / f"{device_slug(device_name)}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name_of(device: torch.device) -> str | None:
+    """GPU model name of a CUDA ``device`` (cached: no query per launch), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tuned_meta(device_name, weight_grad, dtype, rows, n_cols, k_dim) -> dict:
+    entries = tuned_table(device_name).get(tuned_key(weight_grad, dtype, n_cols, k_dim))
+    if not entries:
+        return {}
+    return next((meta for max_rows, meta in entries if rows <= max_rows), entries[-1][1])
 
 
 @contextlib.contextmanager
@@ -66,14 +113,18 @@ def _clamp_block(size: int, largest: int) -> int:
     return max(16, min(largest, next_power_of_2(size)))
 
 
-def grouped_mm_meta(M: int, N: int, K: int, dtype: torch.dtype, *, weight_grad: bool = False) -> dict:
+def grouped_mm_meta(
+    M: int, N: int, K: int, dtype: torch.dtype, *, weight_grad: bool = False, device_name: str | None = None
+) -> dict:
     """Constexprs, ``num_warps`` and ``num_stages`` of the forward kernel (or, with
     ``weight_grad``, of the weight-gradient kernel), shared with the AOT compile registry.
 
     ``M`` is the number of (sorted) rows, ``K`` / ``N`` the dims of each ``b[g]``. 16-bit inputs
     use 64-deep K steps (tensor cores; ``BLOCK_M >= 64`` and 4 or 8 warps let sm_90 use wgmma),
     128-row tiles once there are many rows; float32 computes exactly (``ieee``, CUDA cores) on
-    smaller tiles. Small N / K shrink the tiles down to 16.
+    smaller tiles. Small N / K shrink the tiles down to 16. A tuned configuration of
+    ``device_name`` for this (kernel, dtype, N, K) (:data:`TUNED_CONFIG_DIR`) replaces the
+    heuristic's values; a pinned one (:func:`pinned_config`) replaces both.
     """
     wide = dtype != torch.float32
     precision = "tf32" if wide else "ieee"  # ignored for 16-bit inputs
@@ -103,6 +154,7 @@ def grouped_mm_meta(M: int, N: int, K: int, dtype: torch.dtype, *, weight_grad: 
             num_stages=3,
         )
         keys = _FORWARD_KEYS
+    meta.update({key: value for key, value in _tuned_meta(device_name, weight_grad, dtype, M, N, K).items() if key in keys})
     if _PINNED_CONFIG:
         pinned = dict(_PINNED_CONFIG)
         if weight_grad and "BLOCK_K_OUT" not in pinned and "BLOCK_K" in pinned:
@@ -198,7 +250,7 @@ def launch_grouped_mm(
         return out
     if k_dim == 0 or a.shape[0] == 0 or num_groups == 0:  # empty products, no group: zeros
         return out.zero_()
-    meta = grouped_mm_meta(out_rows, n_cols, k_dim, a.dtype)
+    meta = grouped_mm_meta(out_rows, n_cols, k_dim, a.dtype, device_name=device_name_of(device))
     grid = ((cdiv(out_rows, meta["BLOCK_M"]) + num_groups) * cdiv(n_cols, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](
         a,
@@ -261,7 +313,7 @@ def launch_grouped_mm_weight_grad(
         return grad_b
     if num_rows == 0 or a.shape[0] == 0:  # no rows to reduce over: zeros
         return grad_b.zero_()
-    meta = grouped_mm_meta(num_rows, n_cols, k_dim, a.dtype, weight_grad=True)
+    meta = grouped_mm_meta(num_rows, n_cols, k_dim, a.dtype, weight_grad=True, device_name=device_name_of(device))
     grid = (cdiv(n_cols, meta["BLOCK_N"]), cdiv(k_dim, meta["BLOCK_K_OUT"]), num_groups)
     _grouped_mm_weight_grad_kernel[grid](
         a,
