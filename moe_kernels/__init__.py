@@ -17,7 +17,7 @@ from moe_kernels.functional import (
     probmoe_route,
     softmax_topk,
 )
-from moe_kernels.nn import ProbMoERouter, TopKRouter
+from moe_kernels.nn import MoE, ProbMoERouter, TopKRouter
 
 __all__ = [
     "exact_k_marginals",
@@ -29,6 +29,7 @@ __all__ = [
     "moe_align",
     "probmoe_route",
     "softmax_topk",
+    "MoE",
     "ProbMoERouter",
     "TopKRouter",
     "__version__",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.functional import probmoe_route, softmax_topk
+from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
+from moe_kernels.reference.experts import gated_activation
 
 
 class TopKRouter(nn.Module):
@@ -121,3 +122,108 @@ class ProbMoERouter(nn.Module):
             f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, k_min={self.k_min}, "
             f"renormalize={self.renormalize}, backend={self.backend}"
         )
+
+
+class GatedMLP(nn.Module):
+    """A dense gated MLP (a shared expert): ``down(act(gate_up(x)))`` with ``gate_up_proj
+    (2I, H)`` (gate rows then up rows) and ``down_proj (H, I)``, the routed experts' layout for
+    one expert. ``forward(x (..., H)) -> (..., H)``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(
+            torch.randn(2 * intermediate_size, hidden_size, device=device, dtype=dtype) * hidden_size**-0.5
+        )
+        self.down_proj = nn.Parameter(
+            torch.randn(hidden_size, intermediate_size, device=device, dtype=dtype) * intermediate_size**-0.5
+        )
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = gated_activation(nn.functional.linear(x, self.gate_up_proj), self.activation)
+        return nn.functional.linear(hidden, self.down_proj)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts block: a router, ``num_experts`` routed gated MLPs run by
+    :func:`moe_kernels.fused_experts`, and optionally a shared expert with a sigmoid gate
+    (Qwen2-MoE / DeepSeek style).
+
+    ``forward(hidden (..., H)) -> (..., H)`` in hidden's dtype. Parameters follow the HF
+    transformers v5 layout: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, optional
+    ``gate_up_bias (E, 2I)`` / ``down_bias (E, H)``.
+
+    Args:
+        hidden_size, intermediate_size, num_experts, k: H, I, E and experts per token.
+        router: any module mapping ``hidden (T, H)`` to ``(weights (T, k) float32, ids (T, k)
+            int32)`` (:class:`TopKRouter`, :class:`ProbMoERouter`,
+            :class:`moe_kernels.knn.KNNRouter`); default a :class:`TopKRouter` with ``routing``.
+        activation: as for :func:`moe_kernels.fused_experts`.
+        expert_bias: give the experts both biases (GPT-OSS).
+        shared_intermediate_size: add a shared expert of this width, gated by
+            ``sigmoid(shared_gate(x))`` when ``shared_gate`` (Qwen2-MoE), ungated otherwise
+            (DeepSeek-V3).
+        backend: the ops' backend.
+        routing: keyword arguments of the default :class:`TopKRouter`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        k: int,
+        *,
+        router: nn.Module | None = None,
+        activation: str = "silu",
+        expert_bias: bool = False,
+        shared_intermediate_size: int | None = None,
+        shared_gate: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        **routing,
+    ):
+        super().__init__()
+        if router is not None and routing:
+            raise ValueError(f"MoE: routing options {sorted(routing)} apply to the default router only, got a router")
+        self.router = router or TopKRouter(
+            hidden_size, num_experts, k, backend=backend, device=device, dtype=dtype, **routing
+        )
+        factory = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(
+            torch.randn(num_experts, 2 * intermediate_size, hidden_size, **factory) * hidden_size**-0.5
+        )
+        self.down_proj = nn.Parameter(
+            torch.randn(num_experts, hidden_size, intermediate_size, **factory) * intermediate_size**-0.5
+        )
+        self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **factory)) if expert_bias else None
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.shared_expert = None
+        self.shared_gate = None
+        if shared_intermediate_size:
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, activation=activation, **factory)
+            if shared_gate:
+                self.shared_gate = nn.Linear(hidden_size, 1, bias=False, **factory)
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
+        flat = hidden.reshape(-1, hidden_size)
+        weights, ids = self.router(flat)
+        out = fused_experts(
+            flat, self.gate_up_proj, self.down_proj, weights, ids, activation=self.activation,
+            gate_up_bias=self.gate_up_bias, down_bias=self.down_bias, backend=self.backend,
+        )
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        return out.reshape(*lead, hidden_size)
+
+    def extra_repr(self) -> str:
+        num_experts, width, hidden = self.gate_up_proj.shape
+        return (f"hidden_size={hidden}, intermediate_size={width // 2}, num_experts={num_experts}, "
+                f"activation={self.activation}, backend={self.backend}")
