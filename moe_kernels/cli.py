@@ -168,13 +168,14 @@ def cmd_bench(args, extra: list[str]) -> int:
         print("moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr)
         return 2
     sys.path.insert(0, str(repo_root))
-    from benchmarks import bench_experts, bench_knn, bench_probmoe, bench_routing
+    from benchmarks import bench_experts, bench_knn, bench_probmoe, bench_retrieval, bench_routing
 
     benches = {
         "softmax_topk": bench_routing,
         "knn_mix": bench_knn,
         "probmoe": bench_probmoe,
         "fused_experts": bench_experts,
+        "knn_retrieval": bench_retrieval,
     }
     chosen = benches if args.op == "all" else {args.op: benches[args.op]}
     return max(bench.main(extra) for bench in chosen.values())
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--tokens", type=int, nargs="+")
     validate.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     bench = commands.add_parser("bench", help="run the benchmark suite (other arguments pass to each op's benchmark)")
-    bench.add_argument("--op", choices=("all", "softmax_topk", "knn_mix", "probmoe", "fused_experts"), default="all")
+    bench.add_argument("--op", choices=("all", "softmax_topk", "knn_mix", "probmoe", "fused_experts", "knn_retrieval"), default="all")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, extra)

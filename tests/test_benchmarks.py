@@ -145,3 +145,23 @@ def test_hf_loop_baseline_matches_reference():
     down = torch.randn(shape.num_experts, shape.hidden, shape.intermediate, generator=generator) * 0.1
     got = bench_experts.hf_eager_experts(hidden, gate_up, down, weights, ids)
     torch.testing.assert_close(got, reference.fused_experts(hidden, gate_up, down, weights, ids))
+
+
+def test_retrieval_benchmark_rows():
+    from benchmarks import bench_retrieval
+    from moe_kernels.knn import faiss_available
+
+    rows = bench_retrieval.run(quick=True, entries=(500,), dims=(32,), num_queries=40, device="cpu")
+    indexes = bench_retrieval.INDEXES if faiss_available() else ("torch",)
+    assert [row["index"] for row in rows] == list(indexes)
+    exact = {row["index"]: row["recall"] for row in rows}
+    assert exact["torch"] == 1.0 and exact.get("flat", 1.0) == 1.0  # exact searches agree
+    assert all(0.0 <= row["recall"] <= 1.0 and row["queries_per_s"] > 0 for row in rows)
+
+
+def test_recall_counts_found_neighbours():
+    from benchmarks.bench_retrieval import recall_at
+
+    exact = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = torch.tensor([[4, 3, 9, 9], [5, 6, 7, 8]])
+    assert recall_at(found, exact) == pytest.approx((2 / 4 + 1) / 2)

@@ -1,0 +1,95 @@
+"""kNN-MoE retrieval benchmark: the routing memory's exact torch search against faiss (flat,
+IVF, IVF-PQ with the paper's d/8-byte codes, HNSW): queries per second, build time and recall@n
+of each approximate index against exact search.
+
+    python -m benchmarks.bench_retrieval --quick
+    python -m benchmarks.bench_retrieval --entries 10000 100000 1000000 --dims 512 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Sequence
+
+import torch
+
+from benchmarks.common import resolve_device, run_and_report
+from moe_kernels.knn import RoutingMemory, faiss_available
+
+OP_NAME = "knn_retrieval"
+INDEXES = ("torch", "flat", "ivf", "ivfpq", "hnsw")
+QUICK = dict(entries=(2000,), dims=(64,), queries=256)
+TABLE_COLUMNS = ("N", "d", "index", "n", "build_s", "queries_per_s", "recall", "device")
+
+
+def recall_at(ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
+    """Mean fraction of each query's exact ``n`` neighbours that ``ids`` found."""
+    hits = (ids[:, :, None] == exact_ids[:, None, :]).any(dim=1).float()
+    return hits.mean().item()
+
+
+def _clustered(num: int, dim: int, generator: torch.Generator, centers: torch.Tensor) -> torch.Tensor:
+    """Points around random centres: hidden states cluster, and uniform noise would make every
+    index look equally bad."""
+    picks = torch.randint(0, centers.shape[0], (num,), generator=generator)
+    return centers[picks] + 0.3 * torch.randn(num, dim, generator=generator)
+
+
+def run(*, quick: bool = False, entries: Sequence[int] | None = None, dims: Sequence[int] | None = None,
+        num_neighbors: int = 8, num_queries: int | None = None, device=None) -> list[dict]:
+    """Rows of every (N, d, index)."""
+    device = resolve_device(device)
+    entries = entries or (QUICK["entries"] if quick else (10_000, 100_000))
+    dims = dims or (QUICK["dims"] if quick else (512, 2048))
+    num_queries = num_queries or (QUICK["queries"] if quick else 4096)
+    indexes = INDEXES if faiss_available() else ("torch",)
+    rows = []
+    for dim in dims:
+        for num in entries:
+            generator = torch.Generator().manual_seed(num + dim)
+            centers = torch.randn(64, dim, generator=generator)
+            keys = _clustered(num, dim, generator, centers)
+            queries = _clustered(num_queries, dim, generator, centers).to(device)
+            values = torch.zeros(num, 1)
+            exact_ids = None
+            for index in indexes:
+                start = time.perf_counter()
+                memory = RoutingMemory(keys, values, index=index)
+                build_s = time.perf_counter() - start
+                memory.search(queries[:8], num_neighbors)  # warm up
+                start = time.perf_counter()
+                ids, _ = memory.search(queries, num_neighbors)
+                seconds = time.perf_counter() - start
+                if exact_ids is None:  # "torch" runs first: the exact ground truth
+                    exact_ids = ids
+                rows.append({
+                    "op": OP_NAME, "N": num, "d": dim, "index": index, "n": num_neighbors, "build_s": build_s,
+                    "queries_per_s": num_queries / seconds, "recall": recall_at(ids, exact_ids),
+                    "device": str(device), "provider": index, "T": num_queries, "median_us": seconds * 1e6,
+                })
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N=2000, d=64, 256 queries")
+    parser.add_argument("--entries", type=int, nargs="+")
+    parser.add_argument("--dims", type=int, nargs="+")
+    parser.add_argument("--neighbors", type=int, default=8)
+    parser.add_argument("--device", help="where the queries live (cpu or cuda)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, entries=args.entries, dims=args.dims, num_neighbors=args.neighbors,
+                    device=device),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
