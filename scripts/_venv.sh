@@ -15,7 +15,8 @@ else
     default_torch="torch==2.13.0"
 fi
 TORCH_SPEC="${MOE_KERNELS_TORCH:-$default_torch}"
-REQUIREMENTS=("$TORCH_SPEC" "triton==3.9.0" "numpy" "faiss-cpu" "safetensors" "matplotlib" "pytest" "pytest-benchmark" "ninja")
+REQUIREMENTS=("$TORCH_SPEC" "triton==3.9.0" "numpy" "faiss-cpu" "safetensors" "matplotlib" "pytest" "pytest-benchmark" "ninja"
+              "transformers==5.23.0")
 STAMP="$VENV/.moe-kernels-setup"
 WANT="${REQUIREMENTS[*]} $(cat "$ROOT/pyproject.toml" | cksum)"
 

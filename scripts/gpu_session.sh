@@ -26,6 +26,7 @@ if [ "${1:-}" = "--quick-bench" ]; then
 else
     run python3 -m moe_kernels.cli bench --op softmax_topk --dtype bfloat16 --dtype float32
     run python3 -m moe_kernels.cli bench --op knn_mix --dtype bfloat16
+    run python3 -m moe_kernels.cli bench --op knn_route
     run python3 -m moe_kernels.cli bench --op probmoe
     run python3 -m moe_kernels.cli bench --op fused_experts --dtype bfloat16 --routing uniform skewed one_hot
     run python3 -m moe_kernels.cli bench --op knn_retrieval

@@ -165,3 +165,13 @@ def test_recall_counts_found_neighbours():
     exact = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     found = torch.tensor([[4, 3, 9, 9], [5, 6, 7, 8]])
     assert recall_at(found, exact) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_knn_route_benchmark_rows():
+    from benchmarks import bench_knn_route
+
+    rows = bench_knn_route.run(quick=True, device="cpu", tokens=(3,), entries=(50,))
+    assert {row["provider"] for row in rows} == {"moe_kernels", "softmax_topk", "torch_eager"}
+    for row in rows:
+        assert row["bytes"] == bench_knn_route.route_bytes(3, row["E"], 8, row["k"], torch.float32)
+        assert (row["extra_us_vs_softmax_topk"] is not None) == (row["provider"] == "moe_kernels")

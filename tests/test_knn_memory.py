@@ -163,6 +163,24 @@ def test_knn_router_falls_back_to_the_frozen_router():
     assert torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
 
 
+def test_knn_router_treats_missing_neighbours_as_dissimilar(monkeypatch):
+    weight, memory = _router_and_memory()
+    queries = memory.keys[:5] * 3.0
+    found_ids, found_sims = memory.search(queries, 2)
+    # An approximate index that found only the first neighbour of each query (faiss pads with -1).
+    monkeypatch.setattr(memory, "search", lambda q, n: (
+        torch.where(torch.arange(n) == 0, found_ids, -1), torch.where(torch.arange(n) == 0, found_sims, -1.0)
+    ))
+    router = KNNRouter(weight, memory, 2, n_neighbors=2, backend="torch")
+    weights, ids = router(queries)
+    logits = queries @ weight.T
+    # Confidence halves (similarity 1 and 0) and the missing slot carries no weight.
+    mixed = 0.5 * memory.values[found_ids[:, 0]] + 0.5 * logits
+    want_weights, want_ids = softmax_topk(mixed, 2, backend="torch")
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights)
+
+
 def test_knn_router_rejects_a_mismatched_memory():
     weight, memory = _router_and_memory()
     with pytest.raises(ValueError, match=r"router weight \(E, H\) = \(8, 32\) needs 32 and 8"):

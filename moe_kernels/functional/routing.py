@@ -73,9 +73,10 @@ def softmax_topk(
                                                  ``renormalize=True`` for SigmoidRenorm
     ==========================================  ===============================================
 
-    Group masking uses -inf where HF's DeepSeek-V3 code uses ``masked_fill(..., 0.0)``: with a
-    negative bias an eligible key can be below 0, and HF can then pick an expert of a dropped
-    group; here an expert of a dropped group is never chosen while an eligible one remains.
+    Group masking uses -inf, as HF transformers' DeepSeek-V3 does from 5.12 on; the original
+    DeepSeek code and transformers 5.0 used ``masked_fill(..., 0.0)``, with which, given a
+    negative bias, an eligible key can be below 0 and an expert of a dropped group be picked.
+    Here an expert of a dropped group is never chosen while an eligible one remains.
 
     Non-finite rows never yield an out-of-range or repeated id: NaN keys rank as -inf, so they are
     picked last, lowest id first. Their weights are what the formula gives: softmax rows holding

@@ -81,6 +81,95 @@ def _limit_to_best_groups(
 
 
 @triton.jit
+def _route_tile(
+    x,
+    rows,
+    row_ok,
+    expert,
+    col_ok,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    logits_ptr,
+    row_off,
+    scale,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GS_PAD: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
+    RELOAD: tl.constexpr,
+):
+    """Route a tile of logits: scores, selection and the ``weights`` / ``ids`` stores.
+
+    ``x`` is a ``[BLOCK_T, G_PAD * GS_PAD]`` float32 tile of logits in the group-major column
+    order of :func:`_softmax_topk_fwd_kernel` (column ``c`` holds expert ``expert[c]``, valid
+    where ``col_ok[c]``; rows ``rows`` valid where ``row_ok``; anything finite in masked places).
+    ``RELOAD``: recompute the K chosen scores from the logits reloaded from ``logits_ptr +
+    row_off + id`` (cache hits, cheaper than K more reductions when the logits are in memory);
+    otherwise take them out of the score tile (``logits_ptr`` / ``row_off`` are then unused).
+    Both give bit-identical weights: the same float32 arithmetic on the same values.
+    """
+    BLOCK_W: tl.constexpr = G_PAD * GS_PAD
+    kcols = tl.arange(0, K_PAD)
+    # Padding columns score 0; rows past T stay finite so they compute no NaN.
+    x = tl.where(col_ok[None, :], x, float("-inf"))
+    s, row_max, inv_sum = _gate_scores(x, SOFTMAX)
+
+    key = s
+    if HAS_BIAS:
+        key = key + tl.load(bias_ptr + expert, mask=col_ok, other=0.0)[None, :]
+    key = tl.where(key == key, key, float("-inf")) + 0.0  # NaN -> -inf; -0.0 -> +0.0
+    key = tl.where(col_ok[None, :], key, float("-inf"))
+    if GROUPED:
+        key = _limit_to_best_groups(key, BLOCK_T, G_PAD, GS_PAD, TOPK_GROUPS, GROUP_TOP2)
+
+    # Order-preserving int32 image of the float key: flip the magnitude bits of negatives.
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (ordered.to(tl.int64) << 32) | (BLOCK_W - expert).to(tl.int64)[None, :]
+    packed = tl.where(col_ok[None, :], packed, _EXCLUDED)
+
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    if not RELOAD:
+        weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+        s_real = tl.where(col_ok[None, :], s, 0.0)
+    for j in range(K):
+        best = tl.max(packed, axis=1)
+        chosen = BLOCK_W - best.to(tl.int32)  # the low half holds BLOCK_W - expert
+        ids = tl.where(kcols[None, :] == j, chosen[:, None], ids)
+        if not RELOAD:
+            # The one real column holding ``chosen`` (padding columns may alias it: masked).
+            picked = tl.sum(tl.where(expert[None, :] == chosen[:, None], s_real, 0.0), axis=1)
+            weights = tl.where(kcols[None, :] == j, picked[:, None], weights)
+        # Padding columns may alias a real expert id here; they are excluded already.
+        packed = tl.where(expert[None, :] == chosen[:, None], _EXCLUDED, packed)
+
+    out_mask = row_ok[:, None] & (kcols < K)[None, :]
+    if RELOAD:
+        # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is
+        # cheaper than K more reductions over the tile, and recomputes the scores bit-identically.
+        x_chosen = tl.load(
+            logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0
+        ).to(tl.float32)
+        weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
+    else:
+        weights = tl.where(out_mask, weights, 0.0)
+    if RENORMALIZE:
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+    weights = weights * scale
+    out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    tl.store(weights_ptr + out_off, weights, mask=out_mask)
+    tl.store(ids_ptr + out_off, ids, mask=out_mask)
+
+
+@triton.jit
 def _softmax_topk_fwd_kernel(
     logits_ptr,  # (T, E) float32/float16/bfloat16, row stride stride_lt, experts contiguous
     bias_ptr,  # (E,) float32, read only when HAS_BIAS
@@ -110,12 +199,12 @@ def _softmax_topk_fwd_kernel(
     ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
     ``group_size = E``, so column ``c`` is expert ``c``). ``CONTIGUOUS`` says that column ``c``
     is expert ``c`` (no groups, or a power-of-two group size), which lets the compiler see
-    consecutive addresses and issue vector loads.
+    consecutive addresses and issue vector loads. The routing itself is :func:`_route_tile`,
+    shared with the fused kNN route (``_knn_route.py``).
     """
     BLOCK_W: tl.constexpr = G_PAD * GS_PAD
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_W)
-    kcols = tl.arange(0, K_PAD)
     if CONTIGUOUS:
         expert = cols
         col_ok = cols < E
@@ -130,45 +219,11 @@ def _softmax_topk_fwd_kernel(
         mask=row_ok[:, None] & col_ok[None, :],
         other=0.0,
     ).to(tl.float32)
-    # Padding columns score 0; rows past T stay finite so they compute no NaN.
-    x = tl.where(col_ok[None, :], x, float("-inf"))
-    s, row_max, inv_sum = _gate_scores(x, SOFTMAX)
-
-    key = s
-    if HAS_BIAS:
-        key = key + tl.load(bias_ptr + expert, mask=col_ok, other=0.0)[None, :]
-    key = tl.where(key == key, key, float("-inf")) + 0.0  # NaN -> -inf; -0.0 -> +0.0
-    key = tl.where(col_ok[None, :], key, float("-inf"))
-    if GROUPED:
-        key = _limit_to_best_groups(key, BLOCK_T, G_PAD, GS_PAD, TOPK_GROUPS, GROUP_TOP2)
-
-    # Order-preserving int32 image of the float key: flip the magnitude bits of negatives.
-    bits = key.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (ordered.to(tl.int64) << 32) | (BLOCK_W - expert).to(tl.int64)[None, :]
-    packed = tl.where(col_ok[None, :], packed, _EXCLUDED)
-
-    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    for j in range(K):
-        best = tl.max(packed, axis=1)
-        chosen = BLOCK_W - best.to(tl.int32)  # the low half holds BLOCK_W - expert
-        ids = tl.where(kcols[None, :] == j, chosen[:, None], ids)
-        # Padding columns may alias a real expert id here; they are excluded already.
-        packed = tl.where(expert[None, :] == chosen[:, None], _EXCLUDED, packed)
-
-    out_mask = row_ok[:, None] & (kcols < K)[None, :]
-    # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is cheaper
-    # than K more reductions over the tile, and recomputes the scores bit-identically.
-    x_chosen = tl.load(
-        logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0
-    ).to(tl.float32)
-    weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
-    if RENORMALIZE:
-        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
-    weights = weights * scale
-    out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
-    tl.store(weights_ptr + out_off, weights, mask=out_mask)
-    tl.store(ids_ptr + out_off, ids, mask=out_mask)
+    _route_tile(
+        x, rows, row_ok, expert, col_ok, bias_ptr, weights_ptr, ids_ptr, logits_ptr, row_off, scale,
+        K, K_PAD, BLOCK_T, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2,
+        True,
+    )
 
 
 @triton.jit

@@ -505,3 +505,105 @@ def _grouped_mm_weight_grad_cases() -> Iterator[KernelCase]:
             dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim, stride_bk=n_cols)
             yield _gemm_case("grouped_mm_weight_grad", _grouped_mm_weight_grad_kernel, weight_grad, meta,
                              ("stride_ak", "stride_dn", "stride_bn"), True, scale, dims, label)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kNN-MoE route (moe_kernels/kernels/_knn_route.py, launchers in moe_kernels/ops/knn_route.py)
+# --------------------------------------------------------------------------------------------
+
+# The logits dtype only changes the loads: bf16 stands for both 16-bit dtypes. Neighbour ids come
+# as int64 from RoutingMemory.search; int32 ids compile once per expert count (n = 8, bf16,
+# similarity weighting) to cover their load.
+
+
+def _knn_route_variants() -> Iterator[tuple[torch.dtype, int, str]]:
+    """(dtype, n, weighting) compiled for every shape and tiling: bf16 with both n and both
+    weightings; float32 (the same code but for the loads) once."""
+    for num_neighbors in KNN_NEIGHBORS:
+        for weighting in ("similarity", "softmax"):
+            yield torch.bfloat16, num_neighbors, weighting
+    yield torch.float32, KNN_NEIGHBORS[0], "similarity"
+
+
+def _knn_route_id_types(dtype: torch.dtype, num_neighbors: int, weighting: str) -> tuple[str, ...]:
+    if dtype == torch.bfloat16 and num_neighbors == KNN_NEIGHBORS[0] and weighting == "similarity":
+        return ("i64", "i32")
+    return ("i64",)
+
+
+def _knn_route_divisible(num_experts: int, num_neighbors: int, row_strides: tuple[str, ...]) -> tuple[str, ...]:
+    """Contiguous inputs: the logits' row strides are E, the ids' and sims' row strides n."""
+    out = row_strides if num_experts % 16 == 0 else ()
+    return out + (("stride_it", "stride_st") if num_neighbors % 16 == 0 else ())
+
+
+_KNN_ROUTE_GATHER_SIGNATURE = {"stride_mn": "i32", "stride_it": "i32", "stride_in": "i32", "stride_st": "i32",
+                               "stride_sn": "i32", "inv_temperature": "fp32", "min_confidence": "fp32"}
+
+
+@register_kernel("knn_route_fwd")
+def _knn_route_fwd_cases() -> Iterator[KernelCase]:
+    """Over the routing registry (each model's own routing options, its token counts' tilings)
+    and :func:`_knn_route_variants`."""
+    from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
+    from moe_kernels.ops.knn_route import knn_route_meta
+
+    for shape in ROUTING_SHAPES:
+        opts = shape.options
+        for num_tokens in ROUTING_TOKENS:
+            for dtype, num_neighbors, weighting in _knn_route_variants():
+                meta = knn_route_meta(
+                    num_tokens,
+                    shape.num_experts,
+                    shape.k,
+                    num_neighbors,
+                    renormalize=opts.get("renormalize", False),
+                    score_func=opts.get("score_func", "softmax"),
+                    has_bias=shape.has_bias,
+                    num_groups=opts.get("num_groups") or 0,
+                    topk_groups=opts.get("topk_groups") or 0,
+                    group_score=opts.get("group_score", "top2_sum"),
+                    weighting=weighting,
+                )
+                num_warps = meta.pop("num_warps")
+                logits = "*" + TRITON_DTYPES[dtype]
+                for id_type in _knn_route_id_types(dtype, num_neighbors, weighting):
+                    signature = {
+                        "router_ptr": logits, "memory_ptr": logits, "nbr_ids_ptr": "*" + id_type,
+                        "sims_ptr": "*fp32",
+                        # Without a bias the launcher passes the router logits as the bias pointer.
+                        "bias_ptr": "*fp32" if shape.has_bias else logits,
+                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32",
+                        "T": "i32", "E": "i32", "group_size": "i32", "stride_rt": "i32",
+                        **_KNN_ROUTE_GATHER_SIGNATURE, "scale": "fp32",
+                    }
+                    label = (f"{_routing_label(TRITON_DTYPES[dtype], meta, num_warps)} n{num_neighbors} "
+                             f"{'sim' if meta['SIMILARITY'] else 'softmax'} ids-{id_type}")
+                    yield KernelCase(
+                        "knn_route_fwd", _knn_route_fwd_kernel, signature, meta, num_warps, label=label,
+                        divisible=_knn_route_divisible(shape.num_experts, num_neighbors,
+                                                       ("E", "stride_rt", "stride_mn")),
+                    )
+
+
+@register_kernel("knn_route_mixed")
+def _knn_route_mixed_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
+    from moe_kernels.ops.knn_route import knn_route_mixed_meta
+
+    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
+        for dtype, num_neighbors, weighting in _knn_route_variants():
+            meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
+            num_warps = meta.pop("num_warps")
+            logits = "*" + TRITON_DTYPES[dtype]
+            for id_type in _knn_route_id_types(dtype, num_neighbors, weighting):
+                signature = {
+                    "router_ptr": logits, "memory_ptr": logits, "nbr_ids_ptr": "*" + id_type,
+                    "sims_ptr": "*fp32", "mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32",
+                    "T": "i32", "E": "i32", "stride_rt": "i32", **_KNN_ROUTE_GATHER_SIGNATURE,
+                }
+                yield KernelCase(
+                    "knn_route_mixed", _knn_route_mixed_kernel, signature, meta, num_warps,
+                    label=f"{_knn_label(TRITON_DTYPES[dtype], meta, num_warps)} ids-{id_type}",
+                    divisible=_knn_route_divisible(num_experts, num_neighbors, ("E", "stride_rt", "stride_mn")),
+                )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.functional import knn_mix, softmax_topk
+from moe_kernels.functional import knn_route
 from moe_kernels.knn.memory import RoutingMemory
 
 
@@ -14,9 +14,9 @@ class KNNRouter(nn.Module):
 
     Per token: the frozen router's logits ``z = hidden @ weight.T``; the ``n_neighbors`` most
     similar cases of ``memory`` (searched with ``hidden`` as the query); their stored logits mixed
-    into ``z`` by :func:`moe_kernels.knn_mix` (confidence = mean similarity, 0 below
-    ``min_confidence``, where the frozen router is used unchanged); then
-    :func:`moe_kernels.softmax_topk` with ``routing`` (its keyword arguments).
+    into ``z`` (confidence = mean similarity, 0 below ``min_confidence``, where the frozen router
+    is used unchanged) and routed with ``routing`` (:func:`moe_kernels.softmax_topk`'s keyword
+    arguments), all in one fused op, :func:`moe_kernels.knn_route`.
 
     ``weight (E, H)`` is the frozen router's weight (shared, not copied; no gradient is asked of
     it). The search runs where the memory's index lives (faiss: CPU), so a CUDA forward copies
@@ -57,9 +57,14 @@ class KNNRouter(nn.Module):
         flat = hidden.reshape(-1, hidden_size)
         logits = nn.functional.linear(flat, self.weight)
         ids, sims = self.memory.search(flat, self.n_neighbors)
-        neighbor_logits = self.memory_logits[ids.to(self.memory_logits.device)].to(logits.device)
-        mixed, _ = knn_mix(logits, neighbor_logits, sims.to(logits.device), backend=self.backend, **self.mixing)
-        weights, chosen = softmax_topk(mixed, self.k, backend=self.backend, **self.routing)
+        # An approximate index may find fewer than n neighbours (faiss id -1): such a slot counts
+        # as similarity 0, which lowers the confidence, and points at a valid row it never weighs.
+        missing = ids < 0
+        ids = torch.where(missing, torch.zeros_like(ids), ids).to(logits.device)
+        sims = torch.where(missing, torch.zeros_like(sims), sims).to(logits.device)
+        weights, chosen, _ = knn_route(
+            logits, ids, sims, self.memory_logits, self.k, backend=self.backend, **self.mixing, **self.routing
+        )
         return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from moe_kernels.reference.experts import (
     grouped_mm,
     grouped_mm_backward,
 )
-from moe_kernels.reference.knn import knn_mix, knn_mix_backward
+from moe_kernels.reference.knn import knn_mix, knn_mix_backward, knn_route, knn_route_backward
 from moe_kernels.reference.probmoe import exact_k_backward, exact_k_forward
 from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
 
@@ -31,6 +31,8 @@ __all__ = [
     "grouped_mm_backward",
     "knn_mix",
     "knn_mix_backward",
+    "knn_route",
+    "knn_route_backward",
     "softmax_topk",
     "softmax_topk_backward",
 ]

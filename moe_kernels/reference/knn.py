@@ -1,11 +1,16 @@
-"""Pure-PyTorch reference of the kNN-MoE logit mixing op (semantics on
-:func:`moe_kernels.knn_mix`). Computes in float32 (float64 for float64 router logits)."""
+"""Pure-PyTorch references of the kNN-MoE logit mixing op and of the fused kNN route
+(semantics on :func:`moe_kernels.knn_mix` and :func:`moe_kernels.functional.knn_route.knn_route`).
+Compute in float32 (float64 for float64 router logits)."""
 
 from __future__ import annotations
 
 import torch
 
-from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.reference.routing import (
+    compute_dtype,
+    softmax_topk,
+    softmax_topk_backward,
+)
 
 
 def knn_confidence_and_weights(
@@ -69,3 +74,92 @@ def knn_mix_backward(
     grad_router = (1.0 - c) * grad
     grad_neighbors = share.unsqueeze(-1) * grad.unsqueeze(-2)
     return grad_router.to(router_dtype), grad_neighbors.to(neighbor_dtype)
+
+
+def gather_neighbors(memory_logits: torch.Tensor, neighbor_ids: torch.Tensor) -> torch.Tensor:
+    """``memory_logits (N, E)`` rows ``neighbor_ids (T, n)`` -> ``(T, n, E)`` (differentiable)."""
+    return memory_logits[neighbor_ids.long()]
+
+
+def knn_route(
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = False,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+    scale: float = 1.0,
+    weighting: str = "similarity",
+    temperature: float = 0.1,
+    min_confidence: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the fused kNN route (arguments assumed valid): the gather of the retrieved
+    rows, :func:`knn_mix` and :func:`moe_kernels.reference.routing.softmax_topk`.
+
+    Returns ``weights (T, k)``, ``ids (T, k)`` int32 and ``conf (T,)`` (float32, float64 for
+    float64 router logits); ``weights`` is differentiable with respect to ``router_logits`` and
+    ``memory_logits``."""
+    mixed, conf = knn_mix(
+        router_logits,
+        gather_neighbors(memory_logits, neighbor_ids),
+        neighbor_sims,
+        weighting=weighting,
+        temperature=temperature,
+        min_confidence=min_confidence,
+    )
+    weights, ids = softmax_topk(
+        mixed,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups or None,
+        topk_groups=topk_groups or None,
+        group_score=group_score,
+        scale=scale,
+    )
+    return weights, ids, conf
+
+
+def knn_route_backward(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    renormalize: bool,
+    score_func: str,
+    scale: float,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    memory_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``knn_route``'s weights written out: the mixed logits are recomputed, the
+    routing backward gives ``grad_mixed``, then ``grad_router = (1 - conf) * grad_mixed`` (in
+    ``router_logits.dtype``) and, when ``memory_grad``, ``grad_memory (N, E)`` (in
+    ``memory_logits.dtype``, accumulated in the compute dtype) = the index-add over
+    ``neighbor_ids`` of ``conf * w_j * grad_mixed`` (``None`` otherwise). The similarities, the
+    bias and the group settings get no gradient."""
+    options = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
+    with torch.no_grad():
+        mixed, _ = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **options)
+    grad_mixed = softmax_topk_backward(grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func,
+                                       scale=scale)
+    grad_router, grad_neighbors = knn_mix_backward(
+        grad_mixed, neighbor_sims, **options, router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
+    )
+    if not memory_grad:
+        return grad_router, None
+    num_experts = memory_logits.shape[1]
+    grad_memory = torch.zeros(memory_logits.shape, dtype=grad_mixed.dtype, device=grad_mixed.device)
+    grad_memory.index_add_(0, neighbor_ids.reshape(-1), grad_neighbors.reshape(-1, num_experts))
+    return grad_router, grad_memory.to(memory_logits.dtype)

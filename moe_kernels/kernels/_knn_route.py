@@ -1,0 +1,185 @@
+"""Triton kernels of the fused kNN-MoE route (launchers in ``ops/knn_route.py``).
+
+``_knn_route_fwd_kernel`` is ``knn_mix`` followed by ``softmax_topk`` in one pass: a program owns
+``BLOCK_T`` tokens and the padded expert row of each, in the routing forward kernel's column
+layout (group-major, ``G_PAD * GS_PAD`` columns; fewer rows per program than the routing kernel,
+see ``ops/knn_route.py``); it gathers the ``N`` retrieved rows of the
+memory of logits one ``(BLOCK_T, width)`` tile at a time, mixes them with the router's row in
+registers and routes the mixed tile with the routing kernel's own selection code
+(:func:`moe_kernels.kernels._routing._route_tile`). The mixed logits never reach memory.
+
+``_knn_route_mixed_kernel`` recomputes the mixed logits ``(T, E)`` float32 for the backward (the
+routing backward kernel needs them), with each token's ``conf`` and neighbour shares
+``conf * w_j``.
+
+Neighbour ids are trusted to lie in ``[0, N)``: the public API checks them (on the host for CPU
+tensors, with ``torch._assert_async`` on CUDA). Rows whose confidence is 0 read no memory row.
+"""
+
+import triton
+import triton.language as tl
+
+from moe_kernels.kernels._knn import _confidence_and_weights
+from moe_kernels.kernels._routing import _route_tile
+
+
+@triton.jit
+def _mixed_tile(
+    router_ptr,
+    memory_ptr,
+    nbr_ids_ptr,
+    sims_ptr,
+    rows64,
+    row_ok,
+    expert,
+    col_ok,
+    stride_rt,
+    stride_mn,
+    stride_it,
+    stride_in,
+    stride_st,
+    stride_sn,
+    inv_temperature,
+    min_confidence,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    SIMILARITY: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """``mixed [BLOCK_T, BLOCK_W]`` float32 (0 where masked), ``conf [BLOCK_T]`` and the weights
+    ``[BLOCK_T, N_PAD]`` of ``BLOCK_T`` tokens; column ``c`` of the tile is expert ``expert[c]``.
+
+    Same arithmetic as ``_knn_mix_fwd_kernel`` on the gathered rows: ``mixed = conf * sum_j w_j *
+    memory[ids_j] + (1 - conf) * router``, exactly ``router`` where ``conf == 0``.
+    """
+    ncols = tl.arange(0, N_PAD)
+    tile_mask = row_ok[:, None] & col_ok[None, :]
+    conf, weights = _confidence_and_weights(
+        sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
+    )
+    # Tokens falling back to the router (conf 0) gather nothing.
+    gather_row = row_ok & (conf > 0)
+    gather_mask = tile_mask & (conf > 0)[:, None]
+    retrieved = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
+    for j in range(N):
+        w_j = tl.sum(tl.where(ncols[None, :] == j, weights, 0.0), axis=1)
+        row_j = tl.load(nbr_ids_ptr + rows64 * stride_it + j * stride_in, mask=gather_row, other=0).to(tl.int64)
+        x_j = tl.load(memory_ptr + (row_j * stride_mn)[:, None] + expert[None, :], mask=gather_mask, other=0.0)
+        retrieved += w_j[:, None] * x_j.to(tl.float32)
+    frozen = tl.load(router_ptr + (rows64 * stride_rt)[:, None] + expert[None, :], mask=tile_mask, other=0.0)
+    frozen = frozen.to(tl.float32)
+    c = conf[:, None]
+    mixed = tl.where(c > 0, c * retrieved + (1.0 - c) * frozen, frozen)
+    return mixed, conf, weights
+
+
+@triton.jit
+def _knn_route_fwd_kernel(
+    router_ptr,  # (T, E) float32/float16/bfloat16, row stride stride_rt, experts unit-stride
+    memory_ptr,  # (M, E) float, row stride stride_mn, experts unit-stride
+    nbr_ids_ptr,  # (T, N) int32/int64 rows of the memory, strides stride_it, stride_in
+    sims_ptr,  # (T, N) any float, strides stride_st, stride_sn
+    bias_ptr,  # (E,) float32, read only when HAS_BIAS
+    weights_ptr,  # (T, K) float32, contiguous, written
+    ids_ptr,  # (T, K) int32, contiguous, written
+    conf_ptr,  # (T,) float32, written
+    T,
+    E,
+    group_size,
+    stride_rt,
+    stride_mn,
+    stride_it,
+    stride_in,
+    stride_st,
+    stride_sn,
+    inv_temperature,
+    min_confidence,
+    scale,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    SIMILARITY: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GS_PAD: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+):
+    """Grid ``(cdiv(T, BLOCK_T),)``: gather, mix and route ``BLOCK_T`` tokens; the column layout
+    and the routing constexprs are those of ``_softmax_topk_fwd_kernel``."""
+    BLOCK_W: tl.constexpr = G_PAD * GS_PAD
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_W)
+    if CONTIGUOUS:
+        expert = cols
+        col_ok = cols < E
+    else:
+        member = cols % GS_PAD
+        expert = (cols // GS_PAD) * group_size + member
+        col_ok = (member < group_size) & (expert < E)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    mixed, conf, _ = _mixed_tile(
+        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, expert, col_ok, stride_rt, stride_mn,
+        stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY,
+        BLOCK_T, BLOCK_W,
+    )
+    tl.store(conf_ptr + rows64, conf, mask=row_ok)
+    # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
+    # memory, so router_ptr / rows64 only fill the unused reload arguments.
+    _route_tile(
+        mixed, rows, row_ok, expert, col_ok, bias_ptr, weights_ptr, ids_ptr, router_ptr, rows64, scale,
+        K, K_PAD, BLOCK_T, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2,
+        False,
+    )
+
+
+@triton.jit
+def _knn_route_mixed_kernel(
+    router_ptr,  # (T, E) float32/float16/bfloat16, row stride stride_rt, experts unit-stride
+    memory_ptr,  # (M, E) float, row stride stride_mn, experts unit-stride
+    nbr_ids_ptr,  # (T, N) int32/int64, strides stride_it, stride_in
+    sims_ptr,  # (T, N) any float, strides stride_st, stride_sn
+    mixed_ptr,  # (T, E) float32, contiguous, written
+    conf_ptr,  # (T,) float32, written
+    share_ptr,  # (T, N) float32, contiguous, written: conf * w_j (0 where conf == 0)
+    T,
+    E,
+    stride_rt,
+    stride_mn,
+    stride_it,
+    stride_in,
+    stride_st,
+    stride_sn,
+    inv_temperature,
+    min_confidence,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SIMILARITY: tl.constexpr,
+):
+    """Grid ``(cdiv(T, BLOCK_T),)``: the backward's recompute of the mixed logits (bit-identical
+    to the forward's tile), the confidences and the neighbour shares ``conf * w_j``."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    ncols = tl.arange(0, N_PAD)
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < T
+    col_ok = cols < E
+    mixed, conf, weights = _mixed_tile(
+        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, cols, col_ok, stride_rt, stride_mn,
+        stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY,
+        BLOCK_T, BLOCK_E,
+    )
+    tl.store(mixed_ptr + rows64[:, None] * E + cols[None, :], mixed, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(conf_ptr + rows64, conf, mask=row_ok)
+    share = tl.where(conf[:, None] > 0, conf[:, None] * weights, 0.0)
+    tl.store(share_ptr + rows64[:, None] * N + ncols[None, :], share, mask=row_ok[:, None] & (ncols < N)[None, :])

@@ -1,0 +1,410 @@
+"""Launchers and ``torch.library`` registration of the fused kNN-MoE route.
+
+==========================  ====================================================================
+``knn_route``               router ``(T, E)``, neighbour ids ``(T, n)`` and sims ``(T, n)``,
+                            memory ``(N, E)`` -> ``weights (T, k)`` float32, ``ids (T, k)``
+                            int32, ``conf (T,)`` float32
+``knn_route_backward``      ``grad_weights (T, k)`` and the forward's inputs and ids ->
+                            ``grad_router (T, E)``, ``grad_memory (N, E)`` (``(0,)`` when the
+                            memory needs no gradient)
+==========================  ====================================================================
+
+Forward: one kernel (gather, confidence, mix and the routing of ``softmax_topk``; no ``(T, E)``
+intermediate in memory). Backward: a kernel recomputes the mixed logits ``(T, E)`` float32 with
+the confidences and neighbour shares ``conf * w_j``; the routing backward kernel turns
+``grad_weights`` into ``grad_mixed``; then ``grad_router = (1 - conf) * grad_mixed`` and, only
+when the memory requires grad, ``grad_memory`` by ``index_add_`` of ``conf * w_j * grad_mixed``
+over the neighbour ids (float32 accumulation, one ``(T, E)`` temporary per neighbour slot). On
+CUDA ``index_add_`` accumulates with atomics, so ``grad_memory`` is not bit-deterministic from
+run to run when tokens share a memory row (``torch.use_deterministic_algorithms`` makes it so).
+
+As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference, and eager calls
+use :class:`KnnRouteFunction` (same forward and backward) to skip the dispatcher. Arguments are
+validated by ``moe_kernels.functional.knn_route`` (neighbour ids included: the kernels trust them
+to lie in ``[0, N)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.ops.routing import (
+    _MIN_PROGRAMS,
+    _grid,
+    forward_meta,
+    launch_softmax_topk_backward,
+)
+from moe_kernels.reference import knn as reference
+from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import (
+    cdiv,
+    new_output,
+    next_power_of_2,
+    row_tiling,
+    unit_stride_last,
+)
+
+
+def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[int, int]:
+    """``(BLOCK_T, num_warps)``: the routing's row tiling at half its elements per thread.
+
+    Next to the routing's tiles, the gather kernels hold the router tile, the accumulated and the
+    loaded memory tile and a ``(BLOCK_T, N_PAD)`` similarity and weight tile. At the routing's 4
+    elements per thread (8 at n = 32 with E = 8) they took 72-102 registers on sm_90 / sm_80 and
+    spilled at E = 8, n = 32; at 2 they take at most 64 (``moe-kernels info --kernels``).
+    """
+    return row_tiling(2 * max(width, next_power_of_2(num_neighbors)), num_tokens, min_programs)
+
+
+def knn_route_meta(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    num_neighbors: int,
+    *,
+    renormalize: bool,
+    score_func: str,
+    has_bias: bool,
+    num_groups: int,
+    topk_groups: int,
+    group_score: str,
+    weighting: str,
+) -> dict:
+    """Constexprs and ``num_warps`` of the fused forward kernel: the routing forward kernel's
+    (same column layout; rows per program from :func:`_tiling`) plus the neighbour count and
+    weighting (shared with the AOT registry)."""
+    meta = forward_meta(
+        num_tokens,
+        num_experts,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        has_bias=has_bias,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+    )
+    block_t, num_warps = _tiling(meta["G_PAD"] * meta["GS_PAD"], num_neighbors, num_tokens, _MIN_PROGRAMS)
+    meta.update(
+        N=num_neighbors,
+        N_PAD=next_power_of_2(num_neighbors),
+        SIMILARITY=weighting == "similarity",
+        BLOCK_T=block_t,
+        num_warps=num_warps,
+    )
+    return meta
+
+
+def knn_route_mixed_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
+    """Constexprs and ``num_warps`` of the backward's recompute kernel."""
+    block_e = next_power_of_2(num_experts)
+    block_t, num_warps = _tiling(block_e, num_neighbors)
+    return dict(
+        N=num_neighbors,
+        N_PAD=next_power_of_2(num_neighbors),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        SIMILARITY=weighting == "similarity",
+        num_warps=num_warps,
+    )
+
+
+def launch_knn_route(
+    router_logits,
+    neighbor_ids,
+    neighbor_sims,
+    memory_logits,
+    k,
+    renormalize,
+    score_func,
+    bias,
+    num_groups,
+    topk_groups,
+    group_score,
+    scale,
+    weighting,
+    temperature,
+    min_confidence,
+):
+    """Run the fused forward kernel; returns fresh ``weights (T, k)`` float32, ``ids (T, k)``
+    int32 and ``conf (T,)`` float32."""
+    from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
+
+    num_tokens, num_experts = router_logits.shape
+    num_neighbors = neighbor_sims.shape[1]
+    device = router_logits.device
+    router_logits = unit_stride_last(router_logits)
+    memory_logits = unit_stride_last(memory_logits)
+    weights = new_output((num_tokens, k), torch.float32, device)
+    ids = new_output((num_tokens, k), torch.int32, device)
+    conf = new_output((num_tokens,), torch.float32, device)
+    if num_tokens == 0:
+        return weights, ids, conf
+    meta = knn_route_meta(
+        num_tokens,
+        num_experts,
+        k,
+        num_neighbors,
+        renormalize=renormalize,
+        score_func=score_func,
+        has_bias=bias is not None,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        weighting=weighting,
+    )
+    _knn_route_fwd_kernel[_grid(meta, num_tokens)](
+        router_logits,
+        memory_logits,
+        neighbor_ids,
+        neighbor_sims,
+        router_logits if bias is None else bias,  # never read without HAS_BIAS
+        weights,
+        ids,
+        conf,
+        num_tokens,
+        num_experts,
+        num_experts // max(num_groups, 1),  # group_size
+        router_logits.stride(0),
+        memory_logits.stride(0),
+        neighbor_ids.stride(0),
+        neighbor_ids.stride(1),
+        neighbor_sims.stride(0),
+        neighbor_sims.stride(1),
+        1.0 / temperature,
+        float(min_confidence),
+        float(scale),
+        **meta,
+    )
+    return weights, ids, conf
+
+
+def launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature,
+                           min_confidence):
+    """Recompute ``mixed (T, E)`` float32, ``conf (T,)`` float32 and ``share (T, n)`` float32
+    (``conf * w_j``, 0 where ``conf == 0``) with the forward's arithmetic."""
+    from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
+
+    num_tokens, num_experts = router_logits.shape
+    num_neighbors = neighbor_sims.shape[1]
+    device = router_logits.device
+    router_logits = unit_stride_last(router_logits)
+    memory_logits = unit_stride_last(memory_logits)
+    mixed = new_output((num_tokens, num_experts), torch.float32, device)
+    conf = new_output((num_tokens,), torch.float32, device)
+    share = new_output((num_tokens, num_neighbors), torch.float32, device)
+    if num_tokens == 0:
+        return mixed, conf, share
+    meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
+    _knn_route_mixed_kernel[(cdiv(num_tokens, meta["BLOCK_T"]),)](
+        router_logits,
+        memory_logits,
+        neighbor_ids,
+        neighbor_sims,
+        mixed,
+        conf,
+        share,
+        num_tokens,
+        num_experts,
+        router_logits.stride(0),
+        memory_logits.stride(0),
+        neighbor_ids.stride(0),
+        neighbor_ids.stride(1),
+        neighbor_sims.stride(0),
+        neighbor_sims.stride(1),
+        1.0 / temperature,
+        float(min_confidence),
+        **meta,
+    )
+    return mixed, conf, share
+
+
+def launch_knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids,
+                              renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad):
+    """The backward on the kernels: returns ``grad_router`` (router dtype) and ``grad_memory``
+    (memory dtype; ``None`` unless ``memory_grad``)."""
+    mixed, conf, share = launch_knn_route_mixed(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
+    )
+    grad_mixed = launch_softmax_topk_backward(grad_weights, mixed, ids, renormalize, score_func, scale)
+    grad_router = ((1.0 - conf)[:, None] * grad_mixed).to(router_logits.dtype)
+    if not memory_grad:
+        return grad_router, None
+    grad_memory = torch.zeros(memory_logits.shape, dtype=torch.float32, device=grad_mixed.device)
+    # One neighbour slot at a time: a (T, E) temporary instead of (T * n, E).
+    for j in range(neighbor_ids.shape[1]):
+        grad_memory.index_add_(0, neighbor_ids[:, j], share[:, j, None] * grad_mixed)
+    return grad_router, grad_memory.to(memory_logits.dtype)
+
+
+def knn_route_forward(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
+                      num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
+    """The forward of both entry points: the fused kernel, or the reference without autograd."""
+    if use_triton:
+        return launch_knn_route(
+            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
+            topk_groups, group_score, scale, weighting, temperature, min_confidence,
+        )
+    with torch.no_grad():
+        weights, ids, conf = reference.knn_route(
+            router_logits,
+            neighbor_ids,
+            neighbor_sims,
+            memory_logits,
+            k,
+            renormalize=renormalize,
+            score_func=score_func,
+            bias=bias,
+            num_groups=num_groups or None,
+            topk_groups=topk_groups or None,
+            group_score=group_score,
+            scale=scale,
+            weighting=weighting,
+            temperature=temperature,
+            min_confidence=min_confidence,
+        )
+    return weights.contiguous(), ids.contiguous(), conf.contiguous()
+
+
+def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
+                       score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
+    """The backward of both entry points: ``(grad_router, grad_memory)``, ``grad_memory`` an empty
+    ``(0,)`` tensor unless ``memory_grad`` (a registered op cannot return ``None``)."""
+    args = (grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
+    if use_triton:
+        grad_router, grad_memory = launch_knn_route_backward(
+            *args, renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad
+        )
+    else:
+        grad_router, grad_memory = reference.knn_route_backward(
+            *args,
+            renormalize=renormalize,
+            score_func=score_func,
+            scale=scale,
+            weighting=weighting,
+            temperature=temperature,
+            min_confidence=min_confidence,
+            memory_grad=memory_grad,
+        )
+    if grad_memory is None:
+        grad_memory = memory_logits.new_empty((0,))
+    return grad_router.contiguous(), grad_memory.contiguous()
+
+
+@torch.library.custom_op("moe_kernels::knn_route", mutates_args=())
+def knn_route_op(
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    score_func: str,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    topk_groups: int,
+    group_score: str,
+    scale: float,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return knn_route_forward(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
+        topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton,
+    )
+
+
+@knn_route_op.register_fake
+def _knn_route_fake(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
+                    num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
+    num_tokens = router_logits.shape[0]
+    dtype = compute_dtype(router_logits.dtype)
+    weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
+    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
+    conf = router_logits.new_empty((num_tokens,), dtype=dtype)
+    return weights, ids, conf
+
+
+@torch.library.custom_op("moe_kernels::knn_route_backward", mutates_args=())
+def knn_route_backward_op(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    ids: torch.Tensor,
+    renormalize: bool,
+    score_func: str,
+    scale: float,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    memory_grad: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return knn_route_backward(
+        grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize, score_func, scale,
+        weighting, temperature, min_confidence, memory_grad, use_triton,
+    )
+
+
+@knn_route_backward_op.register_fake
+def _knn_route_backward_fake(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
+                             score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
+    grad_router = router_logits.new_empty(router_logits.shape)
+    grad_memory = memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
+    return grad_router, grad_memory
+
+
+def _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize, score_func,
+                       scale, weighting, temperature, min_confidence, use_triton):
+    # No copies: the backward recomputes the mixed logits from the inputs themselves.
+    ctx.save_for_backward(router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
+    ctx.options = (renormalize, score_func, scale, weighting, temperature, min_confidence)
+    ctx.use_triton = use_triton
+
+
+def _grads(ctx, grad_weights, backward):
+    saved = ctx.saved_tensors
+    memory_grad = ctx.needs_input_grad[3]
+    grad_router, grad_memory = backward(grad_weights, *saved, *ctx.options, memory_grad, ctx.use_triton)
+    # Ids and similarities come from a search and get no gradient; nor do the bias and options.
+    return (grad_router, None, None, grad_memory if memory_grad else None) + (None,) * 12
+
+
+def _setup_context(ctx, inputs, output):
+    (router_logits, neighbor_ids, neighbor_sims, memory_logits, _, renormalize, score_func, _, _, _, _, scale,
+     weighting, temperature, min_confidence, use_triton) = inputs
+    _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, output[1], renormalize,
+                       score_func, scale, weighting, temperature, min_confidence, use_triton)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_weights, _grad_ids, _grad_conf):
+    return _grads(ctx, grad_weights, knn_route_backward_op)
+
+
+knn_route_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class KnnRouteFunction(torch.autograd.Function):
+    """Eager-mode entry point with the same forward and backward as ``moe_kernels::knn_route``,
+    without the dispatcher's per-call cost (see ``SoftmaxTopkFunction``)."""
+
+    @staticmethod
+    def forward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
+                num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
+        weights, ids, conf = knn_route_forward(
+            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
+            topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton,
+        )
+        _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
+                           score_func, scale, weighting, temperature, min_confidence, use_triton)
+        ctx.mark_non_differentiable(ids, conf)
+        return weights, ids, conf
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_ids, _grad_conf):
+        return _grads(ctx, grad_weights, knn_route_backward)

@@ -1,0 +1,464 @@
+"""HF transformers integration (``moe_kernels.integrations.transformers``) on tiny random models.
+
+For every supported family a 2-3 layer model is built from its config (no download), seeded, in
+float32 and eval mode, with the family's routing features on: Qwen3-MoE renormalises and has a
+dense layer, DeepSeek-V3 has 4 groups of which 2 are kept, a nonzero correction bias, scale 2.5
+and a first dense layer, GPT-OSS has nonzero biases and pre-activations beyond its clamp at 7.
+``initializer_range=0.15`` (about 1/sqrt(H)) makes the experts matter: zeroing them moves the
+logits by 0.8-3, and scaling the routing weights by 0.999 moves them by 1e-3, a thousand times
+the patched-vs-HF difference.
+
+Measured on a CPU (reference backend), patched vs HF eager, float32: logits differ by at most
+9e-7 (logits up to 3.5), parameter gradients of the LM + aux loss by at most 4.2e-7, everywhere
+within 0.4x ``TOLERANCES[float32]``, so no looser bound is needed; the difference is summation
+order only (the k-way combine, and the reference's grouped GEMM against HF's per-expert
+``F.linear``). 16-bit MoE blocks: at most 0.016 in bf16 and 0.002 in fp16 (GPT-OSS, whose
+outputs reach 40: 0.25 and 0.031), within the ``fused_experts`` rows.
+
+16-bit is compared per MoE block, not per model: bf16 router logits often tie exactly (8-bit
+mantissa), HF's ``torch.topk`` then picks either expert (ours the lower id), and one flipped
+expert in layer 1 changes everything after it. On tie-free tokens the blocks agree within the
+``fused_experts`` row of the table; where they differ, ours is the closer to float64, since HF
+rounds every slot's weighted output to 16 bits before its ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+import moe_kernels.integrations.transformers as hf
+from moe_kernels.testing import assert_close
+
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+    initializer_range=0.15,
+    eos_token_id=None,  # greedy generation runs its full length
+)
+
+
+def _config(family: str, **overrides):
+    if family == "mixtral":
+        return MixtralConfig(**{**COMMON, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                **overrides})
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(**{**COMMON, "intermediate_size": 32, "moe_intermediate_size": 16,
+                                 "shared_expert_intermediate_size": 24, "num_experts": 6, "num_experts_per_tok": 2,
+                                 "norm_topk_prob": False, **overrides})
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3, "mlp_only_layers": [0], "head_dim": 8,
+                                 "intermediate_size": 32, "moe_intermediate_size": 16, "num_experts": 6,
+                                 "num_experts_per_tok": 3, "norm_topk_prob": True, **overrides})
+    if family == "olmoe":
+        return OlmoeConfig(**{**COMMON, "intermediate_size": 16, "num_experts": 6, "num_experts_per_tok": 2,
+                              **overrides})
+    if family == "deepseek_v3":
+        return DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 32,
+                                   "moe_intermediate_size": 16, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                                   "num_experts_per_tok": 3, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+                                   "norm_topk_prob": True, "n_shared_experts": 1, "kv_lora_rank": 16,
+                                   "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+                                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides})
+    if family == "gpt_oss":
+        return GptOssConfig(**{**COMMON, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                               "head_dim": 8, "sliding_window": 4, **overrides})
+    raise AssertionError(family)
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+# The MoE block of each family, its router attribute and its number of MoE layers in _config.
+BLOCKS = {
+    "mixtral": ("MixtralSparseMoeBlock", "gate", 2),
+    "qwen2_moe": ("Qwen2MoeSparseMoeBlock", "gate", 2),
+    "qwen3_moe": ("Qwen3MoeSparseMoeBlock", "gate", 2),
+    "olmoe": ("OlmoeSparseMoeBlock", "gate", 2),
+    "deepseek_v3": ("DeepseekV3MoE", "gate", 2),
+    "gpt_oss": ("GptOssMLP", "router", 2),
+}
+
+
+def _build(family: str, dtype=torch.float32, experts_implementation="eager", **overrides):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family, **overrides),
+                                             experts_implementation=experts_implementation)
+    model = model.to(dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(tensor, std):
+        return (torch.randn(tensor.shape, generator=gen) * std).to(tensor.dtype)
+
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:  # selection-only bias, comparable to the spread of the sigmoid scores
+                bias.copy_(rand(bias, 0.05))
+            if type(module).__name__ == "GptOssExperts":
+                module.gate_up_proj.mul_(6.0)  # ~10% of gates above 7, ~20% of ups beyond +-7: clamps active
+                module.gate_up_proj_bias.copy_(rand(module.gate_up_proj_bias, 0.5))
+                module.down_proj_bias.copy_(rand(module.down_proj_bias, 0.1))
+    return model
+
+
+def _blocks(model, family):
+    name, router_attr, _ = BLOCKS[family]
+    return [(m, getattr(m, router_attr), m.experts) for m in model.modules() if type(m).__name__ == name]
+
+
+def _input_ids(batch=2, seq=12):
+    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(2))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _no_instance_forwards(model) -> bool:
+    return all("forward" not in m.__dict__ and hf._SAVED not in m.__dict__ for m in model.modules())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: intra-op threads only add OpenMP spin-waits, which on a loaded
+    2-core runner made this file 7x slower (95 s vs 14 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the two ops the patched forwards make."""
+    calls = {"softmax_topk": 0, "fused_experts": 0}
+
+    def wrap(name):
+        real = getattr(hf, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hf, name, counted)
+
+    wrap("softmax_topk")
+    wrap("fused_experts")
+    return calls
+
+
+def _dense(weights, ids, num_experts):
+    """Routing as a dense (T, E) float64 matrix: order-insensitive comparison of the k slots."""
+    flat_ids = ids.reshape(-1, ids.shape[-1]).long()
+    flat_w = weights.reshape(-1, weights.shape[-1]).double()
+    return torch.zeros(flat_ids.shape[0], num_experts, dtype=torch.float64).scatter(1, flat_ids, flat_w)
+
+
+def _tie_free(router_logits, k):
+    """Tokens whose k-th and (k+1)-th largest router logits differ: their top-k set is unique."""
+    top = router_logits.float().topk(min(k + 1, router_logits.shape[-1]), dim=-1).values
+    return top[:, k - 1] != top[:, -1] if top.shape[-1] > k else torch.ones(top.shape[0], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_importing_does_not_import_transformers():
+    code = ("import sys, moe_kernels, moe_kernels.integrations.transformers as m; "
+            "assert 'transformers' not in sys.modules, 'imported transformers'; "
+            "assert not hasattr(m, 'transformers')")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_matches_hf(family, spy):
+    model = _build(family)
+    ids = _input_ids()
+    params_before = [(n, id(p)) for n, p in model.named_parameters()]
+    keys_before = list(model.state_dict())
+
+    ref = model(ids, labels=ids, output_router_logits=True)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ref_tokens = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref_logits = _logits(model, ids)
+    assert spy == {"softmax_topk": 0, "fused_experts": 0}
+
+    assert hf.apply_moe_kernels(model) is model
+    assert hf.is_moe_kernels_applied(model)
+    blocks = _blocks(model, family)
+    assert len(blocks) == BLOCKS[family][2]
+    for _, router, experts in blocks:  # forwards patched on the instances; parameters shared
+        assert "forward" in router.__dict__ and "forward" in experts.__dict__
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params_before
+    assert list(model.state_dict()) == keys_before
+
+    out = model(ids, labels=ids, output_router_logits=True)
+    num_moe = BLOCKS[family][2]
+    assert spy == {"softmax_topk": num_moe, "fused_experts": num_moe}
+    out.loss.backward()
+
+    assert_close(out.logits, ref.logits, dtype=torch.float32, msg=f"{family} logits")
+    assert_close(out.loss, ref.loss, dtype=torch.float32, msg=f"{family} loss")
+    if getattr(ref, "router_logits", None) is not None:  # DeepSeek-V3 of 5.13 does not return them
+        # The first MoE layer sees the same input, so the same router logits bit for bit.
+        assert torch.equal(out.router_logits[0], ref.router_logits[0])
+        for got, want in zip(out.router_logits, ref.router_logits, strict=True):
+            assert_close(got, want, dtype=torch.float32, msg=f"{family} router_logits")
+    for name, param in model.named_parameters():
+        if name not in ref_grads:
+            assert param.grad is None, name
+            continue
+        assert param.grad is not None, name
+        assert_close(param.grad, ref_grads[name], dtype=torch.float32, msg=f"{family} grad of {name}")
+
+    tokens = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 14)
+    assert torch.equal(tokens, ref_tokens)
+
+    assert hf.revert_moe_kernels(model) is model
+    assert not hf.is_moe_kernels_applied(model)
+    assert _no_instance_forwards(model)
+    calls = dict(spy)
+    assert torch.equal(_logits(model, ids), ref_logits)
+    assert spy == calls  # reverted: HF's code only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_matches_hf(family, dtype):
+    model = _build(family, dtype)
+    _, router, _ = _blocks(model, family)[0]
+    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        ref_logits, ref_w, ref_ids = type(router).forward(router, hidden)
+        hf.apply_moe_kernels(model)
+        logits, weights, ids = router(hidden)
+    assert torch.equal(logits, ref_logits)
+    assert weights.dtype == ref_w.dtype and ids.dtype == ref_ids.dtype == torch.int64
+    assert weights.shape == ref_w.shape and ids.shape == ref_ids.shape
+    keep = _tie_free(ref_logits, router.top_k)
+    assert keep.float().mean() > 0.8
+    num_experts = ref_logits.shape[-1]
+    got, want = _dense(weights, ids, num_experts)[keep], _dense(ref_w, ref_ids, num_experts)[keep]
+    assert torch.equal(got != 0, want != 0)  # same experts
+    assert_close(got, want, dtype=dtype, msg=f"{family} routing weights")
+
+
+def test_deepseek_v3_group_masking_with_negative_keys():
+    """All keys below 0 (bias -1): masking dropped groups with 0.0 (HF <= 5.0, DeepSeek's first
+    reference code) would pick experts of dropped groups; -inf (our op, HF >= 5.12) never does."""
+    model = _build("deepseek_v3")
+    _, router, _ = _blocks(model, "deepseek_v3")[0]
+    with torch.no_grad():
+        router.e_score_correction_bias.sub_(1.0)
+    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, ref_w, ref_ids = type(router).forward(router, hidden)
+        hf.apply_moe_kernels(model)
+        logits, weights, ids = router(hidden)
+    num_experts = logits.shape[-1]
+    assert_close(_dense(weights, ids, num_experts), _dense(ref_w, ref_ids, num_experts), dtype=torch.float32)
+
+    # The case discriminates: a 0.0 fill would select other experts for some tokens.
+    scores = logits.sigmoid()
+    keys = scores + router.e_score_correction_bias
+    group_keys = keys.view(-1, router.num_group, num_experts // router.num_group)
+    kept = group_keys.topk(2, dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
+    mask = torch.zeros_like(group_keys[..., 0]).scatter(1, kept, 1.0).bool()
+    mask = mask.repeat_interleave(num_experts // router.num_group, dim=1)
+    zero_filled = keys.masked_fill(~mask, 0.0).topk(router.top_k, dim=-1).indices
+    assert not torch.equal(zero_filled.sort(-1).values, ids.sort(-1).values)
+    in_dropped_group = ~mask.gather(1, ids)
+    assert not in_dropped_group.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_16bit_matches_hf(family, dtype):
+    model = _build(family, dtype)
+    block, router, _ = _blocks(model, family)[0]
+    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        keep = _tie_free(type(router).forward(router, hidden)[0], router.top_k)
+        hidden = hidden[keep][None]  # (1, T', H)
+        ref = block(hidden)
+        hf.apply_moe_kernels(model)
+        out = block(hidden)
+    if isinstance(ref, tuple):  # GPT-OSS returns (hidden, router_scores)
+        assert_close(out[1], ref[1], dtype=dtype, msg=f"{family} router scores")
+        assert out[1].dtype == ref[1].dtype
+        out, ref = out[0], ref[0]
+    assert out.dtype == ref.dtype == dtype
+    assert_close(out, ref, dtype=dtype, op="fused_experts", msg=f"{family} {dtype} block output")
+
+
+@pytest.fixture
+def registered():
+    from transformers.integrations.moe import ExpertsInterface
+
+    had = ExpertsInterface._global_mapping.get(hf.EXPERTS_IMPLEMENTATION)
+    yield hf.register_experts_implementation()
+    if had is None:
+        ExpertsInterface._global_mapping.pop(hf.EXPERTS_IMPLEMENTATION, None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_implementation_hook(family, registered, spy):
+    assert registered == "moe_kernels"
+    ids = _input_ids()
+    eager = _build(family)
+    ref = eager(ids, labels=ids)
+    ref.loss.backward()
+
+    model = _build(family, experts_implementation="moe_kernels")  # same seed, same weights
+    assert model.config._experts_implementation == "moe_kernels"
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    num_moe = BLOCKS[family][2]
+    assert spy == {"softmax_topk": 0, "fused_experts": num_moe}  # the routers stay HF's
+    assert_close(out.logits, ref.logits, dtype=torch.float32)
+    grads = dict(eager.named_parameters())
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert_close(param.grad, grads[name].grad, dtype=torch.float32, msg=name)
+
+    eager.set_experts_implementation("moe_kernels")  # switching a loaded model
+    assert_close(_logits(eager, ids), ref.logits, dtype=torch.float32)
+    assert spy["fused_experts"] == 2 * num_moe
+    eager.set_experts_implementation("eager")
+    assert torch.equal(_logits(eager, ids), ref.logits.detach())
+    assert spy["fused_experts"] == 2 * num_moe
+
+
+def test_experts_implementation_falls_back_for_unsupported_experts(registered, spy):
+    model = _build("mixtral")
+    ids = _input_ids()
+    for _, _, experts in _blocks(model, "mixtral"):
+        experts.act_fn = torch.nn.ReLU()  # not an activation of fused_experts
+    ref = _logits(model, ids)
+    model.set_experts_implementation("moe_kernels")
+    hf._warned_fallback.discard("MixtralExperts")
+    with pytest.warns(UserWarning, match="grouped_mm"):
+        out = _logits(model, ids)
+    assert spy["fused_experts"] == 0
+    assert_close(out, ref, dtype=torch.float32)
+    with pytest.raises(ValueError, match="ReLU"):
+        hf.apply_moe_kernels(model)
+    assert not hf.is_moe_kernels_applied(model)
+
+
+def test_reapply_and_revert():
+    model = _build("qwen2_moe")
+    ids = _input_ids()
+    ref = _logits(model, ids)
+    hf.apply_moe_kernels(model, backend="torch")
+    hf.apply_moe_kernels(model)  # replaces the first patch
+    _, router, experts = _blocks(model, "qwen2_moe")[0]
+    assert router.__dict__[hf._BACKEND] == experts.__dict__[hf._BACKEND] == "auto"
+    assert_close(_logits(model, ids), ref, dtype=torch.float32)
+    hf.revert_moe_kernels(model)
+    hf.revert_moe_kernels(model)  # no-op
+    assert _no_instance_forwards(model)
+    assert torch.equal(_logits(model, ids), ref)
+
+
+def test_patch_inside_accelerate_style_hooks():
+    """With accelerate's hooks (``device_map``) ``forward`` is an instance wrapper calling
+    ``_old_forward``: the patch goes inside, so the wrapper keeps running, and revert restores it."""
+    model = _build("mixtral")
+    ids = _input_ids()
+    ref = _logits(model, ids)
+    _, router, _ = _blocks(model, "mixtral")[0]
+    entered = []
+    router._old_forward = router.forward
+
+    def wrapper(*args, **kwargs):
+        entered.append(1)
+        return router._old_forward(*args, **kwargs)
+
+    router.forward = wrapper
+    hf.apply_moe_kernels(model)
+    assert router.forward is wrapper and router._old_forward.__func__ is hf._mixtral_router_forward
+    assert_close(_logits(model, ids), ref, dtype=torch.float32)
+    assert entered
+    hf.revert_moe_kernels(model)
+    assert router.forward is wrapper and router._old_forward.__func__ is type(router).forward
+
+
+def test_errors(monkeypatch):
+    supported = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss"
+    with pytest.raises(ValueError, match=f"'llama' is not supported; supported model types: {supported}"):
+        hf.apply_moe_kernels(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))
+    with pytest.raises(ValueError, match="backend"):
+        hf.apply_moe_kernels(_build("mixtral"), backend="cuda")
+    # GPT-OSS with another clamp limit (config.swiglu_limit, which 5.13-5.18 ignore): the op's
+    # activation is fixed at 7.0 / 1.702.
+    model = _build("gpt_oss")
+    _blocks(model, "gpt_oss")[-1][2].limit = 5.0
+    with pytest.raises(ValueError, match="limit/alpha"):
+        hf.apply_moe_kernels(model)
+    assert not hf.is_moe_kernels_applied(model)
+    # No MoE block at all.
+    with pytest.raises(ValueError, match="no Qwen2MoeSparseMoeBlock"):
+        hf.apply_moe_kernels(_build("qwen2_moe", mlp_only_layers=[0, 1]))
+    # A router laid out otherwise (another transformers release): refused, nothing patched.
+    model = _build("deepseek_v3")
+    del _blocks(model, "deepseek_v3")[-1][1].routed_scaling_factor
+    with pytest.raises(ImportError, match=r"transformers>=5\.13.*routed_scaling_factor"):
+        hf.apply_moe_kernels(model)
+    assert not hf.is_moe_kernels_applied(model)
+    # transformers too old for the fused experts layout, or missing.
+    model = _build("mixtral")
+    for version in ("4.57.1", "5.12.0"):
+        # The live module: transformers' lazy module may have been re-created in sys.modules.
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+        with pytest.raises(ImportError, match=rf"needs transformers>=5\.13.*found transformers {version}"):
+            hf.apply_moe_kernels(model)
+        with pytest.raises(ImportError, match=r"transformers>=5\.13"):
+            hf.register_experts_implementation()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"moe-kernels\[hf\]"):
+        hf.apply_moe_kernels(model)
+    assert not hf.is_moe_kernels_applied(model)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_patched_model_triton_backend(family, kernel_device):
+    """The Triton kernels inside a patched model: DeepSeek-V3's grouped sigmoid routing, GPT-OSS's
+    transposed weight views, interleaved clamped activation and biases."""
+    model = _build(family).to(kernel_device)
+    ids = _input_ids(1, 6).to(kernel_device)
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    hf.apply_moe_kernels(model, backend="triton")
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert_close(out.logits, ref.logits, dtype=torch.float32)
+    for name, param in model.named_parameters():
+        if name in grads:
+            assert_close(param.grad, grads[name], dtype=torch.float32, msg=name)
