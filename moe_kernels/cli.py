@@ -168,7 +168,15 @@ def cmd_bench(args, extra: list[str]) -> int:
         print("moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr)
         return 2
     sys.path.insert(0, str(repo_root))
-    from benchmarks import bench_experts, bench_knn, bench_knn_route, bench_probmoe, bench_retrieval, bench_routing
+    from benchmarks import (
+        bench_experts,
+        bench_hf,
+        bench_knn,
+        bench_knn_route,
+        bench_probmoe,
+        bench_retrieval,
+        bench_routing,
+    )
 
     benches = {
         "softmax_topk": bench_routing,
@@ -177,6 +185,7 @@ def cmd_bench(args, extra: list[str]) -> int:
         "probmoe": bench_probmoe,
         "fused_experts": bench_experts,
         "knn_retrieval": bench_retrieval,
+        "hf_moe_block": bench_hf,
     }
     chosen = benches if args.op == "all" else {args.op: benches[args.op]}
     return max(bench.main(extra) for bench in chosen.values())
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--tokens", type=int, nargs="+")
     validate.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     bench = commands.add_parser("bench", help="run the benchmark suite (other arguments pass to each op's benchmark)")
-    bench.add_argument("--op", choices=("all", "softmax_topk", "knn_mix", "knn_route", "probmoe", "fused_experts", "knn_retrieval"), default="all")
+    bench.add_argument("--op", choices=("all", "softmax_topk", "knn_mix", "knn_route", "probmoe", "fused_experts", "knn_retrieval", "hf_moe_block"), default="all")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, extra)

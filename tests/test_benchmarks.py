@@ -175,3 +175,15 @@ def test_knn_route_benchmark_rows():
     for row in rows:
         assert row["bytes"] == bench_knn_route.route_bytes(3, row["E"], 8, row["k"], torch.float32)
         assert (row["extra_us_vs_softmax_topk"] is not None) == (row["provider"] == "moe_kernels")
+
+
+def test_hf_block_benchmark_rows():
+    pytest.importorskip("transformers")  # the [hf] extra, installed by the CI setup
+    from benchmarks import bench_hf
+
+    rows = bench_hf.run(quick=True, device="cpu", tokens=(3,), families=("qwen3_moe", "gpt_oss"), directions=("fwd",))
+    assert [(row["family"], row["provider"]) for row in rows] == [
+        ("qwen3_moe", "hf_eager"), ("qwen3_moe", "moe_kernels"), ("gpt_oss", "hf_eager"), ("gpt_oss", "moe_kernels"),
+    ]
+    assert all(row["median_us"] > 0 for row in rows)
+    assert [row["speedup_vs_hf"] is not None for row in rows] == [False, True, False, True]

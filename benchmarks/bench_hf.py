@@ -1,0 +1,149 @@
+"""HF transformers MoE blocks, patched by :func:`moe_kernels.integrations.transformers.apply_moe_kernels`
+against the same blocks unpatched (HF eager), forward and forward+backward, at decode and prefill
+token counts. Each block is built from its family's config at the public model's sizes (random
+weights; DeepSeek-V3 with 32 local experts), so no download is needed.
+
+    python -m benchmarks.bench_hf --quick
+    python -m benchmarks.bench_hf --family qwen3_moe --tokens 1 64 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from benchmarks.common import resolve_device, run_and_report, time_fn, warm_up
+
+OP_NAME = "hf_moe_block"
+DECODE_TOKENS = (1, 8, 64)
+PREFILL_TOKENS = (4096, 16384)
+TABLE_COLUMNS = ("family", "T", "direction", "provider", "median_us", "speedup_vs_hf", "timer")
+
+# family -> (config class, block class, the config's sizes at the public model's scale)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+                dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+                  dict(hidden_size=2048, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                       num_experts=60, num_experts_per_tok=4)),
+    "qwen3_moe": ("Qwen3MoeConfig", "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+                  dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                       norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
+              dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8)),
+    "deepseek_v3": ("DeepseekV3Config", "deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE",
+                    dict(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=32, n_group=8, topk_group=4,
+                         num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "gpt_oss": ("GptOssConfig", "gpt_oss.modeling_gpt_oss.GptOssMLP",
+                dict(hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4)),
+}
+# A CPU smoke run: every family at a tiny size.
+QUICK_SIZES = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+
+
+class _Holder(nn.Module):
+    """A block with a ``config``: what ``apply_moe_kernels`` patches (it walks ``modules()``)."""
+
+    def __init__(self, block: nn.Module, config):
+        super().__init__()
+        self.block, self.config = block, config
+
+
+def build_block(family: str, *, quick: bool, device, dtype) -> _Holder:
+    """The family's MoE block, random weights, at the public model's sizes (tiny with ``quick``)."""
+    import transformers
+
+    config_name, block_path, sizes = FAMILIES[family]
+    if quick:
+        sizes = {key: QUICK_SIZES.get(key, value) for key, value in sizes.items()}
+        for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if key in sizes:
+                sizes[key] = 8
+        sizes["num_experts_per_tok"] = 2
+        if "n_group" in sizes:
+            sizes.update(n_group=4, topk_group=2)
+    config = getattr(transformers, config_name)(**sizes)
+    module_path, _, class_name = block_path.rpartition(".")
+    block_class = getattr(importlib.import_module(f"transformers.models.{module_path}"), class_name)
+    with torch.device(device):
+        block = block_class(config).to(dtype)
+    for param in block.parameters():
+        nn.init.normal_(param, std=0.02)  # transformers leaves some expert weights uninitialised
+    if hasattr(getattr(block, "gate", None), "e_score_correction_bias"):
+        nn.init.normal_(block.gate.e_score_correction_bias, std=0.1)
+    return _Holder(block, config)
+
+
+def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
+        families: Sequence[str] | None = None, directions: Sequence[str] = ("fwd", "fwd+bwd")) -> list[dict]:
+    """Rows of every (family, T, direction): the HF block, then the patched one."""
+    from moe_kernels.integrations.transformers import apply_moe_kernels, revert_moe_kernels
+
+    device = resolve_device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tokens = tokens or ((1, 16) if quick else DECODE_TOKENS + PREFILL_TOKENS)
+    rows = []
+    for family in families or FAMILIES:
+        holder = build_block(family, quick=quick, device=device, dtype=dtype)
+        hidden_size = holder.config.hidden_size
+        for num_tokens in tokens:
+            hidden = torch.randn(1, num_tokens, hidden_size, device=device, dtype=dtype)
+            for direction in directions:
+                point = []
+                for provider in ("hf_eager", "moe_kernels"):
+                    if provider == "moe_kernels":
+                        apply_moe_kernels(holder)
+                    call = _call(holder.block, hidden, direction == "fwd+bwd")
+                    warm_up(call, device)
+                    timing = time_fn(call, device=device)
+                    point.append({"op": OP_NAME, "family": family, "T": num_tokens, "direction": direction,
+                                  "dtype": str(dtype).removeprefix("torch."), "provider": provider, **timing})
+                    if provider == "moe_kernels":
+                        revert_moe_kernels(holder)
+                hf_us = point[0]["median_us"]
+                for row in point:
+                    row["speedup_vs_hf"] = hf_us / row["median_us"] if row["provider"] == "moe_kernels" else None
+                rows += point
+        del holder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, backward: bool):
+    def output():
+        out = block(hidden)
+        return out[0] if isinstance(out, tuple) else out
+
+    if not backward:
+        return lambda: torch.no_grad()(output)()
+    params = [p for p in block.parameters() if p.requires_grad]
+    return lambda: torch.autograd.grad(output().float().square().mean(), params, allow_unused=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every family at a tiny size, T in (1, 16)")
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--family", action="append", dest="families", choices=tuple(FAMILIES))
+    parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    return run_and_report(
+        OP_NAME,
+        device,
+        lambda: run(quick=args.quick, device=device, tokens=args.tokens, families=args.families,
+                    directions=args.directions or ("fwd", "fwd+bwd")),
+        TABLE_COLUMNS,
+        write=not args.no_write,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
