@@ -124,8 +124,8 @@ def _blocks(model, family):
     return [(m, getattr(m, router_attr), m.experts) for m in model.modules() if type(m).__name__ == name]
 
 
-def _input_ids(batch=2, seq=12):
-    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(2))
+def _input_ids(batch=2, seq=12, seed=2):
+    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def _logits(model, ids):
@@ -462,3 +462,26 @@ def test_patched_model_triton_backend(family, kernel_device):
     for name, param in model.named_parameters():
         if name in grads:
             assert_close(param.grad, grads[name], dtype=torch.float32, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.kernel
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_patched_decode_step_captures_in_a_cuda_graph(family):
+    """A decode-sized forward of a patched model is captured once and replayed with new tokens:
+    the patched routers and experts make no host sync and allocate fixed shapes."""
+    model = _build(family).to("cuda", torch.bfloat16)
+    hf.apply_moe_kernels(model)
+    static_ids = _input_ids(4, 1).cuda()
+    with torch.no_grad():
+        model(static_ids)  # compile the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(static_ids).logits
+        fresh = _input_ids(4, 1, seed=7).cuda()
+        static_ids.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = model(fresh).logits
+    assert_close(static_logits, want, dtype=torch.bfloat16, op="fused_experts")
