@@ -48,7 +48,7 @@ def cmd_info(args) -> int:
         ("triton", _compat.triton_version() or "not installed"),
         ("device", _device_name(device)),
         ("TRITON_INTERPRET", "1" if _compat.interpreter_enabled() else "unset"),
-        ("softmax_topk backend", f"{_backend_label(device)} for {device.type} tensors"),
+        ("ops' backend", f"{_backend_label(device)} for {device.type} tensors"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -138,8 +138,63 @@ def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=
     )
 
 
-def _within(actual, expected, dtype) -> bool:
-    atol, rtol = testing.tolerance(dtype)
+def _validate_exact_k_case(shape, num_tokens, dtype, device, backend) -> dict:
+    """One row of ``validate`` for the ProbMoE marginals (exact-k at the model's k) and their
+    gradient."""
+    from moe_kernels.reference import probmoe as probmoe_ref
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    logits = (3 * torch.randn(num_tokens, shape.num_experts, generator=generator)).to(dtype).to(device)
+    logits.requires_grad_(True)
+    marginals = moe_kernels.exact_k_marginals(logits, shape.k, backend=backend)
+    grad_out = torch.randn(marginals.shape, device=device)
+    marginals.backward(grad_out)
+    logits64 = logits.detach().double().cpu()
+    ref_marginals, _, _ = probmoe_ref.exact_k_forward(logits64, shape.k, shape.k)
+    ref_grad = probmoe_ref.exact_k_backward(
+        logits64, grad_out.double().cpu(), torch.zeros(num_tokens, dtype=torch.float64), shape.k, shape.k
+    )
+    ok = _within(marginals.cpu(), ref_marginals, torch.float32, "exact_k") and _within(
+        logits.grad.cpu(), ref_grad, dtype, "exact_k"
+    )
+    return dict(
+        op="exact_k", model=shape.model, E=shape.num_experts, k=shape.k, T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."), ids="-",
+        weight_err=f"{testing.max_errors(marginals.cpu(), ref_marginals)[0]:.1e}",
+        grad_err=f"{testing.max_errors(logits.grad.cpu(), ref_grad)[0]:.1e}", status="ok" if ok else "FAIL",
+    )
+
+
+def _validate_experts_case(shape, num_tokens, dtype, device, backend, hidden=128, inter=64) -> dict:
+    """One row of ``validate`` for ``fused_experts`` at the model's routing (E, k) with small
+    ``hidden`` / ``inter``: the output and the gradients of hidden and both projections."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, shape.num_experts, generator=generator).to(device)
+    weights, ids = moe_kernels.softmax_topk(logits, shape.k, renormalize=True, backend="torch")
+    params = [
+        torch.randn(num_tokens, hidden, generator=generator),
+        torch.randn(shape.num_experts, 2 * inter, hidden, generator=generator) * hidden**-0.5,
+        torch.randn(shape.num_experts, hidden, inter, generator=generator) * inter**-0.5,
+    ]
+    inputs = [p.to(dtype).to(device).requires_grad_(True) for p in params]
+    out = moe_kernels.fused_experts(*inputs, weights, ids, backend=backend)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype).to(device)
+    out.backward(grad_out)
+    inputs64 = [p.detach().double().cpu().requires_grad_(True) for p in inputs]
+    ref = reference.fused_experts(*inputs64, weights.double().cpu(), ids.cpu())
+    ref.backward(grad_out.double().cpu())
+    pairs = [(p.grad.cpu(), q.grad) for p, q in zip(inputs, inputs64)]
+    ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(_within(a, b, dtype, "fused_experts") for a, b in pairs)
+    return dict(
+        op="fused_experts", model=shape.model, E=shape.num_experts, k=shape.k, T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."), ids="-",
+        weight_err=f"{testing.max_errors(out.cpu(), ref)[0]:.1e}",
+        grad_err=f"{max(testing.max_errors(a, b)[0] for a, b in pairs):.1e}", status="ok" if ok else "FAIL",
+    )
+
+
+def _within(actual, expected, dtype, op=None) -> bool:
+    atol, rtol = testing.tolerance(dtype, op)
     return torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
 
@@ -148,10 +203,11 @@ def cmd_validate(args) -> int:
     dtypes = args.dtype or VALIDATE_DTYPES[device.type]
     tokens = args.tokens or VALIDATE_TOKENS[device.type]
     print(f"validate on {_device_name(device)}; the ops run: {_backend_label(device, args.backend)} "
-          "(k is the neighbour count n for knn_mix)")
+          "(k is the neighbour count n for knn_mix; fused_experts runs each model's (E, k) at H=128, "
+          "I=64; weight_err is the op's main output: weights, mixed logits, marginals, expert output)")
     rows = [
         validate_case(shape, num_tokens, getattr(torch, dtype), device, args.backend)
-        for validate_case in (_validate_routing_case, _validate_knn_case)
+        for validate_case in (_validate_routing_case, _validate_knn_case, _validate_exact_k_case, _validate_experts_case)
         for shape in ROUTING_SHAPES
         for dtype in dtypes
         for num_tokens in tokens

@@ -30,9 +30,12 @@ TOLERANCES: dict[torch.dtype | tuple[str, torch.dtype], tuple[float, float]] = {
     torch.float16: (1e-3, 1e-3),
     torch.bfloat16: (8e-3, 1.6e-2),
     ("exact_k", torch.float32): (3e-5, 1e-4),
-    # - ``fused_experts`` in 16-bit: the intermediates (pre-activation, activation, their
+    # - ``fused_experts``: a weight gradient is a GEMM reducing over the T*k routed rows, so its
+    #   float32 error grows with them (1.2e-5 at 64 rows of H = 128 per expert, on entries near 0
+    #   after cancellation); in 16-bit the intermediates (pre-activation, activation, their
     #   gradients) are stored in the activations' dtype, as HF's eager experts do, so each
-    #   carries one rounding of that dtype, and a weight gradient sums T*k of them.
+    #   carries one rounding of that dtype.
+    ("fused_experts", torch.float32): (5e-5, 1e-5),
     ("fused_experts", torch.float16): (1e-2, 1e-2),
     ("fused_experts", torch.bfloat16): (6e-2, 6e-2),
 }

@@ -143,24 +143,27 @@ def _kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_experts, 
             grad_out, p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], h, activation,
             p["gate_up_bias"], p["down_bias"],
         )
+    # 16-bit: the op's own row (intermediates stored in 16 bits); float32 keeps the strict row,
+    # which these small problems meet.
+    op = None if dtype == torch.float32 else "fused_experts"
     names = ("grad_hidden", "grad_gate_up_proj", "grad_down_proj", "grad_weights", "grad_gate_up_bias", "grad_down_bias")
     p64 = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in _float64(p).items()}
     want = ref.fused_experts(**p64, activation=activation)
     want_grads = ref.fused_experts_backward(grad_out.double().cpu(), **p64, activation=activation)
     assert_written(out, "out")
-    assert_close(out.cpu(), want, op="fused_experts", msg="out")
+    assert_close(out.cpu(), want, op=op, msg="out")
     # The independent C++ oracle (float64 loops) agrees too.
     cpp = load_cpp_reference().fused_experts_ref(
         p64["hidden"], p64["gate_up_proj"], p64["down_proj"], p64["weights"], p64["ids"], activation,
         p64["gate_up_bias"], p64["down_bias"],
     )
-    assert_close(out.cpu(), cpp, op="fused_experts", msg="out vs C++ oracle")
+    assert_close(out.cpu(), cpp, op=op, msg="out vs C++ oracle")
     for name, got, expected in zip(names, grads, want_grads):
         if expected is None:
             assert got.numel() == 0
             continue
         assert_written(got, name)
-        assert_close(got.cpu(), expected, dtype=dtype, op="fused_experts", msg=name)
+        assert_close(got.cpu(), expected, dtype=dtype, op=op, msg=name)
 
 
 @pytest.mark.kernel
