@@ -66,11 +66,19 @@ def test_gradients_reach_router_and_memory():
 
 
 def test_feeds_fused_experts():
-    router, ids, sims, memory = _inputs(dtype=torch.float32)
+    router, ids, sims, memory = _inputs()
     weights, experts, _ = knn_route_assignments(router, ids, sims, memory, 2)
-    hidden = torch.randn(6, 8)
-    out = mk.fused_experts(hidden, torch.randn(10, 12, 8), torch.randn(10, 8, 6), weights, experts)
-    assert out.shape == (6, 8) and bool(torch.isfinite(out).all())
+    hidden, gate_up, down = torch.randn(6, 8, dtype=torch.float64), torch.randn(10, 12, 8, dtype=torch.float64), \
+        torch.randn(10, 8, 6, dtype=torch.float64)
+    out = mk.fused_experts(hidden, gate_up, down, weights, experts)
+    # Every expert with a nonzero mixed weight runs, the -1 slots contribute nothing.
+    dense = _oracle(router, ids, sims, memory, 2)
+    want = torch.zeros_like(hidden)
+    for t in range(6):
+        for e in torch.nonzero(dense[t]).flatten().tolist():
+            h = gate_up[e] @ hidden[t]
+            want[t] += dense[t, e] * (down[e] @ (torch.nn.functional.silu(h[:6]) * h[6:]))
+    torch.testing.assert_close(out, want)
 
 
 def test_bad_neighbor_ids():

@@ -131,6 +131,20 @@ def test_gradcheck_float64(k, k_min):
     assert torch.autograd.gradcheck(lambda x: mk.exact_k_marginals(x, k, k_min=k_min), (logits,))
 
 
+def _route_gradient_paths(logits, ids, upstream, k):
+    """The two parts of the training weights' gradient, computed independently of the op: the
+    softmax path of the sampled experts and the covariance path ``Cov(z) @ (G * softmax(r))``."""
+    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
+    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
+    x = logits.clone().requires_grad_()
+    probs = torch.softmax(x, -1)
+    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
+    log_z = log_partition_dp(x, k, k)
+    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
+    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
+    return softmax_path, cov_path, z
+
+
 def test_route_gradient_is_softmax_path_plus_covariance_path():
     """Training weights: d/dr = softmax-backward of (G * z) + Cov(z) @ (G * softmax(r))."""
     logits = torch.randn(6, 8, dtype=torch.float64) * 2
@@ -138,15 +152,7 @@ def test_route_gradient_is_softmax_path_plus_covariance_path():
     weights, ids = mk.probmoe_route(leaf, 3, seed=5)
     upstream = torch.randn_like(weights)
     (weights * upstream).sum().backward()
-
-    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
-    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
-    x = logits.clone().requires_grad_()
-    probs = torch.softmax(x, -1)
-    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
-    log_z = log_partition_dp(x, 3, 3)
-    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
-    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
+    softmax_path, cov_path, z = _route_gradient_paths(logits, ids, upstream, 3)
     assert_close(leaf.grad, softmax_path + cov_path)
     # The covariance path reaches experts that were not selected.
     assert bool((cov_path.abs() * (1 - z)).sum(-1).gt(0).all())
@@ -197,11 +203,15 @@ def test_non_finite_rows():
 
 @pytest.mark.parametrize("num_tokens", [0, 1])
 def test_tiny_batches(num_tokens):
-    logits = torch.randn(num_tokens, 5, requires_grad=True)
-    weights, ids = mk.probmoe_route(logits, 2)
+    logits = torch.randn(num_tokens, 5, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_()
+    weights, ids = mk.probmoe_route(leaf, 2, seed=3)
     assert weights.shape == ids.shape == (num_tokens, 2)
-    weights.sum().backward()
-    assert logits.grad.shape == (num_tokens, 5)
+    assert_close(weights, torch.softmax(logits, -1).gather(1, ids.long()))
+    upstream = torch.randn_like(weights)
+    (weights * upstream).sum().backward()
+    softmax_path, cov_path, _ = _route_gradient_paths(logits, ids, upstream, 2)
+    assert_close(leaf.grad, softmax_path + cov_path)
 
 
 def test_leading_dims_and_non_contiguous():
