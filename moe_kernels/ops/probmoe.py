@@ -148,7 +148,9 @@ def launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
 
 def reference_uniforms(seed: torch.Tensor, num_tokens: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """``(T, E+1)`` uniforms of the reference sampler, from a torch generator seeded by ``seed``
-    (its stream differs from the kernel's Philox stream: samples agree in law, not draw by draw)."""
+    (its stream differs from the kernel's Philox stream: samples agree in law, not draw by draw).
+    Seeding a torch generator reads the seed on the host: on CUDA this reference fallback syncs,
+    which the Triton path (CUDA's default) never does."""
     generator = torch.Generator(device=seed.device).manual_seed(int(seed.item()))
     return torch.rand((num_tokens, num_experts + 1), generator=generator, device=seed.device, dtype=dtype)
 
