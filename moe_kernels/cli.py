@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 from pathlib import Path
@@ -218,32 +219,28 @@ def cmd_validate(args) -> int:
     return 1 if failures else 0
 
 
+# `moe-kernels bench --op NAME` -> the module of benchmarks/ that runs it.
+BENCHMARKS = {
+    "softmax_topk": "bench_routing",
+    "knn_mix": "bench_knn",
+    "knn_route": "bench_knn_route",
+    "probmoe": "bench_probmoe",
+    "fused_experts": "bench_experts",
+    "knn_retrieval": "bench_retrieval",
+    "hf_moe_block": "bench_hf",
+    "hf_generate": "bench_hf_generate",
+    "op_overhead": "bench_overhead",
+}
+
+
 def cmd_bench(args, extra: list[str]) -> int:
     repo_root = Path(__file__).resolve().parent.parent
     if not (repo_root / "benchmarks" / "bench_routing.py").is_file():
         print("moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr)
         return 2
     sys.path.insert(0, str(repo_root))
-    from benchmarks import (
-        bench_experts,
-        bench_hf,
-        bench_knn,
-        bench_knn_route,
-        bench_probmoe,
-        bench_retrieval,
-        bench_routing,
-    )
-
-    benches = {
-        "softmax_topk": bench_routing,
-        "knn_mix": bench_knn,
-        "knn_route": bench_knn_route,
-        "probmoe": bench_probmoe,
-        "fused_experts": bench_experts,
-        "knn_retrieval": bench_retrieval,
-        "hf_moe_block": bench_hf,
-    }
-    chosen = benches if args.op == "all" else {args.op: benches[args.op]}
+    names = BENCHMARKS if args.op == "all" else {args.op: BENCHMARKS[args.op]}
+    chosen = {op: importlib.import_module(f"benchmarks.{module}") for op, module in names.items()}
     return max(bench.main(extra) for bench in chosen.values())
 
 
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--tokens", type=int, nargs="+")
     validate.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     bench = commands.add_parser("bench", help="run the benchmark suite (other arguments pass to each op's benchmark)")
-    bench.add_argument("--op", choices=("all", "softmax_topk", "knn_mix", "knn_route", "probmoe", "fused_experts", "knn_retrieval", "hf_moe_block"), default="all")
+    bench.add_argument("--op", choices=("all", *BENCHMARKS), default="all")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, extra)

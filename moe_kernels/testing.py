@@ -5,6 +5,8 @@
 - :func:`poisoned_outputs` / :func:`assert_written`: prove every output element was written.
 - :func:`make_routing_logits` / :func:`make_bias`: tie-free routing inputs, so ids can be
   compared exactly.
+- :func:`tiny_hf_config`: a small transformers config per supported MoE family (the HF
+  integration tests and the generation benchmark build their models from it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ TOLERANCES: dict[torch.dtype | tuple[str, torch.dtype], tuple[float, float]] = {
     ("fused_experts", torch.float32): (5e-5, 1e-5),
     ("fused_experts", torch.float16): (1e-2, 1e-2),
     ("fused_experts", torch.bfloat16): (6e-2, 6e-2),
+    # - ``compiled_model``: a whole (tiny) HF model under ``torch.compile`` against eager. Inductor
+    #   fuses and reassociates the model's own norms, attention and softmaxes, not only our ops:
+    #   up to 2.6e-6 on float32 logits of magnitude 3.5 after three layers.
+    ("compiled_model", torch.float32): (1e-5, 1e-4),
 }
 
 
@@ -164,3 +170,56 @@ def make_routing_logits(
             return logits.to(device)
         logits[bad] = _draw_logits(int(bad.sum()), num_experts, dtype, score_func, generator)
     raise RuntimeError(f"could not draw tie-free logits for E={num_experts}, dtype={dtype}, min_gap={min_gap}")
+
+
+# The sizes every tiny HF model shares; each family adds its own in :func:`tiny_hf_config`.
+TINY_HF_SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+    initializer_range=0.15,
+    eos_token_id=None,  # greedy generation runs its full length
+)
+# Family -> (transformers config class, the family's sizes and routing features): Qwen3-MoE
+# renormalises and has a dense first layer, DeepSeek-V3 keeps 2 of 4 groups with scale 2.5 and a
+# shared expert after a dense first layer, GPT-OSS has a sliding window.
+_TINY_FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=32, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                         norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, mlp_only_layers=[0], head_dim=8, intermediate_size=32,
+                                         moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3,
+                                         norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=32, moe_intermediate_size=16,
+        n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                     sliding_window=4)),
+}
+TINY_HF_FAMILIES = tuple(_TINY_FAMILIES)
+_WIDTH_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def tiny_hf_config(family: str, *, width: int = 1, **overrides):
+    """A transformers config of ``family`` (one of :data:`TINY_HF_FAMILIES`) with 2-3 layers of
+    width 32 and 4-8 experts; ``width`` multiplies the hidden and intermediate sizes, and
+    ``overrides`` replace any field. Needs transformers."""
+    import transformers
+
+    if family not in _TINY_FAMILIES:
+        raise ValueError(f"tiny_hf_config: family must be one of {TINY_HF_FAMILIES}, got {family!r}")
+    config_name, sizes = _TINY_FAMILIES[family]
+    fields = {**TINY_HF_SIZES, **sizes}
+    for key in _WIDTH_KEYS:
+        if key in fields:
+            fields[key] *= width
+    return getattr(transformers, config_name)(**{**fields, **overrides})

@@ -31,6 +31,8 @@ else
     run python3 -m moe_kernels.cli bench --op fused_experts --dtype bfloat16 --routing uniform skewed one_hot
     run python3 -m moe_kernels.cli bench --op knn_retrieval
     run python3 -m moe_kernels.cli bench --op hf_moe_block
+    run python3 -m moe_kernels.cli bench --op hf_generate
+    run python3 -m moe_kernels.cli bench --op op_overhead
 fi
 cp -r benchmarks/results "$OUT/results" 2>/dev/null
 exit $status

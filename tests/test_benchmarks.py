@@ -152,7 +152,7 @@ def test_retrieval_benchmark_rows():
     from moe_kernels.knn import faiss_available
 
     rows = bench_retrieval.run(quick=True, entries=(500,), dims=(32,), num_queries=40, device="cpu")
-    indexes = bench_retrieval.INDEXES if faiss_available() else ("torch",)
+    indexes = list(bench_retrieval.PRESETS) if faiss_available() else ["torch"]
     assert [row["index"] for row in rows] == list(indexes)
     exact = {row["index"]: row["recall"] for row in rows}
     assert exact["torch"] == 1.0 and exact.get("flat", 1.0) == 1.0  # exact searches agree
@@ -187,3 +187,27 @@ def test_hf_block_benchmark_rows():
     ]
     assert all(row["median_us"] > 0 for row in rows)
     assert [row["speedup_vs_hf"] is not None for row in rows] == [False, True, False, True]
+
+
+def test_hf_generate_benchmark_rows():
+    pytest.importorskip("transformers")
+    from benchmarks import bench_hf_generate
+
+    rows = bench_hf_generate.run(quick=True, device="cpu", families=("mixtral",), batches=(2,), new_tokens=3)
+    assert [row["provider"] for row in rows] == ["hf_eager", "moe_kernels"]
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+    assert rows[1]["same_tokens"] == 1.0  # float32: the patched model generates HF's tokens
+
+
+def test_overhead_benchmark_rows_and_stub():
+    from benchmarks import bench_overhead
+    from moe_kernels.ops import routing
+
+    rows = bench_overhead.run(device="cpu", ops=("softmax_topk",))
+    assert [row["provider"] for row in rows] == list(bench_overhead.PROVIDERS)
+    assert all(row["median_us"] > 0 for row in rows) and rows[0]["overhead_us"] == rows[0]["boundary_us"] == 0
+    # The stub replaces the op's forward for every door, and is undone afterwards.
+    real = routing.softmax_topk_forward
+    with bench_overhead.stubbed_forward(real, "stub outputs") as stub:
+        assert routing.softmax_topk_forward is stub and stub() == "stub outputs"
+    assert routing.softmax_topk_forward is real

@@ -167,6 +167,51 @@ def _kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_experts, 
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize(
+    "num_tokens,k,num_experts,id_dtype",
+    [(1, 1, 1, torch.int32), (1, 8, 64, torch.int64), (7, 2, 5, torch.int32), (37, 3, 60, torch.int64),
+     (128, 8, 160, torch.int32), (97, 8, 1000, torch.int32)],
+)
+def test_align_kernel_equals_the_torch_alignment(kernel_device, num_tokens, k, num_experts, id_dtype):
+    """The one-program alignment kernel (decode-sized routings) gives exactly the torch path's
+    alignment (stable by slot, empty slots last), the weights in sorted order, and a set valid flag."""
+    generator = torch.Generator().manual_seed(num_tokens * k)
+    ids = torch.randint(-1, num_experts, (num_tokens, k), generator=generator, dtype=id_dtype)
+    weights = torch.rand(num_tokens, k, generator=generator)
+    assert ops.align_meta(num_tokens * k, num_experts) is not None  # the kernel, not the fallback
+    with poisoned_outputs():
+        align, row_weight, valid = ops.launch_moe_align(ids.to(kernel_device), num_experts, weights.to(kernel_device))
+    want = ops.moe_align(ids, num_experts)
+    for field in want._fields:
+        got = getattr(align, field).cpu()
+        assert got.dtype == getattr(want, field).dtype and torch.equal(got, getattr(want, field)), field
+    assert torch.equal(row_weight.cpu(), weights.reshape(-1)[want.order]) and int(valid) == 1
+
+
+@pytest.mark.kernel
+def test_align_kernel_flags_out_of_range_ids(kernel_device):
+    ids = torch.tensor([[0, 4], [1, -2], [5, 3]], dtype=torch.int32, device=kernel_device)
+    *_, valid = ops.launch_moe_align(ids, 5, torch.rand(3, 2, device=kernel_device))
+    assert int(valid) == 0
+    *_, valid = ops.launch_moe_align(ids.clamp(-1, 4), 5, torch.rand(3, 2, device=kernel_device))
+    assert int(valid) == 1
+    p = _problem(3, 16, 8, 5, 2, device=kernel_device)
+    with pytest.raises(RuntimeError), _small_tiles(kernel_device):  # the launcher's asynchronous assert
+        ops.launch_fused_experts(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], ids,
+                                 "silu", None, None)
+        if kernel_device == "cuda":
+            torch.cuda.synchronize()
+
+
+@pytest.mark.kernel
+def test_kernel_with_the_general_alignment(kernel_device, monkeypatch):
+    """Routings past the alignment kernel's size take the torch alignment: same results."""
+    monkeypatch.setattr(ops, "ALIGN_KERNEL_MAX_SLOTS", 0)
+    assert ops.align_meta(21 * 2, 5) is None
+    _kernel_vs_reference(kernel_device, torch.float32, 21, 24, 10, 5, 2, "silu", bias=False)
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 def test_kernel_matches_reference(kernel_device, activation):
     _kernel_vs_reference(kernel_device, torch.float32, 21, 24, 10, 5, 2, activation, bias=activation == "gpt_oss")

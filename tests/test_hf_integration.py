@@ -32,61 +32,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import (
-    AutoModelForCausalLM,
-    DeepseekV3Config,
-    GptOssConfig,
-    MixtralConfig,
-    OlmoeConfig,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM
 
 import moe_kernels.integrations.transformers as hf
-from moe_kernels.testing import assert_close
+from moe_kernels.testing import TINY_HF_FAMILIES, TINY_HF_SIZES, assert_close, tiny_hf_config
 
-COMMON = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-    initializer_range=0.15,
-    eos_token_id=None,  # greedy generation runs its full length
-)
-
-
-def _config(family: str, **overrides):
-    if family == "mixtral":
-        return MixtralConfig(**{**COMMON, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
-                                **overrides})
-    if family == "qwen2_moe":
-        return Qwen2MoeConfig(**{**COMMON, "intermediate_size": 32, "moe_intermediate_size": 16,
-                                 "shared_expert_intermediate_size": 24, "num_experts": 6, "num_experts_per_tok": 2,
-                                 "norm_topk_prob": False, **overrides})
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3, "mlp_only_layers": [0], "head_dim": 8,
-                                 "intermediate_size": 32, "moe_intermediate_size": 16, "num_experts": 6,
-                                 "num_experts_per_tok": 3, "norm_topk_prob": True, **overrides})
-    if family == "olmoe":
-        return OlmoeConfig(**{**COMMON, "intermediate_size": 16, "num_experts": 6, "num_experts_per_tok": 2,
-                              **overrides})
-    if family == "deepseek_v3":
-        return DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 32,
-                                   "moe_intermediate_size": 16, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
-                                   "num_experts_per_tok": 3, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
-                                   "norm_topk_prob": True, "n_shared_experts": 1, "kv_lora_rank": 16,
-                                   "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
-                                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides})
-    if family == "gpt_oss":
-        return GptOssConfig(**{**COMMON, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
-                               "head_dim": 8, "sliding_window": 4, **overrides})
-    raise AssertionError(family)
-
-
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
-# The MoE block of each family, its router attribute and its number of MoE layers in _config.
+FAMILIES = TINY_HF_FAMILIES
+# The MoE block of each family, its router attribute and its number of MoE layers in tiny_hf_config.
 BLOCKS = {
     "mixtral": ("MixtralSparseMoeBlock", "gate", 2),
     "qwen2_moe": ("Qwen2MoeSparseMoeBlock", "gate", 2),
@@ -99,7 +51,7 @@ BLOCKS = {
 
 def _build(family: str, dtype=torch.float32, experts_implementation="eager", **overrides):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family, **overrides),
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides),
                                              experts_implementation=experts_implementation)
     model = model.to(dtype).eval()
     gen = torch.Generator().manual_seed(1)
@@ -125,7 +77,7 @@ def _blocks(model, family):
 
 
 def _input_ids(batch=2, seq=12, seed=2):
-    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY_HF_SIZES["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def _logits(model, ids):
@@ -249,7 +201,7 @@ def test_patched_model_matches_hf(family, spy):
 def test_router_matches_hf(family, dtype):
     model = _build(family, dtype)
     _, router, _ = _blocks(model, family)[0]
-    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3)).to(dtype)
+    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(3)).to(dtype)
     with torch.no_grad():
         ref_logits, ref_w, ref_ids = type(router).forward(router, hidden)
         hf.apply_moe_kernels(model)
@@ -272,7 +224,7 @@ def test_deepseek_v3_group_masking_with_negative_keys():
     _, router, _ = _blocks(model, "deepseek_v3")[0]
     with torch.no_grad():
         router.e_score_correction_bias.sub_(1.0)
-    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(4))
+    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         _, ref_w, ref_ids = type(router).forward(router, hidden)
         hf.apply_moe_kernels(model)
@@ -298,7 +250,7 @@ def test_deepseek_v3_group_masking_with_negative_keys():
 def test_block_16bit_matches_hf(family, dtype):
     model = _build(family, dtype)
     block, router, _ = _blocks(model, family)[0]
-    hidden = torch.randn(256, COMMON["hidden_size"], generator=torch.Generator().manual_seed(5)).to(dtype)
+    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(5)).to(dtype)
     with torch.no_grad():
         keep = _tie_free(type(router).forward(router, hidden)[0], router.top_k)
         hidden = hidden[keep][None]  # (1, T', H)
@@ -442,6 +394,24 @@ def test_errors(monkeypatch):
     with pytest.raises(ImportError, match=r"moe-kernels\[hf\]"):
         hf.apply_moe_kernels(model)
     assert not hf.is_moe_kernels_applied(model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_patched_model_compiles_fullgraph_with_dynamic_tokens(family):
+    """A patched model compiles with ``fullgraph=True`` (so nothing of this package, nor of the
+    model, breaks the graph) and ``dynamic=True``: new sequence lengths reuse the graph (a
+    recompile raises) and give the eager logits. The three families cover the softmax gate,
+    the grouped sigmoid gate with bias and shared expert, and the biased interleaved experts."""
+    model = _build(family)
+    hf.apply_moe_kernels(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for seq in (5, 11, 12):
+            ids = _input_ids(2, seq, seed=seq)
+            with torch._dynamo.config.patch(error_on_recompile=seq != 5):
+                got = compiled(ids).logits
+            assert_close(got, model(ids).logits, op="compiled_model", msg=f"seq {seq}")
 
 
 @pytest.mark.kernel

@@ -79,8 +79,11 @@ def fused_experts(
     float32. ``ids`` outside ``[-1, E)`` raise on CPU; on CUDA they fail a device-side assert
     (checked asynchronously, without a host sync).
     """
-    _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias)
     triton_path = use_triton(backend, hidden.device, "fused_experts")
+    # The Triton path checks ids inside its alignment kernel (one flag, asserted asynchronously),
+    # so no separate device check is queued here.
+    _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                assert_on_device=not triton_path)
     if triton_path and hidden.dtype == torch.float64:
         raise TypeError("fused_experts: backend='triton' takes float32/float16/bfloat16 hidden, got torch.float64; "
                         "use backend='torch' for float64")
@@ -89,22 +92,27 @@ def fused_experts(
     return out
 
 
-def _check_ids(ids, num_experts, op_name):
+def _check_ids(ids, num_experts, op_name, assert_on_device=True):
     if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() != 2:
         got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{op_name}: ids must be a (T, k) int32 or int64 tensor, got {got}")
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
         raise ValueError(f"{op_name}: num_experts must be an int >= 1, got {num_experts!r}")
+    # A host-side check would sync a GPU and break a compiled graph: there, assert on the device
+    # (unless the caller's kernel checks the ids itself).
+    on_device = ids.device.type == "cuda" or torch.compiler.is_compiling()
+    if on_device and not assert_on_device:
+        return
     in_range = ((ids >= -1) & (ids < num_experts)).all()
-    # A host-side check would sync a GPU and break a compiled graph: there, assert on the device.
-    if ids.device.type == "cuda" or torch.compiler.is_compiling():
+    if on_device:
         torch._assert_async(in_range, f"{op_name}: ids must be in [-1, {num_experts})")
     elif ids.numel() and not bool(in_range):
         bad = ids[(ids < -1) | (ids >= num_experts)][0].item()
         raise ValueError(f"{op_name}: ids must be in [-1, E={num_experts}), got {bad}")
 
 
-def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias):
+def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                assert_on_device=True):
     name = "fused_experts"
     for arg, tensor, dims in (
         ("hidden", hidden, 2),
@@ -135,7 +143,7 @@ def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_
     for arg, tensor in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if tensor.dtype != hidden.dtype:
             raise TypeError(f"{name}: {arg} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
-    _check_ids(ids, num_experts, name)
+    _check_ids(ids, num_experts, name, assert_on_device)
     if ids.device != hidden.device:
         raise ValueError(f"{name}: ids must be on hidden's device {hidden.device}, got {ids.device}")
     if tuple(ids.shape[:1]) != (num_tokens,) or tuple(weights.shape) != tuple(ids.shape):

@@ -139,3 +139,49 @@ def _combine_kernel(
         position = tl.load(position_ptr + tokens.to(tl.int64) * K + j, mask=token_ok, other=0)
         acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,  # (R,) int32/int64: the flattened (T, k) routing ids, -1 = empty slot
+    weights_ptr,  # (R,) float: the routing weight of each slot
+    order_ptr,  # (R,) int64 out: slot at each sorted position
+    tokens_ptr,  # (R,) int32 out: token of each sorted position
+    experts_ptr,  # (R,) int32 out: expert of each sorted position, E for an empty slot
+    positions_ptr,  # (R,) int32 out: sorted position of each slot
+    row_weight_ptr,  # (R,) float32 out: routing weight of each sorted position
+    counts_ptr,  # (E,) int32 out: slots per expert
+    offsets_ptr,  # (E,) int32 out: inclusive cumulative counts (group ends)
+    valid_ptr,  # () int32 out: 1 if every id is in [-1, E), else 0
+    R,
+    E,
+    K: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # next power of 2 >= R
+    NUM_BINS: tl.constexpr,  # next power of 2 >= E + 2: the experts, the empty key E, padding
+):
+    """``moe_align`` in one program, for the small R of decode batches: the slots are sorted by
+    the unique key ``expert * BLOCK_R + slot`` (a stable sort by expert, empty slots last) with
+    ``tl.sort``, and counted with ``tl.histogram``. One launch replaces the ~20 small torch ops of
+    the general path, whose launch costs dominate a decode step. An id outside [-1, E) is treated
+    as empty and clears the valid flag (the launcher asserts on it, asynchronously)."""
+    slot = tl.arange(0, BLOCK_R)
+    in_range = slot < R
+    ids = tl.load(ids_ptr + slot, mask=in_range, other=-1).to(tl.int32)
+    bad = in_range & ((ids < -1) | (ids >= E))
+    key = tl.where((ids < 0) | bad, E, ids)
+    # Padding lanes sort after every slot (key E + 1) and land in a bin nothing reads.
+    key = tl.where(in_range, key, E + 1)
+    sorted_keys = tl.sort(key * BLOCK_R + slot)
+    order = sorted_keys % BLOCK_R
+    pos = slot  # sorted position
+    tl.store(order_ptr + pos, order.to(tl.int64), mask=in_range)
+    tl.store(tokens_ptr + pos, order // K, mask=in_range)
+    tl.store(experts_ptr + pos, sorted_keys // BLOCK_R, mask=in_range)
+    tl.store(positions_ptr + order, pos, mask=in_range)
+    weight = tl.load(weights_ptr + order, mask=in_range, other=0.0).to(tl.float32)
+    tl.store(row_weight_ptr + pos, weight, mask=in_range)
+    counts = tl.histogram(key, NUM_BINS)
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(counts_ptr + bins, counts, mask=bins < E)
+    tl.store(offsets_ptr + bins, tl.cumsum(counts, 0), mask=bins < E)
+    tl.store(valid_ptr, (tl.sum(bad.to(tl.int32), 0) == 0).to(tl.int32))

@@ -438,6 +438,29 @@ def _combine_cases() -> Iterator[KernelCase]:
             )
 
 
+@register_kernel("moe_align")
+def _moe_align_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._experts import _moe_align_kernel
+    from moe_kernels.ops.experts import ALIGN_KERNEL_MAX_SLOTS, align_meta
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    experts = sorted({shape.num_experts for shape in EXPERT_SHAPES})
+    for num_experts in experts:
+        for num_slots in (8, 64, 512, ALIGN_KERNEL_MAX_SLOTS):
+            for ids_type in ("*i32", "*i64"):
+                meta = align_meta(num_slots, num_experts)
+                num_warps = meta.pop("num_warps")
+                signature = {
+                    "ids_ptr": ids_type, "weights_ptr": "*fp32", "order_ptr": "*i64", "tokens_ptr": "*i32",
+                    "experts_ptr": "*i32", "positions_ptr": "*i32", "row_weight_ptr": "*fp32", "counts_ptr": "*i32",
+                    "offsets_ptr": "*i32", "valid_ptr": "*i32", "R": "i32", "E": "i32",
+                }
+                yield KernelCase(
+                    "moe_align", _moe_align_kernel, signature, dict(K=8, **meta), num_warps,
+                    label=f"{ids_type[1:]} E{num_experts} BR{meta['BLOCK_R']} bins{meta['NUM_BINS']}",
+                )
+
+
 # --------------------------------------------------------------------------------------------
 # Grouped GEMM (moe_kernels/kernels/_grouped_mm.py, launchers in moe_kernels/ops/grouped_mm.py)
 # --------------------------------------------------------------------------------------------

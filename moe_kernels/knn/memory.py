@@ -2,7 +2,8 @@
 optimised routing logits), searched by similarity.
 
 Search goes through faiss when it is installed (an exact flat index, or IVF / IVF-PQ / HNSW for
-large memories) and through an exact chunked-matmul search in PyTorch otherwise. A memory is saved
+large memories; with a GPU build of faiss, CUDA queries search a copy of the index on their GPU
+without leaving it) and through an exact chunked-matmul search in PyTorch otherwise. A memory is saved
 as one safetensors file holding the keys, the values, the serialised faiss index and a manifest,
 written to a temporary file and renamed into place, so a crash mid-save never damages an existing
 memory, and a file whose checksum or manifest does not match is refused on load.
@@ -31,6 +32,16 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def _use_faiss_gpu(device: torch.device) -> bool:
+    """Whether queries on ``device`` are searched by a faiss GPU index: CUDA queries, with a
+    faiss build that has GPU support and sees a GPU."""
+    if device.type != "cuda":
+        return False
+    import faiss
+
+    return hasattr(faiss, "index_cpu_to_gpu") and faiss.get_num_gpus() > 0
+
+
 class RoutingMemory:
     """A routing memory of ``N`` cases.
 
@@ -42,7 +53,11 @@ class RoutingMemory:
             ``d / 8`` one-byte codes per key), ``"hnsw"``, or ``"torch"`` (exact, no faiss).
             Without faiss every index falls back to ``"torch"`` with a warning.
         index_options: ``nlist`` and ``nprobe`` (IVF, IVF-PQ), ``m`` (IVF-PQ sub-quantisers),
-            ``hnsw_m`` and ``ef_search`` (HNSW).
+            ``refine`` (IVF-PQ: re-rank ``refine * n`` code-distance candidates by their exact
+            similarity; 0, the default and the paper's setting, re-ranks nothing), ``hnsw_m`` and
+            ``ef_search`` (HNSW). A refined IVF-PQ index keeps a float32 copy of the keys inside
+            faiss (``4 d`` bytes per case on top of the ``m`` code bytes); it is what makes the
+            compressed search recall the true neighbours of clustered hidden states.
         model, layer: what the memory was built for; kept in the manifest and checked on load.
 
     Keys and values are kept as float32 CPU tensors (``.keys``, ``.values``).
@@ -67,6 +82,7 @@ class RoutingMemory:
         self.index_options = dict(index_options or {})
         self.model, self.layer = model, layer
         self._faiss_index = None
+        self._gpu_indexes = {}  # CUDA device index -> (faiss GPU resources, cloned index), or None
         if index != "torch":
             if faiss_available():
                 self._faiss_index = _build_faiss_index(self.keys, index, self.index_options)
@@ -90,6 +106,10 @@ class RoutingMemory:
 
         ``queries (T, d)`` float on any device -> ``ids (T, n)`` int64 and ``sims (T, n)`` float32
         on the queries' device, most similar first. ``n`` may not exceed the memory size.
+
+        CUDA queries: with a GPU build of faiss, a copy of the index on the queries' GPU (made on
+        the first such search) is searched there, without a host round trip; otherwise, and for
+        indexes faiss's GPU module lacks (HNSW, refined IVF-PQ), on the host.
         """
         _check_tensor("queries", queries, 2)
         if queries.shape[1] != self.key_dim:
@@ -103,11 +123,36 @@ class RoutingMemory:
         if self._faiss_index is None:
             sims, ids = _exact_search(self.keys.to(device), q, n)
             return ids, sims
+        gpu_index = self._gpu_index(device) if _use_faiss_gpu(device) else None
+        if gpu_index is not None:
+            import faiss.contrib.torch_utils  # noqa: F401  (index.search then takes torch tensors, on the GPU too)
+
+            sims, ids = gpu_index.search(q.contiguous(), n)
+            return ids, sims
         # faiss CPU indexes search host memory: CUDA queries are copied over (a host sync, which is
         # why a faiss-backed gate cannot be captured in a CUDA graph; the torch search stays on
         # the queries' device).
         sims, ids = self._faiss_index.search(q.cpu().contiguous().numpy(), n)
         return torch.from_numpy(ids).to(device), torch.from_numpy(sims).to(device)
+
+    def _gpu_index(self, device: torch.device):
+        """The faiss index cloned to ``device``'s GPU, made once per device; None (with a warning,
+        once) where faiss's GPU module does not take this index (HNSW, a refined IVF-PQ, or more
+        IVF-PQ code bytes than it supports): such a memory searches on the host."""
+        import faiss
+
+        slot = device.index if device.index is not None else torch.cuda.current_device()
+        if slot not in self._gpu_indexes:
+            try:
+                resources = faiss.StandardGpuResources()
+                clone = faiss.index_cpu_to_gpu(resources, slot, self._faiss_index)
+                self._gpu_indexes[slot] = (resources, clone)  # the clone needs its resources alive
+            except RuntimeError as error:  # faiss raises RuntimeError for what its GPU module lacks
+                warnings.warn(f"RoutingMemory: faiss cannot put index={self.index_kind!r} on the GPU ({error}); "
+                              "searching on the host")
+                self._gpu_indexes[slot] = None
+        entry = self._gpu_indexes[slot]
+        return None if entry is None else entry[1]
 
     def save(self, path) -> None:
         """Write the memory to ``path`` (one safetensors file), atomically: the file is written
@@ -175,6 +220,7 @@ class RoutingMemory:
         memory.index_options = manifest["index_options"]
         memory.model, memory.layer = manifest["model"], manifest["layer"]
         memory._faiss_index = None
+        memory._gpu_indexes = {}
         if "faiss_index" in tensors:
             if faiss_available():
                 import faiss
@@ -231,13 +277,27 @@ def _build_faiss_index(keys: torch.Tensor, kind: str, options: dict):
             if dim % m:
                 raise ValueError(f"RoutingMemory: index='ivfpq' needs m dividing d={dim}, got m={m}")
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+            if _refine_factor(options):
+                index = faiss.IndexRefineFlat(index)
         index.train(data)
     index.add(data)
     _set_search_options(index, kind, options)
     return index
 
 
+def _refine_factor(options: dict) -> int:
+    factor = options.get("refine", 0)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 0:
+        raise ValueError(f"RoutingMemory: index_options['refine'] must be an int >= 0, got {factor!r}")
+    return factor
+
+
 def _set_search_options(index, kind: str, options: dict) -> None:
+    if kind == "ivfpq" and _refine_factor(options):
+        import faiss
+
+        index.k_factor = float(_refine_factor(options))
+        index = faiss.downcast_index(index.base_index)
     if kind in ("ivf", "ivfpq"):
         index.nprobe = int(options.get("nprobe", min(16, index.nlist)))
     elif kind == "hnsw":

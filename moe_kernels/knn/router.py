@@ -19,8 +19,11 @@ class KNNRouter(nn.Module):
     arguments), all in one fused op, :func:`moe_kernels.knn_route`.
 
     ``weight (E, H)`` is the frozen router's weight (shared, not copied; no gradient is asked of
-    it). The search runs where the memory's index lives (faiss: CPU), so a CUDA forward copies
-    the queries to the host and waits for them: this gate is not CUDA-graph capturable.
+    it). The search runs where the memory's index lives: with CPU faiss a CUDA forward copies the
+    queries to the host and waits for them; a GPU build of faiss searches a copy of the index on
+    the queries' GPU (:meth:`RoutingMemory.search`). Either way faiss allocates per search, so
+    this gate is not CUDA-graph capturable; the exact torch search (``index="torch"``) stays on
+    the device.
     """
 
     def __init__(

@@ -7,8 +7,9 @@
 ``fused_experts_backward`` -> grads of hidden, both projections, weights, both biases
 ========================  ======================================================================
 
-The Triton path, forward: :func:`moe_align` sorts the T*k slots by expert on the device (no host
-sync, fixed shapes); a grouped GEMM gathers each slot's token row in its loads (no permuted copy
+The Triton path, forward: :func:`launch_moe_align` sorts the T*k slots by expert on the device (no
+host sync, fixed shapes; one kernel for decode-sized routings, which also gathers the routing
+weights and checks the ids); a grouped GEMM gathers each slot's token row in its loads (no permuted copy
 of the activations) into ``h = x @ gate_up^T``; the gated activation; a second grouped GEMM
 scales each row by its routing weight in its epilogue; a combine kernel sums each token's k rows
 in a fixed order (deterministic, no atomics). Backward: the same grouped GEMM kernels (with the
@@ -75,6 +76,52 @@ def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
         counts=counts[:num_experts],
         offsets=counts[:num_experts].cumsum(0, dtype=torch.int32),
     )
+
+
+# The one-program alignment kernel sorts all slots in registers: it takes R = T*k up to this
+# (decode batches, where launch counts matter) and E + 2 bins up to ALIGN_KERNEL_MAX_BINS; larger
+# routings take moe_align's torch path, a device sort spread over many SMs.
+ALIGN_KERNEL_MAX_SLOTS = 1024
+ALIGN_KERNEL_MAX_BINS = 1024
+
+
+def align_meta(num_slots: int, num_experts: int) -> dict | None:
+    """Constexprs and ``num_warps`` of the alignment kernel, or None where it does not apply."""
+    bins = next_power_of_2(num_experts + 2)
+    if not 0 < num_slots <= ALIGN_KERNEL_MAX_SLOTS or bins > ALIGN_KERNEL_MAX_BINS:
+        return None
+    block = max(16, next_power_of_2(num_slots))
+    return dict(BLOCK_R=block, NUM_BINS=bins, num_warps=4 if block <= 256 else 8)
+
+
+def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor):
+    """The Triton path's alignment: ``(MoEAlignment, row_weight (R,) float32, valid () int32)``,
+    where ``row_weight`` is ``weights (T, k)`` in sorted order and ``valid`` is nonzero iff every
+    id is in [-1, E). One kernel launch for decode-sized routings (:func:`align_meta`), else
+    :func:`moe_align` and two torch ops. No host sync either way."""
+    from moe_kernels.kernels._experts import _moe_align_kernel
+
+    num_tokens, k = ids.shape
+    num_slots = num_tokens * k
+    meta = align_meta(num_slots, num_experts)
+    if meta is None:
+        align = moe_align(ids, num_experts)
+        row_weight = weights.reshape(-1).to(torch.float32)[align.order]
+        valid = ((ids >= -1) & (ids < num_experts)).all()
+        return align, row_weight, valid
+    device = ids.device
+    order = new_output((num_slots,), torch.int64, device)
+    tokens, experts, positions = (new_output((num_slots,), torch.int32, device) for _ in range(3))
+    row_weight = new_output((num_slots,), torch.float32, device)
+    counts, offsets = (new_output((num_experts,), torch.int32, device) for _ in range(2))
+    valid = new_output((), torch.int32, device)
+    _moe_align_kernel[(1,)](
+        ids.contiguous(), weights.contiguous(), order, tokens, experts, positions, row_weight, counts, offsets,
+        valid, num_slots, num_experts, K=k, **meta,
+    )
+    align = MoEAlignment(order=order, tokens=tokens, experts=experts, positions=positions, counts=counts,
+                         offsets=offsets)
+    return align, row_weight, valid
 
 
 def _elementwise_meta(width: int) -> dict:
@@ -153,9 +200,9 @@ def _bias_rows(bias: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias):
     """Triton forward; returns ``(out (T, H), h (T*k, 2I))`` in hidden's dtype."""
     num_tokens, k = ids.shape
-    align = moe_align(ids, gate_up_proj.shape[0])
+    align, row_weight, valid = launch_moe_align(ids, gate_up_proj.shape[0], weights)
+    torch._assert_async(valid, f"fused_experts: ids must be in [-1, {gate_up_proj.shape[0]})")
     num_slots = num_tokens * k
-    row_weight = weights.reshape(-1).to(torch.float32)[align.order]
     h = gmm.launch_grouped_mm(
         hidden, gate_up_proj.transpose(1, 2), align.offsets, a_rows=align.tokens, out_rows=num_slots
     )
@@ -175,10 +222,9 @@ def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, wei
     """Triton backward; returns the six gradients (empty tensors for absent biases)."""
     num_tokens, k = ids.shape
     num_experts = gate_up_proj.shape[0]
-    align = moe_align(ids, num_experts)
+    align, row_weight, _ = launch_moe_align(ids, num_experts, weights)  # the forward checked the ids
     num_slots = num_tokens * k
     grad_out = grad_out.to(hidden.dtype).contiguous()
-    row_weight = weights.reshape(-1).to(torch.float32)[align.order]
     # d(out)/d(act) before the routing weight: grad_out of each slot's token through down_proj.
     grad_act = gmm.launch_grouped_mm(grad_out, down_proj, align.offsets, a_rows=align.tokens, out_rows=num_slots)
     grad_h, grad_row_weight = launch_gated_activation_backward(grad_act, h, row_weight, activation)

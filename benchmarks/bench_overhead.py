@@ -1,0 +1,197 @@
+"""Eager per-call overhead of each op's boundary: the host time of one call at a size where the
+work itself is negligible, through four doors:
+
+- ``bare_forward``: the op's forward function (the Triton launcher on CUDA, the PyTorch reference
+  elsewhere), no argument checks, no autograd;
+- ``public``: ``moe_kernels.<op>`` as users call it in eager mode (checks, backend choice, the
+  eager ``autograd.Function`` that bypasses the dispatcher), under ``torch.no_grad``;
+- ``public_autograd``: the same with inputs that require grad (it records the backward);
+- ``registered_op``: ``torch.ops.moe_kernels.<op>`` through the dispatcher, which is what
+  ``torch.compile`` traces and what eager calls would cost without the bypass;
+  ``registered_op_autograd`` with its first input requiring grad (the registered autograd).
+
+``overhead_us`` is a row's time minus ``bare_forward``'s. ``boundary_us`` is the same door timed
+with the op's forward replaced by a stub that returns its precomputed outputs: the cost of the
+boundary alone (argument checks, backend choice, autograd or dispatcher), free of the noise of the
+work itself, which on a loaded CPU host exceeds the boundary. The timer is host wall time per
+call, averaged over a loop of calls that ends with one device synchronisation: at these sizes the
+GPU finishes each kernel before the host issues the next, so the loop measures the host.
+
+    python -m benchmarks.bench_overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+import moe_kernels
+from benchmarks.common import resolve_device, run_and_report
+from moe_kernels.ops.experts import fused_experts_forward, fused_experts_op
+from moe_kernels.ops.grouped_mm import grouped_mm_forward, grouped_mm_op
+from moe_kernels.ops.knn import knn_mix_forward, knn_mix_op
+from moe_kernels.ops.knn_route import knn_route_forward, knn_route_op
+from moe_kernels.ops.probmoe import exact_k_forward, exact_k_op
+from moe_kernels.ops.routing import softmax_topk_forward, softmax_topk_op
+
+OP_NAME = "op_overhead"
+PROVIDERS = ("bare_forward", "public", "public_autograd", "registered_op", "registered_op_autograd")
+TABLE_COLUMNS = ("op_name", "T", "provider", "median_us", "overhead_us", "boundary_us", "timer")
+# Calls per timed loop, and loops per row (the row keeps their median).
+CALLS_PER_LOOP = 200
+LOOPS = 7
+TOKENS, EXPERTS, K, NEIGHBORS, MEMORY, HIDDEN, INTERMEDIATE = 1, 64, 8, 8, 1024, 64, 32
+
+
+def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = CALLS_PER_LOOP,
+                     loops: int = LOOPS) -> float:
+    """Median over ``loops`` of the mean host time of ``calls`` back-to-back calls of ``fn``, in
+    microseconds, each loop closed by one synchronisation of ``device``."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        fn()
+    sync()
+    means = []
+    for _ in range(loops):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        means.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(means)
+
+
+def _cases(device: torch.device, use_triton: bool) -> dict:
+    """op -> (public call taking a requires-grad flag, registered op, bare forward, its arguments,
+    the differentiable input first)."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(device, dt)
+
+    logits = rand(TOKENS, EXPERTS)
+    neighbor_logits, sims = rand(TOKENS, NEIGHBORS, EXPERTS), torch.rand(TOKENS, NEIGHBORS, generator=gen).to(device)
+    memory = rand(MEMORY, EXPERTS, dt=torch.float32)
+    neighbor_ids = torch.randint(0, MEMORY, (TOKENS, NEIGHBORS), generator=gen).to(device)
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    weights, ids = moe_kernels.softmax_topk(logits, 2)
+    hidden = rand(TOKENS, HIDDEN)
+    gate_up, down = rand(8, 2 * INTERMEDIATE, HIDDEN), rand(8, HIDDEN, INTERMEDIATE)
+    rows = rand(8, HIDDEN)
+    offsets = torch.tensor([2, 4, 6, 8], dtype=torch.int32, device=device)
+    b = rand(4, HIDDEN, HIDDEN)
+    ids8 = ids.to(torch.int32) % 8
+    route_options = (False, "softmax", None, 0, 0, "max", 1.0)
+    mix_options = ("similarity", 0.1, 0.0)
+
+    def grad(t, on):
+        return t.detach().requires_grad_(on)
+
+    return {
+        "softmax_topk": (
+            lambda g: moe_kernels.softmax_topk(grad(logits, g), K),
+            softmax_topk_op, softmax_topk_forward, (logits, K, *route_options, use_triton),
+        ),
+        "knn_mix": (
+            lambda g: moe_kernels.knn_mix(grad(logits, g), neighbor_logits, sims),
+            knn_mix_op, knn_mix_forward, (logits, neighbor_logits, sims, *mix_options, use_triton),
+        ),
+        "knn_route": (
+            lambda g: moe_kernels.knn_route(grad(logits, g), neighbor_ids, sims, memory, K),
+            knn_route_op, knn_route_forward,
+            (logits, neighbor_ids, sims, memory, K, *route_options, *mix_options, use_triton),
+        ),
+        "exact_k": (
+            lambda g: moe_kernels.exact_k_marginals(grad(logits.float(), g), K),
+            exact_k_op, exact_k_forward, (logits.float(), K, K, seed, False, use_triton),
+        ),
+        "grouped_mm": (
+            lambda g: moe_kernels.grouped_mm(grad(rows, g), b, offsets),
+            grouped_mm_op, grouped_mm_forward, (rows, b, offsets, use_triton),
+        ),
+        "fused_experts": (
+            lambda g: moe_kernels.fused_experts(grad(hidden, g), gate_up, down, weights, ids8),
+            fused_experts_op, fused_experts_forward,
+            (hidden, gate_up, down, weights, ids8, "silu", None, None, use_triton),
+        ),
+    }
+
+
+@contextlib.contextmanager
+def stubbed_forward(bare: Callable, outputs):
+    """Within the block, the op's module calls a stub returning ``outputs`` instead of ``bare``
+    (every door of the op looks its forward up in that module at call time). Yields the stub."""
+    module = sys.modules[bare.__module__]
+
+    def stub(*args):
+        return outputs
+
+    setattr(module, bare.__name__, stub)
+    try:
+        yield stub
+    finally:
+        setattr(module, bare.__name__, bare)
+
+
+def _door_times(public, registered, bare, args, device) -> dict:
+    """Host microseconds per call of each door of one op."""
+    with torch.no_grad():
+        calls = {
+            "bare_forward": lambda: bare(*args),
+            "public": lambda: public(False),
+            "registered_op": lambda: registered(*args),
+        }
+        times = {name: host_us_per_call(fn, device) for name, fn in calls.items()}
+    times["public_autograd"] = host_us_per_call(lambda: public(True), device)
+    grad_args = (args[0].detach().requires_grad_(), *args[1:])
+    times["registered_op_autograd"] = host_us_per_call(lambda: registered(*grad_args), device)
+    return times
+
+
+def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
+    """Rows of every (op, provider)."""
+    device = resolve_device(device)
+    use_triton = device.type == "cuda"
+    rows = []
+    for op, (public, registered, bare, args) in _cases(device, use_triton).items():
+        if ops and op not in ops:
+            continue
+        times = _door_times(public, registered, bare, args, device)
+        with torch.no_grad():
+            outputs = bare(*args)
+        with stubbed_forward(bare, outputs) as stub:
+            boundary = _door_times(public, registered, stub, args, device)
+        for provider in PROVIDERS:
+            rows.append({
+                "op": OP_NAME, "op_name": op, "T": TOKENS, "provider": provider, "median_us": times[provider],
+                "overhead_us": times[provider] - times["bare_forward"],
+                "boundary_us": boundary[provider] - boundary["bare_forward"], "timer": "host_loop",
+                "device": str(device), "backend": "triton" if use_triton else "torch",
+            })
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--ops", nargs="+", help="a subset of the ops")
+    parser.add_argument("--quick", action="store_true", help="accepted for the bench suite; the sizes are tiny anyway")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    return run_and_report(OP_NAME, device, lambda: run(device=device, ops=args.ops), TABLE_COLUMNS,
+                          write=not args.no_write)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
