@@ -1,7 +1,7 @@
 """Fused experts benchmark: :func:`moe_kernels.fused_experts` against what MoE layers run today,
-in the same run: the Hugging Face eager experts loop, a ``torch._grouped_mm`` MoE (CUDA, 16-bit)
-and ``torch.compile`` of the reference. (liger-kernel's fused MoE is not wired in yet: its API
-could not be checked without a network.)
+in the same run: the Hugging Face eager experts loop, a ``torch._grouped_mm`` MoE (CUDA, 16-bit),
+``torch.compile`` of the reference, and liger-kernel's fused MoE (CUDA, SwiGLU shapes) when it is
+installed.
 
 Run from the repository root::
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 from typing import Sequence
 
 import torch
@@ -43,7 +44,7 @@ QUICK_CPU_TOKENS = (1, 64)
 CUDA_GRAPH_MAX_TOKENS = 256
 TABLE_COLUMNS = (
     "model", "T", "routing", "direction", "provider", "median_us", "tflops", "pct_gemm", "pct_weight_bw",
-    "speedup_vs_eager", "speedup_vs_hf", "speedup_vs_grouped_mm", "timer",
+    "speedup_vs_eager", "speedup_vs_hf", "speedup_vs_grouped_mm", "speedup_vs_liger", "timer",
 )
 
 
@@ -97,6 +98,16 @@ def grouped_mm_experts(hidden, gate_up_proj, down_proj, weights, ids, activation
     return torch.zeros_like(hidden).index_add_(0, tokens, y * (slot_weights * valid)[:, None])
 
 
+def liger_experts(hidden, gate_up_proj, down_proj, weights, ids, activation="silu"):
+    """liger-kernel's fused MoE (``LigerFusedMoEFunction``: the same HF v5 layout, SwiGLU only,
+    one host sync for its tile count)."""
+    from liger_kernel.ops import LigerFusedMoEFunction
+
+    if activation != "silu":
+        raise ValueError(f"liger-kernel's fused MoE is SwiGLU only, got activation={activation!r}")
+    return LigerFusedMoEFunction.apply(hidden, gate_up_proj, down_proj, ids.to(torch.int32), weights)
+
+
 def _providers(device: torch.device, dtype: torch.dtype, quick_cpu: bool) -> dict:
     providers = {
         "moe_kernels": moe_kernels.fused_experts,
@@ -105,6 +116,8 @@ def _providers(device: torch.device, dtype: torch.dtype, quick_cpu: bool) -> dic
     }
     if device.type == "cuda" and dtype != torch.float32:
         providers["torch_grouped_mm"] = grouped_mm_experts
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        providers["liger"] = liger_experts
     if not quick_cpu:
         torch._dynamo.reset()
         providers["torch_compile"] = torch.compile(reference.fused_experts)
@@ -152,6 +165,8 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
     grad = torch.randn_like(hidden)
     rows = []
     for name, provider in providers.items():
+        if name == "liger" and shape.activation != "silu":
+            continue
         if backward:
             leaves = [t.detach().requires_grad_() for t in (hidden, gate_up, down)]
 
@@ -162,7 +177,7 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
             call = functools.partial(provider, hidden, gate_up, down, weights, ids, activation=shape.activation)
         warm_up(call, device)
         # Providers with host syncs (the HF loop) cannot be captured; time_fn falls back.
-        timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager"))
+        timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager", "liger"))
         tflops = flops / timing["median_us"] / 1e6
         rows.append({
             "op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "H": shape.hidden,
@@ -175,7 +190,8 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
     median = {row["provider"]: row["median_us"] for row in rows}
     for row in rows:
         ours = row["provider"] == "moe_kernels"
-        for column, baseline in (("speedup_vs_hf", "hf_eager"), ("speedup_vs_grouped_mm", "torch_grouped_mm")):
+        for column, baseline in (("speedup_vs_hf", "hf_eager"), ("speedup_vs_grouped_mm", "torch_grouped_mm"),
+                                 ("speedup_vs_liger", "liger")):
             row[column] = median[baseline] / row["median_us"] if ours and baseline in median else None
     return rows
 

@@ -122,7 +122,7 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
         "fused_experts": (
             lambda g: moe_kernels.fused_experts(grad(hidden, g), gate_up, down, weights, ids8),
             fused_experts_op, fused_experts_forward,
-            (hidden, gate_up, down, weights, ids8, "silu", None, None, use_triton),
+            (hidden, gate_up, down, weights, ids8, "silu", None, None, use_triton, False),
         ),
     }
 

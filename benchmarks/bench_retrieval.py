@@ -46,13 +46,14 @@ def _clustered(num: int, dim: int, generator: torch.Generator, centers: torch.Te
 
 
 def run(*, quick: bool = False, entries: Sequence[int] | None = None, dims: Sequence[int] | None = None,
-        num_neighbors: int = 8, num_queries: int | None = None, device=None) -> list[dict]:
-    """Rows of every (N, d, index)."""
+        num_neighbors: int = 8, num_queries: int | None = None, device=None,
+        presets: Sequence[str] | None = None) -> list[dict]:
+    """Rows of every (N, d, preset); "torch" (the exact ground truth of the recall) always runs."""
     device = resolve_device(device)
     entries = entries or (QUICK["entries"] if quick else (10_000, 100_000))
     dims = dims or (QUICK["dims"] if quick else (512, 2048))
     num_queries = num_queries or (QUICK["queries"] if quick else 4096)
-    presets = list(PRESETS) if faiss_available() else ["torch"]
+    presets = ["torch", *(p for p in (presets or PRESETS) if p != "torch")] if faiss_available() else ["torch"]
     rows = []
     for dim in dims:
         for num in entries:
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, nargs="+")
     parser.add_argument("--dims", type=int, nargs="+")
     parser.add_argument("--neighbors", type=int, default=8)
+    parser.add_argument("--indexes", nargs="+", choices=tuple(PRESETS), help="a subset of the index presets")
     parser.add_argument("--device", help="where the queries live (cpu or cuda)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         OP_NAME,
         device,
         lambda: run(quick=args.quick, entries=args.entries, dims=args.dims, num_neighbors=args.neighbors,
-                    device=device),
+                    device=device, presets=args.indexes),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

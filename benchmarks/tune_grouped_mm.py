@@ -30,20 +30,24 @@ WEIGHT_GRAD_CANDIDATES = [
 
 
 def _gemms(shape):
-    """(weight_grad, N, K) of each GEMM of fused_experts (forward: up, down; backward: the two
-    input gradients and the two weight gradients)."""
+    """(kernel, N, K) of each GEMM of fused_experts (forward: the gated up projection, down;
+    backward: the two input gradients and the two weight gradients)."""
     h, i = shape.hidden, shape.intermediate
-    return [(False, 2 * i, h), (False, h, i), (False, i, h), (False, h, 2 * i), (True, i, h), (True, 2 * i, h)]
+    return [("gated", i, h), ("forward", h, i), ("forward", i, h), ("forward", h, 2 * i), ("weight_grad", i, h),
+            ("weight_grad", 2 * i, h)]
 
 
-def _time(weight_grad, n_cols, k_dim, rows, groups, meta, device) -> float:
+def _time(kernel, n_cols, k_dim, rows, groups, meta, device) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     counts = torch.full((groups,), rows // groups, dtype=torch.int32, device=device)
     offsets = counts.cumsum(0, dtype=torch.int32)
     a = torch.randn(rows, k_dim, generator=generator, device=device).to(torch.bfloat16)
-    if weight_grad:
+    if kernel == "weight_grad":
         dc = torch.randn(rows, n_cols, generator=generator, device=device).to(torch.bfloat16)
         call = lambda: gmm.launch_grouped_mm_weight_grad(a, dc, offsets, groups)  # noqa: E731
+    elif kernel == "gated":
+        b = torch.randn(groups, k_dim, 2 * n_cols, generator=generator, device=device).to(torch.bfloat16)
+        call = lambda: gmm.launch_grouped_gated_mm(a, b, offsets, "silu", store_h=False)  # noqa: E731
     else:
         b = torch.randn(groups, k_dim, n_cols, generator=generator, device=device).to(torch.bfloat16)
         call = lambda: gmm.launch_grouped_mm(a, b, offsets)  # noqa: E731
@@ -67,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.models and shape.model not in args.models:
             continue
         for rows in sorted(args.rows):
-            for weight_grad, n_cols, k_dim in _gemms(shape):
-                candidates = WEIGHT_GRAD_CANDIDATES if weight_grad else FORWARD_CANDIDATES
-                timings = [(_time(weight_grad, n_cols, k_dim, rows, shape.num_experts, meta, device), meta)
+            for kernel, n_cols, k_dim in _gemms(shape):
+                candidates = WEIGHT_GRAD_CANDIDATES if kernel == "weight_grad" else FORWARD_CANDIDATES
+                timings = [(_time(kernel, n_cols, k_dim, rows, shape.num_experts, meta, device), meta)
                            for meta in candidates]
                 best_us, best = min(timings, key=lambda item: item[0])
-                key = gmm.tuned_key(weight_grad, torch.bfloat16, n_cols, k_dim)
+                key = gmm.tuned_key(kernel, torch.bfloat16, n_cols, k_dim)
                 entries = [entry for entry in table.get(key, []) if entry[0] != rows]
                 table[key] = sorted(entries + [[rows, best]], key=lambda entry: entry[0])
                 print(f"{shape.model} rows={rows} {key}: {best} {best_us:.1f} us")

@@ -211,3 +211,23 @@ def test_overhead_benchmark_rows_and_stub():
     with bench_overhead.stubbed_forward(real, "stub outputs") as stub:
         assert routing.softmax_topk_forward is stub and stub() == "stub outputs"
     assert routing.softmax_topk_forward is real
+
+
+@pytest.mark.kernel
+def test_liger_baseline_computes_the_same_experts(kernel_device, monkeypatch):
+    """The liger-kernel baseline is wired with the right layout and routing: it equals the
+    float64 reference (through the Triton interpreter on a CPU)."""
+    pytest.importorskip("liger_kernel")  # installed by the CI set-up; optional for users
+    monkeypatch.setenv("LIGER_FUSED_MOE_AUTOTUNE", "0")  # one config: no autotuning under the interpreter
+    from benchmarks import bench_experts
+    from moe_kernels import reference, testing
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 32, generator=generator)
+    gate_up = torch.randn(4, 32, 32, generator=generator) / 6
+    down = torch.randn(4, 32, 16, generator=generator) / 4
+    weights, ids = bench_experts.route(bench_experts.ExpertShape("tiny", 4, 2, 32, 16), 7, "uniform", "cpu", generator)
+    args = [t.to(kernel_device) for t in (hidden, gate_up, down, weights, ids)]
+    got = bench_experts.liger_experts(*args)
+    want = reference.fused_experts(hidden.double(), gate_up.double(), down.double(), weights.double(), ids)
+    testing.assert_close(got.cpu(), want, op="fused_experts")

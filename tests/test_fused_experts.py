@@ -79,7 +79,7 @@ def test_opcheck(num_tokens):
     for key in ("hidden", "gate_up_proj", "down_proj", "weights"):
         p[key].requires_grad_()
     args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu",
-            p["gate_up_bias"], p["down_bias"], False)
+            p["gate_up_bias"], p["down_bias"], False, True)
     torch.library.opcheck(ops.fused_experts_op, args)
 
 
@@ -201,6 +201,35 @@ def test_align_kernel_flags_out_of_range_ids(kernel_device):
                                  "silu", None, None)
         if kernel_device == "cuda":
             torch.cuda.synchronize()
+
+
+@pytest.mark.kernel
+def test_kernel_inference_stores_no_h_and_backward_recomputes_it(kernel_device, monkeypatch):
+    """Without ``save_h`` the forward writes no pre-activation (same output); a backward handed
+    no ``h`` recomputes it (same gradients); the public function saves ``h`` exactly when an
+    input requires grad."""
+    p = _problem(9, 16, 8, 4, 2, bias=True, device=kernel_device)
+    args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "gpt_oss",
+            p["gate_up_bias"], p["down_bias"])
+    grad_out = torch.randn(9, 16).to(kernel_device)
+    with _small_tiles(kernel_device):
+        out, h = ops.launch_fused_experts(*args)
+        out_inference, no_h = ops.launch_fused_experts(*args, save_h=False)
+        assert no_h.shape == (0, 16) and torch.equal(out_inference, out)
+        with_h = ops.launch_fused_experts_backward(grad_out, *args[:5], h, *args[5:])
+        recomputed = ops.launch_fused_experts_backward(grad_out, *args[:5], no_h, *args[5:])
+        for got, want in zip(recomputed, with_h):
+            assert torch.equal(got, want)
+        stored = []
+        launch = gmm.launch_grouped_gated_mm
+        monkeypatch.setattr(gmm, "launch_grouped_gated_mm",
+                            lambda *a, **kw: stored.append(kw["store_h"]) or launch(*a, **kw))
+        with torch.no_grad():
+            mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
+        mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
+        mk.fused_experts(p["hidden"].requires_grad_(), *args[1:5], activation="gpt_oss", gate_up_bias=args[6],
+                         down_bias=args[7], backend="triton")
+    assert stored == [False, False, True]
 
 
 @pytest.mark.kernel

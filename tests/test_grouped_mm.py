@@ -303,6 +303,53 @@ def test_kernel_gather_and_scale(kernel_device, dtype, gather, scale):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_gated_epilogue(kernel_device, dtype, activation, bias):
+    """The up projection with the gated activation in its epilogue, against float64: ``act`` of
+    ``h = a[a_rows] @ b[g] (+ bias[g])`` and, when stored, ``h`` itself; zero rows past the groups
+    and an empty group included. ``h`` is rounded to the dtype when stored, ``act`` is computed
+    from the float32 accumulators."""
+    a, b, a_rows, _, _, offsets = _gather_inputs(kernel_device, dtype, n=2 * 9)
+    generator = torch.Generator().manual_seed(5)
+    bias_t = _uniform(b.shape[0], b.shape[2], generator=generator, dtype=dtype).to(kernel_device) if bias else None
+    m_out = a_rows.shape[0]
+    ends = offsets.tolist()
+    group = torch.searchsorted(torch.tensor(ends), torch.arange(m_out), right=True)
+    want_h = torch.zeros(m_out, b.shape[2], dtype=torch.float64)
+    for r in range(ends[-1]):
+        want_h[r] = a.double().cpu()[a_rows[r].item()] @ b.double().cpu()[group[r]]
+        if bias:
+            want_h[r] += bias_t.double().cpu()[group[r]]
+    want_act = reference.gated_activation(want_h, activation)
+    want_act[ends[-1]:] = 0
+    with ops.pinned_config(**SMALL), testing.poisoned_outputs():
+        act, h = ops.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t)
+        act_only, no_h = ops.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t,
+                                                     store_h=False)
+    testing.assert_written(act, "act")
+    testing.assert_written(h, "h")
+    testing.assert_close(h.cpu(), want_h, msg="h")
+    testing.assert_close(act.cpu(), want_act, dtype=dtype, op=None if dtype == torch.float32 else "fused_experts",
+                         msg="act")
+    assert no_h is None and torch.equal(act_only, act)
+
+
+@pytest.mark.kernel
+def test_kernel_gated_epilogue_without_a_product(kernel_device):
+    """K = 0: h is the bias alone (0 past the groups), act its activation."""
+    offsets = _offsets([2, 3], kernel_device)
+    a = torch.empty(6, 0, device=kernel_device)
+    b = torch.empty(2, 0, 8, device=kernel_device)
+    bias = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    act, h = ops.launch_grouped_gated_mm(a, b, offsets, "silu", bias=bias)
+    want_h = torch.cat([bias[:1].expand(2, -1), bias[1:].expand(3, -1), bias.new_zeros(1, 8)]).cpu().double()
+    testing.assert_close(h.cpu(), want_h)
+    testing.assert_close(act.cpu(), reference.gated_activation(want_h, "silu"))
+
+
+@pytest.mark.kernel
 def test_kernel_weight_grad_many_row_chunks(kernel_device):
     """A group of 70 rows reduces over 5 chunks of BLOCK_M = 16 (the last one partial)."""
     a, b, offsets, grad = _inputs(75, 18, 20, [3, 70, 0], torch.float32, kernel_device)
@@ -329,7 +376,7 @@ def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "TUNED_CONFIG_DIR", tmp_path)
     ops.tuned_table.cache_clear()
     name = "NVIDIA H100 80GB HBM3"
-    key = ops.tuned_key(False, torch.bfloat16, 1536, 2048)
+    key = ops.tuned_key("forward", torch.bfloat16, 1536, 2048)
     small = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
     large = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps({key: [[512, small], [32768, large]]}))
@@ -343,6 +390,12 @@ def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
         assert ops.grouped_mm_meta(100, 1024, 2048, torch.bfloat16, device_name=name) == ops.grouped_mm_meta(
             100, 1024, 2048, torch.bfloat16
         )
+        # The gated kernel of the same (N, K) has its own entries.
+        assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, gated=True, device_name=name) == ops.grouped_mm_meta(
+            100, 1536, 2048, torch.bfloat16, gated=True
+        )
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            ops.tuned_key(False, torch.bfloat16, 1, 1)
         with ops.pinned_config(BLOCK_M=16):  # a pinned config still wins
             assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, device_name=name)["BLOCK_M"] == 16
     finally:

@@ -75,8 +75,9 @@ def fused_experts(
     Gradients flow to ``hidden``, both projections, ``weights`` and both biases; ``ids`` is not
     differentiable. Saved for backward: the inputs (no copies) and, on the Triton path, the
     pre-activation ``h`` of every slot, ``T * k * 2I`` elements of hidden's dtype (the activation
-    is recomputed from it). Intermediates are kept in hidden's dtype, GEMMs accumulate in
-    float32. ``ids`` outside ``[-1, E)`` raise on CPU; on CUDA they fail a device-side assert
+    is recomputed from it), written only when an input requires grad; the activation itself is
+    computed in the up projection's epilogue from its float32 accumulators. Intermediates are
+    kept in hidden's dtype, GEMMs accumulate in float32. ``ids`` outside ``[-1, E)`` raise on CPU; on CUDA they fail a device-side assert
     (checked asynchronously, without a host sync).
     """
     triton_path = use_triton(backend, hidden.device, "fused_experts")
@@ -87,8 +88,13 @@ def fused_experts(
     if triton_path and hidden.dtype == torch.float64:
         raise TypeError("fused_experts: backend='triton' takes float32/float16/bfloat16 hidden, got torch.float64; "
                         "use backend='torch' for float64")
+    # The kernels store the pre-activation h only when a backward can read it.
+    save_h = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, gate_up_proj, down_proj, weights, gate_up_bias, down_bias)
+    )
     run = fused_experts_op if torch.compiler.is_compiling() else FusedExpertsFunction.apply
-    out, _ = run(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, triton_path)
+    out, _ = run(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, triton_path,
+                 save_h)
     return out
 
 

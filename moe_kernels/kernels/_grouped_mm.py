@@ -16,7 +16,8 @@ cumulative end rows; rows ``group_end[g-1]:group_end[g]`` (from 0 for ``g = 0``)
 
 Both take ``GATHER_A`` (row ``r`` of the product reads ``A[a_rows[r]]``: MoE's token gather) and
 ``SCALE_ROWS`` (row ``r`` of ``C``, or of ``dC``, times ``row_scale[r]`` float32), so that the fused
-experts op can reuse them. Every index is masked to ``[0, M_out)`` and the group ends are clamped,
+experts op can reuse them; the forward also takes ``GATED`` (the up projection with the gated
+activation of ``_experts.py`` in its epilogue). Every index is masked to ``[0, M_out)`` and the group ends are clamped,
 so malformed group ends (not monotone, past ``M_out``) give wrong values but never an access out of
 bounds (with ``GATHER_A`` the caller guarantees ``0 <= a_rows < rows of A``).
 
@@ -27,6 +28,8 @@ int64. Accumulation is float32 (``tl.dot``); ``INPUT_PRECISION`` is ``"ieee"`` f
 
 import triton
 import triton.language as tl
+
+from moe_kernels.kernels._experts import _activation, _gate_up_offsets
 
 
 @triton.jit
@@ -77,6 +80,8 @@ def _grouped_mm_kernel(
     group_end_ptr,  # (G,) int32, cumulative end row of each group
     a_rows_ptr,  # (M_out,) int32 source row of A per output row (read with GATHER_A)
     row_scale_ptr,  # (M_out,) float32 scale per output row (read with SCALE_ROWS)
+    h_ptr,  # (M_out, 2N) contiguous, written with GATED and STORE_H: the pre-activation
+    bias_ptr,  # (G, 2N) contiguous, read with GATED and HAS_BIAS: the pre-activation's bias
     M_out,
     N,
     K,
@@ -88,6 +93,8 @@ def _grouped_mm_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    limit,  # GPT-OSS's clamp and sigmoid slope (GATED with ACTIVATION 3)
+    alpha,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,10 +102,20 @@ def _grouped_mm_kernel(
     BLOCK_G: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Grid ``((cdiv(M_out, BLOCK_M) + G) * cdiv(N, BLOCK_N),)``: every row of ``C`` written once,
-    rows past ``group_end[-1]`` with zeros."""
+    rows past ``group_end[-1]`` with zeros.
+
+    ``GATED`` (the fused experts' up projection): ``b`` has ``2N`` columns, the gate and up halves
+    (``[gate | up]``, interleaved for GPT-OSS), and ``C (M_out, N)`` is the gated activation
+    ``act(gate, up)`` of ``h = A @ B (+ bias)``, computed from the float32 accumulators in the
+    epilogue; ``h`` itself is stored only with ``STORE_H`` (the backward needs it). One A tile
+    feeds two dots per K step, so ``h`` never makes a round trip through memory."""
     # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so the A rows and the
     # B columns they read stay in L2.
     pid = tl.program_id(0)
@@ -123,22 +140,46 @@ def _grouped_mm_kernel(
     else:
         src = rows.to(tl.int64)
     a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + group.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    if GATED:
+        b_cols, up_cols = _gate_up_offsets(cols, N, ACTIVATION)
+    else:
+        b_cols, up_cols = cols, cols
+    b_group = b_ptr + group.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk
+    b_ptrs = b_group + b_cols[None, :] * stride_bn
+    up_ptrs = b_group + up_cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GATED only
     num_k = tl.where(found, (K + (BLOCK_K - 1)) // BLOCK_K, 0)  # zero tiles skip the product
     for kk in range(0, num_k):
         k_ok = offs_k < K - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=in_product[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if GATED:
+            b_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+            up_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if GATED:
+        if HAS_BIAS:  # zero tiles (rows of no group, whose group index may be G) add nothing
+            bias_row = bias_ptr + tl.where(found, group, 0).to(tl.int64) * (2 * N)
+            gate_bias = tl.load(bias_row + b_cols, mask=col_ok, other=0.0).to(tl.float32)
+            up_bias = tl.load(bias_row + up_cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.where(found, gate_bias, 0.0)[None, :]
+            acc_up += tl.where(found, up_bias, 0.0)[None, :]
+        if STORE_H:
+            h_rows = h_ptr + rows.to(tl.int64)[:, None] * (2 * N)
+            tl.store(h_rows + b_cols[None, :], acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(h_rows + up_cols[None, :], acc_up.to(h_ptr.dtype.element_ty), mask=out_mask)
+        acc, _, _ = _activation(acc, acc_up, limit, alpha, ACTIVATION)
     if SCALE_ROWS:
         scale = tl.load(row_scale_ptr + rows, mask=in_product, other=0.0)
         acc = acc * scale[:, None]
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

@@ -469,29 +469,41 @@ def _moe_align_cases() -> Iterator[KernelCase]:
 _GEMM_ROWS = (256, 32768)
 
 
-def _gemm_case(kernel_name, fn, signature, meta, unit_strides, gather, scale, dims, label):
+# The forward kernel's epilogue constexprs: plain, or the gated activation (code, bias, h stored).
+_PLAIN = dict(GATED=False, ACTIVATION=0, HAS_BIAS=False, STORE_H=False)
+
+
+def _gemm_case(kernel_name, fn, signature, meta, unit_strides, gather, scale, dims, label, epilogue=None):
     """A case with the strides the JIT sees as 1 specialised to constexpr 1 (as it compiles
-    them), the other strides and sizes marked divisible by 16 when they are."""
+    them), the other strides and sizes marked divisible by 16 when they are. ``epilogue``: the
+    forward kernel's epilogue constexprs (None for the weight-gradient kernel)."""
     meta = dict(meta)
     num_warps = meta.pop("num_warps")
-    meta.update(GATHER_A=gather, SCALE_ROWS=scale, **{name: 1 for name in unit_strides})
+    meta.update(GATHER_A=gather, SCALE_ROWS=scale, **(epilogue or {}), **{name: 1 for name in unit_strides})
     signature = {name: kind for name, kind in signature.items() if name not in unit_strides}
     divisible = tuple(name for name, value in dims.items() if name in signature and value % 16 == 0)
     return KernelCase(kernel_name, fn, signature, meta, num_warps, label=label, divisible=divisible)
 
 
 def _expert_gemms():
-    """(label, M rows, N, K, b's unit stride, gather, scale) of every forward-kernel GEMM of
-    fused_experts and grouped_mm, over the experts registry."""
+    """(label, M rows, N, K, b's unit stride, gather, scale, epilogue) of every forward-kernel
+    GEMM of fused_experts and grouped_mm, over the experts registry. The up projection runs
+    gated (N the activation's width), without storing h (inference) and storing it (training),
+    with GPT-OSS's activation and biases for its shape; the plain up GEMM is grouped_mm's own."""
+    from moe_kernels.reference.experts import ACTIVATIONS
     from moe_kernels.shapes import EXPERT_SHAPES
 
     for shape in EXPERT_SHAPES:
         hidden, inter = shape.hidden, shape.intermediate
+        gpt_oss = shape.activation == "gpt_oss"
+        gated = dict(_PLAIN, GATED=True, ACTIVATION=ACTIVATIONS.index(shape.activation), HAS_BIAS=gpt_oss)
         for rows in _GEMM_ROWS:
-            yield "up", rows, 2 * inter, hidden, "stride_bk", True, False
-            yield "down", rows, hidden, inter, "stride_bk", False, True
-            yield "d_act", rows, inter, hidden, "stride_bn", True, False
-            yield "d_rows", rows, hidden, 2 * inter, "stride_bn", False, False
+            yield "up", rows, 2 * inter, hidden, "stride_bk", True, False, _PLAIN
+            yield "up_act", rows, inter, hidden, "stride_bk", True, False, gated
+            yield "up_act_h", rows, inter, hidden, "stride_bk", True, False, dict(gated, STORE_H=True)
+            yield "down", rows, hidden, inter, "stride_bk", False, True, _PLAIN
+            yield "d_act", rows, inter, hidden, "stride_bn", True, False, _PLAIN
+            yield "d_rows", rows, hidden, 2 * inter, "stride_bn", False, False, _PLAIN
 
 
 @register_kernel("grouped_mm")
@@ -501,15 +513,21 @@ def _grouped_mm_cases() -> Iterator[KernelCase]:
 
     for dtype in (torch.bfloat16, torch.float32):
         forward, _ = aot_signatures(TRITON_DTYPES[dtype])
-        gemms = list(_expert_gemms()) if dtype == torch.bfloat16 else [("up", 32768, 1536, 2048, "stride_bk", True, False)]
-        for name, rows, n_cols, k_dim, b_unit, gather, scale in gemms:
-            meta = grouped_mm_meta(rows, n_cols, k_dim, dtype)
+        gemms = list(_expert_gemms()) if dtype == torch.bfloat16 else [
+            ("up", 32768, 1536, 2048, "stride_bk", True, False, _PLAIN),
+            ("up_act", 32768, 768, 2048, "stride_bk", True, False, dict(_PLAIN, GATED=True)),
+        ]
+        for name, rows, n_cols, k_dim, b_unit, gather, scale, epilogue in gemms:
+            meta = grouped_mm_meta(rows, n_cols, k_dim, dtype, gated=epilogue["GATED"])
             label = (f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-                     f"{' gather' if gather else ''}{' scale' if scale else ''}")
-            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_cm=n_cols, stride_bg=n_cols * k_dim,
-                        stride_bk=n_cols, stride_bn=k_dim)
+                     f"{' gather' if gather else ''}{' scale' if scale else ''}"
+                     f"{' act' + str(epilogue['ACTIVATION']) if epilogue['GATED'] else ''}"
+                     f"{' bias' if epilogue['HAS_BIAS'] else ''}")
+            b_cols = n_cols * (2 if epilogue["GATED"] else 1)
+            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_cm=n_cols, stride_bg=b_cols * k_dim,
+                        stride_bk=b_cols, stride_bn=k_dim)
             yield _gemm_case("grouped_mm", _grouped_mm_kernel, forward, meta, ("stride_ak", "stride_cn", b_unit),
-                             gather, scale, dims, label)
+                             gather, scale, dims, label, epilogue)
 
 
 @register_kernel("grouped_mm_weight_grad")

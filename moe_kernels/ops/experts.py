@@ -10,7 +10,8 @@
 The Triton path, forward: :func:`launch_moe_align` sorts the T*k slots by expert on the device (no
 host sync, fixed shapes; one kernel for decode-sized routings, which also gathers the routing
 weights and checks the ids); a grouped GEMM gathers each slot's token row in its loads (no permuted copy
-of the activations) into ``h = x @ gate_up^T``; the gated activation; a second grouped GEMM
+of the activations) and computes the gate and up halves of ``h = x @ gate_up^T`` together, the
+gated activation in its epilogue (``h`` is stored only for a backward); a second grouped GEMM
 scales each row by its routing weight in its epilogue; a combine kernel sums each token's k rows
 in a fixed order (deterministic, no atomics). Backward: the same grouped GEMM kernels (with the
 token gather on the gradient), the weight-gradient grouped GEMM for both projections, and one
@@ -197,18 +198,21 @@ def _bias_rows(bias: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return padded[experts.long()]
 
 
-def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias):
-    """Triton forward; returns ``(out (T, H), h (T*k, 2I))`` in hidden's dtype."""
+def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                         save_h=True):
+    """Triton forward; returns ``(out (T, H), h)`` in hidden's dtype, ``h (T*k, 2I)`` the
+    pre-activation the backward reads, or ``(0, 2I)`` without ``save_h`` (inference: never
+    written)."""
     num_tokens, k = ids.shape
     align, row_weight, valid = launch_moe_align(ids, gate_up_proj.shape[0], weights)
     torch._assert_async(valid, f"fused_experts: ids must be in [-1, {gate_up_proj.shape[0]})")
     num_slots = num_tokens * k
-    h = gmm.launch_grouped_mm(
-        hidden, gate_up_proj.transpose(1, 2), align.offsets, a_rows=align.tokens, out_rows=num_slots
+    act, h = gmm.launch_grouped_gated_mm(
+        hidden, gate_up_proj.transpose(1, 2), align.offsets, activation, a_rows=align.tokens, bias=gate_up_bias,
+        out_rows=num_slots, store_h=save_h,
     )
-    if gate_up_bias is not None:
-        h = h + _bias_rows(gate_up_bias, align.experts)
-    act = launch_gated_activation(h, activation)
+    if h is None:
+        h = hidden.new_empty((0, gate_up_proj.shape[1]))
     if down_bias is None:
         rows = gmm.launch_grouped_mm(act, down_proj.transpose(1, 2), align.offsets, row_scale=row_weight)
     else:  # the bias goes in before the routing weight
@@ -224,6 +228,11 @@ def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, wei
     num_experts = gate_up_proj.shape[0]
     align, row_weight, _ = launch_moe_align(ids, num_experts, weights)  # the forward checked the ids
     num_slots = num_tokens * k
+    if h.shape[0] != num_slots:  # a forward that did not save h (a direct call of the op): recompute it
+        _, h = gmm.launch_grouped_gated_mm(
+            hidden, gate_up_proj.transpose(1, 2), align.offsets, activation, a_rows=align.tokens, bias=gate_up_bias,
+            out_rows=num_slots,
+        )
     grad_out = grad_out.to(hidden.dtype).contiguous()
     # d(out)/d(act) before the routing weight: grad_out of each slot's token through down_proj.
     grad_act = gmm.launch_grouped_mm(grad_out, down_proj, align.offsets, a_rows=align.tokens, out_rows=num_slots)
@@ -263,10 +272,13 @@ def _segment_sum(rows: torch.Tensor, align: MoEAlignment, num_experts: int, dtyp
 
 
 def fused_experts_forward(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                          use_triton):
-    """The forward of both entry points: the kernels, or the reference (which saves no ``h``)."""
+                          use_triton, save_h):
+    """The forward of both entry points: the kernels (saving ``h`` for the backward with
+    ``save_h``), or the reference (which saves no ``h``)."""
     if use_triton:
-        return launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias)
+        return launch_fused_experts(
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+        )
     out = reference.fused_experts(
         hidden, gate_up_proj, down_proj, weights, ids,
         activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
@@ -300,16 +312,17 @@ def fused_experts_op(
     gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None,
     use_triton: bool,
+    save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_experts_forward(
-        hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton
+        hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h
     )
 
 
 @fused_experts_op.register_fake
 def _fused_experts_fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                        use_triton):
-    saved_rows = ids.shape[0] * ids.shape[1] if use_triton else 0
+                        use_triton, save_h):
+    saved_rows = ids.shape[0] * ids.shape[1] if use_triton and save_h else 0
     return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
 
 
@@ -345,7 +358,8 @@ def _fused_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weig
     )
 
 
-def _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, h):
+def _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
+          save_h, h):
     ctx.save_for_backward(hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias)
     ctx.activation, ctx.use_triton = activation, use_triton
 
@@ -361,6 +375,7 @@ def _grads(ctx, grad_out, backward):
         grad_hidden, grad_gate_up, grad_down, grad_weights, None, None,
         grad_gate_up_bias if gate_up_bias is not None else None,
         grad_down_bias if down_bias is not None else None,
+        None,
         None,
     )
 
@@ -381,11 +396,13 @@ class FusedExpertsFunction(torch.autograd.Function):
     """Eager-mode entry point with the same forward and backward as ``moe_kernels::fused_experts``."""
 
     @staticmethod
-    def forward(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton):
+    def forward(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
+                save_h):
         out, h = fused_experts_forward(
-            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h
         )
-        _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, h)
+        _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
+              save_h, h)
         ctx.mark_non_differentiable(h)
         return out, h
 

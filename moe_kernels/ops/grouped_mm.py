@@ -48,8 +48,16 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def tuned_key(weight_grad: bool, dtype: torch.dtype, n_cols: int, k_dim: int) -> str:
-    return f"{'weight_grad' if weight_grad else 'forward'}|{str(dtype).removeprefix('torch.')}|{n_cols}|{k_dim}"
+# The kernels a tuned configuration is for: the forward, the forward with the gated activation in
+# its epilogue (``N`` the activation's width), the weight gradient.
+TUNED_KERNELS = ("forward", "gated", "weight_grad")
+
+
+def tuned_key(kernel: str, dtype: torch.dtype, n_cols: int, k_dim: int) -> str:
+    """The key of a tuned configuration: ``kernel`` one of :data:`TUNED_KERNELS`."""
+    if kernel not in TUNED_KERNELS:
+        raise ValueError(f"tuned_key: kernel must be one of {TUNED_KERNELS}, got {kernel!r}")
+    return f"{kernel}|{str(dtype).removeprefix('torch.')}|{n_cols}|{k_dim}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,8 +81,8 @@ def device_name_of(device: torch.device) -> str | None:
     return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _tuned_meta(device_name, weight_grad, dtype, rows, n_cols, k_dim) -> dict:
-    entries = tuned_table(device_name).get(tuned_key(weight_grad, dtype, n_cols, k_dim))
+def _tuned_meta(device_name, kernel, dtype, rows, n_cols, k_dim) -> dict:
+    entries = tuned_table(device_name).get(tuned_key(kernel, dtype, n_cols, k_dim))
     if not entries:
         return {}
     return next((meta for max_rows, meta in entries if rows <= max_rows), entries[-1][1])
@@ -114,7 +122,14 @@ def _clamp_block(size: int, largest: int) -> int:
 
 
 def grouped_mm_meta(
-    M: int, N: int, K: int, dtype: torch.dtype, *, weight_grad: bool = False, device_name: str | None = None
+    M: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    *,
+    weight_grad: bool = False,
+    gated: bool = False,
+    device_name: str | None = None,
 ) -> dict:
     """Constexprs, ``num_warps`` and ``num_stages`` of the forward kernel (or, with
     ``weight_grad``, of the weight-gradient kernel), shared with the AOT compile registry.
@@ -122,9 +137,11 @@ def grouped_mm_meta(
     ``M`` is the number of (sorted) rows, ``K`` / ``N`` the dims of each ``b[g]``. 16-bit inputs
     use 64-deep K steps (tensor cores; ``BLOCK_M >= 64`` and 4 or 8 warps let sm_90 use wgmma),
     128-row tiles once there are many rows; float32 computes exactly (``ieee``, CUDA cores) on
-    smaller tiles. Small N / K shrink the tiles down to 16. A tuned configuration of
-    ``device_name`` for this (kernel, dtype, N, K) (:data:`TUNED_CONFIG_DIR`) replaces the
-    heuristic's values; a pinned one (:func:`pinned_config`) replaces both.
+    smaller tiles. Small N / K shrink the tiles down to 16. ``gated`` (the up projection with the
+    activation in its epilogue, ``N`` the activation's width) keeps two accumulators, so its
+    column tile is half as wide: the same ``2 * BLOCK_N`` columns of ``h`` per program. A tuned
+    configuration of ``device_name`` for this (kernel, dtype, N, K) (:data:`TUNED_CONFIG_DIR`)
+    replaces the heuristic's values; a pinned one (:func:`pinned_config`) replaces both.
     """
     wide = dtype != torch.float32
     precision = "tf32" if wide else "ieee"  # ignored for 16-bit inputs
@@ -142,19 +159,22 @@ def grouped_mm_meta(
         keys = _WEIGHT_GRAD_KEYS
     else:
         block_m = 128 if wide and M >= 4096 else 64
-        block_n = _clamp_block(N, 128 if wide else 64)
+        block_n = _clamp_block(N, (128 if wide else 64) // (2 if gated else 1))
         meta = dict(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            BLOCK_K=_clamp_block(K, 64 if wide else 32),
+            # Gated: two dots per K step and a heavier epilogue (GPT-OSS's, with h stored, spills
+            # on sm_80 at 64-deep steps), so its steps are 32 deep.
+            BLOCK_K=_clamp_block(K, 64 if wide and not gated else 32),
             GROUP_M=8,
             BLOCK_G=128,
             INPUT_PRECISION=precision,
-            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+            num_warps=8 if block_m * block_n * (2 if gated else 1) >= 128 * 128 else 4,
             num_stages=3,
         )
         keys = _FORWARD_KEYS
-    meta.update({key: value for key, value in _tuned_meta(device_name, weight_grad, dtype, M, N, K).items() if key in keys})
+    kernel = "weight_grad" if weight_grad else "gated" if gated else "forward"
+    meta.update({key: value for key, value in _tuned_meta(device_name, kernel, dtype, M, N, K).items() if key in keys})
     if _PINNED_CONFIG:
         pinned = dict(_PINNED_CONFIG)
         if weight_grad and "BLOCK_K_OUT" not in pinned and "BLOCK_K" in pinned:
@@ -171,7 +191,8 @@ def aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
                "stride_cm", "stride_cn")
     forward = {
         "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32", **{name: "i32" for name in scalars},
+        "row_scale_ptr": "*fp32", "h_ptr": ptr, "bias_ptr": ptr, **{name: "i32" for name in scalars},
+        "limit": "fp32", "alpha": "fp32",
     }
     scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk",
                "stride_bn")
@@ -227,14 +248,54 @@ def launch_grouped_mm(
     its rows are unit-stride, ``b`` unless it is unit-stride along K or N (``b.transpose(1, 2)``
     of a contiguous tensor is used in place).
     """
-    from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
+    out, _ = _launch_forward(a, b, offsets, a_rows, row_scale, out_rows)
+    return out
 
-    num_groups, k_dim, n_cols = b.shape
+
+def launch_grouped_gated_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str,
+    *,
+    a_rows: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_rows: int | None = None,
+    store_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward kernel with the gated activation in its epilogue: ``(act (M_out, I),
+    h (M_out, 2I) or None)`` in ``a.dtype``, where ``b (G, K, 2I)`` holds the gate and up columns
+    (``[gate | up]``, interleaved for ``"gpt_oss"``), ``h[r] = a[a_rows[r]] @ b[g] + bias[g]``
+    (``bias (G, 2I)`` optional) and ``act = act(gate, up)`` of ``h`` in float32 (rows past
+    ``offsets[-1]``: zero). ``h`` is stored only with ``store_h`` (what the backward reads)."""
+    from moe_kernels.reference.experts import ACTIVATIONS
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"grouped_mm launcher: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    width = b.shape[2]
+    if width % 2:
+        raise ValueError(f"grouped_mm launcher: a gated b needs an even number of columns, got {width}")
+    if bias is not None and (tuple(bias.shape) != (b.shape[0], width) or bias.device != b.device):
+        raise ValueError(
+            f"grouped_mm launcher: bias must be ({b.shape[0]}, {width}) on {b.device}, got {tuple(bias.shape)} on "
+            f"{bias.device}"
+        )
+    gated = dict(activation=ACTIVATIONS.index(activation), bias=bias, store_h=store_h)
+    return _launch_forward(a, b, offsets, a_rows, None, out_rows, gated=gated)
+
+
+def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict | None = None):
+    """Both forward launchers: ``(C, h)``, ``h`` None unless a gated launch stores it."""
+    from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
+    from moe_kernels.reference.experts import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+
+    num_groups, k_dim, b_cols = b.shape
     if a.dim() != 2 or a.shape[1] != k_dim or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(
             f"grouped_mm launcher: a must be (M, {k_dim}) {b.dtype} on {b.device}, got {a.dtype} shape "
             f"{tuple(a.shape)} on {a.device}"
         )
+    n_cols = b_cols // 2 if gated else b_cols
     device = a.device
     a = unit_stride_last(a)
     b = _unit_stride_inner(b)
@@ -246,11 +307,15 @@ def launch_grouped_mm(
     row_scale = _check_index("row_scale", row_scale, torch.float32, out_rows, device)
     offsets = _check_offsets(offsets, num_groups, device)
     out = new_output((out_rows, n_cols), a.dtype, device)
+    store_h = bool(gated and gated["store_h"])
+    h = new_output((out_rows, b_cols), a.dtype, device) if store_h else None
+    bias = gated["bias"].contiguous() if gated and gated["bias"] is not None else None
     if out_rows == 0 or n_cols == 0:
-        return out
-    if k_dim == 0 or a.shape[0] == 0 or num_groups == 0:  # empty products, no group: zeros
-        return out.zero_()
-    meta = grouped_mm_meta(out_rows, n_cols, k_dim, a.dtype, device_name=device_name_of(device))
+        return out, h
+    if num_groups == 0 or a.shape[0] == 0 or (k_dim == 0 and not gated):
+        # No product: zeros. (Gated with K = 0 still runs: its epilogue adds the bias.)
+        return out.zero_(), (h.zero_() if h is not None else None)
+    meta = grouped_mm_meta(out_rows, n_cols, k_dim, a.dtype, gated=gated is not None, device_name=device_name_of(device))
     grid = ((cdiv(out_rows, meta["BLOCK_M"]) + num_groups) * cdiv(n_cols, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](
         a,
@@ -259,6 +324,8 @@ def launch_grouped_mm(
         offsets,
         a_rows if a_rows is not None else offsets,  # never read without GATHER_A
         row_scale if row_scale is not None else out,  # never read without SCALE_ROWS
+        h if h is not None else out,  # never written without STORE_H
+        bias if bias is not None else out,  # never read without HAS_BIAS
         out_rows,
         n_cols,
         k_dim,
@@ -270,11 +337,17 @@ def launch_grouped_mm(
         b.stride(2),
         out.stride(0),
         out.stride(1),
+        GPT_OSS_LIMIT,
+        GPT_OSS_ALPHA,
         GATHER_A=a_rows is not None,
         SCALE_ROWS=row_scale is not None,
+        GATED=gated is not None,
+        ACTIVATION=gated["activation"] if gated else 0,
+        HAS_BIAS=bias is not None,
+        STORE_H=store_h,
         **meta,
     )
-    return out
+    return out, h
 
 
 def launch_grouped_mm_weight_grad(
