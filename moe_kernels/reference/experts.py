@@ -41,23 +41,26 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(shifted, minlength=num_experts + 1)[1 : num_experts + 1].to(torch.int32)
 
 
-def _group_layout(offsets: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Where each of the first ``offsets[-1]`` rows goes in a ``(G, max_rows, .)`` padded batch:
-    its group ``(n,)`` int64, its position in the group ``(n,)`` int64, ``n`` and ``max_rows``."""
+def _group_layout(offsets: torch.Tensor, num_rows: int):
+    """Where each of the first ``offsets[-1]`` rows goes in a padded batch of the groups that
+    have rows: ``(used (U,) int64, the groups with rows; slot (n,) int64, each row's index in
+    used; pos (n,) int64, its position in its group; n; max_rows)``."""
     ends = offsets.long()
     num_groups = ends.numel()
     num_valid = int(ends[-1]) if num_groups else 0
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    max_rows = int((ends - starts).max()) if num_groups else 0
+    counts = ends - starts
+    max_rows = int(counts.max()) if num_groups else 0
+    used = torch.nonzero(counts > 0).reshape(-1)
     rows = torch.arange(min(num_valid, num_rows), device=offsets.device)
     group = torch.searchsorted(ends, rows, right=True)
-    return group, rows - starts[group], rows.numel(), max_rows
+    return used, torch.searchsorted(used, group), rows - starts[group], rows.numel(), max_rows
 
 
-def _pad(x: torch.Tensor, group: torch.Tensor, pos: torch.Tensor, num_groups: int, max_rows: int) -> torch.Tensor:
-    """Rows ``x (n, D)`` scattered into a zero ``(G, max_rows, D)`` batch."""
-    padded = x.new_zeros(num_groups, max_rows, x.shape[-1])
-    padded[group, pos] = x
+def _pad(x: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, num_slots: int, max_rows: int) -> torch.Tensor:
+    """Rows ``x (n, D)`` scattered into a zero ``(U, max_rows, D)`` batch."""
+    padded = x.new_zeros(num_slots, max_rows, x.shape[-1])
+    padded[slot, pos] = x
     return padded
 
 
@@ -68,16 +71,18 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     ``(M, N)`` in ``a.dtype``: rows ``offsets[g-1]:offsets[g]`` (from 0 for ``g = 0``) are
     ``a[rows] @ b[g]``; empty groups are allowed and rows at or past ``offsets[-1]`` are zero.
 
-    The rows are scattered into a zero-padded ``(G, max_rows, K)`` batch for one ``bmm`` (memory
-    ``G * max_rows * K``, rather than the ``M * K * N`` of gathering ``b`` per row).
+    The rows are scattered into a zero-padded ``(U, max_rows, K)`` batch of the ``U`` groups that
+    have rows, for one ``bmm`` with those groups' ``b`` only (memory ``U * max_rows * K``, rather
+    than the ``M * K * N`` of gathering ``b`` per row; a decode batch touches few of the ``G``
+    experts, and only those are read and converted). Reads the group sizes on the host.
     """
     dtype = compute_dtype(a.dtype)
-    num_rows, num_groups, n_cols = a.shape[0], b.shape[0], b.shape[-1]
-    group, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
-    padded = _pad(a[:num_valid].to(dtype), group, pos, num_groups, max_rows)
-    products = torch.bmm(padded, b.to(dtype))
+    num_rows, n_cols = a.shape[0], b.shape[-1]
+    used, slot, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
+    padded = _pad(a[:num_valid].to(dtype), slot, pos, used.numel(), max_rows)
+    products = torch.bmm(padded, b[used].to(dtype))
     out = a.new_zeros(num_rows, n_cols, dtype=dtype)
-    out[:num_valid] = products[group, pos]
+    out[:num_valid] = products[slot, pos]
     return out.to(a.dtype)
 
 
@@ -91,13 +96,14 @@ def grouped_mm_backward(
     ``grad_b (G, K, N)`` in ``b.dtype`` (``a[rows]^T @ grad_out[rows]``, zero for empty groups).
     """
     dtype = compute_dtype(a.dtype)
-    num_rows, num_groups = a.shape[0], b.shape[0]
-    group, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
-    grad_pad = _pad(grad_out[:num_valid].to(dtype), group, pos, num_groups, max_rows)  # (G, R, N)
-    a_pad = _pad(a[:num_valid].to(dtype), group, pos, num_groups, max_rows)  # (G, R, K)
+    num_rows = a.shape[0]
+    used, slot, pos, num_valid, max_rows = _group_layout(offsets, num_rows)
+    grad_pad = _pad(grad_out[:num_valid].to(dtype), slot, pos, used.numel(), max_rows)  # (U, R, N)
+    a_pad = _pad(a[:num_valid].to(dtype), slot, pos, used.numel(), max_rows)  # (U, R, K)
     grad_a = a.new_zeros(a.shape, dtype=dtype)
-    grad_a[:num_valid] = torch.bmm(grad_pad, b.to(dtype).transpose(1, 2))[group, pos]
-    grad_b = torch.bmm(a_pad.transpose(1, 2), grad_pad)
+    grad_a[:num_valid] = torch.bmm(grad_pad, b[used].to(dtype).transpose(1, 2))[slot, pos]
+    grad_b = b.new_zeros(b.shape, dtype=dtype)
+    grad_b[used] = torch.bmm(a_pad.transpose(1, 2), grad_pad)
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
@@ -215,8 +221,9 @@ class _Intermediates(NamedTuple):
 def _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias) -> _Intermediates:
     dtype = compute_dtype(hidden.dtype)
     slots, tokens, experts, offsets = _sorted_slots(ids, gate_up_proj.shape[0])
-    w1 = gate_up_proj.to(dtype).transpose(1, 2)
-    w2 = down_proj.to(dtype).transpose(1, 2)
+    # In their own dtype: grouped_mm converts only the experts that have rows.
+    w1 = gate_up_proj.transpose(1, 2)
+    w2 = down_proj.transpose(1, 2)
     x = hidden.to(dtype)[tokens]
     h = grouped_mm(x, w1, offsets)
     if gate_up_bias is not None:
