@@ -422,3 +422,23 @@ def test_kernel_opcheck_and_eager_function(kernel_device):
     via_function = KnnRouteFunction.apply(*args)
     via_op = torch.ops.moe_kernels.knn_route(*args)
     torch.testing.assert_close(via_function, via_op, atol=0, rtol=0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("bad_id", [-1, 4, 2**40])
+def test_kernel_checks_neighbor_ids_itself(kernel_device, bad_id):
+    """The Triton forward checks the ids in its kernel: an id outside the memory (even one far
+    past it, or below 0 on a token that falls back) gathers nothing and fails the launcher's
+    device assert; valid ids set nothing off."""
+    from moe_kernels.ops.knn_route import launch_knn_route
+
+    router, ids, sims, memory, _ = _inputs(5, 8, 2, num_rows=4)
+    args = [t.to(kernel_device) for t in (router, ids, sims, memory)]
+    routing = (False, "softmax", None, 0, 0, "max", 1.0, "similarity", 0.1, 0.0)
+    launch_knn_route(*args, 2, *routing)
+    bad = args[1].clone()
+    bad[3, 1] = bad_id
+    with pytest.raises(RuntimeError, match=r"neighbor_ids must lie in \[0, N\) = \[0, 4\)"):
+        launch_knn_route(args[0], bad, *args[2:], 2, *routing)
+        if kernel_device == "cuda":
+            torch.cuda.synchronize()

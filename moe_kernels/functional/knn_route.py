@@ -83,7 +83,9 @@ def knn_route(
     triton_path = use_triton(backend, router_logits.device, "knn_route")
     if triton_path:
         _reprefixed(_routing._check_triton_limits, router_logits, router_logits.shape[1], num_groups)
-    _check_ids_in_range(neighbor_ids, memory_logits.shape[0])
+    # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
+    # device check is queued for it.
+    _check_ids_in_range(neighbor_ids, memory_logits.shape[0], assert_on_device=not triton_path)
     route = knn_route_op if torch.compiler.is_compiling() else KnnRouteFunction.apply
     return route(
         router_logits,
@@ -156,9 +158,10 @@ def _check_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, re
                 group_score, scale)
 
 
-def _check_ids_in_range(neighbor_ids, num_rows):
+def _check_ids_in_range(neighbor_ids, num_rows, assert_on_device=True):
     """Every id in ``[0, num_rows)``: on the host for CPU tensors in eager mode, else with a
-    device-side assert (no host sync: CUDA graphs and ``torch.compile`` keep working)."""
+    device-side assert (no host sync: CUDA graphs and ``torch.compile`` keep working), unless
+    ``assert_on_device`` is False (the caller's kernel checks)."""
     if neighbor_ids.numel() == 0:
         return
     if neighbor_ids.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -168,6 +171,8 @@ def _check_ids_in_range(neighbor_ids, num_rows):
                 f"knn_route: neighbor_ids must lie in [0, N) = [0, {num_rows}) (the rows of memory_logits), "
                 f"got values in [{low}, {high}]"
             )
+        return
+    if not assert_on_device:
         return
     in_range = ((neighbor_ids >= 0) & (neighbor_ids < num_rows)).all()
     torch._assert_async(in_range, f"knn_route: neighbor_ids must lie in [0, N) = [0, {num_rows})")

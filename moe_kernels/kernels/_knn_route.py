@@ -33,6 +33,7 @@ def _mixed_tile(
     row_ok,
     expert,
     col_ok,
+    M_rows,
     stride_rt,
     stride_mn,
     stride_it,
@@ -47,11 +48,13 @@ def _mixed_tile(
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """``mixed [BLOCK_T, BLOCK_W]`` float32 (0 where masked), ``conf [BLOCK_T]`` and the weights
-    ``[BLOCK_T, N_PAD]`` of ``BLOCK_T`` tokens; column ``c`` of the tile is expert ``expert[c]``.
+    """``mixed [BLOCK_T, BLOCK_W]`` float32 (0 where masked), ``conf [BLOCK_T]``, the weights
+    ``[BLOCK_T, N_PAD]`` of ``BLOCK_T`` tokens, and how many of their neighbour ids lie outside
+    the ``M_rows`` rows of the memory; column ``c`` of the tile is expert ``expert[c]``.
 
     Same arithmetic as ``_knn_mix_fwd_kernel`` on the gathered rows: ``mixed = conf * sum_j w_j *
-    memory[ids_j] + (1 - conf) * router``, exactly ``router`` where ``conf == 0``.
+    memory[ids_j] + (1 - conf) * router``, exactly ``router`` where ``conf == 0``. An id outside
+    the memory gathers nothing (no access out of bounds; the launcher asserts on the count).
     """
     ncols = tl.arange(0, N_PAD)
     tile_mask = row_ok[:, None] & col_ok[None, :]
@@ -59,19 +62,22 @@ def _mixed_tile(
         sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
     )
     # Tokens falling back to the router (conf 0) gather nothing.
-    gather_row = row_ok & (conf > 0)
     gather_mask = tile_mask & (conf > 0)[:, None]
     retrieved = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
+    bad = tl.sum(tl.zeros([BLOCK_T], dtype=tl.int32), axis=0)
     for j in range(N):
         w_j = tl.sum(tl.where(ncols[None, :] == j, weights, 0.0), axis=1)
-        row_j = tl.load(nbr_ids_ptr + rows64 * stride_it + j * stride_in, mask=gather_row, other=0).to(tl.int64)
-        x_j = tl.load(memory_ptr + (row_j * stride_mn)[:, None] + expert[None, :], mask=gather_mask, other=0.0)
+        row_j = tl.load(nbr_ids_ptr + rows64 * stride_it + j * stride_in, mask=row_ok, other=0).to(tl.int64)
+        id_ok = (row_j >= 0) & (row_j < M_rows)
+        bad += tl.sum((row_ok & ~id_ok).to(tl.int32), axis=0)
+        x_j = tl.load(memory_ptr + (row_j * stride_mn)[:, None] + expert[None, :],
+                      mask=gather_mask & id_ok[:, None], other=0.0)
         retrieved += w_j[:, None] * x_j.to(tl.float32)
     frozen = tl.load(router_ptr + (rows64 * stride_rt)[:, None] + expert[None, :], mask=tile_mask, other=0.0)
     frozen = frozen.to(tl.float32)
     c = conf[:, None]
     mixed = tl.where(c > 0, c * retrieved + (1.0 - c) * frozen, frozen)
-    return mixed, conf, weights
+    return mixed, conf, weights, bad
 
 
 @triton.jit
@@ -84,8 +90,10 @@ def _knn_route_fwd_kernel(
     weights_ptr,  # (T, K) float32, contiguous, written
     ids_ptr,  # (T, K) int32, contiguous, written
     conf_ptr,  # (T,) float32, written
+    valid_ptr,  # () int32, set to 0 if any neighbour id lies outside the memory (else untouched)
     T,
     E,
+    M_rows,
     group_size,
     stride_rt,
     stride_mn,
@@ -126,11 +134,13 @@ def _knn_route_fwd_kernel(
         col_ok = (member < group_size) & (expert < E)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
-    mixed, conf, _ = _mixed_tile(
-        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, expert, col_ok, stride_rt, stride_mn,
-        stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY,
-        BLOCK_T, BLOCK_W,
+    mixed, conf, _, bad = _mixed_tile(
+        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, expert, col_ok, M_rows, stride_rt,
+        stride_mn, stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD,
+        SIMILARITY, BLOCK_T, BLOCK_W,
     )
+    if bad > 0:
+        tl.atomic_min(valid_ptr, 0)
     tl.store(conf_ptr + rows64, conf, mask=row_ok)
     # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
     # memory, so router_ptr / rows64 only fill the unused reload arguments.
@@ -152,6 +162,7 @@ def _knn_route_mixed_kernel(
     share_ptr,  # (T, N) float32, contiguous, written: conf * w_j (0 where conf == 0)
     T,
     E,
+    M_rows,
     stride_rt,
     stride_mn,
     stride_it,
@@ -174,10 +185,10 @@ def _knn_route_mixed_kernel(
     rows64 = rows.to(tl.int64)
     row_ok = rows < T
     col_ok = cols < E
-    mixed, conf, weights = _mixed_tile(
-        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, cols, col_ok, stride_rt, stride_mn,
-        stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY,
-        BLOCK_T, BLOCK_E,
+    mixed, conf, weights, _ = _mixed_tile(  # the forward checked the ids
+        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, cols, col_ok, M_rows, stride_rt,
+        stride_mn, stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD,
+        SIMILARITY, BLOCK_T, BLOCK_E,
     )
     tl.store(mixed_ptr + rows64[:, None] * E + cols[None, :], mixed, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(conf_ptr + rows64, conf, mask=row_ok)

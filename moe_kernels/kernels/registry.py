@@ -614,8 +614,8 @@ def _knn_route_fwd_cases() -> Iterator[KernelCase]:
                         "sims_ptr": "*fp32",
                         # Without a bias the launcher passes the router logits as the bias pointer.
                         "bias_ptr": "*fp32" if shape.has_bias else logits,
-                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32",
-                        "T": "i32", "E": "i32", "group_size": "i32", "stride_rt": "i32",
+                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32",
+                        "T": "i32", "E": "i32", "M_rows": "i32", "group_size": "i32", "stride_rt": "i32",
                         **_KNN_ROUTE_GATHER_SIGNATURE, "scale": "fp32",
                     }
                     label = (f"{_routing_label(TRITON_DTYPES[dtype], meta, num_warps)} n{num_neighbors} "
@@ -641,7 +641,7 @@ def _knn_route_mixed_cases() -> Iterator[KernelCase]:
                 signature = {
                     "router_ptr": logits, "memory_ptr": logits, "nbr_ids_ptr": "*" + id_type,
                     "sims_ptr": "*fp32", "mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32",
-                    "T": "i32", "E": "i32", "stride_rt": "i32", **_KNN_ROUTE_GATHER_SIGNATURE,
+                    "T": "i32", "E": "i32", "M_rows": "i32", "stride_rt": "i32", **_KNN_ROUTE_GATHER_SIGNATURE,
                 }
                 yield KernelCase(
                     "knn_route_mixed", _knn_route_mixed_kernel, signature, meta, num_warps,

@@ -127,7 +127,8 @@ def launch_knn_route(
     min_confidence,
 ):
     """Run the fused forward kernel; returns fresh ``weights (T, k)`` float32, ``ids (T, k)``
-    int32 and ``conf (T,)`` float32."""
+    int32 and ``conf (T,)`` float32. Neighbour ids outside the memory's rows are checked in the
+    kernel (they gather nothing) and fail an asynchronous device assert afterwards."""
     from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
 
     num_tokens, num_experts = router_logits.shape
@@ -140,6 +141,7 @@ def launch_knn_route(
     conf = new_output((num_tokens,), torch.float32, device)
     if num_tokens == 0:
         return weights, ids, conf
+    valid = torch.ones((), dtype=torch.int32, device=device)
     meta = knn_route_meta(
         num_tokens,
         num_experts,
@@ -162,8 +164,10 @@ def launch_knn_route(
         weights,
         ids,
         conf,
+        valid,
         num_tokens,
         num_experts,
+        memory_logits.shape[0],
         num_experts // max(num_groups, 1),  # group_size
         router_logits.stride(0),
         memory_logits.stride(0),
@@ -176,6 +180,7 @@ def launch_knn_route(
         float(scale),
         **meta,
     )
+    torch._assert_async(valid, f"knn_route: neighbor_ids must lie in [0, N) = [0, {memory_logits.shape[0]})")
     return weights, ids, conf
 
 
@@ -206,6 +211,7 @@ def launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_lo
         share,
         num_tokens,
         num_experts,
+        memory_logits.shape[0],
         router_logits.stride(0),
         memory_logits.stride(0),
         neighbor_ids.stride(0),
