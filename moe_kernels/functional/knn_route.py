@@ -42,8 +42,10 @@ def knn_route(
             (float64 with ``backend="torch"``).
         neighbor_ids: ``(T, n)`` int32 / int64 rows of ``memory_logits`` retrieved for each token
             (``RoutingMemory.search``'s ids), each in ``[0, N)``: checked on the host for CPU
-            tensors (``ValueError``), with ``torch._assert_async`` on CUDA (a device-side assert)
-            and under ``torch.compile``. faiss' ``-1`` ("no result") is out of range.
+            tensors (``ValueError``), with ``torch._assert_async`` on CUDA (a device-side assert;
+            the Triton kernel checks them itself, gathers nothing for a bad id and sets the flag
+            the assert reads) and under ``torch.compile``. faiss' ``-1`` ("no result") is out of
+            range.
         neighbor_sims: ``(T, n)`` float similarities of those rows (cosine: at most 1).
         memory_logits: ``(N, E)`` float routing logits of the memory's cases, on the router's
             device.
