@@ -206,11 +206,22 @@ def test_overhead_benchmark_rows_and_stub():
     rows = bench_overhead.run(device="cpu", ops=("softmax_topk",))
     assert [row["provider"] for row in rows] == list(bench_overhead.PROVIDERS)
     assert all(row["median_us"] > 0 for row in rows) and rows[0]["overhead_us"] == rows[0]["boundary_us"] == 0
-    # The stub replaces the op's forward for every door, and is undone afterwards.
+    # The stub replaces the op's forward behind the public function and the registered op (so
+    # the boundary rows time no work), and is undone afterwards.
+    import moe_kernels
+
     real = routing.softmax_topk_forward
-    with bench_overhead.stubbed_forward(real, "stub outputs") as stub:
-        assert routing.softmax_topk_forward is stub and stub() == "stub outputs"
+    logits = torch.randn(1, 64)
+    stub_outputs = (torch.full((1, 8), 7.0), torch.full((1, 8), 3, dtype=torch.int32))
+    with bench_overhead.stubbed_forward(real, stub_outputs) as stub:
+        assert routing.softmax_topk_forward is stub
+        weights, ids = moe_kernels.softmax_topk(logits, 8)
+        assert torch.equal(weights, stub_outputs[0]) and torch.equal(ids, stub_outputs[1])
+        with torch.no_grad():
+            weights, _ = torch.ops.moe_kernels.softmax_topk(logits, 8, False, "softmax", None, 0, 0, "max", 1.0, False)
+        assert torch.equal(weights, stub_outputs[0])
     assert routing.softmax_topk_forward is real
+    assert not torch.equal(moe_kernels.softmax_topk(logits, 8)[0], stub_outputs[0])
 
 
 @pytest.mark.kernel

@@ -359,7 +359,7 @@ def _fused_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weig
 
 
 def _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
-          save_h, h):
+          save_h, h):  # save_h: taken to match the op's inputs (setup_context passes them all); h tells
     ctx.save_for_backward(hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias)
     ctx.activation, ctx.use_triton = activation, use_triton
 
