@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -33,12 +32,12 @@ import torch
 
 import moe_kernels
 from benchmarks.common import resolve_device, run_and_report
-from moe_kernels.ops.experts import fused_experts_forward, fused_experts_op
-from moe_kernels.ops.grouped_mm import grouped_mm_forward, grouped_mm_op
-from moe_kernels.ops.knn import knn_mix_forward, knn_mix_op
-from moe_kernels.ops.knn_route import knn_route_forward, knn_route_op
-from moe_kernels.ops.probmoe import exact_k_forward, exact_k_op
-from moe_kernels.ops.routing import softmax_topk_forward, softmax_topk_op
+from moe_kernels.ops.experts import FUSED_EXPERTS
+from moe_kernels.ops.grouped_mm import GROUPED_MM
+from moe_kernels.ops.knn import KNN_MIX
+from moe_kernels.ops.knn_route import KNN_ROUTE
+from moe_kernels.ops.probmoe import EXACT_K
+from moe_kernels.ops.routing import SOFTMAX_TOPK
 
 OP_NAME = "op_overhead"
 PROVIDERS = ("bare_forward", "public", "public_autograd", "registered_op", "registered_op_autograd")
@@ -71,8 +70,8 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int 
 
 
 def _cases(device: torch.device, use_triton: bool) -> dict:
-    """op -> (public call taking a requires-grad flag, registered op, bare forward, its arguments,
-    the differentiable input first)."""
+    """op name -> (public call taking a requires-grad flag, the op (:class:`~moe_kernels.ops._boundary.Op`),
+    its forward's arguments, the differentiable input first)."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -100,47 +99,48 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
     return {
         "softmax_topk": (
             lambda g: moe_kernels.softmax_topk(grad(logits, g), K),
-            softmax_topk_op, softmax_topk_forward, (logits, K, *route_options, use_triton),
+            SOFTMAX_TOPK, (logits, K, *route_options, use_triton),
         ),
         "knn_mix": (
             lambda g: moe_kernels.knn_mix(grad(logits, g), neighbor_logits, sims),
-            knn_mix_op, knn_mix_forward, (logits, neighbor_logits, sims, *mix_options, use_triton),
+            KNN_MIX, (logits, neighbor_logits, sims, *mix_options, use_triton),
         ),
         "knn_route": (
             lambda g: moe_kernels.knn_route(grad(logits, g), neighbor_ids, sims, memory, K),
-            knn_route_op, knn_route_forward,
+            KNN_ROUTE,
             (logits, neighbor_ids, sims, memory, K, *route_options, *mix_options, use_triton),
         ),
         "exact_k": (
             lambda g: moe_kernels.exact_k_marginals(grad(logits.float(), g), K),
-            exact_k_op, exact_k_forward, (logits.float(), K, K, seed, False, use_triton),
+            EXACT_K, (logits.float(), K, K, seed, False, use_triton),
         ),
         "grouped_mm": (
             lambda g: moe_kernels.grouped_mm(grad(rows, g), b, offsets),
-            grouped_mm_op, grouped_mm_forward, (rows, b, offsets, use_triton),
+            GROUPED_MM, (rows, b, offsets, use_triton),
         ),
         "fused_experts": (
             lambda g: moe_kernels.fused_experts(grad(hidden, g), gate_up, down, weights, ids8),
-            fused_experts_op, fused_experts_forward,
+            FUSED_EXPERTS,
             (hidden, gate_up, down, weights, ids8, "silu", None, None, use_triton, False),
         ),
     }
 
 
 @contextlib.contextmanager
-def stubbed_forward(bare: Callable, outputs):
-    """Within the block, the op's module calls a stub returning ``outputs`` instead of ``bare``
-    (every door of the op looks its forward up in that module at call time). Yields the stub."""
-    module = sys.modules[bare.__module__]
+def stubbed_forward(op, outputs):
+    """Within the block, ``op`` (an :class:`~moe_kernels.ops._boundary.Op`) runs a stub returning
+    ``outputs`` instead of its forward (every door of the op calls ``op.forward`` at call time).
+    Yields the stub."""
+    real = op.forward
 
     def stub(*args):
         return outputs
 
-    setattr(module, bare.__name__, stub)
+    op.forward = stub
     try:
         yield stub
     finally:
-        setattr(module, bare.__name__, bare)
+        op.forward = real
 
 
 def _door_times(public, registered, bare, args, device) -> dict:
@@ -163,14 +163,14 @@ def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
     device = resolve_device(device)
     use_triton = device.type == "cuda"
     rows = []
-    for op, (public, registered, bare, args) in _cases(device, use_triton).items():
+    for op, (public, definition, args) in _cases(device, use_triton).items():
         if ops and op not in ops:
             continue
-        times = _door_times(public, registered, bare, args, device)
+        times = _door_times(public, definition.op, definition.forward, args, device)
         with torch.no_grad():
-            outputs = bare(*args)
-        with stubbed_forward(bare, outputs) as stub:
-            boundary = _door_times(public, registered, stub, args, device)
+            outputs = definition.forward(*args)
+        with stubbed_forward(definition, outputs) as stub:
+            boundary = _door_times(public, definition.op, stub, args, device)
         for provider in PROVIDERS:
             rows.append({
                 "op": OP_NAME, "op_name": op, "T": TOKENS, "provider": provider, "median_us": times[provider],

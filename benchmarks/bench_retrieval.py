@@ -78,6 +78,7 @@ def run(*, quick: bool = False, entries: Sequence[int] | None = None, dims: Sequ
                     "op": OP_NAME, "N": num, "d": dim, "index": preset, "n": num_neighbors, "build_s": build_s,
                     "queries_per_s": num_queries / seconds, "recall": recall_at(ids, exact_ids),
                     "device": str(device), "provider": preset, "T": num_queries, "median_us": seconds * 1e6,
+                    "panel": f"N={num} d={dim}",
                 })
     return rows
 

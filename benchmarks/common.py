@@ -225,9 +225,10 @@ def write_results(
     """Append ``rows`` (each prefixed with every ``env`` field) to
     ``<results root>/<env["device_slug"]>/<op_name>.csv`` and plot them to ``<op_name>.png`` there.
 
-    Plots need rows with ``model``, ``provider``, ``T`` and ``median_us`` (and ``dtype`` when a run
-    has several). Returns ``(csv_path, png_path)``; ``png_path`` is None when matplotlib is not
-    installed.
+    Plots take the rows with ``provider``, ``T`` and ``median_us``, one panel per ``model`` (or
+    ``panel``, for benchmarks not over models; and per ``dtype`` when a run has several). Returns
+    ``(csv_path, png_path)``; ``png_path`` is None when matplotlib is not installed or no row can
+    be plotted.
     """
     out_dir = results_root(results_dir) / env["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,9 +273,21 @@ def _csv_value(value):
     return value
 
 
+PLOT_FIELDS = ("provider", "T", "median_us")
+
+
+def _panel_label(row: dict, several_dtypes: bool) -> str:
+    label = str(row.get("model") or row.get("panel") or row.get("op", ""))
+    return f"{label} {row['dtype']}" if several_dtypes else label
+
+
 def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
-    """Median time vs tokens, log-log, one line per provider and one panel per model (and dtype,
-    when the rows hold several); returns ``path``, or None without matplotlib."""
+    """Median time vs tokens, log-log, one line per provider and one panel per model (or
+    ``panel``; and dtype, when the rows hold several); returns ``path``, or None without
+    matplotlib or without a plottable row."""
+    rows = [row for row in rows if all(row.get(field) is not None for field in PLOT_FIELDS)]
+    if not rows:
+        return None
     try:
         from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
     except ImportError:
@@ -283,8 +296,7 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
     several_dtypes = len({row.get("dtype") for row in rows}) > 1
     panels: dict[str, list[dict]] = {}
     for row in rows:
-        label = f"{row['model']} {row['dtype']}" if several_dtypes else row["model"]
-        panels.setdefault(label, []).append(row)
+        panels.setdefault(_panel_label(row, several_dtypes), []).append(row)
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.8))

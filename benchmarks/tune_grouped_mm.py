@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from typing import Sequence
 
 import torch
 
 from benchmarks.common import time_fn
+from moe_kernels._compat import triton_version
 from moe_kernels.ops import grouped_mm as gmm
+from moe_kernels.ops import tuned_configs
 from moe_kernels.shapes import EXPERT_SHAPES
 
 FORWARD_CANDIDATES = [
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", action="append", dest="models")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    name = gmm.device_name_of(device)
+    name = tuned_configs.device_name_of(device)
     table: dict[str, list] = {}
     for shape in EXPERT_SHAPES:
         if args.models and shape.model not in args.models:
@@ -76,14 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timings = [(_time(kernel, n_cols, k_dim, rows, shape.num_experts, meta, device), meta)
                            for meta in candidates]
                 best_us, best = min(timings, key=lambda item: item[0])
-                key = gmm.tuned_key(kernel, torch.bfloat16, n_cols, k_dim)
+                key = tuned_configs.tuned_key(kernel, torch.bfloat16, n_cols, k_dim)
                 entries = [entry for entry in table.get(key, []) if entry[0] != rows]
                 table[key] = sorted(entries + [[rows, best]], key=lambda entry: entry[0])
                 print(f"{shape.model} rows={rows} {key}: {best} {best_us:.1f} us")
-    gmm.TUNED_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
-    path = gmm.TUNED_CONFIG_DIR / f"{gmm.device_slug(name)}.json"
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {path} ({len(table)} shapes) for {name}")
+    path = tuned_configs.write_tuned_table(name, table, triton_version())
+    print(f"wrote {path} ({len(table)} shapes) for {name}, Triton {triton_version()}")
     return 0
 
 

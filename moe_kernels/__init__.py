@@ -6,6 +6,7 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
+from moe_kernels.config import Activation, RoutingConfig
 from moe_kernels.functional import (
     exact_k_marginals,
     exact_k_sample,
@@ -22,6 +23,8 @@ from moe_kernels.functional import (
 from moe_kernels.nn import MoE, ProbMoERouter, TopKRouter
 
 __all__ = [
+    "Activation",
+    "RoutingConfig",
     "exact_k_marginals",
     "exact_k_sample",
     "expert_counts",

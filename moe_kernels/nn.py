@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.reference.experts import gated_activation
 
@@ -13,9 +14,11 @@ class TopKRouter(nn.Module):
     """Linear gate + fused :func:`moe_kernels.softmax_topk`.
 
     ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``.
-    ``weight (E, H)`` is the gate (the HF ``*TopKRouter.weight`` layout); with
-    ``correction_bias=True`` a float32 ``(E,)`` buffer ``e_score_correction_bias`` biases
-    selection only (DeepSeek-V3), and is not trained by gradients.
+    ``weight (E, H)`` is the gate (the HF ``*TopKRouter.weight`` layout); ``routing`` a
+    :class:`~moe_kernels.RoutingConfig` (its fields may also be given as keywords,
+    ``TopKRouter(H, E, k, renormalize=True)``); with ``correction_bias=True`` a float32 ``(E,)``
+    buffer ``e_score_correction_bias`` biases selection only (DeepSeek-V3), and is not trained by
+    gradients.
     """
 
     def __init__(
@@ -24,42 +27,32 @@ class TopKRouter(nn.Module):
         num_experts: int,
         k: int,
         *,
-        renormalize: bool = False,
-        score_func: str = "softmax",
+        routing: RoutingConfig | None = None,
         correction_bias: bool = False,
-        num_groups: int | None = None,
-        topk_groups: int | None = None,
-        group_score: str = "top2_sum",
-        scale: float = 1.0,
         backend: str = "auto",
         device=None,
         dtype=None,
+        **routing_options,
     ):
         super().__init__()
+        self.routing = resolve_routing("TopKRouter", routing, num_experts, **routing_options)
+        self.routing.check(num_experts, k, "TopKRouter")
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
         self.k = k
-        self.routing = dict(
-            renormalize=renormalize,
-            score_func=score_func,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            group_score=group_score,
-            scale=scale,
-            backend=backend,
-        )
+        self.backend = backend
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = nn.functional.linear(hidden, self.weight)
-        return softmax_topk(logits, self.k, bias=self.e_score_correction_bias, **self.routing)
+        return softmax_topk(logits, self.k, routing=self.routing, bias=self.e_score_correction_bias,
+                            backend=self.backend)
 
     def extra_repr(self) -> str:
         num_experts, hidden = self.weight.shape
-        return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, " + ", ".join(
-            f"{key}={value}" for key, value in self.routing.items()
-        )
+        return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, routing={self.routing}, " \
+               f"backend={self.backend}"
 
 
 class ProbMoERouter(nn.Module):
@@ -158,13 +151,14 @@ class MoE(nn.Module):
         router: any module mapping ``hidden (T, H)`` to ``(weights (T, k) float32, ids (T, k)
             int32)`` (:class:`TopKRouter`, :class:`ProbMoERouter`,
             :class:`moe_kernels.knn.KNNRouter`); default a :class:`TopKRouter` with ``routing``.
+        routing: the default router's :class:`~moe_kernels.RoutingConfig`; its fields may also be
+            given as keywords (``routing_options``: ``MoE(H, I, E, k, renormalize=True)``).
         activation: as for :func:`moe_kernels.fused_experts`.
         expert_bias: give the experts both biases (GPT-OSS).
         shared_intermediate_size: add a shared expert of this width, gated by
             ``sigmoid(shared_gate(x))`` when ``shared_gate`` (Qwen2-MoE), ungated otherwise
             (DeepSeek-V3).
         backend: the ops' backend.
-        routing: keyword arguments of the default :class:`TopKRouter`.
     """
 
     def __init__(
@@ -175,6 +169,7 @@ class MoE(nn.Module):
         k: int,
         *,
         router: nn.Module | None = None,
+        routing: RoutingConfig | None = None,
         activation: str = "silu",
         expert_bias: bool = False,
         shared_intermediate_size: int | None = None,
@@ -182,13 +177,15 @@ class MoE(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
-        **routing,
+        **routing_options,
     ):
         super().__init__()
-        if router is not None and routing:
-            raise ValueError(f"MoE: routing options {sorted(routing)} apply to the default router only, got a router")
+        if router is not None and (routing is not None or routing_options):
+            given = sorted(routing_options) + (["routing"] if routing is not None else [])
+            raise ValueError(f"MoE: routing options {given} apply to the default router only, got a router")
         self.router = router or TopKRouter(
-            hidden_size, num_experts, k, backend=backend, device=device, dtype=dtype, **routing
+            hidden_size, num_experts, k, routing=routing, backend=backend, device=device, dtype=dtype,
+            **routing_options,
         )
         factory = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(

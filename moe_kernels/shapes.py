@@ -6,48 +6,47 @@ Routing settings follow each model's released config and HF modelling code.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from moe_kernels.config import DEFAULT_ROUTING, RoutingConfig
 
 
 @dataclass(frozen=True)
 class RoutingShape:
-    """One model's router: ``num_experts`` routed experts, ``k`` per token, and the keyword
-    arguments of :func:`moe_kernels.softmax_topk` that reproduce its routing formula."""
+    """One model's router: ``num_experts`` routed experts, ``k`` per token, the
+    :class:`~moe_kernels.RoutingConfig` that reproduces its routing formula, and whether it has a
+    selection bias (DeepSeek-V3's correction bias)."""
 
     model: str
     num_experts: int
     k: int
-    options: dict = field(default_factory=dict)
+    routing: RoutingConfig = field(default=DEFAULT_ROUTING)
     has_bias: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.model} E={self.num_experts} k={self.k}"
 
+    @property
+    def options(self) -> dict:
+        """The routing's fields that differ from the defaults, as keyword arguments of
+        :func:`moe_kernels.softmax_topk` (``softmax_topk(l, k, **shape.options)`` equals
+        ``softmax_topk(l, k, routing=shape.routing)``)."""
+        return {f.name: getattr(self.routing, f.name) for f in dataclasses.fields(RoutingConfig)
+                if getattr(self.routing, f.name) != f.default}
+
 
 ROUTING_SHAPES: tuple[RoutingShape, ...] = (
-    RoutingShape("Mixtral-8x7B", 8, 2, dict(renormalize=True)),
+    RoutingShape("Mixtral-8x7B", 8, 2, RoutingConfig.renormalize()),
     RoutingShape("Qwen1.5-MoE-A2.7B", 60, 4),
     RoutingShape("OLMoE-1B-7B", 64, 8),
-    RoutingShape("Qwen3-30B-A3B", 128, 8, dict(renormalize=True)),
-    RoutingShape(
-        "DeepSeek-V2", 160, 6, dict(num_groups=8, topk_groups=3, group_score="max", scale=16.0)
-    ),
-    RoutingShape(
-        "DeepSeek-V3",
-        256,
-        8,
-        dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5),
-        has_bias=True,
-    ),
-    RoutingShape(
-        "Kimi-K2",
-        384,
-        8,
-        dict(score_func="sigmoid", num_groups=1, topk_groups=1, renormalize=True, scale=2.827),
-        has_bias=True,
-    ),
-    RoutingShape("Qwen3-Next-80B-A3B", 512, 10, dict(renormalize=True)),
+    RoutingShape("Qwen3-30B-A3B", 128, 8, RoutingConfig.renormalize()),
+    RoutingShape("DeepSeek-V2", 160, 6, RoutingConfig.deepseek_v2()),
+    RoutingShape("DeepSeek-V3", 256, 8, RoutingConfig.deepseek_v3(), has_bias=True),
+    RoutingShape("Kimi-K2", 384, 8, RoutingConfig.deepseek_v3(num_groups=1, topk_groups=1, scale=2.827),
+                 has_bias=True),
+    RoutingShape("Qwen3-Next-80B-A3B", 512, 10, RoutingConfig.renormalize()),
 )
 
 # Token counts of the routing benchmarks: decode batches to long prefill / training steps.

@@ -40,10 +40,12 @@ TOLERANCES: dict[torch.dtype | tuple[str, torch.dtype], tuple[float, float]] = {
     ("fused_experts", torch.float32): (5e-5, 1e-5),
     ("fused_experts", torch.float16): (1e-2, 1e-2),
     ("fused_experts", torch.bfloat16): (6e-2, 6e-2),
-    # - ``compiled_model``: a whole (tiny) HF model under ``torch.compile`` against eager. Inductor
-    #   fuses and reassociates the model's own norms, attention and softmaxes, not only our ops:
-    #   up to 2.6e-6 on float32 logits of magnitude 3.5 after three layers.
-    ("compiled_model", torch.float32): (1e-5, 1e-4),
+    # - ``whole_model``: a whole (tiny) HF model against HF eager when its layers sum in another
+    #   order: under ``torch.compile`` (Inductor fuses and reassociates the model's own norms,
+    #   attention and softmaxes: up to 2.6e-6 on float32 logits of magnitude 3.5 after three
+    #   layers), or patched with the Triton kernels (tiled GEMMs in every MoE layer: up to 1.5e-6 on
+    #   GPT-OSS's embedding gradient, which sums over every token and layer, on one x86 host).
+    ("whole_model", torch.float32): (1e-5, 1e-4),
 }
 
 

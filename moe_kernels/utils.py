@@ -31,6 +31,11 @@ def next_power_of_2(n: int) -> int:
 # programs share an SM (``moe-kernels info --kernels``).
 MAX_TILE = 1024
 
+# Small batches are spread over at least this many programs (about one per SM of an H100) so a
+# decode step is not serialised on a few SMs. The interpreter runs programs one after another at
+# a large fixed cost each, so there the fewest programs win.
+MIN_PROGRAMS = 1 if interpreter_enabled() else 128
+
 
 def row_tiling(width: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[int, int]:
     """``(rows per program, num_warps)`` for rows ``width`` columns wide held in one tile.
@@ -42,6 +47,11 @@ def row_tiling(width: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[
     while block_t > 1 and cdiv(num_tokens, block_t) < min_programs:
         block_t //= 2
     return block_t, max(1, min(8, block_t * width // 128))
+
+
+def token_grid(meta: dict, num_tokens: int) -> tuple[int]:
+    """The 1-D grid of a kernel that takes ``meta["BLOCK_T"]`` tokens per program."""
+    return (cdiv(num_tokens, meta["BLOCK_T"]),)
 
 
 def unit_stride_last(tensor: torch.Tensor) -> torch.Tensor:

@@ -210,17 +210,17 @@ def test_overhead_benchmark_rows_and_stub():
     # the boundary rows time no work), and is undone afterwards.
     import moe_kernels
 
-    real = routing.softmax_topk_forward
+    real = routing.SOFTMAX_TOPK.forward
     logits = torch.randn(1, 64)
     stub_outputs = (torch.full((1, 8), 7.0), torch.full((1, 8), 3, dtype=torch.int32))
-    with bench_overhead.stubbed_forward(real, stub_outputs) as stub:
-        assert routing.softmax_topk_forward is stub
+    with bench_overhead.stubbed_forward(routing.SOFTMAX_TOPK, stub_outputs) as stub:
+        assert routing.SOFTMAX_TOPK.forward is stub
         weights, ids = moe_kernels.softmax_topk(logits, 8)
         assert torch.equal(weights, stub_outputs[0]) and torch.equal(ids, stub_outputs[1])
         with torch.no_grad():
             weights, _ = torch.ops.moe_kernels.softmax_topk(logits, 8, False, "softmax", None, 0, 0, "max", 1.0, False)
         assert torch.equal(weights, stub_outputs[0])
-    assert routing.softmax_topk_forward is real
+    assert routing.SOFTMAX_TOPK.forward is real
     assert not torch.equal(moe_kernels.softmax_topk(logits, 8)[0], stub_outputs[0])
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
+from moe_kernels.ops import align as align_ops
 from moe_kernels.ops import experts as ops
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.reference import experts as ref
@@ -106,8 +107,8 @@ def test_compile_fullgraph_matches_eager():
         (dict(down_proj=torch.ones(3, 8, 5)), ValueError, r"down_proj must have shape \(E, H, I\) = \(3, 8, 4\)"),
         (dict(down_proj=torch.ones(3, 8, 4, dtype=torch.float64)), TypeError, "down_proj must have hidden's dtype"),
         (dict(ids=torch.zeros(4, 2)), TypeError, r"ids must be a \(T, k\) int32 or int64 tensor"),
-        (dict(ids=torch.full((4, 2), 3, dtype=torch.int32)), ValueError, r"ids must be in \[-1, E=3\), got 3"),
-        (dict(ids=torch.full((4, 2), -2, dtype=torch.int32)), ValueError, r"ids must be in \[-1, E=3\), got -2"),
+        (dict(ids=torch.full((4, 2), 3, dtype=torch.int32)), ValueError, r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[3, 3\]"),
+        (dict(ids=torch.full((4, 2), -2, dtype=torch.int32)), ValueError, r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[-2, -2\]"),
         (dict(weights=torch.ones(4, 3)), ValueError, r"weights and ids must both have shape \(T, k\) with T=4"),
         (dict(weights=torch.ones(4, 2, dtype=torch.float16)), TypeError, "weights must be float32"),
         (dict(activation="relu"), ValueError, "activation must be one of"),
@@ -178,10 +179,10 @@ def test_align_kernel_equals_the_torch_alignment(kernel_device, num_tokens, k, n
     generator = torch.Generator().manual_seed(num_tokens * k)
     ids = torch.randint(-1, num_experts, (num_tokens, k), generator=generator, dtype=id_dtype)
     weights = torch.rand(num_tokens, k, generator=generator)
-    assert ops.align_meta(num_tokens * k, num_experts) is not None  # the kernel, not the fallback
+    assert align_ops.align_meta(num_tokens * k, num_experts) is not None  # the kernel, not the fallback
     with poisoned_outputs():
-        align, row_weight, valid = ops.launch_moe_align(ids.to(kernel_device), num_experts, weights.to(kernel_device))
-    want = ops.moe_align(ids, num_experts)
+        align, row_weight, valid = align_ops.launch_moe_align(ids.to(kernel_device), num_experts, weights.to(kernel_device))
+    want = align_ops.moe_align(ids, num_experts)
     for field in want._fields:
         got = getattr(align, field).cpu()
         assert got.dtype == getattr(want, field).dtype and torch.equal(got, getattr(want, field)), field
@@ -191,9 +192,9 @@ def test_align_kernel_equals_the_torch_alignment(kernel_device, num_tokens, k, n
 @pytest.mark.kernel
 def test_align_kernel_flags_out_of_range_ids(kernel_device):
     ids = torch.tensor([[0, 4], [1, -2], [5, 3]], dtype=torch.int32, device=kernel_device)
-    *_, valid = ops.launch_moe_align(ids, 5, torch.rand(3, 2, device=kernel_device))
+    *_, valid = align_ops.launch_moe_align(ids, 5, torch.rand(3, 2, device=kernel_device))
     assert int(valid) == 0
-    *_, valid = ops.launch_moe_align(ids.clamp(-1, 4), 5, torch.rand(3, 2, device=kernel_device))
+    *_, valid = align_ops.launch_moe_align(ids.clamp(-1, 4), 5, torch.rand(3, 2, device=kernel_device))
     assert int(valid) == 1
     p = _problem(3, 16, 8, 5, 2, device=kernel_device)
     with pytest.raises(RuntimeError), _small_tiles(kernel_device):  # the launcher's asynchronous assert
@@ -235,8 +236,8 @@ def test_kernel_inference_stores_no_h_and_backward_recomputes_it(kernel_device, 
 @pytest.mark.kernel
 def test_kernel_with_the_general_alignment(kernel_device, monkeypatch):
     """Routings past the alignment kernel's size take the torch alignment: same results."""
-    monkeypatch.setattr(ops, "ALIGN_KERNEL_MAX_SLOTS", 0)
-    assert ops.align_meta(21 * 2, 5) is None
+    monkeypatch.setattr(align_ops, "ALIGN_KERNEL_MAX_SLOTS", 0)
+    assert align_ops.align_meta(21 * 2, 5) is None
     _kernel_vs_reference(kernel_device, torch.float32, 21, 24, 10, 5, 2, "silu", bias=False)
 
 

@@ -12,6 +12,7 @@ import torch
 from moe_kernels import testing
 from moe_kernels.functional.grouped_mm import grouped_mm
 from moe_kernels.ops import grouped_mm as ops
+from moe_kernels.ops import tuned_configs as tuned
 from moe_kernels.ops.grouped_mm import GroupedMMFunction
 from moe_kernels.reference import experts as reference
 
@@ -187,7 +188,7 @@ def test_meta_heuristic_and_pinned_config():
         with ops.pinned_config(BLOCK_G=2):
             assert ops.grouped_mm_meta(1, 1, 1, torch.float32)["BLOCK_G"] == 2
             assert ops.grouped_mm_meta(1, 1, 1, torch.float32)["BLOCK_M"] == 16
-    assert ops._PINNED_CONFIG is None
+    assert tuned._PINNED_CONFIG is None
     with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_X'\]"):
         with ops.pinned_config(BLOCK_X=16):
             pass
@@ -253,7 +254,7 @@ def test_kernel_group_scan_in_chunks(kernel_device):
 @pytest.mark.kernel
 def test_kernel_default_config(kernel_device):
     """The heuristic configuration (64 x 128 x 64 tiles: groups smaller and larger than a tile)."""
-    assert ops._PINNED_CONFIG is None
+    assert tuned._PINNED_CONFIG is None
     _kernel_vs_float64(kernel_device, torch.float16, (150, 72, 136, [30, 0, 70, 41]))
 
 
@@ -373,19 +374,25 @@ def test_kernel_opcheck_and_eager_function(kernel_device):
 
 
 def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
-    monkeypatch.setattr(ops, "TUNED_CONFIG_DIR", tmp_path)
-    ops.tuned_table.cache_clear()
+    monkeypatch.setattr(tuned, "TUNED_CONFIG_DIR", tmp_path)
+    tuned.tuned_table.cache_clear()
     name = "NVIDIA H100 80GB HBM3"
-    key = ops.tuned_key("forward", torch.bfloat16, 1536, 2048)
+    key = tuned.tuned_key("forward", torch.bfloat16, 1536, 2048)
     small = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
     large = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
-    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps({key: [[512, small], [32768, large]]}))
+    path = tuned.write_tuned_table(name, {key: [[32768, large], [512, small]]}, "3.6.0")
     try:
-        for rows, want in ((100, small), (512, small), (4096, large), (10**6, large)):
+        assert path == tmp_path / "nvidia-h100-80gb-hbm3.json"
+        assert json.loads(path.read_text())["tables"][key]["triton"] == "3.6.0"  # the tuner's Triton is recorded
+        heuristic = ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16)
+        for rows, want in ((100, small), (512, small), (4096, large), (32768, large)):
             meta = ops.grouped_mm_meta(rows, 1536, 2048, torch.bfloat16, device_name=name)
             assert {k: meta[k] for k in want} == want
+        # Past the tuned range the heuristic applies, not the largest tuned tile.
+        assert ops.grouped_mm_meta(10**6, 1536, 2048, torch.bfloat16, device_name=name) == ops.grouped_mm_meta(
+            10**6, 1536, 2048, torch.bfloat16
+        )
         # Another GPU, another shape or no device: the heuristic.
-        heuristic = ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16)
         assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, device_name="NVIDIA A100") == heuristic
         assert ops.grouped_mm_meta(100, 1024, 2048, torch.bfloat16, device_name=name) == ops.grouped_mm_meta(
             100, 1024, 2048, torch.bfloat16
@@ -394,9 +401,14 @@ def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
         assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, gated=True, device_name=name) == ops.grouped_mm_meta(
             100, 1536, 2048, torch.bfloat16, gated=True
         )
+        # A second tuning run merges its tables into the file.
+        other = tuned.tuned_key("weight_grad", torch.bfloat16, 768, 2048)
+        tuned.write_tuned_table(name, {other: [[512, dict(BLOCK_M=32)]]}, "3.9.0")
+        tables = json.loads(path.read_text())["tables"]
+        assert tables[key]["triton"] == "3.6.0" and tables[other]["triton"] == "3.9.0"
         with pytest.raises(ValueError, match="kernel must be one of"):
-            ops.tuned_key(False, torch.bfloat16, 1, 1)
+            tuned.tuned_key(False, torch.bfloat16, 1, 1)
         with ops.pinned_config(BLOCK_M=16):  # a pinned config still wins
             assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, device_name=name)["BLOCK_M"] == 16
     finally:
-        ops.tuned_table.cache_clear()
+        tuned.tuned_table.cache_clear()

@@ -104,17 +104,17 @@ def spy(monkeypatch):
     """Counts the calls of the two ops the patched forwards make."""
     calls = {"softmax_topk": 0, "fused_experts": 0}
 
-    def wrap(name):
-        real = getattr(hf, name)
+    def wrap(module, name):
+        real = getattr(module, name)
 
         def counted(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(hf, name, counted)
+        monkeypatch.setattr(module, name, counted)
 
-    wrap("softmax_topk")
-    wrap("fused_experts")
+    wrap(hf.routers, "softmax_topk")
+    wrap(hf.experts, "fused_experts")
     return calls
 
 
@@ -310,7 +310,7 @@ def test_experts_implementation_falls_back_for_unsupported_experts(registered, s
         experts.act_fn = torch.nn.ReLU()  # not an activation of fused_experts
     ref = _logits(model, ids)
     model.set_experts_implementation("moe_kernels")
-    hf._warned_fallback.discard("MixtralExperts")
+    hf.experts._warned_fallback.discard("MixtralExperts")
     with pytest.warns(UserWarning, match="grouped_mm"):
         out = _logits(model, ids)
     assert spy["fused_experts"] == 0
@@ -411,7 +411,7 @@ def test_patched_model_compiles_fullgraph_with_dynamic_tokens(family):
             ids = _input_ids(2, seq, seed=seq)
             with torch._dynamo.config.patch(error_on_recompile=seq != 5):
                 got = compiled(ids).logits
-            assert_close(got, model(ids).logits, op="compiled_model", msg=f"seq {seq}")
+            assert_close(got, model(ids).logits, op="whole_model", msg=f"seq {seq}")
 
 
 @pytest.mark.kernel
@@ -428,10 +428,10 @@ def test_patched_model_triton_backend(family, kernel_device):
     hf.apply_moe_kernels(model, backend="triton")
     out = model(ids, labels=ids)
     out.loss.backward()
-    assert_close(out.logits, ref.logits, dtype=torch.float32)
+    assert_close(out.logits, ref.logits, dtype=torch.float32, op="whole_model")
     for name, param in model.named_parameters():
         if name in grads:
-            assert_close(param.grad, grads[name], dtype=torch.float32, msg=name)
+            assert_close(param.grad, grads[name], dtype=torch.float32, op="whole_model", msg=name)
 
 
 @pytest.mark.gpu

@@ -83,5 +83,5 @@ def test_feeds_fused_experts():
 
 def test_bad_neighbor_ids():
     router, ids, sims, memory = _inputs()
-    with pytest.raises(ValueError, match=r"neighbor_ids must be in \[0, N=20\)"):
+    with pytest.raises(ValueError, match=r"neighbor_ids must lie in \[0, N\) = \[0, 20\)"):
         knn_route_assignments(router, ids + 20, sims, memory, 2)

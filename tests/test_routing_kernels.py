@@ -59,7 +59,7 @@ def test_kernel_odd_sizes(kernel_device, num_experts, num_tokens, k_kind):
 
 def test_kernel_one_row_per_program(kernel_device, monkeypatch):
     # The decode configuration (one token per program) the GPU heuristic picks for small T.
-    monkeypatch.setattr(routing_ops, "_MIN_PROGRAMS", 128)
+    monkeypatch.setattr(routing_ops, "MIN_PROGRAMS", 128)
     logits, bias = routing_inputs(9, 256, dict(score_func="sigmoid"), True, torch.float32, kernel_device)
     options = dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5)
     assert routing_ops.forward_meta(9, 256, 8, renormalize=True, score_func="sigmoid", has_bias=True,

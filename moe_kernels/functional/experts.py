@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops import experts as ops
-from moe_kernels.ops.experts import FusedExpertsFunction, MoEAlignment, fused_experts_op
-from moe_kernels.reference.experts import ACTIVATIONS
+from moe_kernels.config import ACTIVATIONS
+from moe_kernels.functional import _validate as check
+from moe_kernels.ops import align
+from moe_kernels.ops.align import MoEAlignment
+from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.utils import use_triton
-
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ID_DTYPES = (torch.int32, torch.int64)
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Slots routed to each expert: ``ids (T, k)`` int32/int64 (-1 = empty, not counted) ->
     ``(E,)`` int32 on ids' device, computed there without a host sync."""
     _check_ids(ids, num_experts, "expert_counts")
-    return ops.slot_experts_and_counts(ids, num_experts)[1][:num_experts]
+    return align.slot_experts_and_counts(ids, num_experts)[1][:num_experts]
 
 
 def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
     """The routing slots sorted by expert, as :func:`fused_experts` uses them: ``ids (T, k)``
-    int32/int64 (-1 = empty) -> :class:`~moe_kernels.ops.experts.MoEAlignment` (``order``,
+    int32/int64 (-1 = empty) -> :class:`~moe_kernels.ops.align.MoEAlignment` (``order``,
     ``tokens``, ``experts``, ``positions`` of shape ``(T*k,)``, ``counts`` and ``offsets`` of shape
     ``(E,)``), computed on ids' device without a host sync; every shape is fixed by T, k and E, so
     the call can be captured in a CUDA graph.
@@ -32,7 +31,7 @@ def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
     activations is ever made.
     """
     _check_ids(ids, num_experts, "moe_align")
-    return ops.moe_align(ids, num_experts)
+    return align.moe_align(ids, num_experts)
 
 
 def fused_experts(
@@ -85,55 +84,36 @@ def fused_experts(
     # so no separate device check is queued here.
     _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                 assert_on_device=not triton_path)
-    if triton_path and hidden.dtype == torch.float64:
-        raise TypeError("fused_experts: backend='triton' takes float32/float16/bfloat16 hidden, got torch.float64; "
-                        "use backend='torch' for float64")
-    # The kernels store the pre-activation h only when a backward can read it.
-    save_h = torch.is_grad_enabled() and any(
+    check.not_float64_on_triton("fused_experts", "hidden", hidden, triton_path)
+    # The kernels store the pre-activation h only when a backward can read it (the reference's
+    # backward recomputes its intermediates: it never needs h).
+    save_h = triton_path and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, gate_up_proj, down_proj, weights, gate_up_bias, down_bias)
     )
-    run = fused_experts_op if torch.compiler.is_compiling() else FusedExpertsFunction.apply
-    out, _ = run(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, triton_path,
-                 save_h)
+    out, _ = FUSED_EXPERTS(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                           triton_path, save_h)
     return out
 
 
 def _check_ids(ids, num_experts, op_name, assert_on_device=True):
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() != 2:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in check.ID_DTYPES or ids.dim() != 2:
         got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{op_name}: ids must be a (T, k) int32 or int64 tensor, got {got}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+    if not check.is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op_name}: num_experts must be an int >= 1, got {num_experts!r}")
-    # A host-side check would sync a GPU and break a compiled graph: there, assert on the device
-    # (unless the caller's kernel checks the ids itself).
-    on_device = ids.device.type == "cuda" or torch.compiler.is_compiling()
-    if on_device and not assert_on_device:
-        return
-    in_range = ((ids >= -1) & (ids < num_experts)).all()
-    if on_device:
-        torch._assert_async(in_range, f"{op_name}: ids must be in [-1, {num_experts})")
-    elif ids.numel() and not bool(in_range):
-        bad = ids[(ids < -1) | (ids >= num_experts)][0].item()
-        raise ValueError(f"{op_name}: ids must be in [-1, E={num_experts}), got {bad}")
+    check.ids_in_range(op_name, "ids", ids, -1, num_experts, "E", what="-1 marks an empty slot",
+                       assert_on_device=assert_on_device)
 
 
 def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                 assert_on_device=True):
     name = "fused_experts"
-    for arg, tensor, dims in (
-        ("hidden", hidden, 2),
-        ("gate_up_proj", gate_up_proj, 3),
-        ("down_proj", down_proj, 3),
-        ("weights", weights, 2),
-    ):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != dims:
-            raise ValueError(f"{name}: {arg} must have {dims} dims, got shape {tuple(tensor.shape)}")
-        if tensor.device != hidden.device:
-            raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got {tensor.device}")
-    if hidden.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"{name}: hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    check.tensor(name, "hidden", hidden, dims=2, shape="(T, H)")
+    for arg, tensor, shape in (("gate_up_proj", gate_up_proj, "(E, 2I, H)"), ("down_proj", down_proj, "(E, H, I)"),
+                               ("weights", weights, "(T, k)")):
+        check.tensor(name, arg, tensor, dims=shape.count(",") + 1, shape=shape, device=hidden.device,
+                     device_of="hidden")
+    check.tensor(name, "hidden", hidden, dtypes=check.FLOAT_DTYPES)
     num_tokens, hidden_size = hidden.shape
     num_experts, width, gate_up_hidden = gate_up_proj.shape
     if width % 2 or gate_up_hidden != hidden_size:
@@ -160,8 +140,7 @@ def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_
     weight_dtypes = (torch.float32, torch.float64) if hidden.dtype == torch.float64 else (torch.float32,)
     if weights.dtype not in weight_dtypes:
         raise TypeError(f"{name}: weights must be float32, got {weights.dtype}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check.choice(name, "activation", activation, ACTIVATIONS)
     for arg, bias, shape in (
         ("gate_up_bias", gate_up_bias, (num_experts, width)),
         ("down_bias", down_bias, (num_experts, hidden_size)),

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops.grouped_mm import GroupedMMFunction, grouped_mm_op
+from moe_kernels.functional import _validate as check
+from moe_kernels.ops.grouped_mm import GROUPED_MM
 from moe_kernels.utils import use_triton
-
-GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -37,46 +36,27 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, backe
     """
     _check_args(a, b, offsets)
     triton_path = use_triton(backend, a.device, "grouped_mm")
-    if triton_path and a.dtype == torch.float64:
-        raise TypeError(
-            "grouped_mm: backend='triton' takes float32/float16/bfloat16 a, got torch.float64; "
-            "use backend='torch' for float64"
-        )
-    if torch.compiler.is_compiling():
-        return grouped_mm_op(a, b, offsets, triton_path)
-    if a.device.type == "cpu":
+    check.not_float64_on_triton("grouped_mm", "a", a, triton_path)
+    if a.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_offset_values(offsets, a.shape[0])
-    return GroupedMMFunction.apply(a, b, offsets, triton_path)
+    return GROUPED_MM(a, b, offsets, triton_path)
 
 
 def _check_args(a, b, offsets):
-    for name, tensor in (("a", a), ("b", b), ("offsets", offsets)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"grouped_mm: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if a.dtype not in GROUPED_MM_DTYPES:
-        raise TypeError(
-            f"grouped_mm: a must be float32, float16 or bfloat16 (float64 for the torch backend), got {a.dtype}"
-        )
-    if a.dim() != 2:
-        raise ValueError(f"grouped_mm: a must have shape (M, K), got {tuple(a.shape)}")
-    if b.dim() != 3:
-        raise ValueError(f"grouped_mm: b must have shape (G, K, N), got {tuple(b.shape)}")
+    op = "grouped_mm"
+    check.tensor(op, "a", a)
+    check.tensor(op, "b", b)
+    check.tensor(op, "offsets", offsets)
+    check.tensor(op, "a", a, dtypes=check.FLOAT_DTYPES, dims=2, shape="(M, K)")
+    check.tensor(op, "b", b, dims=3, shape="(G, K, N)")
     if b.shape[1] != a.shape[1]:
-        raise ValueError(
-            f"grouped_mm: b must have shape (G, K, N) with K = a.shape[1] = {a.shape[1]}, got {tuple(b.shape)}"
-        )
+        raise ValueError(f"{op}: b must have shape (G, K, N) with K = a.shape[1] = {a.shape[1]}, got {tuple(b.shape)}")
     if b.dtype != a.dtype:
-        raise TypeError(f"grouped_mm: b must have a's dtype {a.dtype}, got {b.dtype}")
-    if b.device != a.device:
-        raise ValueError(f"grouped_mm: b must be on a's device {a.device}, got {b.device}")
-    if offsets.dtype != torch.int32:
-        raise TypeError(f"grouped_mm: offsets must be int32, got {offsets.dtype}")
-    if tuple(offsets.shape) != (b.shape[0],):
-        raise ValueError(
-            f"grouped_mm: offsets must have shape (G,) = ({b.shape[0]},), got {tuple(offsets.shape)}"
-        )
-    if offsets.device != a.device:
-        raise ValueError(f"grouped_mm: offsets must be on a's device {a.device}, got {offsets.device}")
+        raise TypeError(f"{op}: b must have a's dtype {a.dtype}, got {b.dtype}")
+    check.tensor(op, "b", b, device=a.device, device_of="a")
+    check.tensor(op, "offsets", offsets, dtypes=(torch.int32,))
+    check.shape_is(op, "offsets", offsets, (b.shape[0],), f"(G,) = ({b.shape[0]},)")
+    check.tensor(op, "offsets", offsets, device=a.device, device_of="a")
 
 
 def _check_offset_values(offsets, num_rows):

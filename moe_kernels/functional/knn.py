@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from moe_kernels.functional.routing import LOGIT_DTYPES
-from moe_kernels.ops.knn import KnnMixFunction, knn_mix_op
+from moe_kernels.functional import _validate as check
+from moe_kernels.ops.knn import KNN_MIX
 from moe_kernels.utils import use_triton
-
-WEIGHTINGS = ("similarity", "softmax")
-
 
 def knn_mix(
     router_logits: torch.Tensor,
@@ -49,46 +44,13 @@ def knn_mix(
     they were gathered from); similarities come from a search and are treated as constants.
     Saved for backward: ``neighbor_sims`` only.
     """
-    _check_args(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence)
-    triton_path = use_triton(backend, router_logits.device, "knn_mix")
-    if triton_path and router_logits.dtype == torch.float64:
-        raise TypeError("knn_mix: backend='triton' takes float32/float16/bfloat16 router_logits, got torch.float64; "
-                        "use backend='torch' for float64")
-    mix = knn_mix_op if torch.compiler.is_compiling() else KnnMixFunction.apply
-    return mix(router_logits, neighbor_logits, neighbor_sims, weighting, float(temperature),
-               float(min_confidence), triton_path)
-
-
-def _check_args(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence):
-    for name, tensor, dims in (
-        ("router_logits", router_logits, "(T, E)"),
-        ("neighbor_logits", neighbor_logits, "(T, n, E)"),
-        ("neighbor_sims", neighbor_sims, "(T, n)"),
-    ):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"knn_mix: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"knn_mix: {name} must be float32, float16 or bfloat16, got {tensor.dtype}")
-        if tensor.dim() != dims.count(",") + 1:
-            raise ValueError(f"knn_mix: {name} must have shape {dims}, got {tuple(tensor.shape)}")
-        if tensor.device != router_logits.device:
-            raise ValueError(f"knn_mix: {name} must be on router_logits' device {router_logits.device}, got {tensor.device}")
+    check.mix_args("knn_mix", router_logits, neighbor_sims, weighting, temperature, min_confidence)
+    check.tensor("knn_mix", "neighbor_logits", neighbor_logits, dtypes=check.FLOAT_DTYPES, dims=3, shape="(T, n, E)",
+                 device=router_logits.device, device_of="router_logits")
     num_tokens, num_experts = router_logits.shape
-    if num_experts < 1:
-        raise ValueError(f"knn_mix: router_logits must have E >= 1 experts, got shape {tuple(router_logits.shape)}")
-    num_neighbors = neighbor_sims.shape[1] if neighbor_sims.dim() == 2 else 0
-    if num_neighbors < 1 or tuple(neighbor_sims.shape) != (num_tokens, num_neighbors):
-        raise ValueError(
-            f"knn_mix: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got {tuple(neighbor_sims.shape)}"
-        )
-    if tuple(neighbor_logits.shape) != (num_tokens, num_neighbors, num_experts):
-        raise ValueError(
-            f"knn_mix: neighbor_logits must have shape (T, n, E) = ({num_tokens}, {num_neighbors}, {num_experts}), "
-            f"got {tuple(neighbor_logits.shape)}"
-        )
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"knn_mix: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
-        raise ValueError(f"knn_mix: temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(min_confidence, (int, float)) or isinstance(min_confidence, bool) or not 0 <= min_confidence <= 1:
-        raise ValueError(f"knn_mix: min_confidence must be a number in [0, 1], got {min_confidence!r}")
+    check.shape_is("knn_mix", "neighbor_logits", neighbor_logits, (num_tokens, neighbor_sims.shape[1], num_experts),
+                   f"(T, n, E) = ({num_tokens}, {neighbor_sims.shape[1]}, {num_experts})")
+    triton_path = use_triton(backend, router_logits.device, "knn_mix")
+    check.not_float64_on_triton("knn_mix", "router_logits", router_logits, triton_path)
+    return KNN_MIX(router_logits, neighbor_logits, neighbor_sims, weighting, float(temperature), float(min_confidence),
+                   triton_path)

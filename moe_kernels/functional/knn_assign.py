@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.functional.knn import _check_args as _check_mix_args
+from moe_kernels.config import RoutingConfig
+from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.reference.knn import gather_neighbors, knn_confidence_and_weights
 from moe_kernels.reference.routing import compute_dtype
@@ -17,15 +18,16 @@ def knn_route_assignments(
     memory_logits: torch.Tensor,
     k: int,
     *,
+    routing: RoutingConfig | None = None,
     weighting: str = "similarity",
     temperature: float = 0.1,
     min_confidence: float = 0.0,
     backend: str = "auto",
-    **routing,
+    **routing_options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kNN-MoE routing mixed in assignment space (mode A of seed_algorithms.md §2.2).
 
-    Per token, with ``G = softmax_topk(., k, **routing)`` (the native gate) and the confidence
+    Per token, with ``G = softmax_topk(., k, routing=routing)`` (the native gate) and the confidence
     ``conf`` and neighbour weights ``w_j`` of :func:`moe_kernels.knn_mix`::
 
         assignment = (1 - conf) * G(router_logits) + conf * sum_j w_j * G(memory_logits[neighbor_ids[j]])
@@ -35,8 +37,9 @@ def knn_route_assignments(
 
     Args:
         router_logits: ``(T, E)``; neighbor_ids: ``(T, n)`` int into ``memory_logits (N, E)``;
-            neighbor_sims: ``(T, n)``; k and ``routing``: the native gate's :func:`softmax_topk`
-            arguments; weighting, temperature, min_confidence, backend: as for ``knn_mix``.
+            neighbor_sims: ``(T, n)``; k, ``routing`` (a :class:`~moe_kernels.RoutingConfig`) and
+            ``routing_options`` (its fields as keywords, bias included): the native gate's
+            :func:`softmax_topk` arguments; weighting, temperature, min_confidence, backend: as for ``knn_mix``.
 
     Returns:
         ``weights (T, k*(n+1))`` float32, ``ids (T, k*(n+1))`` int32 (at most E columns): the
@@ -44,29 +47,29 @@ def knn_route_assignments(
         :func:`moe_kernels.fused_experts`), and ``conf (T,)`` float32. With ``conf = 0`` the
         experts and weights are the router's. Differentiable with respect to both logits tensors.
     """
-    num_tokens, num_neighbors = neighbor_sims.shape if neighbor_sims.dim() == 2 else (0, 0)
-    if not isinstance(memory_logits, torch.Tensor) or memory_logits.dim() != 2:
-        raise ValueError(f"knn_route_assignments: memory_logits must be an (N, E) tensor, got {memory_logits!r:.60}")
-    if not isinstance(neighbor_ids, torch.Tensor) or neighbor_ids.shape != neighbor_sims.shape or neighbor_ids.is_floating_point():
-        raise ValueError(
-            f"knn_route_assignments: neighbor_ids must be an integer tensor shaped like neighbor_sims "
-            f"{tuple(neighbor_sims.shape)}, got {getattr(neighbor_ids, 'shape', neighbor_ids)}"
-        )
-    in_range = ((neighbor_ids >= 0) & (neighbor_ids < memory_logits.shape[0])).all()
-    message = f"knn_route_assignments: neighbor_ids must be in [0, N={memory_logits.shape[0]})"
-    if neighbor_ids.device.type == "cuda" or torch.compiler.is_compiling():
-        torch._assert_async(in_range, message)  # no host sync
-    elif not bool(in_range):
-        raise ValueError(message)
-    neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
-    _check_mix_args(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence)
+    op = "knn_route_assignments"
+    check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
+    check.tensor(op, "memory_logits", memory_logits, dtypes=check.FLOAT_DTYPES, dims=2, shape="(N, E)",
+                 device=router_logits.device, device_of="router_logits")
     num_experts = router_logits.shape[1]
+    if memory_logits.shape[1] != num_experts:
+        raise ValueError(f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits, got "
+                         f"{tuple(memory_logits.shape)}")
+    check.tensor(op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device,
+                 device_of="router_logits")
+    check.shape_is(op, "neighbor_ids", neighbor_ids, neighbor_sims.shape,
+                   f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims")
+    check.ids_in_range(op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N",
+                       what="the rows of memory_logits")
+    num_tokens, num_neighbors = neighbor_sims.shape
+    neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
     dtype = compute_dtype(router_logits.dtype)
     conf, mix = knn_confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
     # Where conf = 0 the neighbours get no weight (their weights may be NaN, e.g. sims summing to 0).
     mix = torch.where(conf[:, None] > 0, mix, torch.zeros_like(mix))
-    router_weights, router_ids = softmax_topk(router_logits, k, backend=backend, **routing)
-    neighbor_weights, neighbor_expert_ids = softmax_topk(neighbor_logits, k, backend=backend, **routing)
+    gate = dict(routing=routing, backend=backend, **routing_options)
+    router_weights, router_ids = softmax_topk(router_logits, k, **gate)
+    neighbor_weights, neighbor_expert_ids = softmax_topk(neighbor_logits, k, **gate)
     dense = torch.zeros(num_tokens, num_experts, dtype=dtype, device=router_logits.device)
     dense = dense.scatter_add(1, router_ids.long(), (1 - conf)[:, None] * router_weights.to(dtype))
     scaled = (conf[:, None] * mix)[:, :, None] * neighbor_weights.to(dtype)  # (T, n, k)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.functional.routing import LOGIT_DTYPES, _is_int, softmax_topk
-from moe_kernels.ops.probmoe import MAX_TRITON_K, ExactKFunction, exact_k_op
+from moe_kernels.functional import _validate as check
+from moe_kernels.functional.routing import softmax_topk
+from moe_kernels.ops.probmoe import EXACT_K, MAX_TRITON_K
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import RENORM_EPS
 from moe_kernels.utils import use_triton
@@ -102,10 +103,8 @@ def probmoe_route(
         unselected experts. Inference: ``softmax_topk``'s order (descending), ``softmax(r)``
         weights.
     """
-    if not isinstance(training, bool):
-        raise TypeError(f"probmoe_route: training must be a bool, got {type(training).__name__}")
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"probmoe_route: renormalize must be a bool, got {type(renormalize).__name__}")
+    check.boolean("probmoe_route", "training", training)
+    check.boolean("probmoe_route", "renormalize", renormalize)
     if training:
         marginals, ids = _forward(logits, k, k_min, seed, True, backend, "probmoe_route")
         weights = reference.straight_through_weights(logits, marginals, ids, renormalize)
@@ -131,17 +130,13 @@ def _forward(logits, k, k_min, seed, sample, backend, op_name):
     and ``ids`` with the leading dims restored."""
     _check_args(logits, k, k_min, seed, op_name)
     triton_path = use_triton(backend, logits.device, op_name)
-    if triton_path:
-        if logits.dtype == torch.float64:
-            raise TypeError(f"{op_name}: backend='triton' takes float32/float16/bfloat16 logits, got torch.float64; "
-                            "use backend='torch' for float64")
-        if k > MAX_TRITON_K:
-            raise ValueError(f"{op_name}: backend='triton' takes k <= {MAX_TRITON_K}, got k={k}")
+    check.not_float64_on_triton(op_name, "logits", logits, triton_path)
+    if triton_path and k > MAX_TRITON_K:
+        raise ValueError(f"{op_name}: backend='triton' takes k <= {MAX_TRITON_K}, got k={k}")
     num_experts = logits.shape[-1]
     flat = logits.reshape(-1, num_experts)
     seed_tensor = _seed_tensor(seed, logits.device)
-    run = exact_k_op if torch.compiler.is_compiling() else ExactKFunction.apply
-    marginals, _, ids = run(flat, k, k if k_min is None else k_min, seed_tensor, sample, triton_path)
+    marginals, _, ids = EXACT_K(flat, k, k if k_min is None else k_min, seed_tensor, sample, triton_path)
     lead = logits.shape[:-1]
     return marginals.reshape(*lead, num_experts), ids.reshape(*lead, ids.shape[-1])
 
@@ -154,18 +149,13 @@ def _seed_tensor(seed, device) -> torch.Tensor:
 
 
 def _check_args(logits, k, k_min, seed, op_name):
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{op_name}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(
-            f"{op_name}: logits must be float32, float16 or bfloat16 (float64 for the torch backend), got {logits.dtype}"
-        )
+    check.tensor(op_name, "logits", logits, dtypes=check.FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{op_name}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
-    if not _is_int(k) or not 1 <= k <= num_experts:
+    if not check.is_int(k) or not 1 <= k <= num_experts:
         raise ValueError(f"{op_name}: k must be an int in [1, E={num_experts}], got {k!r}")
-    if k_min is not None and (not _is_int(k_min) or not 0 <= k_min <= k):
+    if k_min is not None and (not check.is_int(k_min) or not 0 <= k_min <= k):
         raise ValueError(f"{op_name}: k_min must be None or an int in [0, k={k}], got {k_min!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+    if seed is not None and (not check.is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"{op_name}: seed must be None or an int in [0, 2**63), got {seed!r}")

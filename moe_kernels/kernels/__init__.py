@@ -1,5 +1,6 @@
 """``@triton.jit`` kernels only, private to the package (imported lazily: they need Triton).
 
-``registry.py`` lists every kernel with the constexpr configurations its launchers can choose,
-for the ahead-of-time compile check (``moe_kernels.aot``).
+Nothing here imports from the layers above (``ops``, ``functional``, ...): a kernel module imports
+Triton and, at most, the option enums of :mod:`moe_kernels.config`. Each kernel's launcher, its
+``torch.library`` op and its ahead-of-time compile cases live in ``moe_kernels/ops/<family>.py``.
 """

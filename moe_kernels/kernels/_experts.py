@@ -9,15 +9,20 @@ slots (id -1) sit after the last expert's rows and hold zeros.
 import triton
 import triton.language as tl
 
-# Activation codes (the ``ACTIVATION`` constexpr), in the order of ``reference.experts.ACTIVATIONS``.
-SILU, GELU, GELU_TANH, GPT_OSS = 0, 1, 2, 3
+from moe_kernels.config import Activation
+
+# The ``ACTIVATION`` constexpr's codes, by name (a kernel reads globals only as constexprs).
+SILU = tl.constexpr(Activation.SILU.value)
+GELU = tl.constexpr(Activation.GELU.value)
+GELU_TANH = tl.constexpr(Activation.GELU_TANH.value)
+GPT_OSS = tl.constexpr(Activation.GPT_OSS.value)
 
 
 @triton.jit
 def _gate_up_offsets(cols, I, ACTIVATION: tl.constexpr):
     """Column offsets of the gate and up halves of a ``2I`` row: ``[gate | up]``, or interleaved
     ``[g0 u0 g1 u1 ...]`` for GPT-OSS."""
-    if ACTIVATION == 3:
+    if ACTIVATION == GPT_OSS:
         return 2 * cols, 2 * cols + 1
     return cols, cols + I
 
@@ -25,18 +30,18 @@ def _gate_up_offsets(cols, I, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation(gate, up, limit, alpha, ACTIVATION: tl.constexpr):
     """``act`` and its partial derivatives ``(d act / d gate, d act / d up)``, float32."""
-    if ACTIVATION == 0:
+    if ACTIVATION == SILU:
         s = tl.sigmoid(gate)
         act = gate * s * up
         d_gate = up * s * (1.0 + gate * (1.0 - s))
         d_up = gate * s
-    elif ACTIVATION == 1:
+    elif ACTIVATION == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
         pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
         act = gate * cdf * up
         d_gate = up * (cdf + gate * pdf)
         d_up = gate * cdf
-    elif ACTIVATION == 2:
+    elif ACTIVATION == GELU_TANH:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh
         dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * gate * gate)

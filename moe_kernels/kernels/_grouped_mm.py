@@ -93,7 +93,7 @@ def _grouped_mm_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
-    limit,  # GPT-OSS's clamp and sigmoid slope (GATED with ACTIVATION 3)
+    limit,  # GPT-OSS's clamp and sigmoid slope (GATED with ACTIVATION == GPT_OSS)
     alpha,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,

@@ -160,7 +160,8 @@ def _routing_from(routers: dict[str, TopKRouter], logits: dict[str, torch.Tensor
                     f"build_routing_memory: a router saw {hidden.shape[0]} tokens, its logits have "
                     f"{values.shape[0]}: loss_fn must run the same batch every time"
                 )
-            return softmax_topk(values, router.k, bias=router.e_score_correction_bias, **router.routing)
+            return softmax_topk(values, router.k, routing=router.routing, bias=router.e_score_correction_bias,
+                                backend=router.backend)
 
         return forward
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import knn_route
 from moe_kernels.knn.memory import RoutingMemory
 
@@ -15,8 +16,8 @@ class KNNRouter(nn.Module):
     Per token: the frozen router's logits ``z = hidden @ weight.T``; the ``n_neighbors`` most
     similar cases of ``memory`` (searched with ``hidden`` as the query); their stored logits mixed
     into ``z`` (confidence = mean similarity, 0 below ``min_confidence``, where the frozen router
-    is used unchanged) and routed with ``routing`` (:func:`moe_kernels.softmax_topk`'s keyword
-    arguments), all in one fused op, :func:`moe_kernels.knn_route`.
+    is used unchanged) and routed with ``routing`` (a :class:`~moe_kernels.RoutingConfig`, or its
+    fields as keywords), all in one fused op, :func:`moe_kernels.knn_route`.
 
     ``weight (E, H)`` is the frozen router's weight (shared, not copied; no gradient is asked of
     it). The search runs where the memory's index lives: with CPU faiss a CUDA forward copies the
@@ -33,11 +34,12 @@ class KNNRouter(nn.Module):
         k: int,
         *,
         n_neighbors: int = 8,
+        routing: RoutingConfig | None = None,
         weighting: str = "similarity",
         temperature: float = 0.1,
         min_confidence: float = 0.0,
         backend: str = "auto",
-        **routing,
+        **routing_options,
     ):
         super().__init__()
         num_experts, hidden_size = weight.shape
@@ -51,7 +53,8 @@ class KNNRouter(nn.Module):
         self.k = k
         self.n_neighbors = n_neighbors
         self.mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
-        self.routing = routing
+        self.routing = resolve_routing("KNNRouter", routing, num_experts, **routing_options)
+        self.routing.check(num_experts, k, "KNNRouter")
         self.backend = backend
         self.register_buffer("memory_logits", memory.values.to(weight.device), persistent=False)
 
@@ -66,12 +69,12 @@ class KNNRouter(nn.Module):
         ids = torch.where(missing, torch.zeros_like(ids), ids).to(logits.device)
         sims = torch.where(missing, torch.zeros_like(sims), sims).to(logits.device)
         weights, chosen, _ = knn_route(
-            logits, ids, sims, self.memory_logits, self.k, backend=self.backend, **self.mixing, **self.routing
+            logits, ids, sims, self.memory_logits, self.k, routing=self.routing, backend=self.backend, **self.mixing
         )
         return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.weight.shape[0]}, k={self.k}, n_neighbors={self.n_neighbors}, "
-            f"memory_entries={self.memory.num_entries}, {self.mixing}"
+            f"memory_entries={self.memory.num_entries}, {self.mixing}, routing={self.routing}"
         )

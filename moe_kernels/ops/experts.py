@@ -1,4 +1,4 @@
-"""Routing metadata, launchers and ``torch.library`` registration of the fused experts op.
+"""Launchers, ``torch.library`` op and AOT cases of the fused experts op.
 
 ========================  ======================================================================
 ``fused_experts``         hidden ``(T, H)``, ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``,
@@ -7,7 +7,7 @@
 ``fused_experts_backward`` -> grads of hidden, both projections, weights, both biases
 ========================  ======================================================================
 
-The Triton path, forward: :func:`launch_moe_align` sorts the T*k slots by expert on the device (no
+The Triton path, forward: :func:`~moe_kernels.ops.align.launch_moe_align` sorts the T*k slots by expert on the device (no
 host sync, fixed shapes; one kernel for decode-sized routings, which also gathers the routing
 weights and checks the ids); a grouped GEMM gathers each slot's token row in its loads (no permuted copy
 of the activations) and computes the gate and up halves of ``h = x @ gate_up^T`` together, the
@@ -20,109 +20,17 @@ kernel for the activation's backward fused with the routing weights' gradient.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator
 
 import torch
 
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.ops import grouped_mm as gmm
+from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops.align import MoEAlignment, launch_moe_align
 from moe_kernels.reference import experts as reference
-from moe_kernels.reference.experts import ACTIVATIONS, GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from moe_kernels.utils import cdiv, new_output, next_power_of_2
-
-
-class MoEAlignment(NamedTuple):
-    """The T*k routing slots (slot ``t * k + j``) sorted by expert, stable; empty slots (id -1)
-    last. Every tensor has a fixed size: R = T*k rows or E experts.
-
-    - ``order (R,) int64``: slot at each sorted position.
-    - ``tokens (R,) int32``: its token, the row the first GEMM gathers.
-    - ``experts (R,) int32``: its expert, E for an empty slot.
-    - ``positions (R,) int32``: the inverse: sorted position of each slot.
-    - ``counts (E,) int32``: slots per expert; ``offsets (E,) int32``: their cumulative sums, the
-      grouped GEMM's group ends (rows from ``offsets[-1]`` on are the empty slots).
-    """
-
-    order: torch.Tensor
-    tokens: torch.Tensor
-    experts: torch.Tensor
-    positions: torch.Tensor
-    counts: torch.Tensor
-    offsets: torch.Tensor
-
-
-def slot_experts_and_counts(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(key (T*k,) int64, counts (E+1,) int32)``: each slot's expert with E for an empty slot,
-    and the slots per key, by a scatter-add (``bincount`` on CUDA reads its maximum back to the
-    host)."""
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    return key, counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-
-
-def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
-    """Sort the slots of ``ids (T, k)`` (int32/int64, -1 = empty) by expert, on the device and
-    without a host sync (CUDA-graph safe): a stable argsort and a scatter-add count."""
-    k = ids.shape[1]
-    key, counts = slot_experts_and_counts(ids, num_experts)
-    order = torch.argsort(key, stable=True)
-    num_slots = key.numel()
-    positions = torch.empty(num_slots, dtype=torch.int32, device=ids.device)
-    positions.scatter_(0, order, torch.arange(num_slots, dtype=torch.int32, device=ids.device))
-    return MoEAlignment(
-        order=order,
-        tokens=(order // max(k, 1)).to(torch.int32),
-        experts=key[order].to(torch.int32),
-        positions=positions,
-        counts=counts[:num_experts],
-        offsets=counts[:num_experts].cumsum(0, dtype=torch.int32),
-    )
-
-
-# The one-program alignment kernel sorts all slots in registers: it takes R = T*k up to this
-# (decode batches, where launch counts matter) and E + 2 bins up to ALIGN_KERNEL_MAX_BINS; larger
-# routings take moe_align's torch path, a device sort spread over many SMs.
-ALIGN_KERNEL_MAX_SLOTS = 1024
-ALIGN_KERNEL_MAX_BINS = 1024
-
-
-def align_meta(num_slots: int, num_experts: int) -> dict | None:
-    """Constexprs and ``num_warps`` of the alignment kernel, or None where it does not apply."""
-    bins = next_power_of_2(num_experts + 2)
-    if not 0 < num_slots <= ALIGN_KERNEL_MAX_SLOTS or bins > ALIGN_KERNEL_MAX_BINS:
-        return None
-    block = max(16, next_power_of_2(num_slots))
-    return dict(BLOCK_R=block, NUM_BINS=bins, num_warps=4 if block <= 256 else 8)
-
-
-def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor):
-    """The Triton path's alignment: ``(MoEAlignment, row_weight (R,) float32, valid () int32)``,
-    where ``row_weight`` is ``weights (T, k)`` in sorted order and ``valid`` is nonzero iff every
-    id is in [-1, E). One kernel launch for decode-sized routings (:func:`align_meta`), else
-    :func:`moe_align` and two torch ops. No host sync either way."""
-    from moe_kernels.kernels._experts import _moe_align_kernel
-
-    num_tokens, k = ids.shape
-    num_slots = num_tokens * k
-    meta = align_meta(num_slots, num_experts)
-    if meta is None:
-        align = moe_align(ids, num_experts)
-        row_weight = weights.reshape(-1).to(torch.float32)[align.order]
-        valid = ((ids >= -1) & (ids < num_experts)).all()
-        return align, row_weight, valid
-    device = ids.device
-    order = new_output((num_slots,), torch.int64, device)
-    tokens, experts, positions = (new_output((num_slots,), torch.int32, device) for _ in range(3))
-    row_weight = new_output((num_slots,), torch.float32, device)
-    counts, offsets = (new_output((num_experts,), torch.int32, device) for _ in range(2))
-    valid = new_output((), torch.int32, device)
-    _moe_align_kernel[(1,)](
-        ids.contiguous(), weights.contiguous(), order, tokens, experts, positions, row_weight, counts, offsets,
-        valid, num_slots, num_experts, K=k, **meta,
-    )
-    align = MoEAlignment(order=order, tokens=tokens, experts=experts, positions=positions, counts=counts,
-                         offsets=offsets)
-    return align, row_weight, valid
 
 
 def _elementwise_meta(width: int) -> dict:
@@ -145,7 +53,7 @@ def launch_gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     grid = (cdiv(num_rows, meta["BLOCK_R"]), cdiv(inter, meta["BLOCK_I"]))
     _gated_act_fwd_kernel[grid](
         h, act, num_rows, inter, h.stride(0), GPT_OSS_LIMIT, GPT_OSS_ALPHA,
-        ACTIVATION=ACTIVATIONS.index(activation), **meta,
+        ACTIVATION=int(Activation.parse(activation)), **meta,
     )
     return act
 
@@ -165,7 +73,7 @@ def launch_gated_activation_backward(grad_act, h, row_weight, activation):
     meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
     _gated_act_bwd_kernel[(cdiv(num_rows, meta["BLOCK_R"]),)](
         grad_act.contiguous(), h, row_weight, grad_h, grad_weight, num_rows, inter, h.stride(0),
-        GPT_OSS_LIMIT, GPT_OSS_ALPHA, ACTIVATION=ACTIVATIONS.index(activation), **meta,
+        GPT_OSS_LIMIT, GPT_OSS_ALPHA, ACTIVATION=int(Activation.parse(activation)), **meta,
     )
     return grad_h, grad_weight
 
@@ -271,38 +179,7 @@ def _segment_sum(rows: torch.Tensor, align: MoEAlignment, num_experts: int, dtyp
     return (ends - starts).to(dtype)
 
 
-def fused_experts_forward(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                          use_triton, save_h):
-    """The forward of both entry points: the kernels (saving ``h`` for the backward with
-    ``save_h``), or the reference (which saves no ``h``)."""
-    if use_triton:
-        return launch_fused_experts(
-            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
-        )
-    out = reference.fused_experts(
-        hidden, gate_up_proj, down_proj, weights, ids,
-        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-    )
-    return out.contiguous(), hidden.new_empty((0, gate_up_proj.shape[1]))
-
-
-def fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias,
-                           down_bias, use_triton):
-    """The backward of both entry points: the kernels, or the reference's explicit formulas."""
-    if use_triton:
-        return launch_fused_experts_backward(
-            grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
-        )
-    grads = reference.fused_experts_backward(
-        grad_out, hidden, gate_up_proj, down_proj, weights, ids,
-        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-    )
-    # A fresh empty tensor per absent bias: a custom op's outputs may not alias each other.
-    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
-
-
-@torch.library.custom_op("moe_kernels::fused_experts", mutates_args=())
-def fused_experts_op(
+def fused_experts_forward(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -314,20 +191,25 @@ def fused_experts_op(
     use_triton: bool,
     save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused_experts_forward(
-        hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h
+    """The kernels, or the reference; ``(out (T, H), h)`` with ``h (T*k, 2I)`` the pre-activation
+    the Triton backward reads when ``save_h`` (the public function sets it only on the Triton path
+    with an input that requires grad), else ``(0, 2I)``. The reference recomputes what it needs."""
+    if use_triton:
+        return launch_fused_experts(
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+        )
+    out = reference.fused_experts(
+        hidden, gate_up_proj, down_proj, weights, ids,
+        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
     )
+    if not save_h:
+        return out.contiguous(), hidden.new_empty((0, gate_up_proj.shape[1]))
+    # A direct call of the op asking for h on the reference path: the same rows the kernels save
+    # (the reference's backward does not read them; it recomputes its intermediates).
+    return out.contiguous(), reference.sorted_pre_activations(hidden, gate_up_proj, ids, gate_up_bias)
 
 
-@fused_experts_op.register_fake
-def _fused_experts_fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                        use_triton, save_h):
-    saved_rows = ids.shape[0] * ids.shape[1] if use_triton and save_h else 0
-    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
-
-
-@torch.library.custom_op("moe_kernels::fused_experts_backward", mutates_args=())
-def fused_experts_backward_op(
+def fused_experts_backward(
     grad_out: torch.Tensor,
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -340,14 +222,26 @@ def fused_experts_backward_op(
     down_bias: torch.Tensor | None,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fused_experts_backward(
-        grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias, use_triton
+    """The kernels, or the reference's explicit formulas; an empty tensor for each absent bias."""
+    if use_triton:
+        return launch_fused_experts_backward(
+            grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
+        )
+    grads = reference.fused_experts_backward(
+        grad_out, hidden, gate_up_proj, down_proj, weights, ids,
+        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
     )
+    # A fresh empty tensor per absent bias: a custom op's outputs may not alias each other.
+    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
-@fused_experts_backward_op.register_fake
-def _fused_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation,
-                                 gate_up_bias, down_bias, use_triton):
+def _fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h):
+    saved_rows = ids.shape[0] * ids.shape[1] if save_h else 0
+    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
+
+
+def _backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias,
+                   use_triton):
     return (
         hidden.new_empty(hidden.shape),
         gate_up_proj.new_empty(gate_up_proj.shape),
@@ -358,54 +252,82 @@ def _fused_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weig
     )
 
 
-def _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
-          save_h, h):  # save_h: taken to match the op's inputs (setup_context passes them all); h tells
-    ctx.save_for_backward(hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias)
-    ctx.activation, ctx.use_triton = activation, use_triton
+def _save(ctx, inputs, outputs):
+    ctx.save_for_backward(inputs.hidden, inputs.gate_up_proj, inputs.down_proj, inputs.weights, inputs.ids,
+                          outputs[1], inputs.gate_up_bias, inputs.down_bias)
+    ctx.mark_non_differentiable(outputs[1])
+    ctx.activation, ctx.use_triton = inputs.activation, inputs.use_triton
 
 
-def _grads(ctx, grad_out, backward):
+def _grads(ctx, backward, grad_out, _grad_h):
     hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias = ctx.saved_tensors
-    grads = backward(
-        grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, ctx.activation, gate_up_bias, down_bias,
-        ctx.use_triton,
-    )
-    grad_hidden, grad_gate_up, grad_down, grad_weights, grad_gate_up_bias, grad_down_bias = grads
-    return (
-        grad_hidden, grad_gate_up, grad_down, grad_weights, None, None,
-        grad_gate_up_bias if gate_up_bias is not None else None,
-        grad_down_bias if down_bias is not None else None,
-        None,
-        None,
-    )
+    grads = backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, ctx.activation, gate_up_bias,
+                     down_bias, ctx.use_triton)
+    names = ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
+    present = {"gate_up_bias": gate_up_bias is not None, "down_bias": down_bias is not None}
+    return {name: grad for name, grad in zip(names, grads) if present.get(name, True)}
 
 
-def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs, output[1])
-    ctx.mark_non_differentiable(output[1])
+FUSED_EXPERTS = define_op(name="fused_experts", forward=fused_experts_forward, fake=_fake,
+                          backward=fused_experts_backward, backward_fake=_backward_fake, save=_save, grads=_grads)
+fused_experts_op = FUSED_EXPERTS.op
+fused_experts_backward_op = FUSED_EXPERTS.backward_op
+FusedExpertsFunction = FUSED_EXPERTS.function
 
 
-def _backward(ctx, grad_out, _grad_h):
-    return _grads(ctx, grad_out, fused_experts_backward_op)
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
+
+# The activation kernels only convert on load and store: bf16 stands for both 16-bit dtypes.
+_EXPERT_DTYPES = (torch.bfloat16, torch.float32)
 
 
-fused_experts_op.register_autograd(_backward, setup_context=_setup_context)
+def _activation_cases(kernel_name: str, backward: bool) -> Iterator[KernelCase]:
+    from moe_kernels.kernels import _experts
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    fn = _experts._gated_act_bwd_kernel if backward else _experts._gated_act_fwd_kernel
+    for inter in sorted({shape.intermediate for shape in EXPERT_SHAPES}):
+        for dtype in _EXPERT_DTYPES:
+            for activation in Activation:
+                meta = _elementwise_meta(inter)
+                if backward:
+                    meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
+                num_warps = meta.pop("num_warps")
+                meta["ACTIVATION"] = int(activation)
+                if backward:
+                    signature = {"grad_act_ptr": pointer(dtype), "h_ptr": pointer(dtype), "row_weight_ptr": "*fp32",
+                                 "grad_h_ptr": pointer(dtype), "grad_weight_ptr": "*fp32"}
+                else:
+                    signature = {"h_ptr": pointer(dtype), "act_ptr": pointer(dtype)}
+                signature.update({"R": "i32", "I": "i32", "stride_h": "i32", "limit": "fp32", "alpha": "fp32"})
+                yield KernelCase(kernel_name, fn, signature, meta, num_warps,
+                                 label=f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} "
+                                       f"BI{meta['BLOCK_I']}",
+                                 divisible=("I", "stride_h") if inter % 16 == 0 else ())
 
 
-class FusedExpertsFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same forward and backward as ``moe_kernels::fused_experts``."""
+@register_kernel("gated_act_fwd")
+def _gated_act_fwd_cases() -> Iterator[KernelCase]:
+    yield from _activation_cases("gated_act_fwd", backward=False)
 
-    @staticmethod
-    def forward(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
-                save_h):
-        out, h = fused_experts_forward(
-            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h
-        )
-        _save(ctx, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton,
-              save_h, h)
-        ctx.mark_non_differentiable(h)
-        return out, h
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_h):
-        return _grads(ctx, grad_out, fused_experts_backward)
+@register_kernel("gated_act_bwd")
+def _gated_act_bwd_cases() -> Iterator[KernelCase]:
+    yield from _activation_cases("gated_act_bwd", backward=True)
+
+
+@register_kernel("combine")
+def _combine_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._experts import _combine_kernel
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    for shape in EXPERT_SHAPES:
+        for dtype in _EXPERT_DTYPES:
+            meta = combine_meta(shape.hidden, shape.k)
+            num_warps = meta.pop("num_warps")
+            signature = {"rows_ptr": pointer(dtype), "position_ptr": "*i32", "out_ptr": pointer(dtype), "T": "i32",
+                         "H": "i32"}
+            yield KernelCase("combine", _combine_kernel, signature, meta, num_warps,
+                             label=f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}",
+                             divisible=("H",) if shape.hidden % 16 == 0 else ())

@@ -12,196 +12,23 @@ as a strided view, no copy); ``grad_b`` has its own kernel. Both kernels take a 
 and a per-row scale (``a_rows`` / ``row_scale`` of the launchers) for the fused experts op.
 
 As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference
-(:func:`moe_kernels.reference.experts.grouped_mm` / ``grouped_mm_backward``), and eager calls use
-:class:`GroupedMMFunction` (same forward and backward) to skip the dispatcher.
+(:func:`moe_kernels.reference.experts.grouped_mm` / ``grouped_mm_backward``); the op is built by
+:func:`moe_kernels.ops._boundary.define_op`. Tile sizes come from
+:func:`moe_kernels.ops.tuned_configs.grouped_mm_meta` (heuristic, tuned tables, pinned).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import re
-from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, register_kernel
+from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
+from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta, pinned_config  # noqa: F401 (re-exported)
 from moe_kernels.reference import experts as reference
-from moe_kernels.utils import cdiv, new_output, next_power_of_2, unit_stride_last
-
-# Constexprs (and launch options) a pinned configuration may set, per kernel.
-_FORWARD_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_G", "num_warps", "num_stages")
-_WEIGHT_GRAD_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K_OUT", "num_warps", "num_stages")
-
-# When set (tests: :func:`pinned_config`), these values replace the heuristic's in every launch.
-_PINNED_CONFIG: dict | None = None
-
-# Tuned configurations, one JSON file per GPU model (``benchmarks/tune_grouped_mm.py`` writes
-# them): ``{"<kernel>|<dtype>|N|K": [[max_rows, {meta}], ...]}`` with ``kernel`` ``forward`` or
-# ``weight_grad`` and the entries in increasing ``max_rows``; a launch with M rows takes the first
-# entry with ``M <= max_rows`` (the last one beyond). Shapes without an entry use the heuristic.
-TUNED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "grouped_mm"
-
-
-def device_slug(name: str) -> str:
-    """File-name form of a GPU model name (``"NVIDIA H100 80GB HBM3"`` -> ``nvidia-h100-80gb-hbm3``)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-# The kernels a tuned configuration is for: the forward, the forward with the gated activation in
-# its epilogue (``N`` the activation's width), the weight gradient.
-TUNED_KERNELS = ("forward", "gated", "weight_grad")
-
-
-def tuned_key(kernel: str, dtype: torch.dtype, n_cols: int, k_dim: int) -> str:
-    """The key of a tuned configuration: ``kernel`` one of :data:`TUNED_KERNELS`."""
-    if kernel not in TUNED_KERNELS:
-        raise ValueError(f"tuned_key: kernel must be one of {TUNED_KERNELS}, got {kernel!r}")
-    return f"{kernel}|{str(dtype).removeprefix('torch.')}|{n_cols}|{k_dim}"
-
-
-@functools.lru_cache(maxsize=None)
-def tuned_table(device_name: str | None) -> dict:
-    """The tuned configurations of a GPU model ({} when none were tuned for it)."""
-    if device_name is None:
-        return {}
-    path = TUNED_CONFIG_DIR / f"{device_slug(device_name)}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def device_name_of(device: torch.device) -> str | None:
-    """GPU model name of a CUDA ``device`` (cached: no query per launch), None elsewhere."""
-    if device.type != "cuda":
-        return None
-    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _tuned_meta(device_name, kernel, dtype, rows, n_cols, k_dim) -> dict:
-    entries = tuned_table(device_name).get(tuned_key(kernel, dtype, n_cols, k_dim))
-    if not entries:
-        return {}
-    return next((meta for max_rows, meta in entries if rows <= max_rows), entries[-1][1])
-
-
-@contextlib.contextmanager
-def pinned_config(**meta):
-    """Within the block, every launch uses ``meta`` over the heuristic configuration.
-
-    Keys: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (forward), ``BLOCK_K_OUT`` (weight gradient's
-    output tile along K; defaults to the pinned ``BLOCK_K``), ``GROUP_M``, ``BLOCK_G`` (group ends
-    scanned per step), ``num_warps``, ``num_stages``. Block sizes are powers of two, at least 16
-    for the ``tl.dot`` dims (``BLOCK_G`` and ``GROUP_M`` at least 1). Nests (inner keys win).
-    """
-    global _PINNED_CONFIG
-    allowed = set(_FORWARD_KEYS) | set(_WEIGHT_GRAD_KEYS)
-    unknown = sorted(set(meta) - allowed)
-    if unknown:
-        raise ValueError(f"pinned_config: unknown keys {unknown}; expected some of {sorted(allowed)}")
-    for key, value in meta.items():
-        if key in ("num_warps", "num_stages", "GROUP_M"):
-            continue
-        low = 1 if key == "BLOCK_G" else 16
-        if not isinstance(value, int) or value < low or value & (value - 1):
-            raise ValueError(f"pinned_config: {key} must be a power of two >= {low}, got {value!r}")
-    previous = _PINNED_CONFIG
-    _PINNED_CONFIG = {**(previous or {}), **meta}
-    try:
-        yield
-    finally:
-        _PINNED_CONFIG = previous
-
-
-def _clamp_block(size: int, largest: int) -> int:
-    """A power-of-two tile width in ``[16, largest]`` covering ``size`` when it is small."""
-    return max(16, min(largest, next_power_of_2(size)))
-
-
-def grouped_mm_meta(
-    M: int,
-    N: int,
-    K: int,
-    dtype: torch.dtype,
-    *,
-    weight_grad: bool = False,
-    gated: bool = False,
-    device_name: str | None = None,
-) -> dict:
-    """Constexprs, ``num_warps`` and ``num_stages`` of the forward kernel (or, with
-    ``weight_grad``, of the weight-gradient kernel), shared with the AOT compile registry.
-
-    ``M`` is the number of (sorted) rows, ``K`` / ``N`` the dims of each ``b[g]``. 16-bit inputs
-    use 64-deep K steps (tensor cores; ``BLOCK_M >= 64`` and 4 or 8 warps let sm_90 use wgmma),
-    128-row tiles once there are many rows; float32 computes exactly (``ieee``, CUDA cores) on
-    smaller tiles. Small N / K shrink the tiles down to 16. ``gated`` (the up projection with the
-    activation in its epilogue, ``N`` the activation's width) keeps two accumulators, so its
-    column tile is half as wide: the same ``2 * BLOCK_N`` columns of ``h`` per program. A tuned
-    configuration of ``device_name`` for this (kernel, dtype, N, K) (:data:`TUNED_CONFIG_DIR`)
-    replaces the heuristic's values; a pinned one (:func:`pinned_config`) replaces both.
-    """
-    wide = dtype != torch.float32
-    precision = "tf32" if wide else "ieee"  # ignored for 16-bit inputs
-    if weight_grad:
-        block_k_out = _clamp_block(K, 128 if wide else 64)
-        block_n = _clamp_block(N, 128 if wide else 64)
-        meta = dict(
-            BLOCK_M=64 if wide else 32,
-            BLOCK_N=block_n,
-            BLOCK_K_OUT=block_k_out,
-            INPUT_PRECISION=precision,
-            num_warps=8 if block_k_out * block_n >= 128 * 128 else 4,
-            num_stages=3,
-        )
-        keys = _WEIGHT_GRAD_KEYS
-    else:
-        block_m = 128 if wide and M >= 4096 else 64
-        block_n = _clamp_block(N, (128 if wide else 64) // (2 if gated else 1))
-        meta = dict(
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            # Gated: two dots per K step and a heavier epilogue (GPT-OSS's, with h stored, spills
-            # on sm_80 at 64-deep steps), so its steps are 32 deep.
-            BLOCK_K=_clamp_block(K, 64 if wide and not gated else 32),
-            GROUP_M=8,
-            BLOCK_G=128,
-            INPUT_PRECISION=precision,
-            num_warps=8 if block_m * block_n * (2 if gated else 1) >= 128 * 128 else 4,
-            num_stages=3,
-        )
-        keys = _FORWARD_KEYS
-    kernel = "weight_grad" if weight_grad else "gated" if gated else "forward"
-    meta.update({key: value for key, value in _tuned_meta(device_name, kernel, dtype, M, N, K).items() if key in keys})
-    if _PINNED_CONFIG:
-        pinned = dict(_PINNED_CONFIG)
-        if weight_grad and "BLOCK_K_OUT" not in pinned and "BLOCK_K" in pinned:
-            pinned["BLOCK_K_OUT"] = pinned["BLOCK_K"]
-        meta.update({key: value for key, value in pinned.items() if key in keys})
-    return meta
-
-
-def aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Runtime-argument signatures of the forward and weight-gradient kernels for the AOT
-    compile registry, ``dtype`` a Triton pointer type (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
-    ptr = "*" + dtype
-    scalars = ("M_out", "N", "K", "G", "stride_am", "stride_ak", "stride_bg", "stride_bk", "stride_bn",
-               "stride_cm", "stride_cn")
-    forward = {
-        "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32", "h_ptr": ptr, "bias_ptr": ptr, **{name: "i32" for name in scalars},
-        "limit": "fp32", "alpha": "fp32",
-    }
-    scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk",
-               "stride_bn")
-    weight_grad = {
-        "a_ptr": ptr, "dc_ptr": ptr, "db_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32", **{name: "i32" for name in scalars},
-    }
-    return forward, weight_grad
-
+from moe_kernels.utils import cdiv, new_output, unit_stride_last
 
 def _check_index(name: str, tensor: torch.Tensor | None, dtype: torch.dtype, min_len: int, device):
     if tensor is None:
@@ -268,10 +95,7 @@ def launch_grouped_gated_mm(
     (``[gate | up]``, interleaved for ``"gpt_oss"``), ``h[r] = a[a_rows[r]] @ b[g] + bias[g]``
     (``bias (G, 2I)`` optional) and ``act = act(gate, up)`` of ``h`` in float32 (rows past
     ``offsets[-1]``: zero). ``h`` is stored only with ``store_h`` (what the backward reads)."""
-    from moe_kernels.reference.experts import ACTIVATIONS
-
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"grouped_mm launcher: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    code = Activation.parse(activation)
     width = b.shape[2]
     if width % 2:
         raise ValueError(f"grouped_mm launcher: a gated b needs an even number of columns, got {width}")
@@ -280,14 +104,13 @@ def launch_grouped_gated_mm(
             f"grouped_mm launcher: bias must be ({b.shape[0]}, {width}) on {b.device}, got {tuple(bias.shape)} on "
             f"{bias.device}"
         )
-    gated = dict(activation=ACTIVATIONS.index(activation), bias=bias, store_h=store_h)
+    gated = dict(activation=code, bias=bias, store_h=store_h)
     return _launch_forward(a, b, offsets, a_rows, None, out_rows, gated=gated)
 
 
 def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict | None = None):
     """Both forward launchers: ``(C, h)``, ``h`` None unless a gated launch stores it."""
     from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
-    from moe_kernels.reference.experts import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 
     num_groups, k_dim, b_cols = b.shape
     if a.dim() != 2 or a.shape[1] != k_dim or a.dtype != b.dtype or a.device != b.device:
@@ -342,7 +165,7 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
         GATHER_A=a_rows is not None,
         SCALE_ROWS=row_scale is not None,
         GATED=gated is not None,
-        ACTIVATION=gated["activation"] if gated else 0,
+        ACTIVATION=int(gated["activation"] if gated else Activation.SILU),  # read only when GATED
         HAS_BIAS=bias is not None,
         STORE_H=store_h,
         **meta,
@@ -412,17 +235,19 @@ def launch_grouped_mm_weight_grad(
     return grad_b
 
 
-def grouped_mm_forward(a, b, offsets, use_triton):
-    """The forward of both entry points: the kernel, or the reference without autograd."""
+def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """The kernel, or the reference without autograd."""
     if use_triton:
         return launch_grouped_mm(a, b, offsets)
     with torch.no_grad():
         return reference.grouped_mm(a, b, offsets).contiguous()
 
 
-def grouped_mm_backward(grad_out, a, b, offsets, use_triton):
-    """The backward of both entry points: ``grad_a`` by the forward kernel on ``b^T`` and
-    ``grad_b`` by the weight-gradient kernel, or the reference's explicit formula."""
+def grouped_mm_backward(
+    grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_a`` by the forward kernel on ``b^T`` and ``grad_b`` by the weight-gradient kernel, or
+    the reference's explicit formula."""
     grad_out = grad_out.to(a.dtype)
     if use_triton:
         grad_a = launch_grouped_mm(grad_out, b.transpose(1, 2), offsets)
@@ -433,60 +258,131 @@ def grouped_mm_backward(grad_out, a, b, offsets, use_triton):
     return grad_a.contiguous(), grad_b.contiguous()
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
-def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    return grouped_mm_forward(a, b, offsets, use_triton)
-
-
-@grouped_mm_op.register_fake
-def _grouped_mm_fake(a, b, offsets, use_triton):
+def _fake(a, b, offsets, use_triton):
     return a.new_empty((a.shape[0], b.shape[2]))
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm_backward", mutates_args=())
-def grouped_mm_backward_op(
-    grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return grouped_mm_backward(grad_out, a, b, offsets, use_triton)
-
-
-@grouped_mm_backward_op.register_fake
-def _grouped_mm_backward_fake(grad_out, a, b, offsets, use_triton):
+def _backward_fake(grad_out, a, b, offsets, use_triton):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-def _save_for_backward(ctx, a, b, offsets, use_triton):
-    ctx.save_for_backward(a, b, offsets)
-    ctx.use_triton = use_triton
+def _save(ctx, inputs, outputs):
+    ctx.save_for_backward(inputs.a, inputs.b, inputs.offsets)
+    ctx.use_triton = inputs.use_triton
 
 
-def _grads(ctx, grad_out, backward):
+def _grads(ctx, backward, grad_out):
     a, b, offsets = ctx.saved_tensors
     grad_a, grad_b = backward(grad_out, a, b, offsets, ctx.use_triton)
-    return grad_a, grad_b, None, None
+    return {"a": grad_a, "b": grad_b}
 
 
-def _setup_context(ctx, inputs, output):
-    _save_for_backward(ctx, *inputs)
+GROUPED_MM = define_op(name="grouped_mm", forward=grouped_mm_forward, fake=_fake, backward=grouped_mm_backward,
+                       backward_fake=_backward_fake, save=_save, grads=_grads)
+grouped_mm_op = GROUPED_MM.op
+grouped_mm_backward_op = GROUPED_MM.backward_op
+GroupedMMFunction = GROUPED_MM.function
 
 
-def _backward(ctx, grad_out):
-    return _grads(ctx, grad_out, grouped_mm_backward_op)
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
 
 
-grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+def _aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Runtime-argument signatures of the forward and weight-gradient kernels for the AOT cases,
+    ``dtype`` a Triton pointer type (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
+    ptr = "*" + dtype
+    scalars = ("M_out", "N", "K", "G", "stride_am", "stride_ak", "stride_bg", "stride_bk", "stride_bn",
+               "stride_cm", "stride_cn")
+    forward = {
+        "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
+        "row_scale_ptr": "*fp32", "h_ptr": ptr, "bias_ptr": ptr, **{name: "i32" for name in scalars},
+        "limit": "fp32", "alpha": "fp32",
+    }
+    scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk",
+               "stride_bn")
+    weight_grad = {
+        "a_ptr": ptr, "dc_ptr": ptr, "db_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
+        "row_scale_ptr": "*fp32", **{name: "i32" for name in scalars},
+    }
+    return forward, weight_grad
 
 
-class GroupedMMFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same forward and backward as ``moe_kernels::grouped_mm``,
-    without the dispatcher's per-call cost (see ``SoftmaxTopkFunction``)."""
+# Row counts of the two tile regimes the heuristic distinguishes (decode-ish and prefill).
+_GEMM_ROWS = (256, 32768)
+# The forward kernel's epilogue constexprs: plain, or the gated activation (code, bias, h stored).
+_PLAIN = dict(GATED=False, ACTIVATION=int(Activation.SILU), HAS_BIAS=False, STORE_H=False)
 
-    @staticmethod
-    def forward(ctx, a, b, offsets, use_triton):
-        out = grouped_mm_forward(a, b, offsets, use_triton)
-        _save_for_backward(ctx, a, b, offsets, use_triton)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, grouped_mm_backward)
+def _gemm_case(kernel_name, fn, signature, meta, unit_strides, gather, scale, dims, label, epilogue=None):
+    """A case with the strides the JIT sees as 1 specialised to constexpr 1 (as it compiles
+    them), the other strides and sizes marked divisible by 16 when they are. ``epilogue``: the
+    forward kernel's epilogue constexprs (None for the weight-gradient kernel)."""
+    meta = dict(meta)
+    num_warps = meta.pop("num_warps")
+    meta.update(GATHER_A=gather, SCALE_ROWS=scale, **(epilogue or {}), **{name: 1 for name in unit_strides})
+    signature = {name: kind for name, kind in signature.items() if name not in unit_strides}
+    divisible = tuple(name for name, value in dims.items() if name in signature and value % 16 == 0)
+    return KernelCase(kernel_name, fn, signature, meta, num_warps, label=label, divisible=divisible)
+
+
+def _expert_gemms():
+    """(label, M rows, N, K, b's unit stride, gather, scale, epilogue) of every forward-kernel
+    GEMM of fused_experts and grouped_mm, over the experts registry. The up projection runs
+    gated (N the activation's width), without storing h (inference) and storing it (training),
+    with GPT-OSS's activation and biases for its shape; the plain up GEMM is grouped_mm's own."""
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    for shape in EXPERT_SHAPES:
+        hidden, inter = shape.hidden, shape.intermediate
+        code = Activation.parse(shape.activation)
+        gated = dict(_PLAIN, GATED=True, ACTIVATION=int(code), HAS_BIAS=code == Activation.GPT_OSS)
+        for rows in _GEMM_ROWS:
+            yield "up", rows, 2 * inter, hidden, "stride_bk", True, False, _PLAIN
+            yield "up_act", rows, inter, hidden, "stride_bk", True, False, gated
+            yield "up_act_h", rows, inter, hidden, "stride_bk", True, False, dict(gated, STORE_H=True)
+            yield "down", rows, hidden, inter, "stride_bk", False, True, _PLAIN
+            yield "d_act", rows, inter, hidden, "stride_bn", True, False, _PLAIN
+            yield "d_rows", rows, hidden, 2 * inter, "stride_bn", False, False, _PLAIN
+
+
+@register_kernel("grouped_mm")
+def _grouped_mm_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
+
+    for dtype in (torch.bfloat16, torch.float32):
+        forward, _ = _aot_signatures(TRITON_DTYPES[dtype])
+        gemms = list(_expert_gemms()) if dtype == torch.bfloat16 else [
+            ("up", 32768, 1536, 2048, "stride_bk", True, False, _PLAIN),
+            ("up_act", 32768, 768, 2048, "stride_bk", True, False, dict(_PLAIN, GATED=True)),
+        ]
+        for name, rows, n_cols, k_dim, b_unit, gather, scale, epilogue in gemms:
+            meta = grouped_mm_meta(rows, n_cols, k_dim, dtype, gated=epilogue["GATED"])
+            label = (f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
+                     f"{' gather' if gather else ''}{' scale' if scale else ''}"
+                     f"{' ' + Activation(epilogue['ACTIVATION']).label if epilogue['GATED'] else ''}"
+                     f"{' bias' if epilogue['HAS_BIAS'] else ''}")
+            b_cols = n_cols * (2 if epilogue["GATED"] else 1)
+            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_cm=n_cols, stride_bg=b_cols * k_dim,
+                        stride_bk=b_cols, stride_bn=k_dim)
+            yield _gemm_case("grouped_mm", _grouped_mm_kernel, forward, meta, ("stride_ak", "stride_cn", b_unit),
+                             gather, scale, dims, label, epilogue)
+
+
+@register_kernel("grouped_mm_weight_grad")
+def _grouped_mm_weight_grad_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._grouped_mm import _grouped_mm_weight_grad_kernel
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    _, weight_grad = _aot_signatures("bf16")
+    for shape in EXPERT_SHAPES:
+        hidden, inter = shape.hidden, shape.intermediate
+        # grad of down_proj (gathered grad_out, scaled) and of gate_up_proj (gathered hidden).
+        for name, k_dim, n_cols, scale in (("d_down", hidden, inter, True), ("d_gate_up", hidden, 2 * inter, False)):
+            meta = grouped_mm_meta(32768, n_cols, k_dim, torch.bfloat16, weight_grad=True)
+            label = (f"bf16 {name} {meta['BLOCK_K_OUT']}x{meta['BLOCK_N']} rows{meta['BLOCK_M']} "
+                     f"gather{' scale' if scale else ''}")
+            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim,
+                        stride_bk=n_cols)
+            yield _gemm_case("grouped_mm_weight_grad", _grouped_mm_weight_grad_kernel, weight_grad, meta,
+                             ("stride_ak", "stride_dn", "stride_bn"), True, scale, dims, label)

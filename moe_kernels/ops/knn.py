@@ -7,14 +7,18 @@
                           ``grad_neighbors (T, n, E)``
 ========================  ======================================================================
 
-As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference, and eager calls
-use :class:`KnnMixFunction` (same forward and backward) to skip the dispatcher.
+As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference; the op is built
+by :func:`moe_kernels.ops._boundary.define_op`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Iterator
+
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
@@ -22,7 +26,7 @@ from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, uni
 
 
 def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
-    """Constexprs and ``num_warps`` of both kernels (shared with the AOT compile registry)."""
+    """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases below)."""
     block_e = next_power_of_2(num_experts)
     block_t, num_warps = row_tiling(block_e)
     return dict(
@@ -97,8 +101,16 @@ def launch_knn_mix_backward(grad_mixed, neighbor_sims, weighting, temperature, m
     return grad_router, grad_neighbors
 
 
-def knn_mix_forward(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
-    """The forward of both entry points: the kernel, or the reference without autograd."""
+def knn_mix_forward(
+    router_logits: torch.Tensor,
+    neighbor_logits: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel, or the reference without autograd."""
     if use_triton:
         return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence)
     with torch.no_grad():
@@ -113,8 +125,17 @@ def knn_mix_forward(router_logits, neighbor_logits, neighbor_sims, weighting, te
     return mixed.contiguous(), conf.contiguous()
 
 
-def knn_mix_backward(grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton):
-    """The backward of both entry points: the kernel, or the reference's explicit formula."""
+def knn_mix_backward(
+    grad_mixed: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    router_dtype: torch.dtype,
+    neighbor_dtype: torch.dtype,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel, or the reference's explicit formula."""
     if use_triton:
         return launch_knn_mix_backward(
             grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype
@@ -131,94 +152,98 @@ def knn_mix_backward(grad_mixed, neighbor_sims, weighting, temperature, min_conf
     return grad_router.contiguous(), grad_neighbors.contiguous()
 
 
-@torch.library.custom_op("moe_kernels::knn_mix", mutates_args=())
-def knn_mix_op(
-    router_logits: torch.Tensor,
-    neighbor_logits: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
-    use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return knn_mix_forward(
-        router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton
-    )
-
-
-@knn_mix_op.register_fake
-def _knn_mix_fake(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
+def _fake(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
     dtype = compute_dtype(router_logits.dtype)
     return router_logits.new_empty(router_logits.shape, dtype=dtype), router_logits.new_empty(
         router_logits.shape[:1], dtype=dtype
     )
 
 
-@torch.library.custom_op("moe_kernels::knn_mix_backward", mutates_args=())
-def knn_mix_backward_op(
-    grad_mixed: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
-    router_dtype: torch.dtype,
-    neighbor_dtype: torch.dtype,
-    use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return knn_mix_backward(
-        grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton
-    )
-
-
-@knn_mix_backward_op.register_fake
-def _knn_mix_backward_fake(grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton):
+def _backward_fake(grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype,
+                   use_triton):
     num_tokens, num_experts = grad_mixed.shape
     grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=router_dtype)
     grad_neighbors = grad_mixed.new_empty((num_tokens, neighbor_sims.shape[1], num_experts), dtype=neighbor_dtype)
     return grad_router, grad_neighbors
 
 
-def _save_for_backward(ctx, router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
-    ctx.save_for_backward(neighbor_sims)
-    ctx.dtypes = (router_logits.dtype, neighbor_logits.dtype)
-    ctx.options = (weighting, temperature, min_confidence)
-    ctx.use_triton = use_triton
+def _save(ctx, inputs, outputs):
+    ctx.save_for_backward(inputs.neighbor_sims)
+    ctx.mark_non_differentiable(outputs[1])
+    ctx.options = (inputs.weighting, inputs.temperature, inputs.min_confidence, inputs.router_logits.dtype,
+                   inputs.neighbor_logits.dtype, inputs.use_triton)
 
 
-def _grads(ctx, grad_mixed, backward):
+def _grads(ctx, backward, grad_mixed, _grad_conf):
     (neighbor_sims,) = ctx.saved_tensors
-    grad_router, grad_neighbors = backward(grad_mixed, neighbor_sims, *ctx.options, *ctx.dtypes, ctx.use_triton)
+    grad_router, grad_neighbors = backward(grad_mixed, neighbor_sims, *ctx.options)
     # Similarities come from a search and get no gradient; nor do the options.
-    return grad_router, grad_neighbors, None, None, None, None, None
+    return {"router_logits": grad_router, "neighbor_logits": grad_neighbors}
 
 
-def _setup_context(ctx, inputs, output):
-    _save_for_backward(ctx, *inputs)
-    ctx.mark_non_differentiable(output[1])
+KNN_MIX = define_op(name="knn_mix", forward=knn_mix_forward, fake=_fake, backward=knn_mix_backward,
+                    backward_fake=_backward_fake, save=_save, grads=_grads)
+knn_mix_op = KNN_MIX.op
+knn_mix_backward_op = KNN_MIX.backward_op
+KnnMixFunction = KNN_MIX.function
 
 
-def _backward(ctx, grad_mixed, _grad_conf):
-    return _grads(ctx, grad_mixed, knn_mix_backward_op)
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
+
+# Neighbours per token the benchmarks use (kNN-MoE's default 8, and a wide 32).
+KNN_NEIGHBORS = (8, 32)
 
 
-knn_mix_op.register_autograd(_backward, setup_context=_setup_context)
+def _knn_problems() -> Iterator[tuple[int, int, torch.dtype, str]]:
+    """(E, n, logits dtype, weighting) over the routing shapes' expert counts."""
+    from moe_kernels.shapes import ROUTING_SHAPES
+
+    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
+        for num_neighbors in KNN_NEIGHBORS:
+            for dtype in TRITON_DTYPES:
+                for weighting in ("similarity", "softmax"):
+                    yield num_experts, num_neighbors, dtype, weighting
 
 
-class KnnMixFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same forward and backward as ``moe_kernels::knn_mix``,
-    without the dispatcher's per-call cost (see ``SoftmaxTopkFunction``)."""
+def knn_label(dtype: str, meta: dict) -> str:
+    """A short description of a kNN kernel configuration for the AOT report."""
+    weighting = "sim" if meta["SIMILARITY"] else "softmax"
+    return f"{dtype} W{meta['BLOCK_E']} n{meta['N']} BT{meta['BLOCK_T']} {weighting}"
 
-    @staticmethod
-    def forward(ctx, router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
-        mixed, conf = knn_mix_forward(
-            router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton
-        )
-        _save_for_backward(
-            ctx, router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton
-        )
-        ctx.mark_non_differentiable(conf)
-        return mixed, conf
 
-    @staticmethod
-    def backward(ctx, grad_mixed, _grad_conf):
-        return _grads(ctx, grad_mixed, knn_mix_backward)
+_MIX_SCALARS = {"inv_temperature": "fp32", "min_confidence": "fp32"}
+
+
+@register_kernel("knn_mix_fwd")
+def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
+
+    for num_experts, num_neighbors, dtype, weighting in _knn_problems():
+        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+        num_warps = meta.pop("num_warps")
+        signature = {
+            "router_ptr": pointer(dtype), "neighbors_ptr": pointer(dtype), "sims_ptr": "*fp32", "mixed_ptr": "*fp32",
+            "conf_ptr": "*fp32", "T": "i32", "E": "i32", "stride_rt": "i32", "stride_nt": "i32",
+            "stride_nn": "i32", "stride_st": "i32", "stride_sn": "i32", **_MIX_SCALARS,
+        }
+        yield KernelCase("knn_mix_fwd", _knn_mix_fwd_kernel, signature, meta, num_warps,
+                         label=knn_label(TRITON_DTYPES[dtype], meta),
+                         divisible=("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else ())
+
+
+@register_kernel("knn_mix_bwd")
+def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
+
+    for num_experts, num_neighbors, dtype, weighting in _knn_problems():
+        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+        num_warps = meta.pop("num_warps")
+        signature = {
+            "grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": pointer(dtype),
+            "grad_neighbors_ptr": pointer(dtype), "T": "i32", "E": "i32", "stride_gt": "i32", "stride_st": "i32",
+            "stride_sn": "i32", **_MIX_SCALARS,
+        }
+        yield KernelCase("knn_mix_bwd", _knn_mix_bwd_kernel, signature, meta, num_warps,
+                         label=knn_label(TRITON_DTYPES[dtype], meta),
+                         divisible=("E", "stride_gt") if num_experts % 16 == 0 else ())

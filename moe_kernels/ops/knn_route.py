@@ -18,31 +18,26 @@ over the neighbour ids (float32 accumulation, one ``(T, E)`` temporary per neigh
 CUDA ``index_add_`` accumulates with atomics, so ``grad_memory`` is not bit-deterministic from
 run to run when tokens share a memory row (``torch.use_deterministic_algorithms`` makes it so).
 
-As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference, and eager calls
-use :class:`KnnRouteFunction` (same forward and backward) to skip the dispatcher. Arguments are
-validated by ``moe_kernels.functional.knn_route`` (neighbour ids included: the kernels trust them
-to lie in ``[0, N)``).
+As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference; the op is built
+by :func:`moe_kernels.ops._boundary.define_op`. Arguments are validated by
+``moe_kernels.functional.knn_route``, except the neighbour ids on the Triton path: the forward
+kernel masks its gathers to ``[0, N)``, flags a bad id and the launcher asserts on the flag
+(``torch._assert_async``, no host sync).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops.routing import (
-    _MIN_PROGRAMS,
-    _grid,
-    forward_meta,
-    launch_softmax_topk_backward,
-)
+from typing import Iterator
+
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops.knn import KNN_NEIGHBORS, knn_label
+from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward, routing_label
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import (
-    cdiv,
-    new_output,
-    next_power_of_2,
-    row_tiling,
-    unit_stride_last,
-)
+from moe_kernels.utils import MIN_PROGRAMS, cdiv, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
 
 
 def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[int, int]:
@@ -84,7 +79,7 @@ def knn_route_meta(
         topk_groups=topk_groups,
         group_score=group_score,
     )
-    block_t, num_warps = _tiling(meta["G_PAD"] * meta["GS_PAD"], num_neighbors, num_tokens, _MIN_PROGRAMS)
+    block_t, num_warps = _tiling(meta["G_PAD"] * meta["GS_PAD"], num_neighbors, num_tokens, MIN_PROGRAMS)
     meta.update(
         N=num_neighbors,
         N_PAD=next_power_of_2(num_neighbors),
@@ -155,7 +150,7 @@ def launch_knn_route(
         group_score=group_score,
         weighting=weighting,
     )
-    _knn_route_fwd_kernel[_grid(meta, num_tokens)](
+    _knn_route_fwd_kernel[token_grid(meta, num_tokens)](
         router_logits,
         memory_logits,
         neighbor_ids,
@@ -243,62 +238,7 @@ def launch_knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbo
     return grad_router, grad_memory.to(memory_logits.dtype)
 
 
-def knn_route_forward(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
-                      num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
-    """The forward of both entry points: the fused kernel, or the reference without autograd."""
-    if use_triton:
-        return launch_knn_route(
-            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
-            topk_groups, group_score, scale, weighting, temperature, min_confidence,
-        )
-    with torch.no_grad():
-        weights, ids, conf = reference.knn_route(
-            router_logits,
-            neighbor_ids,
-            neighbor_sims,
-            memory_logits,
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups or None,
-            topk_groups=topk_groups or None,
-            group_score=group_score,
-            scale=scale,
-            weighting=weighting,
-            temperature=temperature,
-            min_confidence=min_confidence,
-        )
-    return weights.contiguous(), ids.contiguous(), conf.contiguous()
-
-
-def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
-                       score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
-    """The backward of both entry points: ``(grad_router, grad_memory)``, ``grad_memory`` an empty
-    ``(0,)`` tensor unless ``memory_grad`` (a registered op cannot return ``None``)."""
-    args = (grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
-    if use_triton:
-        grad_router, grad_memory = launch_knn_route_backward(
-            *args, renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad
-        )
-    else:
-        grad_router, grad_memory = reference.knn_route_backward(
-            *args,
-            renormalize=renormalize,
-            score_func=score_func,
-            scale=scale,
-            weighting=weighting,
-            temperature=temperature,
-            min_confidence=min_confidence,
-            memory_grad=memory_grad,
-        )
-    if grad_memory is None:
-        grad_memory = memory_logits.new_empty((0,))
-    return grad_router.contiguous(), grad_memory.contiguous()
-
-
-@torch.library.custom_op("moe_kernels::knn_route", mutates_args=())
-def knn_route_op(
+def knn_route_forward(
     router_logits: torch.Tensor,
     neighbor_ids: torch.Tensor,
     neighbor_sims: torch.Tensor,
@@ -316,25 +256,23 @@ def knn_route_op(
     min_confidence: float,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return knn_route_forward(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
-        topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton,
-    )
+    """The fused kernel, or the reference without autograd."""
+    if use_triton:
+        return launch_knn_route(
+            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
+            topk_groups, group_score, scale, weighting, temperature, min_confidence,
+        )
+    with torch.no_grad():
+        weights, ids, conf = reference.knn_route(
+            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize=renormalize,
+            score_func=score_func, bias=bias, num_groups=num_groups or None, topk_groups=topk_groups or None,
+            group_score=group_score, scale=scale, weighting=weighting, temperature=temperature,
+            min_confidence=min_confidence,
+        )
+    return weights.contiguous(), ids.contiguous(), conf.contiguous()
 
 
-@knn_route_op.register_fake
-def _knn_route_fake(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
-                    num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
-    num_tokens = router_logits.shape[0]
-    dtype = compute_dtype(router_logits.dtype)
-    weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
-    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
-    conf = router_logits.new_empty((num_tokens,), dtype=dtype)
-    return weights, ids, conf
-
-
-@torch.library.custom_op("moe_kernels::knn_route_backward", mutates_args=())
-def knn_route_backward_op(
+def knn_route_backward(
     grad_weights: torch.Tensor,
     router_logits: torch.Tensor,
     neighbor_ids: torch.Tensor,
@@ -350,67 +288,140 @@ def knn_route_backward_op(
     memory_grad: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return knn_route_backward(
-        grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize, score_func, scale,
-        weighting, temperature, min_confidence, memory_grad, use_triton,
-    )
-
-
-@knn_route_backward_op.register_fake
-def _knn_route_backward_fake(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
-                             score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
-    grad_router = router_logits.new_empty(router_logits.shape)
-    grad_memory = memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
-    return grad_router, grad_memory
-
-
-def _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize, score_func,
-                       scale, weighting, temperature, min_confidence, use_triton):
-    # No copies: the backward recomputes the mixed logits from the inputs themselves.
-    ctx.save_for_backward(router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
-    ctx.options = (renormalize, score_func, scale, weighting, temperature, min_confidence)
-    ctx.use_triton = use_triton
-
-
-def _grads(ctx, grad_weights, backward):
-    saved = ctx.saved_tensors
-    memory_grad = ctx.needs_input_grad[3]
-    grad_router, grad_memory = backward(grad_weights, *saved, *ctx.options, memory_grad, ctx.use_triton)
-    # Ids and similarities come from a search and get no gradient; nor do the bias and options.
-    return (grad_router, None, None, grad_memory if memory_grad else None) + (None,) * 12
-
-
-def _setup_context(ctx, inputs, output):
-    (router_logits, neighbor_ids, neighbor_sims, memory_logits, _, renormalize, score_func, _, _, _, _, scale,
-     weighting, temperature, min_confidence, use_triton) = inputs
-    _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, output[1], renormalize,
-                       score_func, scale, weighting, temperature, min_confidence, use_triton)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, grad_weights, _grad_ids, _grad_conf):
-    return _grads(ctx, grad_weights, knn_route_backward_op)
-
-
-knn_route_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class KnnRouteFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same forward and backward as ``moe_kernels::knn_route``,
-    without the dispatcher's per-call cost (see ``SoftmaxTopkFunction``)."""
-
-    @staticmethod
-    def forward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias,
-                num_groups, topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
-        weights, ids, conf = knn_route_forward(
-            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
-            topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton,
+    """``(grad_router, grad_memory)``, ``grad_memory`` an empty ``(0,)`` tensor unless
+    ``memory_grad`` (a registered op cannot return None)."""
+    args = (grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
+    options = (renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad)
+    if use_triton:
+        grad_router, grad_memory = launch_knn_route_backward(*args, *options)
+    else:
+        grad_router, grad_memory = reference.knn_route_backward(
+            *args, renormalize=renormalize, score_func=score_func, scale=scale, weighting=weighting,
+            temperature=temperature, min_confidence=min_confidence, memory_grad=memory_grad,
         )
-        _save_for_backward(ctx, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
-                           score_func, scale, weighting, temperature, min_confidence, use_triton)
-        ctx.mark_non_differentiable(ids, conf)
-        return weights, ids, conf
+    if grad_memory is None:
+        grad_memory = memory_logits.new_empty((0,))
+    return grad_router.contiguous(), grad_memory.contiguous()
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_ids, _grad_conf):
-        return _grads(ctx, grad_weights, knn_route_backward)
+
+def _fake(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
+          topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
+    num_tokens = router_logits.shape[0]
+    dtype = compute_dtype(router_logits.dtype)
+    weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
+    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
+    return weights, ids, router_logits.new_empty((num_tokens,), dtype=dtype)
+
+
+def _backward_fake(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
+                   score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
+    grad_router = router_logits.new_empty(router_logits.shape)
+    return grad_router, memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
+
+
+def _save(ctx, inputs, outputs):
+    # No copies: the backward recomputes the mixed logits from the inputs themselves.
+    ctx.save_for_backward(inputs.router_logits, inputs.neighbor_ids, inputs.neighbor_sims, inputs.memory_logits,
+                          outputs[1])
+    ctx.mark_non_differentiable(outputs[1], outputs[2])
+    ctx.options = (inputs.renormalize, inputs.score_func, inputs.scale, inputs.weighting, inputs.temperature,
+                   inputs.min_confidence)
+    ctx.use_triton = inputs.use_triton
+
+
+def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
+    memory_grad = ctx.needs_input_grad[3]
+    grad_router, grad_memory = backward(grad_weights, *ctx.saved_tensors, *ctx.options, memory_grad, ctx.use_triton)
+    # Ids and similarities come from a search and get no gradient; nor do the bias and options.
+    return {"router_logits": grad_router, "memory_logits": grad_memory if memory_grad else None}
+
+
+KNN_ROUTE = define_op(name="knn_route", forward=knn_route_forward, fake=_fake, backward=knn_route_backward,
+                      backward_fake=_backward_fake, save=_save, grads=_grads)
+knn_route_op = KNN_ROUTE.op
+knn_route_backward_op = KNN_ROUTE.backward_op
+KnnRouteFunction = KNN_ROUTE.function
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot). The logits dtype only changes the loads: bf16
+# stands for both 16-bit dtypes. Neighbour ids come as int64 from RoutingMemory.search; int32 ids
+# compile once per expert count (n = 8, bf16, similarity weighting) to cover their load.
+
+
+def _knn_route_variants() -> Iterator[tuple[torch.dtype, int, str]]:
+    """(dtype, n, weighting) compiled for every shape and tiling: bf16 with both n and both
+    weightings; float32 (the same code but for the loads) once."""
+    for num_neighbors in KNN_NEIGHBORS:
+        for weighting in ("similarity", "softmax"):
+            yield torch.bfloat16, num_neighbors, weighting
+    yield torch.float32, KNN_NEIGHBORS[0], "similarity"
+
+
+def _id_types(dtype: torch.dtype, num_neighbors: int, weighting: str) -> tuple[str, ...]:
+    if dtype == torch.bfloat16 and num_neighbors == KNN_NEIGHBORS[0] and weighting == "similarity":
+        return ("i64", "i32")
+    return ("i64",)
+
+
+def _divisible(num_experts: int, num_neighbors: int) -> tuple[str, ...]:
+    """Contiguous inputs: the logits' row strides are E, the ids' and sims' row strides n."""
+    out = ("E", "stride_rt", "stride_mn") if num_experts % 16 == 0 else ()
+    return out + (("stride_it", "stride_st") if num_neighbors % 16 == 0 else ())
+
+
+_GATHER_SIGNATURE = {"stride_mn": "i32", "stride_it": "i32", "stride_in": "i32", "stride_st": "i32",
+                     "stride_sn": "i32", "inv_temperature": "fp32", "min_confidence": "fp32"}
+
+
+@register_kernel("knn_route_fwd")
+def _knn_route_fwd_cases() -> Iterator[KernelCase]:
+    """Over the routing registry (each model's own routing, its token counts' tilings) and
+    :func:`_knn_route_variants`."""
+    from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
+    from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
+
+    for shape in ROUTING_SHAPES:
+        routing = shape.routing
+        for num_tokens in ROUTING_TOKENS:
+            for dtype, num_neighbors, weighting in _knn_route_variants():
+                meta = knn_route_meta(
+                    num_tokens, shape.num_experts, shape.k, num_neighbors, renormalize=routing.renormalize,
+                    score_func=routing.score_func, has_bias=shape.has_bias, num_groups=routing.num_groups or 0,
+                    topk_groups=routing.topk_groups or 0, group_score=routing.group_score, weighting=weighting,
+                )
+                num_warps = meta.pop("num_warps")
+                for id_type in _id_types(dtype, num_neighbors, weighting):
+                    signature = {
+                        "router_ptr": pointer(dtype), "memory_ptr": pointer(dtype), "nbr_ids_ptr": "*" + id_type,
+                        "sims_ptr": "*fp32",
+                        # Without a bias the launcher passes the router logits as the bias pointer.
+                        "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
+                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32",
+                        "T": "i32", "E": "i32", "M_rows": "i32", "group_size": "i32", "stride_rt": "i32",
+                        **_GATHER_SIGNATURE, "scale": "fp32",
+                    }
+                    label = (f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors} "
+                             f"{'sim' if meta['SIMILARITY'] else 'softmax'} ids-{id_type}")
+                    yield KernelCase("knn_route_fwd", _knn_route_fwd_kernel, signature, meta, num_warps, label=label,
+                                     divisible=_divisible(shape.num_experts, num_neighbors))
+
+
+@register_kernel("knn_route_mixed")
+def _knn_route_mixed_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
+    from moe_kernels.shapes import ROUTING_SHAPES
+
+    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
+        for dtype, num_neighbors, weighting in _knn_route_variants():
+            meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
+            num_warps = meta.pop("num_warps")
+            for id_type in _id_types(dtype, num_neighbors, weighting):
+                signature = {
+                    "router_ptr": pointer(dtype), "memory_ptr": pointer(dtype), "nbr_ids_ptr": "*" + id_type,
+                    "sims_ptr": "*fp32", "mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32",
+                    "T": "i32", "E": "i32", "M_rows": "i32", "stride_rt": "i32", **_GATHER_SIGNATURE,
+                }
+                yield KernelCase("knn_route_mixed", _knn_route_mixed_kernel, signature, meta, num_warps,
+                                 label=f"{knn_label(TRITON_DTYPES[dtype], meta)} ids-{id_type}",
+                                 divisible=_divisible(num_experts, num_neighbors))

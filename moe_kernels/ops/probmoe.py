@@ -9,8 +9,8 @@
 
 One kernel computes the DP, the marginals, the log normaliser and (``sample=True``) an exact
 sample; the backward kernel computes ``Cov(z) @ grad_marginals + grad_log_z * marginals``. As for
-every op, ``use_triton`` picks the kernels or the PyTorch reference, and eager calls use
-:class:`ExactKFunction` (same forward and backward) to skip the dispatcher.
+every op, ``use_triton`` picks the kernels or the PyTorch reference; the op is built by
+:func:`moe_kernels.ops._boundary.define_op`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ import math
 
 import torch
 
+from typing import Iterator
+
+from moe_kernels._compat import interpreter_enabled
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import compute_dtype
-from moe_kernels._compat import interpreter_enabled
-from moe_kernels.utils import cdiv, new_output, next_power_of_2, unit_stride_last
+from moe_kernels.utils import MIN_PROGRAMS, cdiv, new_output, next_power_of_2, unit_stride_last
 
 # Largest k the kernels take: the DP row (k + 1 sizes, padded to a power of two) lives in
 # registers, one row per token.
@@ -33,7 +37,6 @@ MAX_TRITON_K = 63
 # tiles, and no splitting of small batches.
 _PROGRAMS_PER_SM = 4
 _INTERPRETER_PROGRAMS = 2
-_MIN_PROGRAMS = 1 if interpreter_enabled() else 128
 # DP entries (tokens x sizes) per program on a GPU, and DP entries per thread of each kernel.
 # The backward keeps about a dozen such tiles live. These hold both kernels under 128 registers
 # with no stack on sm_90 and sm_80 (Triton 3.9): ptxas spilled a register of some other
@@ -45,8 +48,8 @@ _INTERPRETER_TILE = 4096
 
 
 def exact_k_meta(num_tokens: int, num_experts: int, k: int, *, backward: bool = False) -> dict:
-    """Constexprs and ``num_warps`` of the forward (or backward) kernel, shared with the AOT
-    compile registry.
+    """Constexprs and ``num_warps`` of the forward (or backward) kernel, shared with the AOT cases
+    below.
 
     A tile holds ``BLOCK_T`` tokens x ``K_PAD`` sizes; small batches use fewer tokens per
     program so that they still spread over many programs.
@@ -57,7 +60,7 @@ def exact_k_meta(num_tokens: int, num_experts: int, k: int, *, backward: bool = 
     else:
         tile = _TILE // 2 if k_pad >= 64 else _TILE
     block_t = max(1, tile // k_pad)
-    while block_t > 1 and cdiv(num_tokens, block_t) < _MIN_PROGRAMS:
+    while block_t > 1 and cdiv(num_tokens, block_t) < MIN_PROGRAMS:
         block_t //= 2
     threads = block_t * k_pad // _ENTRIES_PER_THREAD[backward]
     return dict(
@@ -155,8 +158,10 @@ def reference_uniforms(seed: torch.Tensor, num_tokens: int, num_experts: int, dt
     return torch.rand((num_tokens, num_experts + 1), generator=generator, device=seed.device, dtype=dtype)
 
 
-def exact_k_forward(logits, k, k_min, seed, sample, use_triton):
-    """The forward of both entry points: the kernel, or the reference."""
+def exact_k_forward(
+    logits: torch.Tensor, k: int, k_min: int, seed: torch.Tensor, sample: bool, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel, or the reference."""
     if use_triton:
         return launch_exact_k(logits, k, k_min, seed, sample)
     num_tokens, num_experts = logits.shape
@@ -165,22 +170,16 @@ def exact_k_forward(logits, k, k_min, seed, sample, use_triton):
     return marginals.contiguous(), log_z.contiguous(), ids.contiguous()
 
 
-def exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
-    """The backward of both entry points: the kernel, or the reference's dual recursion."""
+def exact_k_backward(
+    logits: torch.Tensor, grad_marginals: torch.Tensor, grad_log_z: torch.Tensor, k: int, k_min: int, use_triton: bool
+) -> torch.Tensor:
+    """The kernel, or the reference's dual recursion."""
     if use_triton:
         return launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min)
     return reference.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
 
 
-@torch.library.custom_op("moe_kernels::exact_k", mutates_args=())
-def exact_k_op(
-    logits: torch.Tensor, k: int, k_min: int, seed: torch.Tensor, sample: bool, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return exact_k_forward(logits, k, k_min, seed, sample, use_triton)
-
-
-@exact_k_op.register_fake
-def _exact_k_fake(logits, k, k_min, seed, sample, use_triton):
+def _fake(logits, k, k_min, seed, sample, use_triton):
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
     return (
@@ -190,51 +189,85 @@ def _exact_k_fake(logits, k, k_min, seed, sample, use_triton):
     )
 
 
-@torch.library.custom_op("moe_kernels::exact_k_backward", mutates_args=())
-def exact_k_backward_op(
-    logits: torch.Tensor, grad_marginals: torch.Tensor, grad_log_z: torch.Tensor, k: int, k_min: int, use_triton: bool
-) -> torch.Tensor:
-    return exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min, use_triton)
-
-
-@exact_k_backward_op.register_fake
-def _exact_k_backward_fake(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
+def _backward_fake(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _grads(ctx, grad_marginals, grad_log_z, backward):
+def _save(ctx, inputs, outputs):
+    ctx.save_for_backward(inputs.logits)
+    ctx.mark_non_differentiable(outputs[2])
+    ctx.options = (inputs.k, inputs.k_min, inputs.use_triton)
+
+
+def _grads(ctx, backward, grad_marginals, grad_log_z, _grad_ids):
     (logits,) = ctx.saved_tensors
     if grad_marginals is None:
         grad_marginals = logits.new_zeros(logits.shape, dtype=compute_dtype(logits.dtype))
     if grad_log_z is None:
         grad_log_z = logits.new_zeros(logits.shape[:1], dtype=compute_dtype(logits.dtype))
-    grad = backward(logits, grad_marginals, grad_log_z, ctx.k, ctx.k_min, ctx.use_triton)
-    return grad, None, None, None, None, None
+    return {"logits": backward(logits, grad_marginals, grad_log_z, *ctx.options)}
 
 
-def _setup_context(ctx, inputs, output):
-    logits, k, k_min, _seed, _sample, use_triton = inputs
-    ctx.save_for_backward(logits)
-    ctx.k, ctx.k_min, ctx.use_triton = k, k_min, use_triton
-    ctx.mark_non_differentiable(output[2])
+EXACT_K = define_op(name="exact_k", forward=exact_k_forward, fake=_fake, backward=exact_k_backward,
+                    backward_fake=_backward_fake, save=_save, grads=_grads)
+exact_k_op = EXACT_K.op
+exact_k_backward_op = EXACT_K.backward_op
+ExactKFunction = EXACT_K.function
 
 
-def _backward(ctx, grad_marginals, grad_log_z, _grad_ids):
-    return _grads(ctx, grad_marginals, grad_log_z, exact_k_backward_op)
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
 
 
-exact_k_op.register_autograd(_backward, setup_context=_setup_context)
+def _probmoe_problems() -> Iterator[tuple[int, int, int, torch.dtype, bool]]:
+    """(T, E, k, logits dtype, sample) over the benchmark's (E, k), the routing registry's, and
+    the largest k the issue names (32, at E = 512). The dtype only changes the logits' load and T
+    only the tile height, so each (E, k) compiles at a small and a large T, with bf16 and
+    float32 at the large one."""
+    from moe_kernels.shapes import PROBMOE_SHAPES, PROBMOE_TOKENS, ROUTING_SHAPES
+
+    pairs = set(PROBMOE_SHAPES) | {(shape.num_experts, shape.k) for shape in ROUTING_SHAPES} | {(512, 32)}
+    small, large = min(PROBMOE_TOKENS), max(PROBMOE_TOKENS)
+    for num_experts, k in sorted(pairs):
+        yield small, num_experts, k, torch.float32, True
+        for sample in (False, True):
+            yield large, num_experts, k, torch.bfloat16, sample
+        yield large, num_experts, k, torch.float32, False
 
 
-class ExactKFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same forward and backward as ``moe_kernels::exact_k``."""
+def _label(dtype: str, meta: dict, num_warps: int) -> str:
+    sample = " sample" if meta.get("SAMPLE") else ""
+    return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{num_warps}{sample}"
 
-    @staticmethod
-    def forward(ctx, logits, k, k_min, seed, sample, use_triton):
-        outputs = exact_k_forward(logits, k, k_min, seed, sample, use_triton)
-        _setup_context(ctx, (logits, k, k_min, seed, sample, use_triton), outputs)
-        return outputs
 
-    @staticmethod
-    def backward(ctx, grad_marginals, grad_log_z, _grad_ids):
-        return _grads(ctx, grad_marginals, grad_log_z, exact_k_backward)
+_SCALARS = {"T": "i32", "E": "i32", "stride_lt": "i32", "k": "i32", "k_min": "i32", "chunk": "i32",
+            "num_checkpoints": "i32"}
+
+
+@register_kernel("exact_k_fwd")
+def _exact_k_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
+
+    for num_tokens, num_experts, k, dtype, sample in _probmoe_problems():
+        meta = exact_k_meta(num_tokens, num_experts, k)
+        num_warps = meta.pop("num_warps")
+        meta["SAMPLE"] = sample
+        signature = {"logits_ptr": pointer(dtype), "seed_ptr": "*i64", "marginals_ptr": "*fp32",
+                     "log_z_ptr": "*fp32", "ids_ptr": "*i32", "scratch_ptr": "*fp32", **_SCALARS}
+        yield KernelCase("exact_k_fwd", _exact_k_fwd_kernel, signature, meta, num_warps,
+                         label=_label(TRITON_DTYPES[dtype], meta, num_warps))
+
+
+@register_kernel("exact_k_bwd")
+def _exact_k_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
+
+    for num_tokens, num_experts, k, dtype, sample in _probmoe_problems():
+        if sample:  # the backward has no sampling variant
+            continue
+        meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
+        num_warps = meta.pop("num_warps")
+        signature = {"logits_ptr": pointer(dtype), "grad_m_ptr": "*fp32", "grad_log_z_ptr": "*fp32",
+                     "grad_ptr": pointer(dtype), "scratch_ptr": "*fp32", **_SCALARS}
+        yield KernelCase("exact_k_bwd", _exact_k_bwd_kernel, signature, meta, num_warps,
+                         label=_label(TRITON_DTYPES[dtype], meta, num_warps))

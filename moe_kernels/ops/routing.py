@@ -1,6 +1,4 @@
-"""Launchers and ``torch.library`` registration of the gate + top-k op.
-
-Ops (namespace ``moe_kernels``):
+"""Launchers, ``torch.library`` op and AOT cases of the gate + top-k routing.
 
 ========================  ======================================================================
 ``softmax_topk``          ``(T, E)`` logits -> ``weights (T, k)`` float32, ``ids (T, k)`` int32
@@ -9,26 +7,28 @@ Ops (namespace ``moe_kernels``):
 
 Both take ``use_triton``: True launches the Triton kernels (CUDA, or the CPU interpreter), False
 runs the PyTorch reference, so that one registered op (with its fake and autograd) serves every
-device and backend. Arguments are validated by the public API (``moe_kernels.functional``); the
-launchers only check what would make a kernel read or write out of bounds.
+device and backend. The routing options arrive flattened from a ``RoutingConfig``
+(:meth:`~moe_kernels.config.RoutingConfig.op_args`, 0 for "no groups"). Arguments are validated
+by the public API (``moe_kernels.functional``); the launchers only check what would make a kernel
+read or write out of bounds.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
-from moe_kernels import reference
-from moe_kernels._compat import interpreter_enabled
-from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
+from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.ops._boundary import define_op
+from moe_kernels.reference import routing as reference
+from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import MIN_PROGRAMS, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
 
 # Largest E the kernels take: one row must fit one program's registers.
 MAX_TRITON_EXPERTS = 4096
 # Largest group count the kernels unroll.
 MAX_TRITON_GROUPS = 64
-# Small batches are spread over at least this many programs (about one per SM of an H100) so a
-# decode step is not serialised on a few SMs. The interpreter runs programs one after another at
-# a large fixed cost each, so there the fewest programs win.
-_MIN_PROGRAMS = 1 if interpreter_enabled() else 128
 
 
 def forward_meta(
@@ -44,14 +44,14 @@ def forward_meta(
     group_score: str,
 ) -> dict:
     """Constexprs and ``num_warps`` of the forward kernel for a problem (a pure function of the
-    sizes and flags, shared with the ahead-of-time compile registry).
+    sizes and flags, shared with the AOT cases below).
 
     With groups the row tile is group-major, ``G_PAD * GS_PAD`` wide (each group padded to a
     power of two), so the kernel can score all groups with one reshape.
     """
     groups = max(num_groups, 1)
     g_pad, gs_pad = next_power_of_2(groups), next_power_of_2(num_experts // groups)
-    block_t, num_warps = row_tiling(g_pad * gs_pad, num_tokens, _MIN_PROGRAMS)
+    block_t, num_warps = row_tiling(g_pad * gs_pad, num_tokens, MIN_PROGRAMS)
     return dict(
         K=k,
         K_PAD=next_power_of_2(k),
@@ -72,7 +72,7 @@ def forward_meta(
 def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: bool, score_func: str) -> dict:
     """Constexprs and ``num_warps`` of the backward kernel."""
     block_e = next_power_of_2(num_experts)
-    block_t, num_warps = row_tiling(block_e, num_tokens, _MIN_PROGRAMS)
+    block_t, num_warps = row_tiling(block_e, num_tokens, MIN_PROGRAMS)
     return dict(
         K=k,
         K_PAD=next_power_of_2(k),
@@ -84,21 +84,7 @@ def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: boo
     )
 
 
-def _grid(meta: dict, num_tokens: int) -> tuple[int]:
-    return (cdiv(num_tokens, meta["BLOCK_T"]),)
-
-
-def launch_softmax_topk(
-    logits: torch.Tensor,
-    k: int,
-    renormalize: bool,
-    score_func: str,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale):
     """Run the forward kernel on ``logits (T, E)``; returns fresh ``(T, k)`` float32 / int32."""
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
@@ -108,18 +94,10 @@ def launch_softmax_topk(
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
         return weights, ids
-    meta = forward_meta(
-        num_tokens,
-        num_experts,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        has_bias=bias is not None,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-    )
-    _softmax_topk_fwd_kernel[_grid(meta, num_tokens)](
+    meta = forward_meta(num_tokens, num_experts, k, renormalize=renormalize, score_func=score_func,
+                        has_bias=bias is not None, num_groups=num_groups, topk_groups=topk_groups,
+                        group_score=group_score)
+    _softmax_topk_fwd_kernel[token_grid(meta, num_tokens)](
         logits,
         logits if bias is None else bias,  # never read without HAS_BIAS
         weights,
@@ -134,26 +112,18 @@ def launch_softmax_topk(
     return weights, ids
 
 
-def launch_softmax_topk_backward(
-    grad_weights: torch.Tensor,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-) -> torch.Tensor:
+def launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale):
     """Run the backward kernel; returns a fresh contiguous ``(T, E)`` gradient in logits' dtype."""
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     num_tokens, num_experts = logits.shape
     logits = unit_stride_last(logits)
-    k = ids.shape[1]
     grad_logits = new_output((num_tokens, num_experts), logits.dtype, logits.device)
     if num_tokens == 0:
         return grad_logits
     ids = ids.contiguous()
-    meta = backward_meta(num_tokens, num_experts, k, renormalize=renormalize, score_func=score_func)
-    _softmax_topk_bwd_kernel[_grid(meta, num_tokens)](
+    meta = backward_meta(num_tokens, num_experts, ids.shape[1], renormalize=renormalize, score_func=score_func)
+    _softmax_topk_bwd_kernel[token_grid(meta, num_tokens)](
         grad_weights,
         logits,
         ids,
@@ -169,6 +139,10 @@ def launch_softmax_topk_backward(
     return grad_logits
 
 
+# ------------------------------------------------------------------------------------------------
+# The op
+
+
 def softmax_topk_forward(
     logits: torch.Tensor,
     k: int,
@@ -181,23 +155,14 @@ def softmax_topk_forward(
     scale: float,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of both entry points (the registered op and the eager Function): the kernel,
-    or the reference (without autograd: the caller owns the gradient)."""
+    """The kernel, or the reference (without autograd: the op owns the gradient)."""
     if use_triton:
-        return launch_softmax_topk(
-            logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
-        )
+        return launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score,
+                                   scale)
     with torch.no_grad():
         weights, ids = reference.softmax_topk(
-            logits,
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups or None,
-            topk_groups=topk_groups or None,
-            group_score=group_score,
-            scale=scale,
+            logits, k, renormalize=renormalize, score_func=score_func, bias=bias, num_groups=num_groups or None,
+            topk_groups=topk_groups or None, group_score=group_score, scale=scale,
         )
     return weights.contiguous(), ids.contiguous()
 
@@ -211,101 +176,113 @@ def softmax_topk_backward(
     scale: float,
     use_triton: bool,
 ) -> torch.Tensor:
-    """The backward of both entry points: the kernel, or the reference's explicit formula."""
+    """The kernel, or the reference's explicit formula."""
     if use_triton:
         return launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale)
-    grad = reference.softmax_topk_backward(
-        grad_weights, logits, ids, renormalize=renormalize, score_func=score_func, scale=scale
-    )
+    grad = reference.softmax_topk_backward(grad_weights, logits, ids, renormalize=renormalize,
+                                           score_func=score_func, scale=scale)
     return grad.contiguous()
 
 
-@torch.library.custom_op("moe_kernels::softmax_topk", mutates_args=())
-def softmax_topk_op(
-    logits: torch.Tensor,
-    k: int,
-    renormalize: bool,
-    score_func: str,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-    scale: float,
-    use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return softmax_topk_forward(
-        logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton
-    )
-
-
-@softmax_topk_op.register_fake
-def _softmax_topk_fake(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton):
+def _fake(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton):
     num_tokens = logits.shape[0]
-    weights = logits.new_empty((num_tokens, k), dtype=reference.routing.compute_dtype(logits.dtype))
-    ids = logits.new_empty((num_tokens, k), dtype=torch.int32)
-    return weights, ids
+    weights = logits.new_empty((num_tokens, k), dtype=compute_dtype(logits.dtype))
+    return weights, logits.new_empty((num_tokens, k), dtype=torch.int32)
 
 
-@torch.library.custom_op("moe_kernels::softmax_topk_backward", mutates_args=())
-def softmax_topk_backward_op(
-    grad_weights: torch.Tensor,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-    use_triton: bool,
-) -> torch.Tensor:
-    return softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale, use_triton)
-
-
-@softmax_topk_backward_op.register_fake
-def _softmax_topk_backward_fake(grad_weights, logits, ids, renormalize, score_func, scale, use_triton):
+def _backward_fake(grad_weights, logits, ids, renormalize, score_func, scale, use_triton):
     return logits.new_empty(logits.shape)
 
 
-def _save_for_backward(ctx, logits, ids, renormalize, score_func, scale, use_triton):
-    ctx.save_for_backward(logits, ids)
-    ctx.mark_non_differentiable(ids)
-    ctx.renormalize, ctx.score_func, ctx.scale, ctx.use_triton = renormalize, score_func, scale, use_triton
+def _save(ctx, inputs, outputs):
+    ctx.save_for_backward(inputs.logits, outputs[1])
+    ctx.mark_non_differentiable(outputs[1])
+    ctx.options = (inputs.renormalize, inputs.score_func, inputs.scale, inputs.use_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, _, renormalize, score_func, _, _, _, _, scale, use_triton = inputs
-    _save_for_backward(ctx, logits, output[1], renormalize, score_func, scale, use_triton)
-
-
-def _backward(ctx, grad_weights, _grad_ids):
+def _grads(ctx, backward, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
-    grad_logits = softmax_topk_backward_op(
-        grad_weights, logits, ids, ctx.renormalize, ctx.score_func, ctx.scale, ctx.use_triton
-    )
-    # The bias, the group settings and the flags get no gradient; ids are not differentiable.
-    return grad_logits, None, None, None, None, None, None, None, None, None
+    # The bias and the group options only choose ids: no gradient; ids are not differentiable.
+    return {"logits": backward(grad_weights, logits, ids, *ctx.options)}
 
 
-softmax_topk_op.register_autograd(_backward, setup_context=_setup_context)
+SOFTMAX_TOPK = define_op(name="softmax_topk", forward=softmax_topk_forward, fake=_fake,
+                         backward=softmax_topk_backward, backward_fake=_backward_fake, save=_save, grads=_grads)
+softmax_topk_op = SOFTMAX_TOPK.op
+softmax_topk_backward_op = SOFTMAX_TOPK.backward_op
+SoftmaxTopkFunction = SOFTMAX_TOPK.function
 
 
-class SoftmaxTopkFunction(torch.autograd.Function):
-    """Eager-mode entry point with the same arguments, forward and backward as
-    ``moe_kernels::softmax_topk``, without the dispatcher: a registered op with autograd costs
-    about 100 us more per call than this on a 2-core CPU host (~160 vs ~55 us over the bare
-    forward), which would dwarf a few-microsecond routing kernel. ``torch.compile`` traces the
-    registered op instead (see ``moe_kernels.functional.routing``)."""
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
 
-    @staticmethod
-    def forward(ctx, logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton):
-        weights, ids = softmax_topk_forward(
-            logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton
-        )
-        _save_for_backward(ctx, logits, ids, renormalize, score_func, scale, use_triton)
-        return weights, ids
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_ids):
-        logits, ids = ctx.saved_tensors
-        grad_logits = softmax_topk_backward(
-            grad_weights, logits, ids, ctx.renormalize, ctx.score_func, ctx.scale, ctx.use_triton
-        )
-        return grad_logits, None, None, None, None, None, None, None, None, None
+def routing_label(dtype: str, meta: dict) -> str:
+    """A short description of a routing kernel configuration for the AOT report."""
+    width = meta["BLOCK_E"] if "BLOCK_E" in meta else meta["G_PAD"] * meta["GS_PAD"]
+    parts = [dtype, f"W{width}", f"K{meta['K']}", f"BT{meta['BLOCK_T']}", "softmax" if meta["SOFTMAX"] else "sigmoid"]
+    if meta["RENORMALIZE"]:
+        parts.append("renorm")
+    if meta.get("HAS_BIAS"):
+        parts.append("bias")
+    if meta.get("GROUPED"):
+        score = "top2" if meta["GROUP_TOP2"] else "max"
+        parts.append(f"G{meta['G_PAD']}x{meta['GS_PAD']}/{meta['TOPK_GROUPS']}{score}")
+    return " ".join(parts)
+
+
+def _row_stride_divisibility(num_experts: int) -> tuple[str, ...]:
+    """For contiguous (T, E) logits the row stride is E: a multiple of 16 for most models."""
+    return ("E", "stride_lt") if num_experts % 16 == 0 else ()
+
+
+def routing_problems() -> Iterator[tuple]:
+    """``(shape, num_tokens, logits dtype, RoutingConfig)`` over the model registry, each model's
+    routing with and without renormalisation."""
+    from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
+
+    for shape in ROUTING_SHAPES:
+        for num_tokens in ROUTING_TOKENS:
+            for dtype in TRITON_DTYPES:
+                for renormalize in (False, True):
+                    yield shape, num_tokens, dtype, shape.routing.replace(renormalize=renormalize)
+
+
+@register_kernel("softmax_topk_fwd")
+def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
+
+    for shape, num_tokens, dtype, routing in routing_problems():
+        meta = forward_meta(num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize,
+                            score_func=routing.score_func, has_bias=shape.has_bias,
+                            num_groups=routing.num_groups or 0, topk_groups=routing.topk_groups or 0,
+                            group_score=routing.group_score)
+        num_warps = meta.pop("num_warps")
+        signature = {
+            "logits_ptr": pointer(dtype),
+            # Without a bias the launcher passes the logits as the (never read) bias pointer.
+            "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
+            "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32", "group_size": "i32",
+            "stride_lt": "i32", "scale": "fp32",
+        }
+        yield KernelCase("softmax_topk_fwd", _softmax_topk_fwd_kernel, signature, meta, num_warps,
+                         label=routing_label(TRITON_DTYPES[dtype], meta),
+                         divisible=_row_stride_divisibility(shape.num_experts))
+
+
+@register_kernel("softmax_topk_bwd")
+def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
+
+    for shape, num_tokens, dtype, routing in routing_problems():
+        meta = backward_meta(num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize,
+                             score_func=routing.score_func)
+        num_warps = meta.pop("num_warps")
+        signature = {
+            "grad_weights_ptr": "*fp32", "logits_ptr": pointer(dtype), "ids_ptr": "*i32",
+            "grad_logits_ptr": pointer(dtype), "T": "i32", "E": "i32", "stride_gt": "i32", "stride_gk": "i32",
+            "stride_lt": "i32", "scale": "fp32",
+        }
+        yield KernelCase("softmax_topk_bwd", _softmax_topk_bwd_kernel, signature, meta, num_warps,
+                         label=routing_label(TRITON_DTYPES[dtype], meta),
+                         divisible=_row_stride_divisibility(shape.num_experts))

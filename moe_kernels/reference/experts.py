@@ -16,19 +16,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moe_kernels.config import ACTIVATIONS, GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation  # noqa: F401 (re-exported)
 from moe_kernels.reference.routing import compute_dtype
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "gpt_oss")
-GPT_OSS_LIMIT = 7.0
-GPT_OSS_ALPHA = 1.702
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -107,14 +99,14 @@ def grouped_mm_backward(
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
-def _split_gate_up(x: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if activation == "gpt_oss":
+def _split_gate_up(x: torch.Tensor, activation: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    if activation == Activation.GPT_OSS:
         return x[..., 0::2], x[..., 1::2]
     return x.chunk(2, dim=-1)
 
 
-def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gpt_oss":
+def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
+    if activation == Activation.GPT_OSS:
         return torch.stack((gate, up), dim=-1).flatten(-2)
     return torch.cat((gate, up), dim=-1)
 
@@ -132,13 +124,13 @@ def gated_activation(
       ``gate = gate.clamp(max=limit)``, ``up = up.clamp(-limit, limit)``,
       ``(up + 1) * gate * sigmoid(alpha * gate)``.
     """
-    _check_activation(activation)
+    activation = Activation.parse(activation)
     gate, up = _split_gate_up(gate_up.to(compute_dtype(gate_up.dtype)), activation)
-    if activation == "silu":
+    if activation == Activation.SILU:
         out = F.silu(gate) * up
-    elif activation == "gelu":
+    elif activation == Activation.GELU:
         out = F.gelu(gate) * up
-    elif activation == "gelu_tanh":
+    elif activation == Activation.GELU_TANH:
         out = F.gelu(gate, approximate="tanh") * up
     else:
         gate = gate.clamp(max=limit)
@@ -161,20 +153,20 @@ def gated_activation_backward(
     ``gate_up.dtype``. GPT-OSS clamps pass the gradient where ``-limit <= x <= limit`` (boundary
     included, as torch autograd's ``clamp``) and zero elsewhere.
     """
-    _check_activation(activation)
+    activation = Activation.parse(activation)
     dtype = compute_dtype(gate_up.dtype)
     grad = grad_out.to(dtype)
     gate, up = _split_gate_up(gate_up.to(dtype), activation)
-    if activation == "silu":
+    if activation == Activation.SILU:
         s = torch.sigmoid(gate)
         grad_gate = grad * up * s * (1.0 + gate * (1.0 - s))
         grad_up = grad * gate * s
-    elif activation == "gelu":
+    elif activation == Activation.GELU:
         cdf = 0.5 * (1.0 + torch.erf(gate * _INV_SQRT2))
         pdf = torch.exp(-0.5 * gate * gate) * _INV_SQRT_2PI
         grad_gate = grad * up * (cdf + gate * pdf)
         grad_up = grad * gate * cdf
-    elif activation == "gelu_tanh":
+    elif activation == Activation.GELU_TANH:
         t = torch.tanh(_GELU_TANH_C * (gate + 0.044715 * gate**3))
         dt = (1.0 - t * t) * _GELU_TANH_C * (1.0 + 3.0 * 0.044715 * gate * gate)
         grad_gate = grad * up * (0.5 * (1.0 + t) + 0.5 * gate * dt)
@@ -235,6 +227,22 @@ def _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bi
     return _Intermediates(slots, tokens, experts, offsets, w1, w2, x, h, act, y)
 
 
+def sorted_pre_activations(
+    hidden: torch.Tensor, gate_up_proj: torch.Tensor, ids: torch.Tensor, gate_up_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``h (T*k, 2I)`` in hidden's dtype: the pre-activation ``gate_up_proj[e] @ hidden[t] +
+    gate_up_bias[e]`` of every non-empty slot in expert-sorted order (stable), then zero rows for
+    the empty slots: the rows the Triton path saves for its backward."""
+    dtype = compute_dtype(hidden.dtype)
+    slots, tokens, experts, offsets = _sorted_slots(ids, gate_up_proj.shape[0])
+    h = grouped_mm(hidden.to(dtype)[tokens], gate_up_proj.transpose(1, 2), offsets)
+    if gate_up_bias is not None:
+        h = h + gate_up_bias.to(dtype)[experts]
+    out = h.new_zeros(ids.numel(), gate_up_proj.shape[1])
+    out[: h.shape[0]] = h
+    return out.to(hidden.dtype)
+
+
 def fused_experts(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -257,7 +265,7 @@ def fused_experts(
 
     Differentiable by autograd with respect to every float input.
     """
-    _check_activation(activation)
+    Activation.parse(activation)
     fwd = _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias)
     y = fwd.y
     slot_weights = weights.reshape(-1)[fwd.slots].to(y.dtype)
@@ -285,7 +293,7 @@ def fused_experts_backward(
     at empty slots), ``grad_gate_up_bias (E, 2I)`` and ``grad_down_bias (E, H)`` (None without
     the bias), each in its input's dtype.
     """
-    _check_activation(activation)
+    Activation.parse(activation)
     fwd = _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias)
     y, tokens, experts, offsets = fwd.y, fwd.tokens, fwd.experts, fwd.offsets
     dtype = y.dtype

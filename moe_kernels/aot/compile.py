@@ -1,8 +1,8 @@
 """Ahead-of-time compile check: build every registered kernel configuration for real GPU targets.
 
 The Triton interpreter accepts code the GPU compiler rejects and says nothing about registers or
-spills. Triton compiles for a GPU target without a GPU: each :class:`~moe_kernels.kernels.
-registry.KernelCase` is compiled to PTX and a cubin for ``sm_90`` / ``sm_80`` and the
+spills. Triton compiles for a GPU target without a GPU: each :class:`~moe_kernels.aot.catalog.
+KernelCase` is compiled to PTX and a cubin for ``sm_90`` / ``sm_80`` and the
 ``cuobjdump -res-usage`` bundled with Triton reports its registers, stack, local and shared memory.
 
 Entry points: :func:`compile_case` (one case, one arch), :func:`compile_all` (every case, a process
@@ -185,7 +185,7 @@ def _compile_spec(spec: tuple) -> dict:
 
 
 def _spec(case, arch: int) -> tuple:
-    from moe_kernels.kernels.registry import fn_path
+    from moe_kernels.aot.catalog import fn_path
 
     label = case.label or ", ".join(f"{k}={v}" for k, v in case.constexprs.items())
     return (
@@ -243,9 +243,9 @@ def compile_all(
     ``if __name__ == "__main__":`` guard. Raises ``RuntimeError`` under ``TRITON_INTERPRET=1``
     and on the first case that fails to compile (naming kernel, config, num_warps and arch)."""
     _check_not_interpreted()
-    from moe_kernels.kernels import registry
+    from moe_kernels.aot.catalog import all_cases
 
-    case_list = list(registry.all_cases() if cases is None else cases)
+    case_list = list(all_cases() if cases is None else cases)
     specs = [_spec(case, arch) for case in case_list for arch in archs]
     order = sorted(range(len(specs)), key=lambda i: (-_cost(case_list[i // len(archs)]), specs[i][6]))
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))

@@ -1,0 +1,125 @@
+"""The ahead-of-time compile catalogue: every ``@triton.jit`` kernel of the package with the
+configurations its launchers can choose.
+
+Each op family declares its cases beside its launcher (``moe_kernels/ops/<family>.py``), with
+the launcher's own pure meta function, never re-derived::
+
+    @register_kernel("my_kernel")
+    def _my_kernel_cases():
+        from moe_kernels.kernels._mine import _my_kernel
+        for ... in ...:  # every configuration the launcher can pick over moe_kernels.shapes
+            meta = my_meta(...)
+            num_warps = meta.pop("num_warps")
+            yield KernelCase("my_kernel", _my_kernel, signature, meta, num_warps)
+
+:func:`all_cases` imports every op family (which registers them) and collects the cases;
+:mod:`moe_kernels.aot.compile` compiles them for real GPU targets (no GPU needed) and reports
+registers, spills and shared memory; ``tests/test_aot_compile.py`` fails if a ``*_kernel`` of a
+``moe_kernels.kernels._*`` module is not registered.
+
+A case's ``signature`` holds the runtime arguments only (name -> Triton type: ``"*fp32"``,
+``"*bf16"``, ``"i32"``, ``"fp32"``, ...): types as the launcher passes them, runtime values not
+specialised (one case covers every size, stride and scale); ``constexprs`` holds the
+``tl.constexpr`` arguments by name, taken from the launcher's meta function, with ``num_warps``
+split out.
+
+Registering a generator costs nothing; generating cases imports the kernels, so it needs Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+
+# Triton pointer element type of each logits dtype the Triton path accepts.
+TRITON_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class KernelCase:
+    """One compilation of one kernel: ``fn`` specialised on ``signature`` and ``constexprs``.
+
+    Identity (for deduplication) is :meth:`key`; ``label`` is only a short description of the
+    configuration for reports, derived from the configuration itself (not from the model shape
+    that chose it, since one case usually serves several shapes and token counts).
+    """
+
+    kernel_name: str
+    fn: Any  # triton.runtime.jit.JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    label: str = ""
+    # Integer arguments that are multiples of 16 for this configuration, which the JIT
+    # specialises on (pointers always are): they decide whether loads can be vectorised.
+    divisible: tuple[str, ...] = ()
+
+    def key(self) -> tuple:
+        """Identity of the compiled binary: two cases with equal keys compile identically."""
+        return (
+            fn_path(self.fn),
+            tuple(sorted(self.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+            self.num_warps,
+            tuple(sorted(self.divisible)),
+        )
+
+
+CaseGenerator = Callable[[], Iterable[KernelCase]]
+
+# kernel name -> generator of its cases. Extended by :func:`register_kernel`.
+KERNELS: dict[str, CaseGenerator] = {}
+
+
+def register_kernel(name: str) -> Callable[[CaseGenerator], CaseGenerator]:
+    """Decorator registering ``gen`` as the case generator of kernel ``name``."""
+
+    def deco(gen: CaseGenerator) -> CaseGenerator:
+        if name in KERNELS:
+            raise ValueError(f"kernel {name!r} is already registered")
+        KERNELS[name] = gen
+        return gen
+
+    return deco
+
+
+def fn_path(fn: Any) -> str:
+    """``"module:name"`` of a JIT function (picklable, importable again in a worker process)."""
+    inner = getattr(fn, "fn", fn)
+    return f"{inner.__module__}:{inner.__qualname__}"
+
+
+def cases(name: str) -> list[KernelCase]:
+    """The distinct cases of one registered kernel, in generation order."""
+    import moe_kernels.ops  # noqa: F401
+
+    return _dedupe(KERNELS[name]())
+
+
+def all_cases() -> list[KernelCase]:
+    """The distinct cases of every registered kernel (identical compilations listed once)."""
+    import moe_kernels.ops  # noqa: F401  (every family registers its cases on import)
+
+    out: list[KernelCase] = []
+    for name in KERNELS:
+        out.extend(cases(name))
+    return _dedupe(out)
+
+
+def _dedupe(items: Iterable[KernelCase]) -> list[KernelCase]:
+    seen: dict[tuple, KernelCase] = {}
+    for case in items:
+        seen.setdefault(case.key(), case)
+    return list(seen.values())
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """The Triton pointer type of a tensor of ``dtype`` (``"*bf16"``)."""
+    return "*" + TRITON_DTYPES[dtype]

@@ -1,0 +1,283 @@
+"""Options as values: :class:`RoutingConfig` (routing, with its presets) and :class:`Activation`
+(the experts' gated activation).
+
+Every routing op and module (``softmax_topk``, ``knn_route``, ``knn_route_assignments``,
+``TopKRouter``, ``knn.KNNRouter``, ``MoE``, the HF integration) takes ``routing=`` a
+:class:`RoutingConfig`; the options are validated once, when the value is built, and flattened
+into primitive arguments only at the ``torch.library`` boundary (:meth:`RoutingConfig.op_args`).
+The selection ``bias`` is not part of it: it is state (DeepSeek-V3's correction bias, trained by
+an update rule), passed as a tensor next to the config.
+
+This module is the bottom layer of the package: it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
+
+
+def is_int(value) -> bool:
+    """A Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) with ``|value| < inf``. Written as a comparison rather than
+    ``math.isfinite`` so that it also holds for the symbolic floats of ``torch.compile(dynamic=True)``
+    (and is False for NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
+
+
+def _check_fields(owner: str, score_func, renormalize, num_groups, topk_groups, group_score, scale,
+                  num_experts: int | None = None) -> None:
+    """Raise a ``TypeError`` / ``ValueError`` naming ``owner`` and the option for any bad field
+    (``num_experts``, when known, only makes the messages more precise)."""
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"{owner}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"{owner}: renormalize must be a bool, got {type(renormalize).__name__}")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"{owner}: group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    if not is_finite_number(scale):
+        raise ValueError(f"{owner}: scale must be a finite number, got {scale!r}")
+    if num_groups is None:
+        if topk_groups is not None:
+            raise ValueError(f"{owner}: topk_groups={topk_groups!r} needs num_groups, got num_groups=None")
+        return
+    if not is_int(num_groups) or num_groups < 1:
+        raise ValueError(f"{owner}: num_groups must be a positive int dividing E{_equals(num_experts)}, "
+                         f"got {num_groups!r}")
+    if not is_int(topk_groups) or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"{owner}: topk_groups must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
+
+
+def _equals(value) -> str:
+    return "" if value is None else f"={value}"
+
+
+class _PresetOrField:
+    """``RoutingConfig.renormalize`` is both a field (``config.renormalize`` -> bool) and, on the
+    class, the preset of the same name (``RoutingConfig.renormalize()``): a non-data descriptor,
+    so an instance's own value shadows it while the class sees the constructor."""
+
+    def __init__(self, preset):
+        self.preset = preset
+
+    def __get__(self, instance, owner):
+        return functools.partial(self.preset, owner)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Every option of gate + top-k routing except the selection bias, as one frozen, hashable
+    value (usable as a dict key and as a ``torch.compile`` constant).
+
+    Fields:
+        score_func: ``"softmax"`` or ``"sigmoid"`` gate scores, computed in float32.
+        renormalize: divide the k weights by their sum (+1e-20).
+        num_groups: split the experts into this many contiguous groups (must divide E) ...
+        topk_groups: ... and keep only the best ``topk_groups`` of them eligible.
+        group_score: a group's score: ``"top2_sum"`` (its two largest keys, DeepSeek-V3) or
+            ``"max"`` (its largest key, DeepSeek-V2).
+        scale: multiplies the final weights (DeepSeek's ``routed_scaling_factor``).
+
+    Options that depend on the problem (``num_groups`` dividing E, ``k`` within the kept groups)
+    are checked per call by :meth:`check`.
+
+    Presets, named as vLLM / SGLang's ``RoutingMethodType``: :meth:`default`, :meth:`renormalize`
+    (also RenormalizeNaive), :meth:`deepseek_v3`, :meth:`deepseek_v2`, :meth:`llama4`,
+    :meth:`sigmoid_renorm`.
+    """
+
+    score_func: str = "softmax"
+    renormalize: bool = False
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    group_score: str = "top2_sum"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _check_fields("RoutingConfig", self.score_func, self.renormalize, self.num_groups, self.topk_groups,
+                      self.group_score, self.scale)
+        if not isinstance(self.scale, float):  # 2 and 2.0 are one config (equal and of one hash)
+            object.__setattr__(self, "scale", float(self.scale))
+
+    # ---------------------------------------------------------------------------------------
+    # presets
+
+    @classmethod
+    def default(cls) -> "RoutingConfig":
+        """softmax -> top-k, weights not renormalised (OLMoE, Qwen1.5-MoE)."""
+        return cls()
+
+    def _renormalize_preset(cls) -> "RoutingConfig":
+        """softmax -> top-k -> renormalise, the same function as top-k -> softmax (Mixtral, Qwen3,
+        Qwen3-Next, GPT-OSS; vLLM's Renormalize and RenormalizeNaive)."""
+        return cls(renormalize=True)
+
+    @classmethod
+    def deepseek_v3(cls, *, num_groups: int | None = 8, topk_groups: int | None = 4, scale: float = 2.5,
+                    renormalize: bool = True) -> "RoutingConfig":
+        """DeepSeek-V3 / R1 / Kimi-K2 (noaux_tc): sigmoid scores, groups ranked by their top-2 key
+        sum, renormalised, scaled. Pass the correction bias as ``bias=`` next to it."""
+        return cls(score_func="sigmoid", renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
+                   group_score="top2_sum", scale=scale)
+
+    @classmethod
+    def deepseek_v2(cls, *, num_groups: int | None = 8, topk_groups: int | None = 3, scale: float = 16.0,
+                    renormalize: bool = False) -> "RoutingConfig":
+        """DeepSeek-V2 group-limited greedy: softmax scores, groups ranked by their best expert."""
+        return cls(score_func="softmax", renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
+                   group_score="max", scale=scale)
+
+    @classmethod
+    def llama4(cls) -> "RoutingConfig":
+        """Llama-4: sigmoid of the top logits, not renormalised (used with k = 1)."""
+        return cls(score_func="sigmoid")
+
+    @classmethod
+    def sigmoid_renorm(cls) -> "RoutingConfig":
+        """Sigmoid scores, top-k, renormalised (vLLM's SigmoidRenorm)."""
+        return cls(score_func="sigmoid", renormalize=True)
+
+    # ---------------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> "RoutingConfig":
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    def op_args(self) -> tuple[bool, str, int, int, str, float]:
+        """``(renormalize, score_func, num_groups, topk_groups, group_score, scale)`` in the order of
+        the registered ops' schemas, with 0 for "no groups" (a schema int cannot be None)."""
+        return (self.renormalize, self.score_func, self.num_groups or 0, self.topk_groups or 0, self.group_score,
+                self.scale)
+
+    def eligible_experts(self, num_experts: int) -> int:
+        """How many of ``num_experts`` experts the group limit leaves selectable."""
+        if self.num_groups is None:
+            return num_experts
+        return self.topk_groups * (num_experts // self.num_groups)
+
+    def check(self, num_experts: int, k, op: str = "RoutingConfig") -> None:
+        """Raise a ``ValueError`` naming ``op`` unless this config can route ``k`` of
+        ``num_experts`` experts: the groups divide E (two experts each for ``"top2_sum"``) and
+        ``1 <= k <=`` the experts of the kept groups. Cached per (config, E, k, op)."""
+        if torch.compiler.is_compiling():  # dynamo does not trace into lru_cache wrappers
+            _check_problem(self, num_experts, k, op)
+        else:
+            _check_problem_cached(self, num_experts, k, op)
+
+
+RoutingConfig.renormalize = _PresetOrField(RoutingConfig._renormalize_preset)
+del RoutingConfig._renormalize_preset
+
+
+def _check_problem(config: RoutingConfig, num_experts: int, k, op: str) -> None:
+    if config.num_groups is not None:
+        if num_experts % config.num_groups:
+            raise ValueError(f"{op}: num_groups must be a positive int dividing E={num_experts}, got {config.num_groups}")
+        group_size = num_experts // config.num_groups
+        if config.group_score == "top2_sum" and group_size < 2:
+            raise ValueError(
+                f"{op}: group_score='top2_sum' needs at least 2 experts per group, got E={num_experts} / "
+                f"num_groups={config.num_groups} = {group_size}; use group_score='max'"
+            )
+    eligible = config.eligible_experts(num_experts)
+    if not is_int(k) or not 1 <= k <= eligible:
+        where = f"E={num_experts}" if config.num_groups is None else f"the {eligible} experts of the kept groups"
+        raise ValueError(f"{op}: k must be an int in [1, {eligible}] ({where}), got {k!r}")
+
+
+_check_problem_cached = functools.lru_cache(maxsize=1024)(_check_problem)
+
+DEFAULT_ROUTING = RoutingConfig()
+
+# The keyword options every routing op and module still accepts as sugar for ``routing=``.
+ROUTING_OPTIONS = ("score_func", "renormalize", "num_groups", "topk_groups", "group_score", "scale")
+
+
+def resolve_routing(op: str, routing: RoutingConfig | None = None, num_experts: int | None = None,
+                    **options) -> RoutingConfig:
+    """The :class:`RoutingConfig` of a call: ``routing`` (default :data:`DEFAULT_ROUTING`) with
+    every keyword option that is not None applied on top, validated with errors naming ``op``.
+
+    ``resolve_routing("softmax_topk", renormalize=True)`` is ``RoutingConfig(renormalize=True)``;
+    ``resolve_routing("x", RoutingConfig.deepseek_v3(), scale=1.0)`` overrides one field. An option
+    left at None keeps ``routing``'s value (to drop groups from a grouped config, pass a config
+    without them). Built configs are cached, so a call with keyword options pays the validation
+    once. ``num_experts``, when known, makes the messages more precise.
+    """
+    if routing is not None and not isinstance(routing, RoutingConfig):
+        raise TypeError(f"{op}: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}")
+    unknown = set(options) - set(ROUTING_OPTIONS)
+    if unknown:
+        raise TypeError(f"{op}: unexpected routing option(s) {sorted(unknown)}; the options are {ROUTING_OPTIONS}")
+    given = tuple((name, value) for name, value in options.items() if value is not None)
+    base = DEFAULT_ROUTING if routing is None else routing
+    if not given:
+        return base
+    if torch.compiler.is_compiling():
+        return _build(op, base, given, num_experts)
+    try:
+        return _build_cached(op, base, given, num_experts)
+    except TypeError as error:  # an unhashable option value (a list, a tensor): build uncached
+        if "unhashable" not in str(error):
+            raise
+        return _build(op, base, given, num_experts)
+
+
+def _build(op: str, base: RoutingConfig, given: tuple, num_experts: int | None) -> RoutingConfig:
+    fields = dataclasses.asdict(base)
+    fields.update(given)
+    _check_fields(op, **fields, num_experts=num_experts)
+    return RoutingConfig(**fields)
+
+
+_build_cached = functools.lru_cache(maxsize=256)(_build)
+
+
+class Activation(enum.IntEnum):
+    """The gated activation of an expert MLP, ``act(gate) * up`` of the two halves of
+    ``gate_up (..., 2I)``; the value is the code the Triton kernels specialise on.
+
+    - ``SILU`` (SwiGLU), ``GELU`` (GeGLU, erf), ``GELU_TANH`` (GeGLU, tanh approximation): gate
+      columns then up columns;
+    - ``GPT_OSS``: interleaved gate/up columns, gate clamped above at 7, up to ``[-7, 7]``,
+      ``(up + 1) * gate * sigmoid(1.702 * gate)``.
+
+    The ops take the lower-case name (``activation="silu"``): :meth:`parse` turns it into a member.
+    """
+
+    SILU = 0
+    GELU = 1
+    GELU_TANH = 2
+    GPT_OSS = 3
+
+    @property
+    def label(self) -> str:
+        """The name the ops take: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"gpt_oss"``."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, name: str) -> "Activation":
+        """The member named ``name`` (``"silu"`` -> ``Activation.SILU``); ``ValueError`` otherwise."""
+        try:
+            return cls[name.upper()] if isinstance(name, str) else cls(name)
+        except (KeyError, ValueError):
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}") from None
+
+
+# The activation names the ops take, in code order.
+ACTIVATIONS = tuple(member.label for member in Activation)
+# GPT-OSS's clamp limit and sigmoid slope (its config's swiglu_limit and alpha).
+GPT_OSS_LIMIT = 7.0
+GPT_OSS_ALPHA = 1.702

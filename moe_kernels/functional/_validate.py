@@ -1,0 +1,174 @@
+"""The one validation layer of the public ops: argument checks whose errors name the public op,
+the argument, what was expected and what was received.
+
+Every check is a plain function of ``(op, name, value, ...)`` raising ``TypeError`` for a wrong
+kind or dtype and ``ValueError`` for a wrong shape, range or device. Checks that read tensor
+values run on the host only for CPU tensors in eager mode; elsewhere they queue a device-side
+assert (no host sync: CUDA graphs and ``torch.compile`` keep working).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moe_kernels.config import RoutingConfig, is_finite_number, is_int, resolve_routing  # noqa: F401 (is_int: re-exported)
+from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+KNN_WEIGHTINGS = ("similarity", "softmax")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64", torch.int32: "int32", torch.int64: "int64"}
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    if set(dtypes) == set(FLOAT_DTYPES):
+        return "float32, float16 or bfloat16 (float64 for the torch backend)"
+    names = [_DTYPE_NAMES.get(d, str(d)) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def tensor(op: str, name: str, value, *, dtypes: Sequence[torch.dtype] | None = None, dims: int | None = None,
+           shape: str | None = None, device: torch.device | None = None, device_of: str = "") -> torch.Tensor:
+    """``value`` is a tensor of one of ``dtypes``, with ``dims`` dimensions (``shape`` names them
+    in the message, e.g. ``"(T, E)"``), on ``device`` (``device_of`` names its owner)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {_names(dtypes)}, got {value.dtype}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{op}: {name} must have shape {shape or f'of {dims} dims'}, got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        owner = (f"{device_of}' device " if device_of.endswith("s") else f"{device_of}'s device ") if device_of else ""
+        raise ValueError(f"{op}: {name} must be on {owner}{device}, got {value.device}")
+    return value
+
+
+def optional_tensor(op: str, name: str, value, **checks) -> torch.Tensor | None:
+    """None, or a tensor passing :func:`tensor`."""
+    return None if value is None else tensor(op, name, value, **checks)
+
+
+def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described: str) -> None:
+    """``value.shape == expected``; ``described`` is the expected shape in symbols, e.g.
+    ``"(T, k) = (5, 2)"``."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
+
+
+def integer(op: str, name: str, value, low: int | None = None, high: int | None = None, *,
+            optional: bool = False) -> None:
+    """An int (not a bool) in ``[low, high]`` (either bound may be None), or None if ``optional``."""
+    if optional and value is None:
+        return
+    if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}" if high is not None else "")
+        prefix = "None or " if optional else ""
+        raise ValueError(f"{op}: {name} must be {prefix}an int {bounds}".rstrip() + f", got {value!r}")
+
+
+def number(op: str, name: str, value, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False) -> None:
+    """A finite int or float (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    ok = is_finite_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low}, {high}]"
+    elif low is not None:
+        expected = f"a finite number {'>' if low_open else '>='} {low}"
+    else:
+        expected = "a finite number"
+    raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
+
+
+def boolean(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def choice(op: str, name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def not_float64_on_triton(op: str, name: str, value: torch.Tensor, triton_path: bool) -> None:
+    """The Triton kernels take 16- and 32-bit floats; float64 is the reference's (gradcheck)."""
+    if triton_path and value.dtype == torch.float64:
+        raise TypeError(f"{op}: backend='triton' takes float32/float16/bfloat16 {name}, got torch.float64; "
+                        "use backend='torch' for float64")
+
+
+def ids_in_range(op: str, name: str, ids: torch.Tensor, low: int, high: int, symbol: str, *, what: str = "",
+                 assert_on_device: bool = True) -> None:
+    """Every value of ``ids`` in ``[low, high)`` (``symbol`` names ``high`` in the message, e.g.
+    ``"E"``; ``what`` says what the ids index): a ``ValueError`` with the values' range for CPU
+    tensors in eager mode; otherwise a device-side assert (no host sync), unless
+    ``assert_on_device`` is False because the caller's kernel checks the ids itself."""
+    if ids.numel() == 0:
+        return
+    expected = f"{name} must lie in [{low}, {symbol}) = [{low}, {high})" + (f" ({what})" if what else "")
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        smallest, largest = (int(v) for v in torch.aminmax(ids))
+        if smallest < low or largest >= high:
+            raise ValueError(f"{op}: {expected}, got values in [{smallest}, {largest}]")
+        return
+    if assert_on_device:
+        torch._assert_async(((ids >= low) & (ids < high)).all(), f"{op}: {expected}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks several ops share
+
+
+def routing_args(op: str, logits, k, bias, routing, **options) -> RoutingConfig:
+    """Check the routing arguments every routing op shares; returns the call's
+    :class:`RoutingConfig` (``routing`` with the keyword ``options`` applied)."""
+    tensor(op, "logits", logits, dtypes=FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{op}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
+    num_experts = logits.shape[-1]
+    routing = resolve_routing(op, routing, num_experts, **options)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        allowed = (torch.float32, torch.float64) if logits.dtype == torch.float64 else (torch.float32,)
+        if bias.dtype not in allowed:
+            raise TypeError(f"{op}: bias must be float32, got {bias.dtype}")
+        shape_is(op, "bias", bias, (num_experts,), f"(E,) = ({num_experts},)")
+        tensor(op, "bias", bias, device=logits.device, device_of="logits")
+    routing.check(num_experts, k, op)
+    return routing
+
+
+def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig) -> None:
+    """What only the Triton kernels refuse: float64 logits, E or the group count past their tiles."""
+    not_float64_on_triton(op, "logits", logits, True)
+    if logits.shape[-1] > MAX_TRITON_EXPERTS:
+        raise ValueError(f"{op}: backend='triton' takes E <= {MAX_TRITON_EXPERTS}, got E={logits.shape[-1]}")
+    if routing.num_groups is not None and routing.num_groups > MAX_TRITON_GROUPS:
+        raise ValueError(f"{op}: backend='triton' takes num_groups <= {MAX_TRITON_GROUPS}, got {routing.num_groups}")
+
+
+def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_confidence):
+    """The checks every kNN op shares: ``router_logits (T, E)`` with E >= 1, ``neighbor_sims (T, n)``
+    with n >= 1, and the mixing options."""
+    tensor(op, "router_logits", router_logits, dtypes=FLOAT_DTYPES, dims=2, shape="(T, E)")
+    num_tokens, num_experts = router_logits.shape
+    if num_experts < 1:
+        raise ValueError(f"{op}: router_logits must have E >= 1 experts, got shape {tuple(router_logits.shape)}")
+    tensor(op, "neighbor_sims", neighbor_sims, dtypes=FLOAT_DTYPES, device=router_logits.device,
+           device_of="router_logits")
+    if neighbor_sims.dim() != 2 or neighbor_sims.shape[1] < 1 or neighbor_sims.shape[0] != num_tokens:
+        raise ValueError(f"{op}: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got "
+                         f"{tuple(neighbor_sims.shape)}")
+    choice(op, "weighting", weighting, KNN_WEIGHTINGS)
+    number(op, "temperature", temperature, low=0, low_open=True)
+    number(op, "min_confidence", min_confidence, low=0, high=1)

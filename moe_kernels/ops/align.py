@@ -1,0 +1,134 @@
+"""Token alignment: the routing slots sorted by expert, on the device, with fixed shapes.
+
+:func:`moe_align` is the torch path (a stable argsort and a scatter-add count); for decode-sized
+routings :func:`launch_moe_align` runs one Triton program that also gathers the routing weights
+in sorted order and checks the ids (one flag, asserted asynchronously by the caller).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+
+from moe_kernels.aot.catalog import KernelCase, register_kernel
+from moe_kernels.utils import new_output, next_power_of_2
+
+
+class MoEAlignment(NamedTuple):
+    """The T*k routing slots (slot ``t * k + j``) sorted by expert, stable; empty slots (id -1)
+    last. Every tensor has a fixed size: R = T*k rows or E experts.
+
+    - ``order (R,) int64``: slot at each sorted position.
+    - ``tokens (R,) int32``: its token, the row the first GEMM gathers.
+    - ``experts (R,) int32``: its expert, E for an empty slot.
+    - ``positions (R,) int32``: the inverse: sorted position of each slot.
+    - ``counts (E,) int32``: slots per expert; ``offsets (E,) int32``: their cumulative sums, the
+      grouped GEMM's group ends (rows from ``offsets[-1]`` on are the empty slots).
+    """
+
+    order: torch.Tensor
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    positions: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+
+def slot_experts_and_counts(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key (T*k,) int64, counts (E+1,) int32)``: each slot's expert with E for an empty slot,
+    and the slots per key, by a scatter-add (``bincount`` on CUDA reads its maximum back to the
+    host)."""
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    return key, counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+
+
+def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
+    """Sort the slots of ``ids (T, k)`` (int32/int64, -1 = empty) by expert, on the device and
+    without a host sync (CUDA-graph safe): a stable argsort and a scatter-add count."""
+    k = ids.shape[1]
+    key, counts = slot_experts_and_counts(ids, num_experts)
+    order = torch.argsort(key, stable=True)
+    num_slots = key.numel()
+    positions = torch.empty(num_slots, dtype=torch.int32, device=ids.device)
+    positions.scatter_(0, order, torch.arange(num_slots, dtype=torch.int32, device=ids.device))
+    return MoEAlignment(
+        order=order,
+        tokens=(order // max(k, 1)).to(torch.int32),
+        experts=key[order].to(torch.int32),
+        positions=positions,
+        counts=counts[:num_experts],
+        offsets=counts[:num_experts].cumsum(0, dtype=torch.int32),
+    )
+
+
+# The one-program alignment kernel sorts all slots in registers: it takes R = T*k up to this
+# (decode batches, where launch counts matter) and E + 2 bins up to ALIGN_KERNEL_MAX_BINS; larger
+# routings take moe_align's torch path, a device sort spread over many SMs.
+ALIGN_KERNEL_MAX_SLOTS = 1024
+ALIGN_KERNEL_MAX_BINS = 1024
+
+
+def align_meta(num_slots: int, num_experts: int) -> dict | None:
+    """Constexprs and ``num_warps`` of the alignment kernel (shared with the AOT cases below), or
+    None where it does not apply."""
+    bins = next_power_of_2(num_experts + 2)
+    if not 0 < num_slots <= ALIGN_KERNEL_MAX_SLOTS or bins > ALIGN_KERNEL_MAX_BINS:
+        return None
+    block = max(16, next_power_of_2(num_slots))
+    return dict(BLOCK_R=block, NUM_BINS=bins, num_warps=4 if block <= 256 else 8)
+
+
+def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor):
+    """The Triton path's alignment: ``(MoEAlignment, row_weight (R,) float32, valid () int32)``,
+    where ``row_weight`` is ``weights (T, k)`` in sorted order and ``valid`` is nonzero iff every
+    id is in [-1, E). One kernel launch for decode-sized routings (:func:`align_meta`), else
+    :func:`moe_align` and two torch ops. No host sync either way."""
+    from moe_kernels.kernels._experts import _moe_align_kernel
+
+    num_tokens, k = ids.shape
+    num_slots = num_tokens * k
+    meta = align_meta(num_slots, num_experts)
+    if meta is None:
+        align = moe_align(ids, num_experts)
+        row_weight = weights.reshape(-1).to(torch.float32)[align.order]
+        valid = ((ids >= -1) & (ids < num_experts)).all()
+        return align, row_weight, valid
+    device = ids.device
+    order = new_output((num_slots,), torch.int64, device)
+    tokens, experts, positions = (new_output((num_slots,), torch.int32, device) for _ in range(3))
+    row_weight = new_output((num_slots,), torch.float32, device)
+    counts, offsets = (new_output((num_experts,), torch.int32, device) for _ in range(2))
+    valid = new_output((), torch.int32, device)
+    _moe_align_kernel[(1,)](
+        ids.contiguous(), weights.contiguous(), order, tokens, experts, positions, row_weight, counts, offsets,
+        valid, num_slots, num_experts, K=k, **meta,
+    )
+    align = MoEAlignment(order=order, tokens=tokens, experts=experts, positions=positions, counts=counts,
+                         offsets=offsets)
+    return align, row_weight, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (moe_kernels.aot)
+
+
+@register_kernel("moe_align")
+def _moe_align_cases() -> Iterator[KernelCase]:
+    from moe_kernels.kernels._experts import _moe_align_kernel
+    from moe_kernels.shapes import EXPERT_SHAPES
+
+    for num_experts in sorted({shape.num_experts for shape in EXPERT_SHAPES}):
+        for num_slots in (8, 64, 512, ALIGN_KERNEL_MAX_SLOTS):
+            for ids_type in ("*i32", "*i64"):
+                meta = align_meta(num_slots, num_experts)
+                num_warps = meta.pop("num_warps")
+                signature = {
+                    "ids_ptr": ids_type, "weights_ptr": "*fp32", "order_ptr": "*i64", "tokens_ptr": "*i32",
+                    "experts_ptr": "*i32", "positions_ptr": "*i32", "row_weight_ptr": "*fp32", "counts_ptr": "*i32",
+                    "offsets_ptr": "*i32", "valid_ptr": "*i32", "R": "i32", "E": "i32",
+                }
+                yield KernelCase("moe_align", _moe_align_kernel, signature, dict(K=8, **meta), num_warps,
+                                 label=f"{ids_type[1:]} E{num_experts} BR{meta['BLOCK_R']} bins{meta['NUM_BINS']}")
