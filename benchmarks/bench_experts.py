@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,20 @@ QUICK_CPU_SHAPE = ExpertShape("tiny-cpu", 8, 2, 64, 128)
 QUICK_CPU_TOKENS = (1, 64)
 CUDA_GRAPH_MAX_TOKENS = 256
 TABLE_COLUMNS = (
-    "model", "T", "routing", "direction", "provider", "median_us", "tflops", "pct_gemm", "pct_weight_bw",
-    "speedup_vs_eager", "speedup_vs_hf", "speedup_vs_grouped_mm", "speedup_vs_liger", "timer",
+    "model",
+    "T",
+    "routing",
+    "direction",
+    "provider",
+    "median_us",
+    "tflops",
+    "pct_gemm",
+    "pct_weight_bw",
+    "speedup_vs_eager",
+    "speedup_vs_hf",
+    "speedup_vs_grouped_mm",
+    "speedup_vs_liger",
+    "timer",
 )
 
 
@@ -124,9 +136,16 @@ def _providers(device: torch.device, dtype: torch.dtype, quick_cpu: bool) -> dic
     return providers
 
 
-def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
-        routings: Sequence[str] = ("uniform",), directions: Sequence[str] = ("fwd", "fwd+bwd"),
-        dtypes: Sequence[str] | None = None, models: Sequence[str] | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    device=None,
+    tokens: Sequence[int] | None = None,
+    routings: Sequence[str] = ("uniform",),
+    directions: Sequence[str] = ("fwd", "fwd+bwd"),
+    dtypes: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+) -> list[dict]:
     """Rows of every (shape, dtype, T, routing, direction) point, one per provider."""
     device = resolve_device(device)
     quick_cpu = quick and device.type == "cpu"
@@ -144,18 +163,23 @@ def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None
                     for direction in directions:
                         if direction == "fwd+bwd" and num_tokens in EXPERT_DECODE_TOKENS and not quick_cpu:
                             continue  # training points are prefill-sized
-                        rows += _bench_point(shape, dtype, num_tokens, routing, direction, device, providers,
-                                             peak_gbs, peak_tflops)
+                        rows += _bench_point(
+                            shape, dtype, num_tokens, routing, direction, device, providers, peak_gbs, peak_tflops
+                        )
     return rows
 
 
 def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers, peak_gbs, peak_tflops):
     generator = torch.Generator(device=device).manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, shape.hidden, generator=generator, device=device).to(dtype)
-    gate_up = (torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, generator=generator, device=device)
-               * shape.hidden**-0.5).to(dtype)
-    down = (torch.randn(shape.num_experts, shape.hidden, shape.intermediate, generator=generator, device=device)
-            * shape.intermediate**-0.5).to(dtype)
+    gate_up = (
+        torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, generator=generator, device=device)
+        * shape.hidden**-0.5
+    ).to(dtype)
+    down = (
+        torch.randn(shape.num_experts, shape.hidden, shape.intermediate, generator=generator, device=device)
+        * shape.intermediate**-0.5
+    ).to(dtype)
     weights, ids = route(shape, num_tokens, routing, device, generator)
     backward = direction == "fwd+bwd"
     flops = routed_flops(shape, num_tokens * shape.k, backward)
@@ -179,19 +203,38 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
         # Providers with host syncs (the HF loop) cannot be captured; time_fn falls back.
         timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager", "liger"))
         tflops = flops / timing["median_us"] / 1e6
-        rows.append({
-            "op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "H": shape.hidden,
-            "I": shape.intermediate, "T": num_tokens, "routing": routing, "direction": direction,
-            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "flops": flops,
-            "tflops": tflops, "pct_gemm": 100 * tflops / peak_tflops, "measured_gemm_tflops": peak_tflops,
-            "pct_weight_bw": 100 * weight_floor_us / timing["median_us"] if num_tokens <= CUDA_GRAPH_MAX_TOKENS else None,
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "model": shape.model,
+                "E": shape.num_experts,
+                "k": shape.k,
+                "H": shape.hidden,
+                "I": shape.intermediate,
+                "T": num_tokens,
+                "routing": routing,
+                "direction": direction,
+                "dtype": str(dtype).removeprefix("torch."),
+                "provider": name,
+                **timing,
+                "flops": flops,
+                "tflops": tflops,
+                "pct_gemm": 100 * tflops / peak_tflops,
+                "measured_gemm_tflops": peak_tflops,
+                "pct_weight_bw": 100 * weight_floor_us / timing["median_us"]
+                if num_tokens <= CUDA_GRAPH_MAX_TOKENS
+                else None,
+            }
+        )
     add_speedups(rows)
     median = {row["provider"]: row["median_us"] for row in rows}
     for row in rows:
         ours = row["provider"] == "moe_kernels"
-        for column, baseline in (("speedup_vs_hf", "hf_eager"), ("speedup_vs_grouped_mm", "torch_grouped_mm"),
-                                 ("speedup_vs_liger", "liger")):
+        for column, baseline in (
+            ("speedup_vs_hf", "hf_eager"),
+            ("speedup_vs_grouped_mm", "torch_grouped_mm"),
+            ("speedup_vs_liger", "liger"),
+        ):
             row[column] = median[baseline] / row["median_us"] if ours and baseline in median else None
     return rows
 
@@ -211,8 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, device=device, tokens=args.tokens, routings=args.routing,
-                    directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes, models=args.models),
+        lambda: run(
+            quick=args.quick,
+            device=device,
+            tokens=args.tokens,
+            routings=args.routing,
+            directions=args.directions or ("fwd", "fwd+bwd"),
+            dtypes=args.dtypes,
+            models=args.models,
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,21 +25,52 @@ TABLE_COLUMNS = ("family", "T", "direction", "provider", "median_us", "speedup_v
 
 # family -> (config class, block class, the config's sizes at the public model's scale)
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "mixtral.modeling_mixtral.MixtralSparseMoeBlock",
-                dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", "qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
-                  dict(hidden_size=2048, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
-                       num_experts=60, num_experts_per_tok=4)),
-    "qwen3_moe": ("Qwen3MoeConfig", "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
-                  dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-                       norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", "olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
-              dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8)),
-    "deepseek_v3": ("DeepseekV3Config", "deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE",
-                    dict(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=32, n_group=8, topk_group=4,
-                         num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
-    "gpt_oss": ("GptOssConfig", "gpt_oss.modeling_gpt_oss.GptOssMLP",
-                dict(hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4)),
+    "mixtral": (
+        "MixtralConfig",
+        "mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+        dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+        dict(
+            hidden_size=2048,
+            moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632,
+            num_experts=60,
+            num_experts_per_tok=4,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+        dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
+        dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE",
+        dict(
+            hidden_size=7168,
+            moe_intermediate_size=2048,
+            n_routed_experts=32,
+            n_group=8,
+            topk_group=4,
+            num_experts_per_tok=8,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "gpt_oss.modeling_gpt_oss.GptOssMLP",
+        dict(hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4),
+    ),
 }
 # A CPU smoke run: every family at a tiny size.
 QUICK_SIZES = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=24)
@@ -78,8 +109,14 @@ def build_block(family: str, *, quick: bool, device, dtype) -> _Holder:
     return _Holder(block, config)
 
 
-def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
-        families: Sequence[str] | None = None, directions: Sequence[str] = ("fwd", "fwd+bwd")) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    device=None,
+    tokens: Sequence[int] | None = None,
+    families: Sequence[str] | None = None,
+    directions: Sequence[str] = ("fwd", "fwd+bwd"),
+) -> list[dict]:
     """Rows of every (family, T, direction): the HF block, then the patched one."""
     from moe_kernels.integrations.transformers import apply_moe_kernels, revert_moe_kernels
 
@@ -100,8 +137,17 @@ def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None
                     call = _call(holder.block, hidden, direction == "fwd+bwd")
                     warm_up(call, device)
                     timing = time_fn(call, device=device)
-                    point.append({"op": OP_NAME, "family": family, "T": num_tokens, "direction": direction,
-                                  "dtype": str(dtype).removeprefix("torch."), "provider": provider, **timing})
+                    point.append(
+                        {
+                            "op": OP_NAME,
+                            "family": family,
+                            "T": num_tokens,
+                            "direction": direction,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "provider": provider,
+                            **timing,
+                        }
+                    )
                     if provider == "moe_kernels":
                         revert_moe_kernels(holder)
                 hf_us = point[0]["median_us"]
@@ -138,8 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, device=device, tokens=args.tokens, families=args.families,
-                    directions=args.directions or ("fwd", "fwd+bwd")),
+        lambda: run(
+            quick=args.quick,
+            device=device,
+            tokens=args.tokens,
+            families=args.families,
+            directions=args.directions or ("fwd", "fwd+bwd"),
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

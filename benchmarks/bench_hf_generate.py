@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,8 +25,17 @@ from benchmarks.common import resolve_device, run_and_report
 from moe_kernels.testing import TINY_HF_FAMILIES, tiny_hf_config
 
 OP_NAME = "hf_generate"
-TABLE_COLUMNS = ("family", "width", "batch", "new_tokens", "provider", "tokens_per_s", "median_us",
-                 "speedup_vs_hf", "same_tokens")
+TABLE_COLUMNS = (
+    "family",
+    "width",
+    "batch",
+    "new_tokens",
+    "provider",
+    "tokens_per_s",
+    "median_us",
+    "speedup_vs_hf",
+    "same_tokens",
+)
 PROMPT_TOKENS = 16
 REPEATS = 3
 
@@ -60,8 +69,15 @@ def _seconds(model, prompt, new_tokens, device) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
-def run(*, quick: bool = False, device=None, families: Sequence[str] | None = None, width: int | None = None,
-        batches: Sequence[int] | None = None, new_tokens: int | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    device=None,
+    families: Sequence[str] | None = None,
+    width: int | None = None,
+    batches: Sequence[int] | None = None,
+    new_tokens: int | None = None,
+) -> list[dict]:
     """Rows of every (family, batch): HF eager, then the patched model."""
     from moe_kernels.integrations.transformers import apply_moe_kernels, revert_moe_kernels
 
@@ -83,14 +99,24 @@ def run(*, quick: bool = False, device=None, families: Sequence[str] | None = No
             revert_moe_kernels(model)
             same = (our_tokens[:, PROMPT_TOKENS:] == hf_tokens[:, PROMPT_TOKENS:]).float().mean().item()
             for provider, seconds in (("hf_eager", hf_s), ("moe_kernels", ours_s)):
-                rows.append({
-                    "op": OP_NAME, "family": family, "width": width, "hidden": model.config.hidden_size,
-                    "batch": batch, "T": batch, "new_tokens": new_tokens, "provider": provider,
-                    "dtype": str(dtype).removeprefix("torch."), "median_us": seconds * 1e6,
-                    "tokens_per_s": batch * new_tokens / seconds, "timer": "wall",
-                    "speedup_vs_hf": hf_s / seconds if provider == "moe_kernels" else None,
-                    "same_tokens": same if provider == "moe_kernels" else None,
-                })
+                rows.append(
+                    {
+                        "op": OP_NAME,
+                        "family": family,
+                        "width": width,
+                        "hidden": model.config.hidden_size,
+                        "batch": batch,
+                        "T": batch,
+                        "new_tokens": new_tokens,
+                        "provider": provider,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "median_us": seconds * 1e6,
+                        "tokens_per_s": batch * new_tokens / seconds,
+                        "timer": "wall",
+                        "speedup_vs_hf": hf_s / seconds if provider == "moe_kernels" else None,
+                        "same_tokens": same if provider == "moe_kernels" else None,
+                    }
+                )
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -98,8 +124,9 @@ def run(*, quick: bool = False, device=None, families: Sequence[str] | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_hf_generate",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_hf_generate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="width 1, batch 2, 8 new tokens")
     parser.add_argument("--family", action="append", dest="families", choices=TINY_HF_FAMILIES)
     parser.add_argument("--width", type=int, help="multiplies the tiny config's hidden and intermediate sizes")
@@ -112,8 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, device=device, families=args.families, width=args.width,
-                    batches=args.batches, new_tokens=args.new_tokens),
+        lambda: run(
+            quick=args.quick,
+            device=device,
+            families=args.families,
+            width=args.width,
+            batches=args.batches,
+            new_tokens=args.new_tokens,
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,8 +33,19 @@ NEIGHBORS = (8, 32)
 QUICK_CPU = dict(experts=(64, 256), tokens=(1, 64, 1024), neighbors=(8,))
 CUDA_GRAPH_MAX_TOKENS = 512
 TABLE_COLUMNS = (
-    "E", "n", "T", "dtype", "provider", "median_us", "p20_us", "p80_us", "gb_per_s", "pct_bw",
-    "speedup_vs_eager", "speedup_vs_compile", "timer",
+    "E",
+    "n",
+    "T",
+    "dtype",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "gb_per_s",
+    "pct_bw",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "timer",
 )
 
 
@@ -56,8 +67,14 @@ def _providers(device: torch.device, quick_cpu: bool) -> dict:
     return providers
 
 
-def run(*, quick: bool = False, dtypes: Sequence[str] | None = None, device=None,
-        tokens: Sequence[int] | None = None, neighbors: Sequence[int] | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    dtypes: Sequence[str] | None = None,
+    device=None,
+    tokens: Sequence[int] | None = None,
+    neighbors: Sequence[int] | None = None,
+) -> list[dict]:
     """Rows of every (E, n, dtype, T) point, one per provider."""
     device = resolve_device(device)
     quick_cpu = quick and device.type == "cpu"
@@ -89,12 +106,22 @@ def _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, provider
         warm_up(call, device)
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append({
-            "op": OP_NAME, "E": num_experts, "n": num_neighbors, "T": num_tokens,
-            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "bytes": moved,
-            "gb_per_s": gb_per_s, "pct_bw": 100 * gb_per_s / peak_gbs, "measured_bw_gbs": peak_gbs,
-            "model": f"E={num_experts} n={num_neighbors}",
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "E": num_experts,
+                "n": num_neighbors,
+                "T": num_tokens,
+                "dtype": str(dtype).removeprefix("torch."),
+                "provider": name,
+                **timing,
+                "bytes": moved,
+                "gb_per_s": gb_per_s,
+                "pct_bw": 100 * gb_per_s / peak_gbs,
+                "measured_bw_gbs": peak_gbs,
+                "model": f"E={num_experts} n={num_neighbors}",
+            }
+        )
     add_speedups(rows)
     return rows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,8 +25,18 @@ OP_NAME = "knn_route"
 QUICK_CPU = dict(shapes=ROUTING_SHAPES[:2], tokens=(1, 64), neighbors=(8,), entries=(10_000,))
 CUDA_GRAPH_MAX_TOKENS = 512
 TABLE_COLUMNS = (
-    "model", "n", "N", "T", "provider", "median_us", "gb_per_s", "pct_bw", "speedup_vs_eager",
-    "speedup_vs_compile", "extra_us_vs_softmax_topk", "timer",
+    "model",
+    "n",
+    "N",
+    "T",
+    "provider",
+    "median_us",
+    "gb_per_s",
+    "pct_bw",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "extra_us_vs_softmax_topk",
+    "timer",
 )
 
 
@@ -44,8 +54,14 @@ def torch_chain(router, ids, sims, memory, k, **routing):
     return weights, chosen, conf
 
 
-def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
-        neighbors: Sequence[int] | None = None, entries: Sequence[int] | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    device=None,
+    tokens: Sequence[int] | None = None,
+    neighbors: Sequence[int] | None = None,
+    entries: Sequence[int] | None = None,
+) -> list[dict]:
     """Rows of every (shape, n, N, T), one per provider."""
     device = resolve_device(device)
     quick_cpu = quick and device.type == "cpu"
@@ -65,8 +81,9 @@ def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None
             memory = torch.randn(num_entries, shape.num_experts, generator=generator, device=device)
             for num_neighbors in neighbors:
                 for num_tokens in tokens:
-                    rows += _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, device,
-                                         compiled, peak_gbs, generator)
+                    rows += _bench_point(
+                        shape, routing, memory, num_neighbors, num_tokens, dtype, device, compiled, peak_gbs, generator
+                    )
     return rows
 
 
@@ -89,11 +106,23 @@ def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, devic
         warm_up(call, device)
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append({
-            "op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": k, "n": num_neighbors,
-            "N": memory.shape[0], "T": num_tokens, "dtype": str(dtype).removeprefix("torch."), "provider": name,
-            **timing, "bytes": moved, "gb_per_s": gb_per_s, "pct_bw": 100 * gb_per_s / peak_gbs,
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "model": shape.model,
+                "E": shape.num_experts,
+                "k": k,
+                "n": num_neighbors,
+                "N": memory.shape[0],
+                "T": num_tokens,
+                "dtype": str(dtype).removeprefix("torch."),
+                "provider": name,
+                **timing,
+                "bytes": moved,
+                "gb_per_s": gb_per_s,
+                "pct_bw": 100 * gb_per_s / peak_gbs,
+            }
+        )
     add_speedups(rows)
     floor = {row["provider"]: row["median_us"] for row in rows}["softmax_topk"]
     for row in rows:
@@ -115,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, device=device, tokens=args.tokens, neighbors=args.neighbors,
-                    entries=args.entries),
+        lambda: run(
+            quick=args.quick, device=device, tokens=args.tokens, neighbors=args.neighbors, entries=args.entries
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

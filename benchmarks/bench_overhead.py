@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,10 +48,12 @@ LOOPS = 7
 TOKENS, EXPERTS, K, NEIGHBORS, MEMORY, HIDDEN, INTERMEDIATE = 1, 64, 8, 8, 1024, 64, 32
 
 
-def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = CALLS_PER_LOOP,
-                     loops: int = LOOPS) -> float:
+def host_us_per_call(
+    fn: Callable[[], object], device: torch.device, calls: int = CALLS_PER_LOOP, loops: int = LOOPS
+) -> float:
     """Median over ``loops`` of the mean host time of ``calls`` back-to-back calls of ``fn``, in
     microseconds, each loop closed by one synchronisation of ``device``."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -99,11 +101,13 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
     return {
         "softmax_topk": (
             lambda g: moe_kernels.softmax_topk(grad(logits, g), K),
-            SOFTMAX_TOPK, (logits, K, *route_options, use_triton),
+            SOFTMAX_TOPK,
+            (logits, K, *route_options, use_triton),
         ),
         "knn_mix": (
             lambda g: moe_kernels.knn_mix(grad(logits, g), neighbor_logits, sims),
-            KNN_MIX, (logits, neighbor_logits, sims, *mix_options, use_triton),
+            KNN_MIX,
+            (logits, neighbor_logits, sims, *mix_options, use_triton),
         ),
         "knn_route": (
             lambda g: moe_kernels.knn_route(grad(logits, g), neighbor_ids, sims, memory, K),
@@ -112,11 +116,13 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
         ),
         "exact_k": (
             lambda g: moe_kernels.exact_k_marginals(grad(logits.float(), g), K),
-            EXACT_K, (logits.float(), K, K, seed, False, use_triton),
+            EXACT_K,
+            (logits.float(), K, K, seed, False, use_triton),
         ),
         "grouped_mm": (
             lambda g: moe_kernels.grouped_mm(grad(rows, g), b, offsets),
-            GROUPED_MM, (rows, b, offsets, use_triton),
+            GROUPED_MM,
+            (rows, b, offsets, use_triton),
         ),
         "fused_experts": (
             lambda g: moe_kernels.fused_experts(grad(hidden, g), gate_up, down, weights, ids8),
@@ -172,12 +178,20 @@ def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
         with stubbed_forward(definition, outputs) as stub:
             boundary = _door_times(public, definition.op, stub, args, device)
         for provider in PROVIDERS:
-            rows.append({
-                "op": OP_NAME, "op_name": op, "T": TOKENS, "provider": provider, "median_us": times[provider],
-                "overhead_us": times[provider] - times["bare_forward"],
-                "boundary_us": boundary[provider] - boundary["bare_forward"], "timer": "host_loop",
-                "device": str(device), "backend": "triton" if use_triton else "torch",
-            })
+            rows.append(
+                {
+                    "op": OP_NAME,
+                    "op_name": op,
+                    "T": TOKENS,
+                    "provider": provider,
+                    "median_us": times[provider],
+                    "overhead_us": times[provider] - times["bare_forward"],
+                    "boundary_us": boundary[provider] - boundary["bare_forward"],
+                    "timer": "host_loop",
+                    "device": str(device),
+                    "backend": "triton" if use_triton else "torch",
+                }
+            )
     return rows
 
 
@@ -189,8 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    return run_and_report(OP_NAME, device, lambda: run(device=device, ops=args.ops), TABLE_COLUMNS,
-                          write=not args.no_write)
+    return run_and_report(
+        OP_NAME, device, lambda: run(device=device, ops=args.ops), TABLE_COLUMNS, write=not args.no_write
+    )
 
 
 if __name__ == "__main__":

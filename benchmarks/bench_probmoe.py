@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,8 +35,21 @@ CUDA_GRAPH_MAX_TOKENS = 512
 # torch.compile unrolls the reference's loop over experts: beyond this E it compiles for minutes.
 COMPILE_MAX_EXPERTS = 64
 TABLE_COLUMNS = (
-    "E", "k", "T", "dtype", "direction", "provider", "median_us", "p20_us", "p80_us", "gb_per_s", "pct_bw",
-    "speedup_vs_eager", "speedup_vs_compile", "x_softmax_topk", "timer",
+    "E",
+    "k",
+    "T",
+    "dtype",
+    "direction",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "gb_per_s",
+    "pct_bw",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "x_softmax_topk",
+    "timer",
 )
 
 
@@ -71,8 +84,14 @@ def _providers(num_experts: int, k: int, backward: bool, with_compile: bool) -> 
     return providers
 
 
-def run(*, quick: bool = False, device=None, tokens: Sequence[int] | None = None,
-        directions: Sequence[str] = ("fwd", "fwd+bwd"), dtypes: Sequence[str] | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    device=None,
+    tokens: Sequence[int] | None = None,
+    directions: Sequence[str] = ("fwd", "fwd+bwd"),
+    dtypes: Sequence[str] | None = None,
+) -> list[dict]:
     """Rows of every (E, k, logits dtype, T, direction) point, one per provider."""
     device = resolve_device(device)
     quick_cpu = quick and device.type == "cpu"
@@ -104,12 +123,23 @@ def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers
         warm_up(call, device)
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append({
-            "op": OP_NAME, "E": num_experts, "k": k, "T": num_tokens, "direction": direction,
-            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "bytes": moved, "gb_per_s": gb_per_s,
-            "pct_bw": 100 * gb_per_s / peak_gbs, "measured_bw_gbs": peak_gbs,
-            "model": f"E={num_experts} k={k} {direction}",
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "E": num_experts,
+                "k": k,
+                "T": num_tokens,
+                "direction": direction,
+                "dtype": str(dtype).removeprefix("torch."),
+                "provider": name,
+                **timing,
+                "bytes": moved,
+                "gb_per_s": gb_per_s,
+                "pct_bw": 100 * gb_per_s / peak_gbs,
+                "measured_bw_gbs": peak_gbs,
+                "model": f"E={num_experts} k={k} {direction}",
+            }
+        )
     add_speedups(rows)
     floor = {row["provider"]: row["median_us"] for row in rows}.get("softmax_topk")
     for row in rows:
@@ -123,8 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CPU: (E, k) in ((8, 2), (64, 8)), T in (1, 64, 1024)")
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
-    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), dest="dtypes",
-                        help="logits dtype (the DP computes in float32); default float32")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=("float32", "float16", "bfloat16"),
+        dest="dtypes",
+        help="logits dtype (the DP computes in float32); default float32",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
@@ -132,8 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, device=device, tokens=args.tokens,
-                    directions=args.directions or ("fwd", "fwd+bwd"), dtypes=args.dtypes),
+        lambda: run(
+            quick=args.quick,
+            device=device,
+            tokens=args.tokens,
+            directions=args.directions or ("fwd", "fwd+bwd"),
+            dtypes=args.dtypes,
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

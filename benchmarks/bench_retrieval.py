@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,9 +45,16 @@ def _clustered(num: int, dim: int, generator: torch.Generator, centers: torch.Te
     return centers[picks] + 0.3 * torch.randn(num, dim, generator=generator)
 
 
-def run(*, quick: bool = False, entries: Sequence[int] | None = None, dims: Sequence[int] | None = None,
-        num_neighbors: int = 8, num_queries: int | None = None, device=None,
-        presets: Sequence[str] | None = None) -> list[dict]:
+def run(
+    *,
+    quick: bool = False,
+    entries: Sequence[int] | None = None,
+    dims: Sequence[int] | None = None,
+    num_neighbors: int = 8,
+    num_queries: int | None = None,
+    device=None,
+    presets: Sequence[str] | None = None,
+) -> list[dict]:
     """Rows of every (N, d, preset); "torch" (the exact ground truth of the recall) always runs."""
     device = resolve_device(device)
     entries = entries or (QUICK["entries"] if quick else (10_000, 100_000))
@@ -74,12 +81,23 @@ def run(*, quick: bool = False, entries: Sequence[int] | None = None, dims: Sequ
                 seconds = time.perf_counter() - start
                 if exact_ids is None:
                     exact_ids = ids
-                rows.append({
-                    "op": OP_NAME, "N": num, "d": dim, "index": preset, "n": num_neighbors, "build_s": build_s,
-                    "queries_per_s": num_queries / seconds, "recall": recall_at(ids, exact_ids),
-                    "device": str(device), "provider": preset, "T": num_queries, "median_us": seconds * 1e6,
-                    "panel": f"N={num} d={dim}",
-                })
+                rows.append(
+                    {
+                        "op": OP_NAME,
+                        "N": num,
+                        "d": dim,
+                        "index": preset,
+                        "n": num_neighbors,
+                        "build_s": build_s,
+                        "queries_per_s": num_queries / seconds,
+                        "recall": recall_at(ids, exact_ids),
+                        "device": str(device),
+                        "provider": preset,
+                        "T": num_queries,
+                        "median_us": seconds * 1e6,
+                        "panel": f"N={num} d={dim}",
+                    }
+                )
     return rows
 
 
@@ -97,8 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, entries=args.entries, dims=args.dims, num_neighbors=args.neighbors,
-                    device=device, presets=args.indexes),
+        lambda: run(
+            quick=args.quick,
+            entries=args.entries,
+            dims=args.dims,
+            num_neighbors=args.neighbors,
+            device=device,
+            presets=args.indexes,
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

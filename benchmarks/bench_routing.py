@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -56,8 +56,21 @@ QUICK_CPU_COMPILE_MAX_EXPERTS = 8
 CUDA_GRAPH_MAX_TOKENS = 512
 
 TABLE_COLUMNS = (
-    "model", "E", "k", "T", "dtype", "provider", "median_us", "p20_us", "p80_us", "gb_per_s",
-    "pct_bw", "speedup_vs_eager", "speedup_vs_compile", "ids_match", "timer",
+    "model",
+    "E",
+    "k",
+    "T",
+    "dtype",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "gb_per_s",
+    "pct_bw",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "ids_match",
+    "timer",
 )
 
 # A provider is called as provider(logits, bias=bias) and returns (weights, ids).
@@ -86,8 +99,10 @@ def run(
     tokens = tokens or (QUICK_CPU_TOKENS if quick_cpu else ROUTING_TOKENS)
     dtypes = dtypes or (("float32",) if quick_cpu else ("bfloat16",))
     if device.type != "cuda":
-        print(f"note: on {device.type}, moe_kernels (backend='auto') runs the PyTorch reference, "
-              "so it should match torch_eager plus the op's dispatch")
+        print(
+            f"note: on {device.type}, moe_kernels (backend='auto') runs the PyTorch reference, "
+            "so it should match torch_eager plus the op's dispatch"
+        )
     peak_gbs = measured_bandwidth_gbs(device)
     print(f"measured copy bandwidth: {peak_gbs:.1f} GB/s")
     rows = []
@@ -112,8 +127,10 @@ def _providers(
     }
     if "torch_compile" in wanted:
         if quick_cpu and shape.num_experts > QUICK_CPU_COMPILE_MAX_EXPERTS:
-            print(f"torch_compile skipped for {shape.label}: quick CPU runs compile only shapes with "
-                  f"E <= {QUICK_CPU_COMPILE_MAX_EXPERTS} (inductor's C++ build is slow)")
+            print(
+                f"torch_compile skipped for {shape.label}: quick CPU runs compile only shapes with "
+                f"E <= {QUICK_CPU_COMPILE_MAX_EXPERTS} (inductor's C++ build is slow)"
+            )
         else:
             found["torch_compile"] = _compiled_reference(shape)
     if "torch_topk_chain" in wanted:
@@ -177,7 +194,7 @@ def topk_chain(
     return weights * scale, ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vllm_ops():
     """vLLM's custom-op module, or None when vLLM is not installed."""
     try:
@@ -245,12 +262,23 @@ def _bench_point(
     for name, call in calls.items():
         timing = time_fn(call, device=device, cuda_graph=use_graph)
         gb_per_s = bytes_moved / timing["median_us"] / 1e3
-        rows.append({
-            "op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "T": num_tokens,
-            "dtype": str(dtype).removeprefix("torch."), "provider": name, **timing, "bytes": bytes_moved,
-            "gb_per_s": gb_per_s, "pct_bw": 100 * gb_per_s / peak_gbs, "measured_bw_gbs": peak_gbs,
-            "ids_match": ids_match,
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "model": shape.model,
+                "E": shape.num_experts,
+                "k": shape.k,
+                "T": num_tokens,
+                "dtype": str(dtype).removeprefix("torch."),
+                "provider": name,
+                **timing,
+                "bytes": bytes_moved,
+                "gb_per_s": gb_per_s,
+                "pct_bw": 100 * gb_per_s / peak_gbs,
+                "measured_bw_gbs": peak_gbs,
+                "ids_match": ids_match,
+            }
+        )
     add_speedups(rows)
     return rows
 
@@ -267,24 +295,30 @@ def _ids_match(outputs: dict, shape: RoutingShape, dtype: torch.dtype, num_token
     if torch.equal(ours, eager):
         return True
     tokens_differing = int((ours != eager).any(dim=-1).sum())
-    print(f"WARNING: {shape.label} {dtype} T={num_tokens}: moe_kernels ids differ from torch_eager "
-          f"on {tokens_differing} token(s)")
+    print(
+        f"WARNING: {shape.label} {dtype} T={num_tokens}: moe_kernels ids differ from torch_eager "
+        f"on {tokens_differing} token(s)"
+    )
     return False
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_routing", description=__doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_routing", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU: 3 shapes x T in (1, 64, 1024) x float32; CUDA: every shape and T"
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU: 3 shapes x T in (1, 64, 1024) x float32; CUDA: every shape and T")
-    parser.add_argument("--dtype", action="append", choices=DTYPES, dest="dtypes",
-                        help="logits dtype, repeatable (default: bfloat16; float32 for --quick on CPU)")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        dest="dtypes",
+        help="logits dtype, repeatable (default: bfloat16; float32 for --quick on CPU)",
+    )
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts T (default: ROUTING_TOKENS)")
-    parser.add_argument("--models", nargs="+",
-                        help="keep the shapes whose model name contains one of these (any case)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS,
-                        help="providers to time (default: all)")
+    parser.add_argument("--models", nargs="+", help="keep the shapes whose model name contains one of these (any case)")
+    parser.add_argument(
+        "--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS, help="providers to time (default: all)"
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no CSV or plot")
     args = parser.parse_args(argv)
@@ -306,8 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(
         OP_NAME,
         device,
-        lambda: run(quick=args.quick, dtypes=args.dtypes, device=device, shapes=args.shapes, tokens=args.tokens,
-                    providers=args.providers),
+        lambda: run(
+            quick=args.quick,
+            dtypes=args.dtypes,
+            device=device,
+            shapes=args.shapes,
+            tokens=args.tokens,
+            providers=args.providers,
+        ),
         TABLE_COLUMNS,
         write=not args.no_write,
     )

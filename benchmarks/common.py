@@ -20,8 +20,8 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -103,9 +103,7 @@ def _git_commit() -> str:
         # --no-optional-locks: plain `git status` may rewrite the index, racing anyone else's git
         # command in this checkout. Results are excluded so that the files an earlier run wrote do
         # not mark the tree dirty; any other new or changed file does.
-        changes = _git(
-            "--no-optional-locks", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"
-        )
+        changes = _git("--no-optional-locks", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if changes else "")
@@ -113,9 +111,7 @@ def _git_commit() -> str:
 
 def _git(*args: str) -> str:
     """stdout of ``git *args`` run in the repository root, stripped; raises on failure."""
-    result = subprocess.run(
-        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
-    )
+    result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30)
     return result.stdout.strip()
 
 
@@ -179,7 +175,7 @@ def _timing(ms: Sequence[float], timer: str) -> dict:
     return {"median_us": median, "p20_us": p20, "p80_us": p80, "timer": timer}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_bandwidth_gbs(device: torch.device) -> float:
     """Memory bandwidth of ``device`` in GB/s (1e9 bytes), counting bytes read plus written by a
     device-to-device copy of 1 GiB (CUDA) or 64 MiB (CPU); measured once per process and device.
@@ -194,7 +190,7 @@ def measured_bandwidth_gbs(device: torch.device) -> float:
     return 2 * nbytes / median_us / 1e3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense matmul rate of ``device`` in TFLOP/s for ``dtype`` inputs: one square
     ``torch.matmul`` (8192 on CUDA, 1024 on CPU), measured once per process. The roofline the
@@ -307,7 +303,7 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
             ax.plot(*zip(*points), marker="o", markersize=3, label=provider)
         ax.set(xscale="log", yscale="log", title=label, xlabel="tokens T", ylabel="median time (us)")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[len(panels):]:  # the grid's unused panels
+    for ax in axes[len(panels) :]:  # the grid's unused panels
         ax.set_axis_off()
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels))
@@ -337,13 +333,21 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     print(format_table(rows, columns))
 
 
-def run_and_report(op_name: str, device: torch.device, run_rows: Callable[[], list[dict]],
-                   columns: Sequence[str], *, write: bool = True) -> int:
+def run_and_report(
+    op_name: str,
+    device: torch.device,
+    run_rows: Callable[[], list[dict]],
+    columns: Sequence[str],
+    *,
+    write: bool = True,
+) -> int:
     """The body of every benchmark's ``main``: print the environment line, run the benchmark,
     print its table and (with ``write``) append the rows to the op's result files. Returns 0."""
     env = environment(device)
-    print(f"{op_name} on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
-          f"moe_kernels {env['moe_kernels']} ({env['git_commit']})")
+    print(
+        f"{op_name} on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
+        f"moe_kernels {env['moe_kernels']} ({env['git_commit']})"
+    )
     start = time.perf_counter()
     rows = run_rows()
     print()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,8 +34,14 @@ def _gemms(shape):
     """(kernel, N, K) of each GEMM of fused_experts (forward: the gated up projection, down;
     backward: the two input gradients and the two weight gradients)."""
     h, i = shape.hidden, shape.intermediate
-    return [("gated", i, h), ("forward", h, i), ("forward", i, h), ("forward", h, 2 * i), ("weight_grad", i, h),
-            ("weight_grad", 2 * i, h)]
+    return [
+        ("gated", i, h),
+        ("forward", h, i),
+        ("forward", i, h),
+        ("forward", h, 2 * i),
+        ("weight_grad", i, h),
+        ("weight_grad", 2 * i, h),
+    ]
 
 
 def _time(kernel, n_cols, k_dim, rows, groups, meta, device) -> float:
@@ -74,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rows in sorted(args.rows):
             for kernel, n_cols, k_dim in _gemms(shape):
                 candidates = WEIGHT_GRAD_CANDIDATES if kernel == "weight_grad" else FORWARD_CANDIDATES
-                timings = [(_time(kernel, n_cols, k_dim, rows, shape.num_experts, meta, device), meta)
-                           for meta in candidates]
+                timings = [
+                    (_time(kernel, n_cols, k_dim, rows, shape.num_experts, meta, device), meta) for meta in candidates
+                ]
                 best_us, best = min(timings, key=lambda item: item[0])
                 key = tuned_configs.tuned_key(kernel, torch.bfloat16, n_cols, k_dim)
                 entries = [entry for entry in table.get(key, []) if entry[0] != rows]

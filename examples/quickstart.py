@@ -17,8 +17,9 @@ weights, ids = mk.softmax_topk(hidden @ gate.T, k, routing=mk.RoutingConfig.reno
 out = mk.fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation="silu")
 out.sum().backward()  # gradients reach hidden (and the routing weights, and both projections)
 
-reference = mk.reference.fused_experts(hidden.double(), gate_up_proj.double(), down_proj.double(),
-                                       weights.double(), ids)
+reference = mk.reference.fused_experts(
+    hidden.double(), gate_up_proj.double(), down_proj.double(), weights.double(), ids
+)
 print("experts of token 0:", ids[0].tolist(), "weights:", [round(w, 3) for w in weights[0].tolist()])
 print("output:", tuple(out.shape), "max |out - float64 reference| =", f"{(out - reference).abs().max():.1e}")
 print("grad of hidden:", tuple(hidden.grad.shape))

@@ -60,9 +60,11 @@ def cmd_info(args) -> int:
 
 def cmd_validate(args) -> int:
     device = torch.device(args.device) if args.device else _default_device()
-    print(f"validate on {_device_name(device)}; the ops run: {_backend_label(device, args.backend)} "
-          "(k is the neighbour count n for knn_mix; fused_experts runs each model's (E, k) at H=128, "
-          "I=64; weight_err is the op's main output: weights, mixed logits, marginals, expert output)")
+    print(
+        f"validate on {_device_name(device)}; the ops run: {_backend_label(device, args.backend)} "
+        "(k is the neighbour count n for knn_mix; fused_experts runs each model's (E, k) at H=128, "
+        "I=64; weight_err is the op's main output: weights, mixed logits, marginals, expert output)"
+    )
     rows = validation.validate_rows(device, args.dtype, args.tokens, args.backend)
     print(format_table(rows, list(rows[0])))
     failures = sum(row["status"] != "ok" for row in rows)
@@ -87,7 +89,9 @@ BENCHMARKS = {
 def cmd_bench(args, extra: list[str]) -> int:
     repo_root = Path(__file__).resolve().parent.parent
     if not (repo_root / "benchmarks" / "bench_routing.py").is_file():
-        print("moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr)
+        print(
+            "moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr
+        )
         return 2
     sys.path.insert(0, str(repo_root))
     names = BENCHMARKS if args.op == "all" else {args.op: BENCHMARKS[args.op]}
@@ -102,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_arguments(commands.add_parser("demo", help="run every part of the package and write one report"))
     info = commands.add_parser("info", help="versions, device, and which backend each op uses")
-    info.add_argument("--kernels", action="store_true", help="compile every kernel for sm_90/sm_80 and print its resources")
+    info.add_argument(
+        "--kernels", action="store_true", help="compile every kernel for sm_90/sm_80 and print its resources"
+    )
     validate = commands.add_parser("validate", help="check every op against its float64 reference on this device")
     validate.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     validate.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"))

@@ -37,8 +37,9 @@ def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
 
 
-def _check_fields(owner: str, score_func, renormalize, num_groups, topk_groups, group_score, scale,
-                  num_experts: int | None = None) -> None:
+def _check_fields(
+    owner: str, score_func, renormalize, num_groups, topk_groups, group_score, scale, num_experts: int | None = None
+) -> None:
     """Raise a ``TypeError`` / ``ValueError`` naming ``owner`` and the option for any bad field
     (``num_experts``, when known, only makes the messages more precise)."""
     if score_func not in SCORE_FUNCS:
@@ -54,8 +55,9 @@ def _check_fields(owner: str, score_func, renormalize, num_groups, topk_groups, 
             raise ValueError(f"{owner}: topk_groups={topk_groups!r} needs num_groups, got num_groups=None")
         return
     if not is_int(num_groups) or num_groups < 1:
-        raise ValueError(f"{owner}: num_groups must be a positive int dividing E{_equals(num_experts)}, "
-                         f"got {num_groups!r}")
+        raise ValueError(
+            f"{owner}: num_groups must be a positive int dividing E{_equals(num_experts)}, got {num_groups!r}"
+        )
     if not is_int(topk_groups) or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"{owner}: topk_groups must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
 
@@ -106,8 +108,15 @@ class RoutingConfig:
     scale: float = 1.0
 
     def __post_init__(self):
-        _check_fields("RoutingConfig", self.score_func, self.renormalize, self.num_groups, self.topk_groups,
-                      self.group_score, self.scale)
+        _check_fields(
+            "RoutingConfig",
+            self.score_func,
+            self.renormalize,
+            self.num_groups,
+            self.topk_groups,
+            self.group_score,
+            self.scale,
+        )
         if not isinstance(self.scale, float):  # 2 and 2.0 are one config (equal and of one hash)
             object.__setattr__(self, "scale", float(self.scale))
 
@@ -115,51 +124,71 @@ class RoutingConfig:
     # presets
 
     @classmethod
-    def default(cls) -> "RoutingConfig":
+    def default(cls) -> RoutingConfig:
         """softmax -> top-k, weights not renormalised (OLMoE, Qwen1.5-MoE)."""
         return cls()
 
-    def _renormalize_preset(cls) -> "RoutingConfig":
+    def _renormalize_preset(cls) -> RoutingConfig:
         """softmax -> top-k -> renormalise, the same function as top-k -> softmax (Mixtral, Qwen3,
         Qwen3-Next, GPT-OSS; vLLM's Renormalize and RenormalizeNaive)."""
         return cls(renormalize=True)
 
     @classmethod
-    def deepseek_v3(cls, *, num_groups: int | None = 8, topk_groups: int | None = 4, scale: float = 2.5,
-                    renormalize: bool = True) -> "RoutingConfig":
+    def deepseek_v3(
+        cls, *, num_groups: int | None = 8, topk_groups: int | None = 4, scale: float = 2.5, renormalize: bool = True
+    ) -> RoutingConfig:
         """DeepSeek-V3 / R1 / Kimi-K2 (noaux_tc): sigmoid scores, groups ranked by their top-2 key
         sum, renormalised, scaled. Pass the correction bias as ``bias=`` next to it."""
-        return cls(score_func="sigmoid", renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
-                   group_score="top2_sum", scale=scale)
+        return cls(
+            score_func="sigmoid",
+            renormalize=renormalize,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score="top2_sum",
+            scale=scale,
+        )
 
     @classmethod
-    def deepseek_v2(cls, *, num_groups: int | None = 8, topk_groups: int | None = 3, scale: float = 16.0,
-                    renormalize: bool = False) -> "RoutingConfig":
+    def deepseek_v2(
+        cls, *, num_groups: int | None = 8, topk_groups: int | None = 3, scale: float = 16.0, renormalize: bool = False
+    ) -> RoutingConfig:
         """DeepSeek-V2 group-limited greedy: softmax scores, groups ranked by their best expert."""
-        return cls(score_func="softmax", renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
-                   group_score="max", scale=scale)
+        return cls(
+            score_func="softmax",
+            renormalize=renormalize,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score="max",
+            scale=scale,
+        )
 
     @classmethod
-    def llama4(cls) -> "RoutingConfig":
+    def llama4(cls) -> RoutingConfig:
         """Llama-4: sigmoid of the top logits, not renormalised (used with k = 1)."""
         return cls(score_func="sigmoid")
 
     @classmethod
-    def sigmoid_renorm(cls) -> "RoutingConfig":
+    def sigmoid_renorm(cls) -> RoutingConfig:
         """Sigmoid scores, top-k, renormalised (vLLM's SigmoidRenorm)."""
         return cls(score_func="sigmoid", renormalize=True)
 
     # ---------------------------------------------------------------------------------------
 
-    def replace(self, **changes) -> "RoutingConfig":
+    def replace(self, **changes) -> RoutingConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
     def op_args(self) -> tuple[bool, str, int, int, str, float]:
         """``(renormalize, score_func, num_groups, topk_groups, group_score, scale)`` in the order of
         the registered ops' schemas, with 0 for "no groups" (a schema int cannot be None)."""
-        return (self.renormalize, self.score_func, self.num_groups or 0, self.topk_groups or 0, self.group_score,
-                self.scale)
+        return (
+            self.renormalize,
+            self.score_func,
+            self.num_groups or 0,
+            self.topk_groups or 0,
+            self.group_score,
+            self.scale,
+        )
 
     def eligible_experts(self, num_experts: int) -> int:
         """How many of ``num_experts`` experts the group limit leaves selectable."""
@@ -184,7 +213,9 @@ del RoutingConfig._renormalize_preset
 def _check_problem(config: RoutingConfig, num_experts: int, k, op: str) -> None:
     if config.num_groups is not None:
         if num_experts % config.num_groups:
-            raise ValueError(f"{op}: num_groups must be a positive int dividing E={num_experts}, got {config.num_groups}")
+            raise ValueError(
+                f"{op}: num_groups must be a positive int dividing E={num_experts}, got {config.num_groups}"
+            )
         group_size = num_experts // config.num_groups
         if config.group_score == "top2_sum" and group_size < 2:
             raise ValueError(
@@ -205,8 +236,9 @@ DEFAULT_ROUTING = RoutingConfig()
 ROUTING_OPTIONS = ("score_func", "renormalize", "num_groups", "topk_groups", "group_score", "scale")
 
 
-def resolve_routing(op: str, routing: RoutingConfig | None = None, num_experts: int | None = None,
-                    **options) -> RoutingConfig:
+def resolve_routing(
+    op: str, routing: RoutingConfig | None = None, num_experts: int | None = None, **options
+) -> RoutingConfig:
     """The :class:`RoutingConfig` of a call: ``routing`` (default :data:`DEFAULT_ROUTING`) with
     every keyword option that is not None applied on top, validated with errors naming ``op``.
 
@@ -268,7 +300,7 @@ class Activation(enum.IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, name: str) -> "Activation":
+    def parse(cls, name: str) -> Activation:
         """The member named ``name`` (``"silu"`` -> ``Activation.SILU``); ``ValueError`` otherwise."""
         try:
             return cls[name.upper()] if isinstance(name, str) else cls(name)

@@ -46,13 +46,16 @@ class TopKRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = nn.functional.linear(hidden, self.weight)
-        return softmax_topk(logits, self.k, routing=self.routing, bias=self.e_score_correction_bias,
-                            backend=self.backend)
+        return softmax_topk(
+            logits, self.k, routing=self.routing, bias=self.e_score_correction_bias, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         num_experts, hidden = self.weight.shape
-        return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, routing={self.routing}, " \
-               f"backend={self.backend}"
+        return (
+            f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, routing={self.routing}, "
+            f"backend={self.backend}"
+        )
 
 
 class ProbMoERouter(nn.Module):
@@ -87,11 +90,13 @@ class ProbMoERouter(nn.Module):
         self.backend = backend
 
     @classmethod
-    def from_gate(cls, gate: nn.Module, k: int, **options) -> "ProbMoERouter":
+    def from_gate(cls, gate: nn.Module, k: int, **options) -> ProbMoERouter:
         """A router sharing ``gate.weight`` (no copy): its gradients update the same tensor."""
         weight = getattr(gate, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
-            raise TypeError(f"ProbMoERouter.from_gate: gate must have an (E, H) weight Parameter, got {type(gate).__name__}")
+            raise TypeError(
+                f"ProbMoERouter.from_gate: gate must have an (E, H) weight Parameter, got {type(gate).__name__}"
+            )
         if getattr(gate, "bias", None) is not None:
             raise ValueError("ProbMoERouter.from_gate: the gate has a bias, which this router does not apply")
         router = cls(weight.shape[1], weight.shape[0], k, device="meta", **options)
@@ -184,7 +189,13 @@ class MoE(nn.Module):
             given = sorted(routing_options) + (["routing"] if routing is not None else [])
             raise ValueError(f"MoE: routing options {given} apply to the default router only, got a router")
         self.router = router or TopKRouter(
-            hidden_size, num_experts, k, routing=routing, backend=backend, device=device, dtype=dtype,
+            hidden_size,
+            num_experts,
+            k,
+            routing=routing,
+            backend=backend,
+            device=device,
+            dtype=dtype,
             **routing_options,
         )
         factory = dict(device=device, dtype=dtype)
@@ -194,7 +205,9 @@ class MoE(nn.Module):
         self.down_proj = nn.Parameter(
             torch.randn(num_experts, hidden_size, intermediate_size, **factory) * intermediate_size**-0.5
         )
-        self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **factory)) if expert_bias else None
+        self.gate_up_bias = (
+            nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **factory)) if expert_bias else None
+        )
         self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, **factory)) if expert_bias else None
         self.shared_expert = None
         self.shared_gate = None
@@ -210,8 +223,15 @@ class MoE(nn.Module):
         flat = hidden.reshape(-1, hidden_size)
         weights, ids = self.router(flat)
         out = fused_experts(
-            flat, self.gate_up_proj, self.down_proj, weights, ids, activation=self.activation,
-            gate_up_bias=self.gate_up_bias, down_bias=self.down_bias, backend=self.backend,
+            flat,
+            self.gate_up_proj,
+            self.down_proj,
+            weights,
+            ids,
+            activation=self.activation,
+            gate_up_bias=self.gate_up_bias,
+            down_bias=self.down_bias,
+            backend=self.backend,
         )
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
@@ -222,5 +242,7 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         num_experts, width, hidden = self.gate_up_proj.shape
-        return (f"hidden_size={hidden}, intermediate_size={width // 2}, num_experts={num_experts}, "
-                f"activation={self.activation}, backend={self.backend}")
+        return (
+            f"hidden_size={hidden}, intermediate_size={width // 2}, num_experts={num_experts}, "
+            f"activation={self.activation}, backend={self.backend}"
+        )

@@ -18,8 +18,9 @@ class Progress:
     significant digits) after the count and the elapsed seconds. ``enabled=False`` silences it.
     """
 
-    def __init__(self, total: int, description: str, *, stream: TextIO | None = None, enabled: bool = True,
-                 width: int = 24):
+    def __init__(
+        self, total: int, description: str, *, stream: TextIO | None = None, enabled: bool = True, width: int = 24
+    ):
         self.total = max(int(total), 0)
         self.description = description
         self.stream = stream if stream is not None else sys.stderr
@@ -30,7 +31,7 @@ class Progress:
         self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last_tenth = -1
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self.start = time.perf_counter()
         return self
 
@@ -47,7 +48,9 @@ class Progress:
         if not self._interactive and tenth == self._last_tenth and self.done != self.total:
             return
         self._last_tenth = tenth
-        self.stream.write(("\r" if self._interactive else "") + self.line(**status) + ("" if self._interactive else "\n"))
+        self.stream.write(
+            ("\r" if self._interactive else "") + self.line(**status) + ("" if self._interactive else "\n")
+        )
         self.stream.flush()
 
     def line(self, **status) -> str:
@@ -55,7 +58,8 @@ class Progress:
         fraction = self.done / self.total if self.total else 1.0
         filled = int(round(fraction * self.width))
         bar = "#" * filled + "." * (self.width - filled)
-        extra = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                         for key, value in status.items())
+        extra = " ".join(
+            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in status.items()
+        )
         elapsed = time.perf_counter() - self.start
         return f"{self.description} [{bar}] {self.done}/{self.total} {elapsed:.1f}s {extra}".rstrip()

@@ -33,8 +33,11 @@ class RoutingShape:
         """The routing's fields that differ from the defaults, as keyword arguments of
         :func:`moe_kernels.softmax_topk` (``softmax_topk(l, k, **shape.options)`` equals
         ``softmax_topk(l, k, routing=shape.routing)``)."""
-        return {f.name: getattr(self.routing, f.name) for f in dataclasses.fields(RoutingConfig)
-                if getattr(self.routing, f.name) != f.default}
+        return {
+            f.name: getattr(self.routing, f.name)
+            for f in dataclasses.fields(RoutingConfig)
+            if getattr(self.routing, f.name) != f.default
+        }
 
 
 ROUTING_SHAPES: tuple[RoutingShape, ...] = (
@@ -44,8 +47,7 @@ ROUTING_SHAPES: tuple[RoutingShape, ...] = (
     RoutingShape("Qwen3-30B-A3B", 128, 8, RoutingConfig.renormalize()),
     RoutingShape("DeepSeek-V2", 160, 6, RoutingConfig.deepseek_v2()),
     RoutingShape("DeepSeek-V3", 256, 8, RoutingConfig.deepseek_v3(), has_bias=True),
-    RoutingShape("Kimi-K2", 384, 8, RoutingConfig.deepseek_v3(num_groups=1, topk_groups=1, scale=2.827),
-                 has_bias=True),
+    RoutingShape("Kimi-K2", 384, 8, RoutingConfig.deepseek_v3(num_groups=1, topk_groups=1, scale=2.827), has_bias=True),
     RoutingShape("Qwen3-Next-80B-A3B", 512, 10, RoutingConfig.renormalize()),
 )
 

@@ -64,7 +64,12 @@ def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, flo
 
 
 def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None, op: str | None = None, msg: str = ""
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    op: str | None = None,
+    msg: str = "",
 ):
     """``actual`` equals ``expected`` within the tolerance of ``dtype`` (default: actual's) and
     ``op`` (see :data:`TOLERANCES`)."""
@@ -190,22 +195,58 @@ TINY_HF_SIZES = dict(
 # shared expert after a dense first layer, GPT-OSS has a sliding window.
 _TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=32, moe_intermediate_size=16,
-                                         shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
-                                         norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, mlp_only_layers=[0], head_dim=8, intermediate_size=32,
-                                         moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3,
-                                         norm_topk_prob=True)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_hidden_layers=3,
+            mlp_only_layers=[0],
+            head_dim=8,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+        ),
+    ),
     "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2)),
-    "deepseek_v3": ("DeepseekV3Config", dict(
-        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=32, moe_intermediate_size=16,
-        n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )),
-    "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
-                                     sliding_window=4)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            n_shared_experts=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4),
+    ),
 }
 TINY_HF_FAMILIES = tuple(_TINY_FAMILIES)
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")

@@ -77,7 +77,9 @@ def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=
     ref_mixed, ref_conf = reference.knn_mix(router64, neighbors64, sims.double(), **options)
     ref_mixed.backward(grad_out.double())
     mixed_err = max(testing.max_errors(mixed, ref_mixed)[0], testing.max_errors(conf, ref_conf)[0])
-    grad_err = max(testing.max_errors(router.grad, router64.grad)[0], testing.max_errors(neighbors.grad, neighbors64.grad)[0])
+    grad_err = max(
+        testing.max_errors(router.grad, router64.grad)[0], testing.max_errors(neighbors.grad, neighbors64.grad)[0]
+    )
     ok = (
         _within(mixed, ref_mixed, torch.float32)
         and _within(conf, ref_conf, torch.float32)
@@ -85,9 +87,16 @@ def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=
         and _within(neighbors.grad, neighbors64.grad, dtype)
     )
     return dict(
-        op="knn_mix", model=shape.model, E=shape.num_experts, k=num_neighbors, T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."), ids="-", weight_err=f"{mixed_err:.1e}",
-        grad_err=f"{grad_err:.1e}", status="ok" if ok else "FAIL",
+        op="knn_mix",
+        model=shape.model,
+        E=shape.num_experts,
+        k=num_neighbors,
+        T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        ids="-",
+        weight_err=f"{mixed_err:.1e}",
+        grad_err=f"{grad_err:.1e}",
+        status="ok" if ok else "FAIL",
     )
 
 
@@ -111,10 +120,16 @@ def _validate_exact_k_case(shape, num_tokens, dtype, device, backend) -> dict:
         logits.grad.cpu(), ref_grad, dtype, "exact_k"
     )
     return dict(
-        op="exact_k", model=shape.model, E=shape.num_experts, k=shape.k, T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."), ids="-",
+        op="exact_k",
+        model=shape.model,
+        E=shape.num_experts,
+        k=shape.k,
+        T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        ids="-",
         weight_err=f"{testing.max_errors(marginals.cpu(), ref_marginals)[0]:.1e}",
-        grad_err=f"{testing.max_errors(logits.grad.cpu(), ref_grad)[0]:.1e}", status="ok" if ok else "FAIL",
+        grad_err=f"{testing.max_errors(logits.grad.cpu(), ref_grad)[0]:.1e}",
+        status="ok" if ok else "FAIL",
     )
 
 
@@ -137,12 +152,20 @@ def _validate_experts_case(shape, num_tokens, dtype, device, backend, hidden=128
     ref = reference.fused_experts(*inputs64, weights.double().cpu(), ids.cpu())
     ref.backward(grad_out.double().cpu())
     pairs = [(p.grad.cpu(), q.grad) for p, q in zip(inputs, inputs64)]
-    ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(_within(a, b, dtype, "fused_experts") for a, b in pairs)
+    ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(
+        _within(a, b, dtype, "fused_experts") for a, b in pairs
+    )
     return dict(
-        op="fused_experts", model=shape.model, E=shape.num_experts, k=shape.k, T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."), ids="-",
+        op="fused_experts",
+        model=shape.model,
+        E=shape.num_experts,
+        k=shape.k,
+        T=num_tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        ids="-",
         weight_err=f"{testing.max_errors(out.cpu(), ref)[0]:.1e}",
-        grad_err=f"{max(testing.max_errors(a, b)[0] for a, b in pairs):.1e}", status="ok" if ok else "FAIL",
+        grad_err=f"{max(testing.max_errors(a, b)[0] for a, b in pairs):.1e}",
+        status="ok" if ok else "FAIL",
     )
 
 
@@ -169,4 +192,9 @@ def validate_rows(device: torch.device, dtypes=None, tokens=None, backend: str =
 
 def number_of_rows(device: torch.device, dtypes=None, tokens=None) -> int:
     """How many rows :func:`validate_rows` produces."""
-    return 4 * len(ROUTING_SHAPES) * len(dtypes or VALIDATE_DTYPES[device.type]) * len(tokens or VALIDATE_TOKENS[device.type])
+    return (
+        4
+        * len(ROUTING_SHAPES)
+        * len(dtypes or VALIDATE_DTYPES[device.type])
+        * len(tokens or VALIDATE_TOKENS[device.type])
+    )

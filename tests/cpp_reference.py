@@ -22,7 +22,7 @@ def _find_cxx() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cpp_reference():
     """The compiled ``moe_kernels_csrc_ref`` module (``softmax_topk_ref``,
     ``softmax_topk_backward_ref``, ``grouped_mm_ref``, ``fused_experts_ref``), built once per process.

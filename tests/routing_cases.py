@@ -21,7 +21,13 @@ ROUTING_CASES = [
         dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5),
         True,
     ),
-    ("sigmoid-bias-groups-max", 60, 5, dict(score_func="sigmoid", num_groups=6, topk_groups=2, group_score="max"), True),
+    (
+        "sigmoid-bias-groups-max",
+        60,
+        5,
+        dict(score_func="sigmoid", num_groups=6, topk_groups=2, group_score="max"),
+        True,
+    ),
 ]
 
 routing_cases = pytest.mark.parametrize(
@@ -32,7 +38,9 @@ routing_cases = pytest.mark.parametrize(
 def routing_inputs(num_tokens, num_experts, options, with_bias, dtype=torch.float32, device="cpu", seed=0):
     """Tie-free logits and the bias (or None) for one case."""
     bias = testing.make_bias(num_experts, seed=seed + 1) if with_bias else None
-    group_options = {key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options}
+    group_options = {
+        key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options
+    }
     logits = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
     return logits.to(device), None if bias is None else bias.to(device)
 

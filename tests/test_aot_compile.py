@@ -89,11 +89,14 @@ def test_aot_compile_all_kernels():
         for r in spills
     )
 
-
     # The grouped GEMMs' main loops run on Hopper's warpgroup MMA for 16-bit inputs.
     no_wgmma = [
-        r for r in rows
-        if r["kernel"].startswith("grouped_mm") and r["arch"] == 90 and r["config"].startswith("bf16") and not r["wgmma"]
+        r
+        for r in rows
+        if r["kernel"].startswith("grouped_mm")
+        and r["arch"] == 90
+        and r["config"].startswith("bf16")
+        and not r["wgmma"]
     ]
     assert not no_wgmma, "bf16 grouped GEMMs without wgmma on sm_90: " + ", ".join(r["config"] for r in no_wgmma)
 

@@ -17,9 +17,32 @@ DEEPSEEK_V3 = next(s for s in ROUTING_SHAPES if s.model == "DeepSeek-V3")
 # torch_compile is left out: a cold inductor build alone takes longer than this test may.
 PROVIDERS = ("moe_kernels", "torch_eager", "torch_topk_chain")
 EXPECTED_COLUMNS = {
-    "device_name", "device_slug", "torch", "triton", "python", "moe_kernels", "git_commit", "date_utc",
-    "torch_threads", "op", "model", "E", "k", "T", "dtype", "provider", "median_us", "p20_us", "p80_us",
-    "timer", "bytes", "gb_per_s", "pct_bw", "measured_bw_gbs", "ids_match", "speedup_vs_eager",
+    "device_name",
+    "device_slug",
+    "torch",
+    "triton",
+    "python",
+    "moe_kernels",
+    "git_commit",
+    "date_utc",
+    "torch_threads",
+    "op",
+    "model",
+    "E",
+    "k",
+    "T",
+    "dtype",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "timer",
+    "bytes",
+    "gb_per_s",
+    "pct_bw",
+    "measured_bw_gbs",
+    "ids_match",
+    "speedup_vs_eager",
     "speedup_vs_compile",
 }
 
@@ -67,8 +90,19 @@ def test_routing_bytes_counts_bias():
 
 def test_main_no_write(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv(RESULTS_DIR_ENV, str(tmp_path))
-    argv = ["--quick", "--device", "cpu", "--models", "mixtral", "--tokens", "4",
-            "--providers", "moe_kernels", "torch_eager", "--no-write"]
+    argv = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--models",
+        "mixtral",
+        "--tokens",
+        "4",
+        "--providers",
+        "moe_kernels",
+        "torch_eager",
+        "--no-write",
+    ]
     assert bench_routing.main(argv) == 0
     out = capsys.readouterr().out
     assert "speedup_vs_eager" in out and "Mixtral-8x7B" in out
@@ -183,7 +217,10 @@ def test_hf_block_benchmark_rows():
 
     rows = bench_hf.run(quick=True, device="cpu", tokens=(3,), families=("qwen3_moe", "gpt_oss"), directions=("fwd",))
     assert [(row["family"], row["provider"]) for row in rows] == [
-        ("qwen3_moe", "hf_eager"), ("qwen3_moe", "moe_kernels"), ("gpt_oss", "hf_eager"), ("gpt_oss", "moe_kernels"),
+        ("qwen3_moe", "hf_eager"),
+        ("qwen3_moe", "moe_kernels"),
+        ("gpt_oss", "hf_eager"),
+        ("gpt_oss", "moe_kernels"),
     ]
     assert all(row["median_us"] > 0 for row in rows)
     assert [row["speedup_vs_hf"] is not None for row in rows] == [False, True, False, True]

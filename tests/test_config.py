@@ -7,17 +7,19 @@ import dataclasses
 
 import pytest
 import torch
+from oracles import softmax_topk_oracle
 
 import moe_kernels as mk
 from moe_kernels.config import ACTIVATIONS, Activation, RoutingConfig, resolve_routing
 from moe_kernels.shapes import ROUTING_SHAPES
-from oracles import softmax_topk_oracle
 
 PRESETS = {
     "default": (RoutingConfig.default(), dict()),
     "renormalize": (RoutingConfig.renormalize(), dict(renormalize=True)),
-    "deepseek_v3": (RoutingConfig.deepseek_v3(), dict(score_func="sigmoid", num_groups=8, topk_groups=4,
-                                                       renormalize=True, scale=2.5)),
+    "deepseek_v3": (
+        RoutingConfig.deepseek_v3(),
+        dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5),
+    ),
     "deepseek_v2": (RoutingConfig.deepseek_v2(), dict(num_groups=8, topk_groups=3, group_score="max", scale=16.0)),
     "llama4": (RoutingConfig.llama4(), dict(score_func="sigmoid")),
     "sigmoid_renorm": (RoutingConfig.sigmoid_renorm(), dict(score_func="sigmoid", renormalize=True)),
@@ -71,8 +73,14 @@ def test_problem_checks_name_the_op():
     with pytest.raises(ValueError, match=r"softmax_topk: num_groups must be a positive int dividing E=60, got 8"):
         mk.softmax_topk(torch.randn(3, 60), 2, routing=RoutingConfig.deepseek_v3())
     with pytest.raises(ValueError, match=r"knn_route: k must be an int in \[1, 8\]"):
-        mk.knn_route(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.randn(3, 8), 9,
-                     routing=RoutingConfig.renormalize())
+        mk.knn_route(
+            torch.randn(2, 8),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.ones(2, 1),
+            torch.randn(3, 8),
+            9,
+            routing=RoutingConfig.renormalize(),
+        )
     with pytest.raises(TypeError, match=r"softmax_topk: routing must be a moe_kernels.RoutingConfig or None, got dict"):
         mk.softmax_topk(torch.randn(3, 8), 2, routing={"renormalize": True})
 
@@ -106,8 +114,9 @@ def test_modules_take_the_config():
     assert router.routing == routing
     assert mk.TopKRouter(32, 16, 3, routing=routing.replace(scale=1.0), scale=16.0).routing == routing
     weights, ids = router(hidden)
-    want_weights, want_ids = softmax_topk_oracle(hidden.double() @ router.weight.double().T, 3, num_groups=4,
-                                                 topk_groups=2, group_score="max", scale=16.0)
+    want_weights, want_ids = softmax_topk_oracle(
+        hidden.double() @ router.weight.double().T, 3, num_groups=4, topk_groups=2, group_score="max", scale=16.0
+    )
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights.double(), want_weights, atol=1e-5, rtol=1e-5)
     moe = mk.MoE(32, 8, 16, 3, routing=routing)
@@ -115,7 +124,9 @@ def test_modules_take_the_config():
     assert mk.MoE(32, 8, 16, 3, renormalize=True).router.routing == RoutingConfig.renormalize()
     with pytest.raises(ValueError, match=r"MoE: routing options \['routing'\] apply to the default router only"):
         mk.MoE(32, 8, 16, 3, router=router, routing=routing)
-    with pytest.raises(ValueError, match=r"TopKRouter: k must be an int in \[1, 8\] \(the 8 experts of the kept groups\)"):
+    with pytest.raises(
+        ValueError, match=r"TopKRouter: k must be an int in \[1, 8\] \(the 8 experts of the kept groups\)"
+    ):
         mk.TopKRouter(32, 16, 9, routing=routing)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpp_reference import load_cpp_reference
+from routing_cases import routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import reference
 from moe_kernels.testing import assert_close, tolerance
-
-from cpp_reference import load_cpp_reference
-from routing_cases import routing_cases, routing_inputs
 
 ATOL, RTOL = tolerance(torch.float64)
 
@@ -37,11 +36,30 @@ def _bias(num_experts: int, score_func: str, seed: int) -> torch.Tensor:
     return _randn(num_experts, seed=seed) * magnitude
 
 
-def _check(cref, logits, k, *, renormalize, score_func, bias=None, num_groups=None, topk_groups=None,
-           group_score="top2_sum", scale=1.0, grad_seed=None):
+def _check(
+    cref,
+    logits,
+    k,
+    *,
+    renormalize,
+    score_func,
+    bias=None,
+    num_groups=None,
+    topk_groups=None,
+    group_score="top2_sum",
+    scale=1.0,
+    grad_seed=None,
+):
     """Forward (and, with grad_seed, backward) of the oracle, the reference and the op agree."""
-    kwargs = dict(renormalize=renormalize, score_func=score_func, bias=bias, num_groups=num_groups,
-                  topk_groups=topk_groups, group_score=group_score, scale=scale)
+    kwargs = dict(
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+    )
     c_weights, c_ids = cref.softmax_topk_ref(
         logits, k, renormalize, score_func, bias, num_groups or 0, topk_groups or 0, group_score, scale
     )
@@ -84,8 +102,16 @@ def test_no_groups(cref, num_tokens, num_experts, k, score_func, renormalize, wi
     seed = 1000 * num_experts + num_tokens
     logits = _randn(num_tokens, num_experts, seed=seed)
     bias = _bias(num_experts, score_func, seed + 1) if with_bias else None
-    _check(cref, logits, k, renormalize=renormalize, score_func=score_func, bias=bias,
-           scale=1.0 if renormalize else 1.7, grad_seed=seed + 2)
+    _check(
+        cref,
+        logits,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        scale=1.0 if renormalize else 1.7,
+        grad_seed=seed + 2,
+    )
 
 
 GROUP_CASES = [
@@ -112,9 +138,19 @@ def test_groups(cref, num_tokens, case):
     seed = 7 * num_experts + 100 * num_groups + num_tokens + k
     logits = _randn(num_tokens, num_experts, seed=seed)
     bias = _bias(num_experts, score_func, seed + 1) if with_bias else None
-    _check(cref, logits, k, renormalize=renormalize, score_func=score_func, bias=bias,
-           num_groups=num_groups, topk_groups=topk_groups, group_score=group_score, scale=scale,
-           grad_seed=seed + 2)
+    _check(
+        cref,
+        logits,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+        grad_seed=seed + 2,
+    )
 
 
 def test_group_mask_excludes_dropped_groups(cref):
@@ -141,8 +177,15 @@ def test_ties_lower_id_first(cref, score_func, with_groups):
     ]
     logits = torch.stack(rows)
     c_weights, c_ids = cref.softmax_topk_ref(
-        logits, k, True, score_func, None, groups.get("num_groups", 0), groups.get("topk_groups", 0),
-        groups.get("group_score", "max"), 1.0,
+        logits,
+        k,
+        True,
+        score_func,
+        None,
+        groups.get("num_groups", 0),
+        groups.get("topk_groups", 0),
+        groups.get("group_score", "max"),
+        1.0,
     )
     r_weights, r_ids = reference.softmax_topk(logits, k, renormalize=True, score_func=score_func, **groups)
     expected = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [1, 3, 5, 7, 9]], dtype=torch.int32)
@@ -170,14 +213,25 @@ def test_other_logit_dtypes_are_converted(cref):
         (lambda m: m.softmax_topk_ref(torch.zeros(4), 1, False, "softmax", None, 0, 0, "max", 1.0), "2-D"),
         (lambda m: m.softmax_topk_ref(torch.zeros(2, 4), 5, False, "softmax", None, 0, 0, "max", 1.0), "k must"),
         (lambda m: m.softmax_topk_ref(torch.zeros(2, 4), 1, False, "relu", None, 0, 0, "max", 1.0), "score_func"),
-        (lambda m: m.softmax_topk_ref(torch.zeros(2, 4), 1, False, "softmax", torch.zeros(3), 0, 0, "max", 1.0), "bias"),
+        (
+            lambda m: m.softmax_topk_ref(torch.zeros(2, 4), 1, False, "softmax", torch.zeros(3), 0, 0, "max", 1.0),
+            "bias",
+        ),
         (lambda m: m.softmax_topk_ref(torch.zeros(2, 6), 1, False, "softmax", None, 4, 1, "max", 1.0), "num_groups"),
         (lambda m: m.softmax_topk_ref(torch.zeros(2, 4), 1, False, "softmax", None, 4, 1, "top2_sum", 1.0), "top2_sum"),
         (lambda m: m.softmax_topk_ref(torch.zeros(2, 8), 5, False, "softmax", None, 4, 2, "max", 1.0), "k must"),
-        (lambda m: m.softmax_topk_backward_ref(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 2, dtype=torch.int32),
-                                               False, "softmax", 1.0), "grad_weights"),
-        (lambda m: m.softmax_topk_backward_ref(torch.zeros(2, 1), torch.zeros(2, 4), torch.full((2, 1), 4, dtype=torch.int32),
-                                               False, "softmax", 1.0), "out of range"),
+        (
+            lambda m: m.softmax_topk_backward_ref(
+                torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 2, dtype=torch.int32), False, "softmax", 1.0
+            ),
+            "grad_weights",
+        ),
+        (
+            lambda m: m.softmax_topk_backward_ref(
+                torch.zeros(2, 1), torch.zeros(2, 4), torch.full((2, 1), 4, dtype=torch.int32), False, "softmax", 1.0
+            ),
+            "out of range",
+        ),
     ],
 )
 def test_bad_arguments_raise(cref, call, message):
@@ -196,11 +250,18 @@ def test_kernel_matches_cpp_oracle(cref, kernel_device, num_experts, k, options,
     weights.backward(grad_out)
     flags = (options.get("renormalize", False), options.get("score_func", "softmax"))
     c_weights, c_ids = cref.softmax_topk_ref(
-        logits.cpu(), k, *flags, None if bias is None else bias.cpu().double(),
-        options.get("num_groups", 0), options.get("topk_groups", 0), options.get("group_score", "top2_sum"),
+        logits.cpu(),
+        k,
+        *flags,
+        None if bias is None else bias.cpu().double(),
+        options.get("num_groups", 0),
+        options.get("topk_groups", 0),
+        options.get("group_score", "top2_sum"),
         options.get("scale", 1.0),
     )
-    c_grad = cref.softmax_topk_backward_ref(grad_out.cpu().double(), logits.cpu(), c_ids, *flags, options.get("scale", 1.0))
+    c_grad = cref.softmax_topk_backward_ref(
+        grad_out.cpu().double(), logits.cpu(), c_ids, *flags, options.get("scale", 1.0)
+    )
     assert torch.equal(ids.cpu(), c_ids)
     assert_close(weights.detach().cpu(), c_weights, dtype=torch.float32)
     assert_close(x.grad.cpu(), c_grad, dtype=torch.float32)

@@ -24,8 +24,13 @@ def _numbers(value):
 
 def test_readme_main_command_quick(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([str(REPO / "scripts" / "demo.sh"), "--quick", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "demo.sh"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())

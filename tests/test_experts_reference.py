@@ -10,12 +10,11 @@ from collections import Counter
 
 import pytest
 import torch
+from cpp_reference import load_cpp_reference
 
 from moe_kernels import reference
 from moe_kernels.reference import experts as experts_ref
 from moe_kernels.testing import assert_close
-
-from cpp_reference import load_cpp_reference
 
 F64 = torch.float64
 ACTIVATIONS = experts_ref.ACTIVATIONS
@@ -106,18 +105,43 @@ def _cast(p, dtype):
 
 
 def _call(fn, p, activation, **extra):
-    return fn(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], activation=activation,
-              gate_up_bias=p["gate_up_bias"], down_bias=p["down_bias"], **extra)
+    return fn(
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        activation=activation,
+        gate_up_bias=p["gate_up_bias"],
+        down_bias=p["down_bias"],
+        **extra,
+    )
 
 
 def _oracle(p, activation):
-    return _fused_oracle(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], activation,
-                         p["gate_up_bias"], p["down_bias"])
+    return _fused_oracle(
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        activation,
+        p["gate_up_bias"],
+        p["down_bias"],
+    )
 
 
 def _cpp(cref, p, activation):
-    return cref.fused_experts_ref(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], activation,
-                                  p["gate_up_bias"], p["down_bias"])
+    return cref.fused_experts_ref(
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        activation,
+        p["gate_up_bias"],
+        p["down_bias"],
+    )
 
 
 # (T, E, k, ids mode, H, I)
@@ -205,8 +229,9 @@ def test_grouped_mm_matches_torch(dtype):
     try:
         got = torch._grouped_mm(a, b, offsets)
     except (NotImplementedError, RuntimeError) as error:
-        if isinstance(error, NotImplementedError) or re.search(r"support|expected mat_a to be|not implemented",
-                                                              str(error), re.IGNORECASE):
+        if isinstance(error, NotImplementedError) or re.search(
+            r"support|expected mat_a to be|not implemented", str(error), re.IGNORECASE
+        ):
             pytest.skip(str(error))
         raise
     out = reference.grouped_mm(a, b, offsets)
@@ -273,8 +298,15 @@ def test_fused_experts_bfloat16_dtypes():
     assert out.dtype == torch.bfloat16
     assert_close(out, _oracle(p, "silu"))
     grads = reference.fused_experts_backward(
-        torch.ones_like(out), p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"],
-        activation="silu", gate_up_bias=p["gate_up_bias"], down_bias=p["down_bias"],
+        torch.ones_like(out),
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        activation="silu",
+        gate_up_bias=p["gate_up_bias"],
+        down_bias=p["down_bias"],
     )
     names = ["hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias"]
     assert [grad.dtype for grad in grads] == [p[name].dtype for name in names]
@@ -325,8 +357,11 @@ def test_gated_activation_backward(activation):
 
 
 def _differentiable(p):
-    return [name for name in ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
-            if p[name] is not None]
+    return [
+        name
+        for name in ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
+        if p[name] is not None
+    ]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -341,8 +376,9 @@ def test_fused_experts_gradcheck(activation, bias):
     torch.autograd.gradcheck(fn, tuple(p[name].requires_grad_(True) for name in names))
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (0, 3, 5, 8, 9, 10, 11)],
-                         ids=[CASE_IDS[i] for i in (0, 3, 5, 8, 9, 10, 11)])
+@pytest.mark.parametrize(
+    "case", [CASES[i] for i in (0, 3, 5, 8, 9, 10, 11)], ids=[CASE_IDS[i] for i in (0, 3, 5, 8, 9, 10, 11)]
+)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_fused_experts_backward(case, activation, bias):
@@ -352,7 +388,9 @@ def test_fused_experts_backward(case, activation, bias):
     grad_out = torch.randn(p["hidden"].shape, dtype=F64)
     want = torch.autograd.grad(_call(reference.fused_experts, p, activation), inputs, grad_out, allow_unused=True)
     got = reference.fused_experts_backward(
-        grad_out, *(p[name].detach() for name in ("hidden", "gate_up_proj", "down_proj", "weights")), p["ids"],
+        grad_out,
+        *(p[name].detach() for name in ("hidden", "gate_up_proj", "down_proj", "weights")),
+        p["ids"],
         activation=activation,
         gate_up_bias=None if p["gate_up_bias"] is None else p["gate_up_bias"].detach(),
         down_bias=None if p["down_bias"] is None else p["down_bias"].detach(),
@@ -373,12 +411,24 @@ def test_fused_experts_backward(case, activation, bias):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m, p: m.fused_experts_ref(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"],
-                                          "relu", None, None), "activation"),
-        (lambda m, p: m.fused_experts_ref(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"],
-                                          p["ids"] + 5, "silu", None, None), "out of range"),
-        (lambda m, p: m.grouped_mm_ref(p["hidden"], p["gate_up_proj"].transpose(1, 2),
-                                       torch.tensor([2, 1], dtype=torch.int32)), "non-decreasing"),
+        (
+            lambda m, p: m.fused_experts_ref(
+                p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "relu", None, None
+            ),
+            "activation",
+        ),
+        (
+            lambda m, p: m.fused_experts_ref(
+                p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"] + 5, "silu", None, None
+            ),
+            "out of range",
+        ),
+        (
+            lambda m, p: m.grouped_mm_ref(
+                p["hidden"], p["gate_up_proj"].transpose(1, 2), torch.tensor([2, 1], dtype=torch.int32)
+            ),
+            "non-decreasing",
+        ),
     ],
     ids=["activation", "ids", "offsets"],
 )
@@ -390,6 +440,7 @@ def test_cpp_bad_arguments(cref, call, message):
 def test_cpp_empty_biases_mean_none(cref):
     p = _problem(7, 5, 2, 16, 12, mode="holes")
     empty = torch.empty(0, dtype=F64)
-    got = cref.fused_experts_ref(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu",
-                                 empty, empty)
+    got = cref.fused_experts_ref(
+        p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu", empty, empty
+    )
     assert_close(got, _oracle(p, "silu"))

@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+from cpp_reference import load_cpp_reference
 
 import moe_kernels as mk
 from moe_kernels.ops import align as align_ops
@@ -15,7 +16,6 @@ from moe_kernels.ops import experts as ops
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.reference import experts as ref
 from moe_kernels.testing import assert_close, assert_written, poisoned_outputs
-from cpp_reference import load_cpp_reference
 
 
 def _problem(num_tokens, hidden, inter, num_experts, k, *, dtype=torch.float32, bias=False, device="cpu", seed=0):
@@ -32,7 +32,9 @@ def _problem(num_tokens, hidden, inter, num_experts, k, *, dtype=torch.float32, 
         hidden=randn(num_tokens, hidden),
         gate_up_proj=randn(num_experts, 2 * inter, hidden, scale=hidden**-0.5),
         down_proj=randn(num_experts, hidden, inter, scale=inter**-0.5),
-        weights=torch.rand(num_tokens, k, generator=generator).to(torch.float64 if dtype == torch.float64 else torch.float32).to(device),
+        weights=torch.rand(num_tokens, k, generator=generator)
+        .to(torch.float64 if dtype == torch.float64 else torch.float32)
+        .to(device),
         ids=ids.to(device),
         gate_up_bias=randn(num_experts, 2 * inter, scale=0.5) if bias else None,
         down_bias=randn(num_experts, hidden, scale=0.5) if bias else None,
@@ -68,8 +70,9 @@ def test_gradients_reach_every_input():
     p = _problem(7, 8, 4, 3, 2, dtype=torch.float64, bias=True)
     leaves = {key: v.requires_grad_() for key, v in p.items() if key != "ids"}
     assert torch.autograd.gradcheck(
-        lambda *args: mk.fused_experts(*args[:4], p["ids"], gate_up_bias=args[4], down_bias=args[5],
-                                       activation="gpt_oss"),
+        lambda *args: mk.fused_experts(
+            *args[:4], p["ids"], gate_up_bias=args[4], down_bias=args[5], activation="gpt_oss"
+        ),
         tuple(leaves[key] for key in ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")),
     )
 
@@ -79,8 +82,18 @@ def test_opcheck(num_tokens):
     p = _problem(num_tokens, 8, 4, 3, 2, bias=True)
     for key in ("hidden", "gate_up_proj", "down_proj", "weights"):
         p[key].requires_grad_()
-    args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu",
-            p["gate_up_bias"], p["down_bias"], False, True)
+    args = (
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        "silu",
+        p["gate_up_bias"],
+        p["down_bias"],
+        False,
+        True,
+    )
     torch.library.opcheck(ops.fused_experts_op, args)
 
 
@@ -107,12 +120,24 @@ def test_compile_fullgraph_matches_eager():
         (dict(down_proj=torch.ones(3, 8, 5)), ValueError, r"down_proj must have shape \(E, H, I\) = \(3, 8, 4\)"),
         (dict(down_proj=torch.ones(3, 8, 4, dtype=torch.float64)), TypeError, "down_proj must have hidden's dtype"),
         (dict(ids=torch.zeros(4, 2)), TypeError, r"ids must be a \(T, k\) int32 or int64 tensor"),
-        (dict(ids=torch.full((4, 2), 3, dtype=torch.int32)), ValueError, r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[3, 3\]"),
-        (dict(ids=torch.full((4, 2), -2, dtype=torch.int32)), ValueError, r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[-2, -2\]"),
+        (
+            dict(ids=torch.full((4, 2), 3, dtype=torch.int32)),
+            ValueError,
+            r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[3, 3\]",
+        ),
+        (
+            dict(ids=torch.full((4, 2), -2, dtype=torch.int32)),
+            ValueError,
+            r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[-2, -2\]",
+        ),
         (dict(weights=torch.ones(4, 3)), ValueError, r"weights and ids must both have shape \(T, k\) with T=4"),
         (dict(weights=torch.ones(4, 2, dtype=torch.float16)), TypeError, "weights must be float32"),
         (dict(activation="relu"), ValueError, "activation must be one of"),
-        (dict(down_bias=torch.ones(3, 4)), ValueError, r"down_bias must be None or a torch.float32 tensor of shape \(3, 8\)"),
+        (
+            dict(down_bias=torch.ones(3, 4)),
+            ValueError,
+            r"down_bias must be None or a torch.float32 tensor of shape \(3, 8\)",
+        ),
     ],
 )
 def test_bad_arguments(change, error, match):
@@ -137,17 +162,38 @@ def _kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_experts, 
     grad_out = torch.randn(num_tokens, hidden).to(dtype).to(device)
     with _small_tiles(device), poisoned_outputs():
         out, h = ops.launch_fused_experts(
-            p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], activation,
-            p["gate_up_bias"], p["down_bias"],
+            p["hidden"],
+            p["gate_up_proj"],
+            p["down_proj"],
+            p["weights"],
+            p["ids"],
+            activation,
+            p["gate_up_bias"],
+            p["down_bias"],
         )
         grads = ops.launch_fused_experts_backward(
-            grad_out, p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], h, activation,
-            p["gate_up_bias"], p["down_bias"],
+            grad_out,
+            p["hidden"],
+            p["gate_up_proj"],
+            p["down_proj"],
+            p["weights"],
+            p["ids"],
+            h,
+            activation,
+            p["gate_up_bias"],
+            p["down_bias"],
         )
     # 16-bit: the op's own row (intermediates stored in 16 bits); float32 keeps the strict row,
     # which these small problems meet.
     op = None if dtype == torch.float32 else "fused_experts"
-    names = ("grad_hidden", "grad_gate_up_proj", "grad_down_proj", "grad_weights", "grad_gate_up_bias", "grad_down_bias")
+    names = (
+        "grad_hidden",
+        "grad_gate_up_proj",
+        "grad_down_proj",
+        "grad_weights",
+        "grad_gate_up_bias",
+        "grad_down_bias",
+    )
     p64 = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in _float64(p).items()}
     want = ref.fused_experts(**p64, activation=activation)
     want_grads = ref.fused_experts_backward(grad_out.double().cpu(), **p64, activation=activation)
@@ -155,8 +201,14 @@ def _kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_experts, 
     assert_close(out.cpu(), want, op=op, msg="out")
     # The independent C++ oracle (float64 loops) agrees too.
     cpp = load_cpp_reference().fused_experts_ref(
-        p64["hidden"], p64["gate_up_proj"], p64["down_proj"], p64["weights"], p64["ids"], activation,
-        p64["gate_up_bias"], p64["down_bias"],
+        p64["hidden"],
+        p64["gate_up_proj"],
+        p64["down_proj"],
+        p64["weights"],
+        p64["ids"],
+        activation,
+        p64["gate_up_bias"],
+        p64["down_bias"],
     )
     assert_close(out.cpu(), cpp, op=op, msg="out vs C++ oracle")
     for name, got, expected in zip(names, grads, want_grads):
@@ -170,8 +222,14 @@ def _kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_experts, 
 @pytest.mark.kernel
 @pytest.mark.parametrize(
     "num_tokens,k,num_experts,id_dtype",
-    [(1, 1, 1, torch.int32), (1, 8, 64, torch.int64), (7, 2, 5, torch.int32), (37, 3, 60, torch.int64),
-     (128, 8, 160, torch.int32), (97, 8, 1000, torch.int32)],
+    [
+        (1, 1, 1, torch.int32),
+        (1, 8, 64, torch.int64),
+        (7, 2, 5, torch.int32),
+        (37, 3, 60, torch.int64),
+        (128, 8, 160, torch.int32),
+        (97, 8, 1000, torch.int32),
+    ],
 )
 def test_align_kernel_equals_the_torch_alignment(kernel_device, num_tokens, k, num_experts, id_dtype):
     """The one-program alignment kernel (decode-sized routings) gives exactly the torch path's
@@ -181,7 +239,9 @@ def test_align_kernel_equals_the_torch_alignment(kernel_device, num_tokens, k, n
     weights = torch.rand(num_tokens, k, generator=generator)
     assert align_ops.align_meta(num_tokens * k, num_experts) is not None  # the kernel, not the fallback
     with poisoned_outputs():
-        align, row_weight, valid = align_ops.launch_moe_align(ids.to(kernel_device), num_experts, weights.to(kernel_device))
+        align, row_weight, valid = align_ops.launch_moe_align(
+            ids.to(kernel_device), num_experts, weights.to(kernel_device)
+        )
     want = align_ops.moe_align(ids, num_experts)
     for field in want._fields:
         got = getattr(align, field).cpu()
@@ -198,8 +258,7 @@ def test_align_kernel_flags_out_of_range_ids(kernel_device):
     assert int(valid) == 1
     p = _problem(3, 16, 8, 5, 2, device=kernel_device)
     with pytest.raises(RuntimeError), _small_tiles(kernel_device):  # the launcher's asynchronous assert
-        ops.launch_fused_experts(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], ids,
-                                 "silu", None, None)
+        ops.launch_fused_experts(p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], ids, "silu", None, None)
         if kernel_device == "cuda":
             torch.cuda.synchronize()
 
@@ -210,8 +269,16 @@ def test_kernel_inference_stores_no_h_and_backward_recomputes_it(kernel_device, 
     no ``h`` recomputes it (same gradients); the public function saves ``h`` exactly when an
     input requires grad."""
     p = _problem(9, 16, 8, 4, 2, bias=True, device=kernel_device)
-    args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "gpt_oss",
-            p["gate_up_bias"], p["down_bias"])
+    args = (
+        p["hidden"],
+        p["gate_up_proj"],
+        p["down_proj"],
+        p["weights"],
+        p["ids"],
+        "gpt_oss",
+        p["gate_up_bias"],
+        p["down_bias"],
+    )
     grad_out = torch.randn(9, 16).to(kernel_device)
     with _small_tiles(kernel_device):
         out, h = ops.launch_fused_experts(*args)
@@ -223,13 +290,20 @@ def test_kernel_inference_stores_no_h_and_backward_recomputes_it(kernel_device, 
             assert torch.equal(got, want)
         stored = []
         launch = gmm.launch_grouped_gated_mm
-        monkeypatch.setattr(gmm, "launch_grouped_gated_mm",
-                            lambda *a, **kw: stored.append(kw["store_h"]) or launch(*a, **kw))
+        monkeypatch.setattr(
+            gmm, "launch_grouped_gated_mm", lambda *a, **kw: stored.append(kw["store_h"]) or launch(*a, **kw)
+        )
         with torch.no_grad():
             mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
         mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
-        mk.fused_experts(p["hidden"].requires_grad_(), *args[1:5], activation="gpt_oss", gate_up_bias=args[6],
-                         down_bias=args[7], backend="triton")
+        mk.fused_experts(
+            p["hidden"].requires_grad_(),
+            *args[1:5],
+            activation="gpt_oss",
+            gate_up_bias=args[6],
+            down_bias=args[7],
+            backend="triton",
+        )
     assert stored == [False, False, True]
 
 
@@ -312,5 +386,7 @@ def test_cuda_graph_capture_and_replay_with_new_inputs():
         static[key].copy_(fresh[key])
     graph.replay()
     torch.cuda.synchronize()
-    want = ref.fused_experts(**{key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in _float64(fresh).items()})
+    want = ref.fused_experts(
+        **{key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in _float64(fresh).items()}
+    )
     assert_close(out.cpu(), want, dtype=torch.bfloat16, op="fused_experts")

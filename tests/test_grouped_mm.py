@@ -141,17 +141,41 @@ def _good_args():
     "change,error,match",
     [
         (dict(a=[[1.0]]), TypeError, r"a must be a torch.Tensor, got list"),
-        (dict(a=torch.ones(6, 4, dtype=torch.int32)), TypeError, r"a must be float32, float16 or bfloat16 .*got torch.int32"),
+        (
+            dict(a=torch.ones(6, 4, dtype=torch.int32)),
+            TypeError,
+            r"a must be float32, float16 or bfloat16 .*got torch.int32",
+        ),
         (dict(a=torch.ones(6, 4, 1)), ValueError, r"a must have shape \(M, K\), got \(6, 4, 1\)"),
         (dict(b=torch.ones(4, 5)), ValueError, r"b must have shape \(G, K, N\), got \(4, 5\)"),
         (dict(b=torch.ones(3, 7, 5)), ValueError, r"with K = a.shape\[1\] = 4, got \(3, 7, 5\)"),
-        (dict(b=torch.ones(3, 4, 5, dtype=torch.float16)), TypeError, r"b must have a's dtype torch.float32, got torch.float16"),
+        (
+            dict(b=torch.ones(3, 4, 5, dtype=torch.float16)),
+            TypeError,
+            r"b must have a's dtype torch.float32, got torch.float16",
+        ),
         (dict(b=torch.ones(3, 4, 5, device="meta")), ValueError, r"b must be on a's device cpu, got meta"),
         (dict(offsets=torch.tensor([2, 2, 5])), TypeError, r"offsets must be int32, got torch.int64"),
-        (dict(offsets=torch.tensor([2, 5], dtype=torch.int32)), ValueError, r"offsets must have shape \(G,\) = \(3,\), got \(2,\)"),
-        (dict(offsets=torch.tensor([[2, 2, 5]], dtype=torch.int32)), ValueError, r"offsets must have shape \(G,\) = \(3,\), got \(1, 3\)"),
-        (dict(offsets=torch.tensor([2, 1, 5], dtype=torch.int32)), ValueError, r"non-decreasing, got offsets\[0\] = 2 > offsets\[1\] = 1"),
-        (dict(offsets=torch.tensor([-1, 2, 5], dtype=torch.int32)), ValueError, r"offsets must lie in \[0, M\] = \[0, 6\], got offsets\[0\] = -1"),
+        (
+            dict(offsets=torch.tensor([2, 5], dtype=torch.int32)),
+            ValueError,
+            r"offsets must have shape \(G,\) = \(3,\), got \(2,\)",
+        ),
+        (
+            dict(offsets=torch.tensor([[2, 2, 5]], dtype=torch.int32)),
+            ValueError,
+            r"offsets must have shape \(G,\) = \(3,\), got \(1, 3\)",
+        ),
+        (
+            dict(offsets=torch.tensor([2, 1, 5], dtype=torch.int32)),
+            ValueError,
+            r"non-decreasing, got offsets\[0\] = 2 > offsets\[1\] = 1",
+        ),
+        (
+            dict(offsets=torch.tensor([-1, 2, 5], dtype=torch.int32)),
+            ValueError,
+            r"offsets must lie in \[0, M\] = \[0, 6\], got offsets\[0\] = -1",
+        ),
         (dict(offsets=torch.tensor([2, 2, 7], dtype=torch.int32)), ValueError, r"got offsets\[2\] = 7"),
         (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
     ],
@@ -169,16 +193,24 @@ def test_float64_on_triton_path_is_refused(kernel_device):
     args = _good_args()
     device = kernel_device
     with pytest.raises(TypeError, match=r"backend='triton' takes float32/float16/bfloat16 a, got torch.float64"):
-        grouped_mm(args["a"].double().to(device), args["b"].double().to(device), args["offsets"].to(device), backend="triton")
+        grouped_mm(
+            args["a"].double().to(device), args["b"].double().to(device), args["offsets"].to(device), backend="triton"
+        )
 
 
 def test_meta_heuristic_and_pinned_config():
-    for m, n, k, dtype in [(1, 1, 1, torch.float32), (64, 2048, 7168, torch.bfloat16), (100000, 4096, 1536, torch.float16)]:
+    for m, n, k, dtype in [
+        (1, 1, 1, torch.float32),
+        (64, 2048, 7168, torch.bfloat16),
+        (100000, 4096, 1536, torch.float16),
+    ]:
         for weight_grad in (False, True):
             meta = ops.grouped_mm_meta(m, n, k, dtype, weight_grad=weight_grad)
             blocks = [value for key, value in meta.items() if key.startswith("BLOCK_") and key != "BLOCK_G"]
             assert all(v >= 16 and v & (v - 1) == 0 for v in blocks), meta
-            assert meta["num_warps"] in (4, 8) and meta["INPUT_PRECISION"] == ("ieee" if dtype == torch.float32 else "tf32")
+            assert meta["num_warps"] in (4, 8) and meta["INPUT_PRECISION"] == (
+                "ieee" if dtype == torch.float32 else "tf32"
+            )
     big = ops.grouped_mm_meta(100000, 4096, 1536, torch.bfloat16)
     assert (big["BLOCK_M"], big["BLOCK_N"], big["BLOCK_K"], big["num_warps"]) == (128, 128, 64, 8)
     with ops.pinned_config(**SMALL):
@@ -324,16 +356,18 @@ def test_kernel_gated_epilogue(kernel_device, dtype, activation, bias):
         if bias:
             want_h[r] += bias_t.double().cpu()[group[r]]
     want_act = reference.gated_activation(want_h, activation)
-    want_act[ends[-1]:] = 0
+    want_act[ends[-1] :] = 0
     with ops.pinned_config(**SMALL), testing.poisoned_outputs():
         act, h = ops.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t)
-        act_only, no_h = ops.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t,
-                                                     store_h=False)
+        act_only, no_h = ops.launch_grouped_gated_mm(
+            a, b, offsets, activation, a_rows=a_rows, bias=bias_t, store_h=False
+        )
     testing.assert_written(act, "act")
     testing.assert_written(h, "h")
     testing.assert_close(h.cpu(), want_h, msg="h")
-    testing.assert_close(act.cpu(), want_act, dtype=dtype, op=None if dtype == torch.float32 else "fused_experts",
-                         msg="act")
+    testing.assert_close(
+        act.cpu(), want_act, dtype=dtype, op=None if dtype == torch.float32 else "fused_experts", msg="act"
+    )
     assert no_h is None and torch.equal(act_only, act)
 
 
@@ -398,9 +432,9 @@ def test_tuned_configs_replace_the_heuristic(tmp_path, monkeypatch):
             100, 1024, 2048, torch.bfloat16
         )
         # The gated kernel of the same (N, K) has its own entries.
-        assert ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, gated=True, device_name=name) == ops.grouped_mm_meta(
-            100, 1536, 2048, torch.bfloat16, gated=True
-        )
+        assert ops.grouped_mm_meta(
+            100, 1536, 2048, torch.bfloat16, gated=True, device_name=name
+        ) == ops.grouped_mm_meta(100, 1536, 2048, torch.bfloat16, gated=True)
         # A second tuning run merges its tables into the file.
         other = tuned.tuned_key("weight_grad", torch.bfloat16, 768, 2048)
         tuned.write_tuned_table(name, {other: [[512, dict(BLOCK_M=32)]]}, "3.9.0")

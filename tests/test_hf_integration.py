@@ -51,8 +51,9 @@ BLOCKS = {
 
 def _build(family: str, dtype=torch.float32, experts_implementation="eager", **overrides):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides),
-                                             experts_implementation=experts_implementation)
+    model = AutoModelForCausalLM.from_config(
+        tiny_hf_config(family, **overrides), experts_implementation=experts_implementation
+    )
     model = model.to(dtype).eval()
     gen = torch.Generator().manual_seed(1)
 
@@ -135,9 +136,11 @@ def _tie_free(router_logits, k):
 
 
 def test_importing_does_not_import_transformers():
-    code = ("import sys, moe_kernels, moe_kernels.integrations.transformers as m; "
-            "assert 'transformers' not in sys.modules, 'imported transformers'; "
-            "assert not hasattr(m, 'transformers')")
+    code = (
+        "import sys, moe_kernels, moe_kernels.integrations.transformers as m; "
+        "assert 'transformers' not in sys.modules, 'imported transformers'; "
+        "assert not hasattr(m, 'transformers')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -361,8 +364,13 @@ def test_patch_inside_accelerate_style_hooks():
 def test_errors(monkeypatch):
     supported = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss"
     with pytest.raises(ValueError, match=f"'llama' is not supported; supported model types: {supported}"):
-        hf.apply_moe_kernels(transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))
+        hf.apply_moe_kernels(
+            transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+                )
+            )
+        )
     with pytest.raises(ValueError, match="backend"):
         hf.apply_moe_kernels(_build("mixtral"), backend="cuda")
     # GPT-OSS with another clamp limit (config.swiglu_limit, which 5.13-5.18 ignore): the op's

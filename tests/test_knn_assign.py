@@ -68,8 +68,11 @@ def test_gradients_reach_router_and_memory():
 def test_feeds_fused_experts():
     router, ids, sims, memory = _inputs()
     weights, experts, _ = knn_route_assignments(router, ids, sims, memory, 2)
-    hidden, gate_up, down = torch.randn(6, 8, dtype=torch.float64), torch.randn(10, 12, 8, dtype=torch.float64), \
-        torch.randn(10, 8, 6, dtype=torch.float64)
+    hidden, gate_up, down = (
+        torch.randn(6, 8, dtype=torch.float64),
+        torch.randn(10, 12, 8, dtype=torch.float64),
+        torch.randn(10, 8, 6, dtype=torch.float64),
+    )
     out = mk.fused_experts(hidden, gate_up, down, weights, experts)
     # Every expert with a nonzero mixed weight runs, the -1 slots contribute nothing.
     dense = _oracle(router, ids, sims, memory, 2)

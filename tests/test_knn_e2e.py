@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json.decoder
-
 import pydoc_data.topics
+
 import torch
 from torch import nn
 
@@ -93,7 +93,11 @@ def test_knn_routing_helps_the_shifted_domain_and_falls_back_on_the_original():
     stats = {}
     for domain in held_out:
         diff = knn_losses[domain] - frozen_losses[domain]
-        stats[domain] = (diff.mean().item(), diff.std().item() / diff.numel() ** 0.5, frozen_losses[domain].mean().item())
+        stats[domain] = (
+            diff.mean().item(),
+            diff.std().item() / diff.numel() ** 0.5,
+            frozen_losses[domain].mean().item(),
+        )
     print(f"reference loss {built.loss_before:.3f} -> {built.loss_after:.3f}; (mean diff, SE, frozen loss): {stats}")
     mean, se, frozen = stats["shifted"]
     assert mean < -5 * se and mean < -0.02 * frozen, stats  # the memory helps the shifted domain

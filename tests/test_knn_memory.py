@@ -75,8 +75,13 @@ def test_ivfpq_refine_re_ranks_by_exact_similarity():
     options = dict(nlist=8, nprobe=8, m=8)
     plain, _ = RoutingMemory(keys, values, index="ivfpq", index_options=options).search(queries, 8)
     ids, sims = RoutingMemory(keys, values, index="ivfpq", index_options=dict(options, refine=8)).search(queries, 8)
-    assert _recall(ids, want_ids) > max(0.9, _recall(plain, want_ids) + 0.2), (_recall(ids, want_ids), _recall(plain, want_ids))
-    exact = torch.nn.functional.normalize(queries, dim=-1)[:, None, :] @ torch.nn.functional.normalize(keys, dim=-1)[ids].mT
+    assert _recall(ids, want_ids) > max(0.9, _recall(plain, want_ids) + 0.2), (
+        _recall(ids, want_ids),
+        _recall(plain, want_ids),
+    )
+    exact = (
+        torch.nn.functional.normalize(queries, dim=-1)[:, None, :] @ torch.nn.functional.normalize(keys, dim=-1)[ids].mT
+    )
     torch.testing.assert_close(sims, exact[:, 0, :], atol=1e-5, rtol=1e-5)
     assert (sims[:, :-1] >= sims[:, 1:]).all()
     with pytest.raises(ValueError, match=r"index_options\['refine'\] must be an int >= 0, got -1"):
@@ -156,7 +161,11 @@ def test_interrupted_save_keeps_the_old_memory(tmp_path, monkeypatch):
         (lambda k, v: RoutingMemory(k, v, metric="l1"), ValueError, r"metric must be one of"),
         (lambda k, v: RoutingMemory(k, v, index="lsh"), ValueError, r"index must be one of"),
         (lambda k, v: RoutingMemory(k, v, index="torch").search(torch.randn(3, 7), 2), ValueError, r"shape \(T, 32\)"),
-        (lambda k, v: RoutingMemory(k, v, index="torch").search(torch.randn(3, 32), 301), ValueError, r"n must be an int in \[1, 300\]"),
+        (
+            lambda k, v: RoutingMemory(k, v, index="torch").search(torch.randn(3, 32), 301),
+            ValueError,
+            r"n must be an int in \[1, 300\]",
+        ),
     ],
 )
 def test_bad_input(call, error, match):
@@ -197,9 +206,14 @@ def test_knn_router_treats_missing_neighbours_as_dissimilar(monkeypatch):
     queries = memory.keys[:5] * 3.0
     found_ids, found_sims = memory.search(queries, 2)
     # An approximate index that found only the first neighbour of each query (faiss pads with -1).
-    monkeypatch.setattr(memory, "search", lambda q, n: (
-        torch.where(torch.arange(n) == 0, found_ids, -1), torch.where(torch.arange(n) == 0, found_sims, -1.0)
-    ))
+    monkeypatch.setattr(
+        memory,
+        "search",
+        lambda q, n: (
+            torch.where(torch.arange(n) == 0, found_ids, -1),
+            torch.where(torch.arange(n) == 0, found_sims, -1.0),
+        ),
+    )
     router = KNNRouter(weight, memory, 2, n_neighbors=2, backend="torch")
     weights, ids = router(queries)
     logits = queries @ weight.T
@@ -238,8 +252,7 @@ def test_gpu_faiss_dispatch(monkeypatch):
     keys, values, queries = _cases()
     for kind, options in (("flat", {}), ("ivf", dict(nlist=16, nprobe=4))):
         memory = RoutingMemory(keys, values, index=kind, index_options=options)
-        want_sims, want_ids = memory._faiss_index.search(
-            torch.nn.functional.normalize(queries, dim=-1).numpy(), 8)
+        want_sims, want_ids = memory._faiss_index.search(torch.nn.functional.normalize(queries, dim=-1).numpy(), 8)
         for _ in range(2):
             ids, sims = memory.search(queries, 8)
             assert isinstance(ids, torch.Tensor) and ids.dtype == torch.int64

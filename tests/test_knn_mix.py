@@ -98,8 +98,15 @@ def test_gradcheck_float64(options):
 
 
 def _op_args(router, neighbors, sims, options, use_triton):
-    return (router, neighbors, sims, options.get("weighting", "similarity"), float(options.get("temperature", 0.1)),
-            float(options.get("min_confidence", 0.0)), use_triton)
+    return (
+        router,
+        neighbors,
+        sims,
+        options.get("weighting", "similarity"),
+        float(options.get("temperature", 0.1)),
+        float(options.get("min_confidence", 0.0)),
+        use_triton,
+    )
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 11])
@@ -107,8 +114,13 @@ def test_opcheck_reference_path(num_tokens):
     for options in OPTIONS:
         router, neighbors, sims = _inputs(num_tokens, 12, 3)
         for requires_grad in (False, True):
-            args = _op_args(router.clone().requires_grad_(requires_grad), neighbors.clone().requires_grad_(requires_grad),
-                            sims, options, False)
+            args = _op_args(
+                router.clone().requires_grad_(requires_grad),
+                neighbors.clone().requires_grad_(requires_grad),
+                sims,
+                options,
+                False,
+            )
             torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, args)
 
 
@@ -189,7 +201,11 @@ def test_kernel_opcheck_and_eager_function(kernel_device):
     [
         (dict(router=torch.ones(4, 8, dtype=torch.int32)), TypeError, r"router_logits must be float32"),
         (dict(router=torch.ones(4, 8, 1)), ValueError, r"router_logits must have shape \(T, E\)"),
-        (dict(neighbors=torch.ones(4, 3, 9)), ValueError, r"neighbor_logits must have shape \(T, n, E\) = \(4, 3, 8\), got \(4, 3, 9\)"),
+        (
+            dict(neighbors=torch.ones(4, 3, 9)),
+            ValueError,
+            r"neighbor_logits must have shape \(T, n, E\) = \(4, 3, 8\), got \(4, 3, 9\)",
+        ),
         (dict(sims=torch.ones(5, 3)), ValueError, r"neighbor_sims must have shape \(T, n\) = \(4, n\)"),
         (dict(sims=torch.ones(4, 0)), ValueError, r"with n >= 1"),
         (dict(sims=[[1.0]]), TypeError, r"neighbor_sims must be a torch.Tensor, got list"),

@@ -30,8 +30,10 @@ MIXING_IDS = ["similarity", "softmax", "fallback-0.5"]
 ROUTINGS = {case[0]: case[1:] for case in ROUTING_CASES}
 routings = pytest.mark.parametrize(
     "num_experts,k,options,with_bias",
-    [pytest.param(*ROUTINGS[name], id=name) for name in ("softmax", "softmax-renorm", "dsv2-groups-max",
-                                                          "sigmoid-bias-groups-max", "sigmoid-renorm-scale")],
+    [
+        pytest.param(*ROUTINGS[name], id=name)
+        for name in ("softmax", "softmax-renorm", "dsv2-groups-max", "sigmoid-bias-groups-max", "sigmoid-renorm-scale")
+    ],
 )
 
 # Relative gap the float64 selection keys (and group scores) of rows that mix in memory rows keep
@@ -41,19 +43,33 @@ MIXED_MIN_GAP = 2e-5
 
 
 def _near_ties(mixed64, options, bias):
-    keys = routing_ref.selection_keys(routing_ref.gate_scores(mixed64, options.get("score_func", "softmax")),
-                                      None if bias is None else bias.double())
+    keys = routing_ref.selection_keys(
+        routing_ref.gate_scores(mixed64, options.get("score_func", "softmax")), None if bias is None else bias.double()
+    )
     bad = testing._has_near_ties(keys, MIXED_MIN_GAP)
     num_groups = options.get("num_groups")
     if num_groups:
         grouped = keys.unflatten(-1, (num_groups, keys.shape[-1] // num_groups))
-        top = grouped.amax(-1) if options.get("group_score", "top2_sum") == "max" else grouped.topk(2, -1).values.sum(-1)
+        top = (
+            grouped.amax(-1) if options.get("group_score", "top2_sum") == "max" else grouped.topk(2, -1).values.sum(-1)
+        )
         bad |= testing._has_near_ties(top, MIXED_MIN_GAP)
     return bad
 
 
-def _inputs(num_tokens, num_experts, num_neighbors, options=None, with_bias=False, dtype=torch.float32, *,
-            num_rows=None, mixing=None, seed=0, device="cpu"):
+def _inputs(
+    num_tokens,
+    num_experts,
+    num_neighbors,
+    options=None,
+    with_bias=False,
+    dtype=torch.float32,
+    *,
+    num_rows=None,
+    mixing=None,
+    seed=0,
+    device="cpu",
+):
     """Router logits, ids, sims, memory and bias whose mixed logits route without near-ties.
 
     Router and memory rows are tie-free routing logits (``make_routing_logits``); similarities are
@@ -65,7 +81,9 @@ def _inputs(num_tokens, num_experts, num_neighbors, options=None, with_bias=Fals
     num_rows = num_rows or max(2 * num_neighbors, num_tokens // 2, 1)
     generator = torch.Generator().manual_seed(seed)
     bias = testing.make_bias(num_experts, seed=seed + 1) if with_bias else None
-    group_options = {key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options}
+    group_options = {
+        key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options
+    }
     router = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
     memory = testing.make_routing_logits(num_rows, num_experts, dtype, bias=bias, seed=seed + 7, **group_options)
     ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=generator)
@@ -123,7 +141,9 @@ def test_reference_equals_gather_mix_route(num_experts, k, options, with_bias, m
     torch.testing.assert_close(chosen, want_ids, atol=0, rtol=0)
     testing.assert_close(weights, want_weights, dtype=torch.float64)
     # float32 inputs: float32 outputs, the same ids.
-    weights32, chosen32, conf32 = knn_route(router, ids, sims, memory, k, bias=bias, backend="torch", **options, **mixing)
+    weights32, chosen32, conf32 = knn_route(
+        router, ids, sims, memory, k, bias=bias, backend="torch", **options, **mixing
+    )
     assert weights32.dtype == conf32.dtype == torch.float32
     torch.testing.assert_close(chosen32, want_ids, atol=0, rtol=0)
     testing.assert_close(weights32, want_weights, dtype=torch.float32)
@@ -149,7 +169,9 @@ def test_invariant_to_neighbour_order():
     order = torch.randperm(6)
     for mixing in MIXINGS:
         weights, chosen, conf = knn_route(router, ids, sims, memory, 3, backend="torch", **mixing)
-        weights_p, chosen_p, conf_p = knn_route(router, ids[:, order], sims[:, order], memory, 3, backend="torch", **mixing)
+        weights_p, chosen_p, conf_p = knn_route(
+            router, ids[:, order], sims[:, order], memory, 3, backend="torch", **mixing
+        )
         torch.testing.assert_close(chosen_p, chosen, atol=0, rtol=0)
         testing.assert_close(weights_p, weights)
         testing.assert_close(conf_p, conf)
@@ -170,8 +192,11 @@ def _grad_inputs():
 
 
 @pytest.mark.parametrize("mixing", MIXINGS, ids=MIXING_IDS)
-@pytest.mark.parametrize("options", [dict(renormalize=True, scale=1.5), dict(score_func="sigmoid", num_groups=2, topk_groups=1)],
-                         ids=["softmax-renorm", "sigmoid-groups"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(renormalize=True, scale=1.5), dict(score_func="sigmoid", num_groups=2, topk_groups=1)],
+    ids=["softmax-renorm", "sigmoid-groups"],
+)
 def test_gradcheck_float64(options, mixing):
     router, ids, sims, memory, bias = _grad_inputs()
     router.requires_grad_(True)
@@ -207,11 +232,24 @@ def test_explicit_backward_matches_autograd_and_memory_without_grad():
 
 
 def _op_args(router, ids, sims, memory, k, bias, options, mixing, use_triton):
-    return (router, ids, sims, memory, k, options.get("renormalize", False), options.get("score_func", "softmax"),
-            bias, options.get("num_groups") or 0, options.get("topk_groups") or 0,
-            options.get("group_score", "top2_sum"), float(options.get("scale", 1.0)),
-            mixing.get("weighting", "similarity"), float(mixing.get("temperature", 0.1)),
-            float(mixing.get("min_confidence", 0.0)), use_triton)
+    return (
+        router,
+        ids,
+        sims,
+        memory,
+        k,
+        options.get("renormalize", False),
+        options.get("score_func", "softmax"),
+        bias,
+        options.get("num_groups") or 0,
+        options.get("topk_groups") or 0,
+        options.get("group_score", "top2_sum"),
+        float(options.get("scale", 1.0)),
+        mixing.get("weighting", "similarity"),
+        float(mixing.get("temperature", 0.1)),
+        float(mixing.get("min_confidence", 0.0)),
+        use_triton,
+    )
 
 
 OPCHECK_CASES = [
@@ -226,8 +264,17 @@ def test_opcheck_reference_path(num_tokens):
     for options, mixing, with_bias in OPCHECK_CASES:
         router, ids, sims, memory, bias = _inputs(num_tokens, 12, 3, options, with_bias, num_rows=7)
         for router_grad, memory_grad in ((False, False), (True, True), (True, False), (False, True)):
-            args = _op_args(router.clone().requires_grad_(router_grad), ids, sims,
-                            memory.clone().requires_grad_(memory_grad), 3, bias, options, mixing, False)
+            args = _op_args(
+                router.clone().requires_grad_(router_grad),
+                ids,
+                sims,
+                memory.clone().requires_grad_(memory_grad),
+                3,
+                bias,
+                options,
+                mixing,
+                False,
+            )
             torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
 
 
@@ -282,17 +329,32 @@ def _good_args():
     [
         (dict(router=torch.ones(4, 8, dtype=torch.int32)), TypeError, r"knn_route: router_logits must be float32"),
         (dict(router=torch.ones(4, 8, 1)), ValueError, r"knn_route: router_logits must have shape \(T, E\)"),
-        (dict(memory=torch.ones(6, 9)), ValueError, r"memory_logits must have shape \(N, E\) = \(N, 8\) as router_logits"),
-        (dict(memory=torch.ones(0, 8)), ValueError, r"memory_logits must have shape \(N, E\) with N >= 1, got \(0, 8\)"),
+        (
+            dict(memory=torch.ones(6, 9)),
+            ValueError,
+            r"memory_logits must have shape \(N, E\) = \(N, 8\) as router_logits",
+        ),
+        (
+            dict(memory=torch.ones(0, 8)),
+            ValueError,
+            r"memory_logits must have shape \(N, E\) with N >= 1, got \(0, 8\)",
+        ),
         (dict(memory=torch.ones(6, 8, dtype=torch.int64)), TypeError, r"memory_logits must be float32"),
         (dict(memory=[[1.0]]), TypeError, r"memory_logits must be a torch.Tensor, got list"),
         (dict(memory=torch.ones(6, 8, device="meta")), ValueError, r"memory_logits must be on router_logits' device"),
         (dict(sims=torch.ones(5, 3)), ValueError, r"knn_route: neighbor_sims must have shape \(T, n\) = \(4, n\)"),
         (dict(sims=torch.ones(4, 0)), ValueError, r"with n >= 1"),
-        (dict(ids=torch.zeros(4, 2, dtype=torch.int64)), ValueError,
-         r"neighbor_ids must have shape \(T, n\) = \(4, 3\) as neighbor_sims, got \(4, 2\)"),
+        (
+            dict(ids=torch.zeros(4, 2, dtype=torch.int64)),
+            ValueError,
+            r"neighbor_ids must have shape \(T, n\) = \(4, 3\) as neighbor_sims, got \(4, 2\)",
+        ),
         (dict(ids=torch.zeros(4, 3)), TypeError, r"neighbor_ids must be int32 or int64, got torch.float32"),
-        (dict(ids=torch.full((4, 3), 6)), ValueError, r"neighbor_ids must lie in \[0, N\) = \[0, 6\) .*got values in \[6, 6\]"),
+        (
+            dict(ids=torch.full((4, 3), 6)),
+            ValueError,
+            r"neighbor_ids must lie in \[0, N\) = \[0, 6\) .*got values in \[6, 6\]",
+        ),
         (dict(ids=torch.full((4, 3), -1)), ValueError, r"neighbor_ids must lie in \[0, N\) = \[0, 6\)"),
         (dict(k=9), ValueError, r"knn_route: k must be an int in \[1, 8\]"),
         (dict(score_func="relu"), ValueError, r"knn_route: score_func must be one of"),
@@ -327,17 +389,24 @@ def test_float64_router_needs_the_torch_backend(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def _kernel_vs_reference(device, num_tokens, num_experts, k, options, with_bias, mixing, dtype=torch.float32,
-                         num_neighbors=5, seed=0):
-    router, ids, sims, memory, bias = _inputs(num_tokens, num_experts, num_neighbors, options, with_bias, dtype,
-                                              mixing=mixing, seed=seed, device=device)
+def _kernel_vs_reference(
+    device, num_tokens, num_experts, k, options, with_bias, mixing, dtype=torch.float32, num_neighbors=5, seed=0
+):
+    router, ids, sims, memory, bias = _inputs(
+        num_tokens, num_experts, num_neighbors, options, with_bias, dtype, mixing=mixing, seed=seed, device=device
+    )
     r_k, m_k = router.clone().requires_grad_(True), memory.clone().requires_grad_(True)
     with testing.poisoned_outputs():
         weights, chosen, conf = knn_route(r_k, ids, sims, m_k, k, bias=bias, backend="triton", **options, **mixing)
         grad = torch.randn(weights.shape, device=device)
         weights.backward(grad)
-    for name, t in (("weights", weights), ("ids", chosen), ("conf", conf), ("grad_router", r_k.grad),
-                    ("grad_memory", m_k.grad)):
+    for name, t in (
+        ("weights", weights),
+        ("ids", chosen),
+        ("conf", conf),
+        ("grad_router", r_k.grad),
+        ("grad_memory", m_k.grad),
+    ):
         testing.assert_written(t, name)
     assert weights.dtype == conf.dtype == torch.float32 and chosen.dtype == torch.int32
     assert weights.shape == chosen.shape == (num_tokens, k) and conf.shape == (num_tokens,)
@@ -416,8 +485,17 @@ def test_kernel_zero_confidence_is_bit_exact_frozen_routing(kernel_device):
 def test_kernel_opcheck_and_eager_function(kernel_device):
     options, mixing, with_bias = OPCHECK_CASES[1]
     router, ids, sims, memory, bias = _inputs(13, 16, 3, options, with_bias, device=kernel_device)
-    args = _op_args(router.clone().requires_grad_(True), ids, sims, memory.clone().requires_grad_(True), 3, bias,
-                    options, mixing, True)
+    args = _op_args(
+        router.clone().requires_grad_(True),
+        ids,
+        sims,
+        memory.clone().requires_grad_(True),
+        3,
+        bias,
+        options,
+        mixing,
+        True,
+    )
     torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
     via_function = KnnRouteFunction.apply(*args)
     via_op = torch.ops.moe_kernels.knn_route(*args)

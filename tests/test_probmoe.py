@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from oracles import log_partition_dp, subset_law_oracle
 
 import moe_kernels as mk
 from moe_kernels.ops.probmoe import exact_k_op
 from moe_kernels.reference import probmoe as ref
 from moe_kernels.testing import assert_close
-from oracles import log_partition_dp, subset_law_oracle
 
 
 def _bands(num_experts: int):
@@ -99,7 +99,7 @@ def test_sample_layout_increasing_ids_then_padding():
     for row in ids.tolist():
         chosen = [i for i in row if i >= 0]
         assert 2 <= len(chosen) <= 6 and row[: len(chosen)] == sorted(set(chosen))
-        assert all(i == -1 for i in row[len(chosen):])
+        assert all(i == -1 for i in row[len(chosen) :])
 
 
 def test_seed_reproducible_and_fresh_without():
@@ -184,7 +184,7 @@ def test_route_inference_band_is_most_probable_subset():
         assert sorted(chosen) == list(best)
         probs = torch.softmax(logits[t], -1)
         torch.testing.assert_close(weights[t, : len(chosen)], probs[chosen])
-        assert bool((weights[t, len(chosen):] == 0).all())
+        assert bool((weights[t, len(chosen) :] == 0).all())
 
 
 def test_non_finite_rows():

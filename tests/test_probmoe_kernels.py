@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import subset_law_oracle
+from test_probmoe import _chi_square_pvalue
 
 import moe_kernels as mk
 from moe_kernels.ops.probmoe import exact_k_backward_op, exact_k_op
 from moe_kernels.reference import probmoe as ref
 from moe_kernels.testing import assert_close, assert_written, poisoned_outputs
-from oracles import subset_law_oracle
-from test_probmoe import _chi_square_pvalue
 
 pytestmark = pytest.mark.kernel
 
@@ -46,7 +46,7 @@ def _check(device, dtype, num_tokens, num_experts, k, k_min):
     for row in ids.cpu().tolist():
         chosen = [i for i in row if i >= 0]
         assert k_min <= len(chosen) <= k and row[: len(chosen)] == sorted(set(chosen))
-        assert all(i == -1 for i in row[len(chosen):]) and all(i < num_experts for i in chosen)
+        assert all(i == -1 for i in row[len(chosen) :]) and all(i < num_experts for i in chosen)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-E{e}-k{k}-kmin{m}" for t, e, k, m in SHAPES])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import softmax_topk_oracle
+from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import reference, testing
 from moe_kernels.ops import routing as routing_ops
-from oracles import softmax_topk_oracle
-from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 pytestmark = pytest.mark.kernel
 
@@ -62,8 +62,20 @@ def test_kernel_one_row_per_program(kernel_device, monkeypatch):
     monkeypatch.setattr(routing_ops, "MIN_PROGRAMS", 128)
     logits, bias = routing_inputs(9, 256, dict(score_func="sigmoid"), True, torch.float32, kernel_device)
     options = dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5)
-    assert routing_ops.forward_meta(9, 256, 8, renormalize=True, score_func="sigmoid", has_bias=True,
-                                    num_groups=8, topk_groups=4, group_score="top2_sum")["BLOCK_T"] == 1
+    assert (
+        routing_ops.forward_meta(
+            9,
+            256,
+            8,
+            renormalize=True,
+            score_func="sigmoid",
+            has_bias=True,
+            num_groups=8,
+            topk_groups=4,
+            group_score="top2_sum",
+        )["BLOCK_T"]
+        == 1
+    )
     weights, ids = _run(logits, 8, bias, options)
     want_weights, want_ids = softmax_topk_oracle(logits.cpu(), 8, bias=bias.cpu(), **options)
     torch.testing.assert_close(ids.cpu(), want_ids, atol=0, rtol=0)
@@ -134,8 +146,9 @@ def test_cuda_graph_capture_and_replay():
     bias = testing.make_bias(256)
 
     def fresh_logits(seed):
-        return testing.make_routing_logits(64, 256, torch.bfloat16, score_func="sigmoid", bias=bias,
-                                           num_groups=8, topk_groups=4, seed=seed).cuda()
+        return testing.make_routing_logits(
+            64, 256, torch.bfloat16, score_func="sigmoid", bias=bias, num_groups=8, topk_groups=4, seed=seed
+        ).cuda()
 
     bias = bias.cuda()
     static_logits = fresh_logits(0)

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from routing_cases import routing_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels
 from moe_kernels import testing
 from moe_kernels.ops.routing import SoftmaxTopkFunction
-from routing_cases import routing_inputs
 
 OPCHECK_CASES = [
     ("softmax", 16, 3, {}, False),
-    ("sigmoid-bias-groups", 32, 4, dict(score_func="sigmoid", num_groups=4, topk_groups=2, renormalize=True, scale=2.5), True),
+    (
+        "sigmoid-bias-groups",
+        32,
+        4,
+        dict(score_func="sigmoid", num_groups=4, topk_groups=2, renormalize=True, scale=2.5),
+        True,
+    ),
     ("softmax-groups-max", 24, 2, dict(num_groups=6, topk_groups=3, group_score="max"), False),
 ]
 
@@ -45,8 +51,15 @@ def _opcheck(device, use_triton, num_tokens):
             torch.library.opcheck(torch.ops.moe_kernels.softmax_topk.default, args)
         weights, ids = torch.ops.moe_kernels.softmax_topk(*_op_args(logits, k, bias, options, use_triton))
         grad = torch.randn_like(weights)
-        bwd_args = (grad, logits, ids, options.get("renormalize", False), options.get("score_func", "softmax"),
-                    float(options.get("scale", 1.0)), use_triton)
+        bwd_args = (
+            grad,
+            logits,
+            ids,
+            options.get("renormalize", False),
+            options.get("score_func", "softmax"),
+            float(options.get("scale", 1.0)),
+            use_triton,
+        )
         torch.library.opcheck(torch.ops.moe_kernels.softmax_topk_backward.default, bwd_args)
 
 
@@ -103,8 +116,9 @@ def _compile_matches_eager(device, backend):
 
     compiled = torch.compile(route, fullgraph=True, dynamic=True)
     for num_tokens in (7, 19):  # two token counts: one dynamic graph, no recompile per T
-        logits = testing.make_routing_logits(num_tokens, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4,
-                                             topk_groups=2, seed=num_tokens).to(device)
+        logits = testing.make_routing_logits(
+            num_tokens, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2, seed=num_tokens
+        ).to(device)
         want_weights, want_ids = route(logits)
         got_weights, got_ids = compiled(logits)
         torch.testing.assert_close(got_ids, want_ids, atol=0, rtol=0)
@@ -113,7 +127,9 @@ def _compile_matches_eager(device, backend):
     def loss(x):
         return (moe_kernels.softmax_topk(x, 4, bias=bias, backend=backend, **options)[0] ** 2).sum()
 
-    logits = testing.make_routing_logits(7, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2).to(device)
+    logits = testing.make_routing_logits(7, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2).to(
+        device
+    )
     eager_x = logits.clone().requires_grad_(True)
     loss(eager_x).backward()
     compiled_x = logits.clone().requires_grad_(True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import softmax_topk_oracle
+from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import reference, testing
-from oracles import softmax_topk_oracle
-from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 
 @routing_cases

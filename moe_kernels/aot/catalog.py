@@ -28,11 +28,11 @@ Registering a generator costs nothing; generating cases imports the kernels, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
-
 
 # Triton pointer element type of each logits dtype the Triton path accepts.
 TRITON_DTYPES: dict[torch.dtype, str] = {

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from moe_kernels import _table
 from moe_kernels._compat import interpreter_enabled
@@ -308,7 +308,6 @@ def summary(rows: Sequence[dict]) -> str:
         for field in ("regs", "stack", "local"):
             agg[field] = max(agg[field], row[field])
     return "\n".join(
-        f"{kernel} sm_{arch}: {a['cases']} cases, max regs {a['regs']}, max stack {a['stack']}, "
-        f"max local {a['local']}"
+        f"{kernel} sm_{arch}: {a['cases']} cases, max regs {a['regs']}, max stack {a['stack']}, max local {a['local']}"
         for (kernel, arch), a in sorted(best.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
     )

@@ -12,8 +12,8 @@ import argparse
 import random
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -27,8 +27,14 @@ STAGES: tuple[tuple[str, Stage], ...] = (
 )
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, device: str | None = None,
-             stages: Sequence[str] | None = None) -> int:
+def run_demo(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+    stages: Sequence[str] | None = None,
+) -> int:
     """Run the demo's stages (``stages``: a subset by name) and write the report into ``out``;
     returns the exit code (0 when every stage passed)."""
     out = Path(out)

@@ -75,8 +75,9 @@ def environment(device: torch.device, seed: int, quick: bool) -> dict:
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=30, check=True)
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30, check=True
+        )
         return result.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -101,8 +102,14 @@ def write_outputs(out: Path, env: dict, stages: list[StageResult]) -> tuple[Path
         "environment": env,
         "stages": {
             stage.name: {
-                "title": stage.title, "status": stage.status, "seconds": stage.seconds, "numbers": stage.numbers,
-                "timings": stage.timings, "plots": stage.plots, "notes": stage.notes, "error": stage.error,
+                "title": stage.title,
+                "status": stage.status,
+                "seconds": stage.seconds,
+                "numbers": stage.numbers,
+                "timings": stage.timings,
+                "plots": stage.plots,
+                "notes": stage.notes,
+                "error": stage.error,
             }
             for stage in stages
         },
@@ -122,14 +129,28 @@ def _report(env: dict, stages: list[StageResult], claims: list[dict]) -> str:
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}, moe_kernels {env['moe_kernels']} "
         f"({env['commit']}); seed {env['seed']}, {env['mode']} mode; {env['date_utc']}.",
         "",
-        markdown_table([{"stage": s.title, "status": s.status, "seconds": round(s.seconds, 1)} for s in stages],
-                       ["stage", "status", "seconds"]),
+        markdown_table(
+            [{"stage": s.title, "status": s.status, "seconds": round(s.seconds, 1)} for s in stages],
+            ["stage", "status", "seconds"],
+        ),
     ]
     if claims:
-        lines += ["", "## Claims", "", markdown_table(
-            [{**claim, "measured": json.dumps(_json_safe(claim["measured"])),
-              "reproduced": "reproduced" if claim["reproduced"] else "not reproduced"} for claim in claims],
-            ["paper", "claim", "measured", "reproduced"])]
+        lines += [
+            "",
+            "## Claims",
+            "",
+            markdown_table(
+                [
+                    {
+                        **claim,
+                        "measured": json.dumps(_json_safe(claim["measured"])),
+                        "reproduced": "reproduced" if claim["reproduced"] else "not reproduced",
+                    }
+                    for claim in claims
+                ],
+                ["paper", "claim", "measured", "reproduced"],
+            ),
+        ]
     for stage in stages:
         lines += ["", f"## {stage.title}", ""]
         if stage.status != "ok":

@@ -31,13 +31,22 @@ def validation_stage(out: Path, device: torch.device, quick: bool, seed: int) ->
     with Progress(total, "validate") as bar:
         rows = validation.validate_rows(device, progress=bar.update, **options)
     failures = [row for row in rows if row["status"] != "ok"]
-    stage.numbers = {"rows": len(rows), "failed": len(failures),
-                     "max_error": {op: max(float(r["weight_err"]) for r in rows if r["op"] == op)
-                                   for op in dict.fromkeys(row["op"] for row in rows)},
-                     "max_grad_error": {op: max(float(r["grad_err"]) for r in rows if r["op"] == op)
-                                        for op in dict.fromkeys(row["op"] for row in rows)}}
-    stage.notes.append(f"{len(rows) - len(failures)} of {len(rows)} (op, model, dtype, T) rows within the tolerance "
-                       "table of `moe_kernels.testing`")
+    stage.numbers = {
+        "rows": len(rows),
+        "failed": len(failures),
+        "max_error": {
+            op: max(float(r["weight_err"]) for r in rows if r["op"] == op)
+            for op in dict.fromkeys(row["op"] for row in rows)
+        },
+        "max_grad_error": {
+            op: max(float(r["grad_err"]) for r in rows if r["op"] == op)
+            for op in dict.fromkeys(row["op"] for row in rows)
+        },
+    }
+    stage.notes.append(
+        f"{len(rows) - len(failures)} of {len(rows)} (op, model, dtype, T) rows within the tolerance "
+        "table of `moe_kernels.testing`"
+    )
     stage.tables.append(markdown_table(rows, list(rows[0])))
     if failures:
         stage.status = "failed"
@@ -79,6 +88,7 @@ def microbenchmark_stage(out: Path, device: torch.device, quick: bool, seed: int
     stage.timings = {"benchmarks": list(names)}
     for png in sorted(bench_dir.rglob("*.png")):
         stage.plots.append(str(png.relative_to(out)))
-    stage.notes.append(f"quick runs of {', '.join(names)} on {device.type}; tables in `bench.log`, CSVs and plots "
-                       "under `bench/`")
+    stage.notes.append(
+        f"quick runs of {', '.join(names)} on {device.type}; tables in `bench.log`, CSVs and plots under `bench/`"
+    )
     return stage

@@ -9,7 +9,7 @@ assert (no host sync: CUDA graphs and ``torch.compile`` keep working).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,8 +19,14 @@ from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 KNN_WEIGHTINGS = ("similarity", "softmax")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                torch.float64: "float64", torch.int32: "int32", torch.int64: "int64"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int32: "int32",
+    torch.int64: "int64",
+}
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
@@ -30,8 +36,17 @@ def _names(dtypes: Sequence[torch.dtype]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def tensor(op: str, name: str, value, *, dtypes: Sequence[torch.dtype] | None = None, dims: int | None = None,
-           shape: str | None = None, device: torch.device | None = None, device_of: str = "") -> torch.Tensor:
+def tensor(
+    op: str,
+    name: str,
+    value,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    dims: int | None = None,
+    shape: str | None = None,
+    device: torch.device | None = None,
+    device_of: str = "",
+) -> torch.Tensor:
     """``value`` is a tensor of one of ``dtypes``, with ``dims`` dimensions (``shape`` names them
     in the message, e.g. ``"(T, E)"``), on ``device`` (``device_of`` names its owner)."""
     if not isinstance(value, torch.Tensor):
@@ -58,20 +73,25 @@ def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described
         raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
 
 
-def integer(op: str, name: str, value, low: int | None = None, high: int | None = None, *,
-            optional: bool = False) -> None:
+def integer(
+    op: str, name: str, value, low: int | None = None, high: int | None = None, *, optional: bool = False
+) -> None:
     """An int (not a bool) in ``[low, high]`` (either bound may be None), or None if ``optional``."""
     if optional and value is None:
         return
     if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
-            f">= {low}" if low is not None else f"<= {high}" if high is not None else "")
+        bounds = (
+            f"in [{low}, {high}]"
+            if low is not None and high is not None
+            else (f">= {low}" if low is not None else f"<= {high}" if high is not None else "")
+        )
         prefix = "None or " if optional else ""
         raise ValueError(f"{op}: {name} must be {prefix}an int {bounds}".rstrip() + f", got {value!r}")
 
 
-def number(op: str, name: str, value, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False) -> None:
+def number(
+    op: str, name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
     """A finite int or float (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     ok = is_finite_number(value)
     if ok and low is not None:
@@ -102,12 +122,23 @@ def choice(op: str, name: str, value, choices: Sequence) -> None:
 def not_float64_on_triton(op: str, name: str, value: torch.Tensor, triton_path: bool) -> None:
     """The Triton kernels take 16- and 32-bit floats; float64 is the reference's (gradcheck)."""
     if triton_path and value.dtype == torch.float64:
-        raise TypeError(f"{op}: backend='triton' takes float32/float16/bfloat16 {name}, got torch.float64; "
-                        "use backend='torch' for float64")
+        raise TypeError(
+            f"{op}: backend='triton' takes float32/float16/bfloat16 {name}, got torch.float64; "
+            "use backend='torch' for float64"
+        )
 
 
-def ids_in_range(op: str, name: str, ids: torch.Tensor, low: int, high: int, symbol: str, *, what: str = "",
-                 assert_on_device: bool = True) -> None:
+def ids_in_range(
+    op: str,
+    name: str,
+    ids: torch.Tensor,
+    low: int,
+    high: int,
+    symbol: str,
+    *,
+    what: str = "",
+    assert_on_device: bool = True,
+) -> None:
     """Every value of ``ids`` in ``[low, high)`` (``symbol`` names ``high`` in the message, e.g.
     ``"E"``; ``what`` says what the ids index): a ``ValueError`` with the values' range for CPU
     tensors in eager mode; otherwise a device-side assert (no host sync), unless
@@ -164,11 +195,14 @@ def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_
     num_tokens, num_experts = router_logits.shape
     if num_experts < 1:
         raise ValueError(f"{op}: router_logits must have E >= 1 experts, got shape {tuple(router_logits.shape)}")
-    tensor(op, "neighbor_sims", neighbor_sims, dtypes=FLOAT_DTYPES, device=router_logits.device,
-           device_of="router_logits")
+    tensor(
+        op, "neighbor_sims", neighbor_sims, dtypes=FLOAT_DTYPES, device=router_logits.device, device_of="router_logits"
+    )
     if neighbor_sims.dim() != 2 or neighbor_sims.shape[1] < 1 or neighbor_sims.shape[0] != num_tokens:
-        raise ValueError(f"{op}: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got "
-                         f"{tuple(neighbor_sims.shape)}")
+        raise ValueError(
+            f"{op}: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got "
+            f"{tuple(neighbor_sims.shape)}"
+        )
     choice(op, "weighting", weighting, KNN_WEIGHTINGS)
     number(op, "temperature", temperature, low=0, low_open=True)
     number(op, "min_confidence", min_confidence, low=0, high=1)

@@ -74,24 +74,40 @@ def fused_experts(
     Gradients flow to ``hidden``, both projections, ``weights`` and both biases; ``ids`` is not
     differentiable. Saved for backward: the inputs (no copies) and, on the Triton path, the
     pre-activation ``h`` of every slot, ``T * k * 2I`` elements of hidden's dtype (the activation
-    is recomputed from it), written only when an input requires grad; the activation itself is
+    is recomputed from it), written only when an input requires grad (the reference path
+    recomputes what its backward needs and saves nothing); the activation itself is
     computed in the up projection's epilogue from its float32 accumulators. Intermediates are
-    kept in hidden's dtype, GEMMs accumulate in float32. ``ids`` outside ``[-1, E)`` raise on CPU; on CUDA they fail a device-side assert
-    (checked asynchronously, without a host sync).
+    kept in hidden's dtype, GEMMs accumulate in float32. ``ids`` outside ``[-1, E)`` raise on
+    CPU; on CUDA they fail a device-side assert (checked asynchronously, without a host sync).
     """
     triton_path = use_triton(backend, hidden.device, "fused_experts")
     # The Triton path checks ids inside its alignment kernel (one flag, asserted asynchronously),
     # so no separate device check is queued here.
-    _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                assert_on_device=not triton_path)
+    _check_args(
+        hidden,
+        gate_up_proj,
+        down_proj,
+        weights,
+        ids,
+        activation,
+        gate_up_bias,
+        down_bias,
+        assert_on_device=not triton_path,
+    )
     check.not_float64_on_triton("fused_experts", "hidden", hidden, triton_path)
     # The kernels store the pre-activation h only when a backward can read it (the reference's
     # backward recomputes its intermediates: it never needs h).
-    save_h = triton_path and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, gate_up_proj, down_proj, weights, gate_up_bias, down_bias)
+    save_h = (
+        triton_path
+        and torch.is_grad_enabled()
+        and any(
+            t is not None and t.requires_grad
+            for t in (hidden, gate_up_proj, down_proj, weights, gate_up_bias, down_bias)
+        )
     )
-    out, _ = FUSED_EXPERTS(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                           triton_path, save_h)
+    out, _ = FUSED_EXPERTS(
+        hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, triton_path, save_h
+    )
     return out
 
 
@@ -101,18 +117,24 @@ def _check_ids(ids, num_experts, op_name, assert_on_device=True):
         raise TypeError(f"{op_name}: ids must be a (T, k) int32 or int64 tensor, got {got}")
     if not check.is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op_name}: num_experts must be an int >= 1, got {num_experts!r}")
-    check.ids_in_range(op_name, "ids", ids, -1, num_experts, "E", what="-1 marks an empty slot",
-                       assert_on_device=assert_on_device)
+    check.ids_in_range(
+        op_name, "ids", ids, -1, num_experts, "E", what="-1 marks an empty slot", assert_on_device=assert_on_device
+    )
 
 
-def _check_args(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                assert_on_device=True):
+def _check_args(
+    hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, assert_on_device=True
+):
     name = "fused_experts"
     check.tensor(name, "hidden", hidden, dims=2, shape="(T, H)")
-    for arg, tensor, shape in (("gate_up_proj", gate_up_proj, "(E, 2I, H)"), ("down_proj", down_proj, "(E, H, I)"),
-                               ("weights", weights, "(T, k)")):
-        check.tensor(name, arg, tensor, dims=shape.count(",") + 1, shape=shape, device=hidden.device,
-                     device_of="hidden")
+    for arg, tensor, shape in (
+        ("gate_up_proj", gate_up_proj, "(E, 2I, H)"),
+        ("down_proj", down_proj, "(E, H, I)"),
+        ("weights", weights, "(T, k)"),
+    ):
+        check.tensor(
+            name, arg, tensor, dims=shape.count(",") + 1, shape=shape, device=hidden.device, device_of="hidden"
+        )
     check.tensor(name, "hidden", hidden, dtypes=check.FLOAT_DTYPES)
     num_tokens, hidden_size = hidden.shape
     num_experts, width, gate_up_hidden = gate_up_proj.shape

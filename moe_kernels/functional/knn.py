@@ -8,6 +8,7 @@ from moe_kernels.functional import _validate as check
 from moe_kernels.ops.knn import KNN_MIX
 from moe_kernels.utils import use_triton
 
+
 def knn_mix(
     router_logits: torch.Tensor,
     neighbor_logits: torch.Tensor,
@@ -45,12 +46,26 @@ def knn_mix(
     Saved for backward: ``neighbor_sims`` only.
     """
     check.mix_args("knn_mix", router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor("knn_mix", "neighbor_logits", neighbor_logits, dtypes=check.FLOAT_DTYPES, dims=3, shape="(T, n, E)",
-                 device=router_logits.device, device_of="router_logits")
+    check.tensor(
+        "knn_mix",
+        "neighbor_logits",
+        neighbor_logits,
+        dtypes=check.FLOAT_DTYPES,
+        dims=3,
+        shape="(T, n, E)",
+        device=router_logits.device,
+        device_of="router_logits",
+    )
     num_tokens, num_experts = router_logits.shape
-    check.shape_is("knn_mix", "neighbor_logits", neighbor_logits, (num_tokens, neighbor_sims.shape[1], num_experts),
-                   f"(T, n, E) = ({num_tokens}, {neighbor_sims.shape[1]}, {num_experts})")
+    check.shape_is(
+        "knn_mix",
+        "neighbor_logits",
+        neighbor_logits,
+        (num_tokens, neighbor_sims.shape[1], num_experts),
+        f"(T, n, E) = ({num_tokens}, {neighbor_sims.shape[1]}, {num_experts})",
+    )
     triton_path = use_triton(backend, router_logits.device, "knn_mix")
     check.not_float64_on_triton("knn_mix", "router_logits", router_logits, triton_path)
-    return KNN_MIX(router_logits, neighbor_logits, neighbor_sims, weighting, float(temperature), float(min_confidence),
-                   triton_path)
+    return KNN_MIX(
+        router_logits, neighbor_logits, neighbor_sims, weighting, float(temperature), float(min_confidence), triton_path
+    )

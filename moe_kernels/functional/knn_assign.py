@@ -49,18 +49,31 @@ def knn_route_assignments(
     """
     op = "knn_route_assignments"
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor(op, "memory_logits", memory_logits, dtypes=check.FLOAT_DTYPES, dims=2, shape="(N, E)",
-                 device=router_logits.device, device_of="router_logits")
+    check.tensor(
+        op,
+        "memory_logits",
+        memory_logits,
+        dtypes=check.FLOAT_DTYPES,
+        dims=2,
+        shape="(N, E)",
+        device=router_logits.device,
+        device_of="router_logits",
+    )
     num_experts = router_logits.shape[1]
     if memory_logits.shape[1] != num_experts:
-        raise ValueError(f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits, got "
-                         f"{tuple(memory_logits.shape)}")
-    check.tensor(op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device,
-                 device_of="router_logits")
-    check.shape_is(op, "neighbor_ids", neighbor_ids, neighbor_sims.shape,
-                   f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims")
-    check.ids_in_range(op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N",
-                       what="the rows of memory_logits")
+        raise ValueError(
+            f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits, got "
+            f"{tuple(memory_logits.shape)}"
+        )
+    check.tensor(
+        op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
+    )
+    check.shape_is(
+        op, "neighbor_ids", neighbor_ids, neighbor_sims.shape, f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims"
+    )
+    check.ids_in_range(
+        op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N", what="the rows of memory_logits"
+    )
     num_tokens, num_neighbors = neighbor_sims.shape
     neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
     dtype = compute_dtype(router_logits.dtype)

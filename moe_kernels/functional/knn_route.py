@@ -85,22 +85,60 @@ def knn_route(
     check.tensor(op, "memory_logits", memory_logits, device=router_logits.device, device_of="router_logits")
     num_experts = router_logits.shape[1]
     if memory_logits.shape[1] != num_experts:
-        raise ValueError(f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits (T, E) = "
-                         f"{tuple(router_logits.shape)}, got {tuple(memory_logits.shape)}")
+        raise ValueError(
+            f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits (T, E) = "
+            f"{tuple(router_logits.shape)}, got {tuple(memory_logits.shape)}"
+        )
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor(op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device,
-                 device_of="router_logits")
-    check.shape_is(op, "neighbor_ids", neighbor_ids, neighbor_sims.shape,
-                   f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims")
-    routing = check.routing_args(op, router_logits, k, bias, routing, renormalize=renormalize, score_func=score_func,
-                                 num_groups=num_groups, topk_groups=topk_groups, group_score=group_score, scale=scale)
+    check.tensor(
+        op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
+    )
+    check.shape_is(
+        op, "neighbor_ids", neighbor_ids, neighbor_sims.shape, f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims"
+    )
+    routing = check.routing_args(
+        op,
+        router_logits,
+        k,
+        bias,
+        routing,
+        renormalize=renormalize,
+        score_func=score_func,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+    )
     triton_path = use_triton(backend, router_logits.device, op)
     if triton_path:
         check.triton_routing(op, router_logits, routing)
     # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
     # device check is queued for it.
-    check.ids_in_range(op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N",
-                       what="the rows of memory_logits", assert_on_device=not triton_path)
-    return KNN_ROUTE(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, routing.renormalize,
-                     routing.score_func, bias, routing.num_groups or 0, routing.topk_groups or 0, routing.group_score,
-                     routing.scale, weighting, float(temperature), float(min_confidence), triton_path)
+    check.ids_in_range(
+        op,
+        "neighbor_ids",
+        neighbor_ids,
+        0,
+        memory_logits.shape[0],
+        "N",
+        what="the rows of memory_logits",
+        assert_on_device=not triton_path,
+    )
+    return KNN_ROUTE(
+        router_logits,
+        neighbor_ids,
+        neighbor_sims,
+        memory_logits,
+        k,
+        routing.renormalize,
+        routing.score_func,
+        bias,
+        routing.num_groups or 0,
+        routing.topk_groups or 0,
+        routing.group_score,
+        routing.scale,
+        weighting,
+        float(temperature),
+        float(min_confidence),
+        triton_path,
+    )

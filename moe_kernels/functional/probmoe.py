@@ -28,9 +28,7 @@ _LAW = """
 """
 
 
-def exact_k_marginals(
-    logits: torch.Tensor, k: int, *, k_min: int | None = None, backend: str = "auto"
-) -> torch.Tensor:
+def exact_k_marginals(logits: torch.Tensor, k: int, *, k_min: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Exact inclusion marginals ``m_i = P(i in S)`` of the ProbMoE routing law.
 
     Args:

@@ -82,15 +82,35 @@ def softmax_topk(
     kernel); the bias gets no gradient and ``ids`` is not differentiable. Saved for backward:
     ``logits`` (no copy) and ``ids``.
     """
-    routing = check.routing_args("softmax_topk", logits, k, bias, routing, renormalize=renormalize,
-                                 score_func=score_func, num_groups=num_groups, topk_groups=topk_groups,
-                                 group_score=group_score, scale=scale)
+    routing = check.routing_args(
+        "softmax_topk",
+        logits,
+        k,
+        bias,
+        routing,
+        renormalize=renormalize,
+        score_func=score_func,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+    )
     triton_path = use_triton(backend, logits.device, "softmax_topk")
     if triton_path:
         check.triton_routing("softmax_topk", logits, routing)
     num_experts = logits.shape[-1]
     renormalize, score_func, num_groups, topk_groups, group_score, scale = routing.op_args()
-    weights, ids = SOFTMAX_TOPK(logits.reshape(-1, num_experts), k, renormalize, score_func, bias, num_groups,
-                                topk_groups, group_score, scale, triton_path)
+    weights, ids = SOFTMAX_TOPK(
+        logits.reshape(-1, num_experts),
+        k,
+        renormalize,
+        score_func,
+        bias,
+        num_groups,
+        topk_groups,
+        group_score,
+        scale,
+        triton_path,
+    )
     lead = logits.shape[:-1]
     return weights.reshape(*lead, k), ids.reshape(*lead, k)

@@ -142,7 +142,9 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
     for j in tl.static_range(K):
         position = tl.load(position_ptr + tokens.to(tl.int64) * K + j, mask=token_ok, other=0)
-        acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * H + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -11,8 +11,16 @@ import triton.language as tl
 
 @triton.jit
 def _confidence_and_weights(
-    sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence,
-    N: tl.constexpr, N_PAD: tl.constexpr, SIMILARITY: tl.constexpr,
+    sims_ptr,
+    rows64,
+    row_ok,
+    stride_st,
+    stride_sn,
+    inv_temperature,
+    min_confidence,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    SIMILARITY: tl.constexpr,
 ):
     """Load a ``[BLOCK_T, N_PAD]`` tile of similarities (padding 0) and return ``conf [BLOCK_T]``
     and the neighbour weights ``[BLOCK_T, N_PAD]``."""

@@ -70,8 +70,9 @@ def _mixed_tile(
         row_j = tl.load(nbr_ids_ptr + rows64 * stride_it + j * stride_in, mask=row_ok, other=0).to(tl.int64)
         id_ok = (row_j >= 0) & (row_j < M_rows)
         bad += tl.sum((row_ok & ~id_ok).to(tl.int32), axis=0)
-        x_j = tl.load(memory_ptr + (row_j * stride_mn)[:, None] + expert[None, :],
-                      mask=gather_mask & id_ok[:, None], other=0.0)
+        x_j = tl.load(
+            memory_ptr + (row_j * stride_mn)[:, None] + expert[None, :], mask=gather_mask & id_ok[:, None], other=0.0
+        )
         retrieved += w_j[:, None] * x_j.to(tl.float32)
     frozen = tl.load(router_ptr + (rows64 * stride_rt)[:, None] + expert[None, :], mask=tile_mask, other=0.0)
     frozen = frozen.to(tl.float32)
@@ -135,9 +136,28 @@ def _knn_route_fwd_kernel(
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
     mixed, conf, _, bad = _mixed_tile(
-        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, expert, col_ok, M_rows, stride_rt,
-        stride_mn, stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD,
-        SIMILARITY, BLOCK_T, BLOCK_W,
+        router_ptr,
+        memory_ptr,
+        nbr_ids_ptr,
+        sims_ptr,
+        rows64,
+        row_ok,
+        expert,
+        col_ok,
+        M_rows,
+        stride_rt,
+        stride_mn,
+        stride_it,
+        stride_in,
+        stride_st,
+        stride_sn,
+        inv_temperature,
+        min_confidence,
+        N,
+        N_PAD,
+        SIMILARITY,
+        BLOCK_T,
+        BLOCK_W,
     )
     if bad > 0:
         tl.atomic_min(valid_ptr, 0)
@@ -145,8 +165,28 @@ def _knn_route_fwd_kernel(
     # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
     # memory, so router_ptr / rows64 only fill the unused reload arguments.
     _route_tile(
-        mixed, rows, row_ok, expert, col_ok, bias_ptr, weights_ptr, ids_ptr, router_ptr, rows64, scale,
-        K, K_PAD, BLOCK_T, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2,
+        mixed,
+        rows,
+        row_ok,
+        expert,
+        col_ok,
+        bias_ptr,
+        weights_ptr,
+        ids_ptr,
+        router_ptr,
+        rows64,
+        scale,
+        K,
+        K_PAD,
+        BLOCK_T,
+        G_PAD,
+        GS_PAD,
+        SOFTMAX,
+        RENORMALIZE,
+        HAS_BIAS,
+        GROUPED,
+        TOPK_GROUPS,
+        GROUP_TOP2,
         False,
     )
 
@@ -186,9 +226,28 @@ def _knn_route_mixed_kernel(
     row_ok = rows < T
     col_ok = cols < E
     mixed, conf, weights, _ = _mixed_tile(  # the forward checked the ids
-        router_ptr, memory_ptr, nbr_ids_ptr, sims_ptr, rows64, row_ok, cols, col_ok, M_rows, stride_rt,
-        stride_mn, stride_it, stride_in, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD,
-        SIMILARITY, BLOCK_T, BLOCK_E,
+        router_ptr,
+        memory_ptr,
+        nbr_ids_ptr,
+        sims_ptr,
+        rows64,
+        row_ok,
+        cols,
+        col_ok,
+        M_rows,
+        stride_rt,
+        stride_mn,
+        stride_it,
+        stride_in,
+        stride_st,
+        stride_sn,
+        inv_temperature,
+        min_confidence,
+        N,
+        N_PAD,
+        SIMILARITY,
+        BLOCK_T,
+        BLOCK_E,
     )
     tl.store(mixed_ptr + rows64[:, None] * E + cols[None, :], mixed, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(conf_ptr + rows64, conf, mask=row_ok)

@@ -155,9 +155,7 @@ def _route_tile(
     if RELOAD:
         # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is
         # cheaper than K more reductions over the tile, and recomputes the scores bit-identically.
-        x_chosen = tl.load(
-            logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0
-        ).to(tl.float32)
+        x_chosen = tl.load(logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
         weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
     else:
         weights = tl.where(out_mask, weights, 0.0)
@@ -220,8 +218,28 @@ def _softmax_topk_fwd_kernel(
         other=0.0,
     ).to(tl.float32)
     _route_tile(
-        x, rows, row_ok, expert, col_ok, bias_ptr, weights_ptr, ids_ptr, logits_ptr, row_off, scale,
-        K, K_PAD, BLOCK_T, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2,
+        x,
+        rows,
+        row_ok,
+        expert,
+        col_ok,
+        bias_ptr,
+        weights_ptr,
+        ids_ptr,
+        logits_ptr,
+        row_off,
+        scale,
+        K,
+        K_PAD,
+        BLOCK_T,
+        G_PAD,
+        GS_PAD,
+        SOFTMAX,
+        RENORMALIZE,
+        HAS_BIAS,
+        GROUPED,
+        TOPK_GROUPS,
+        GROUP_TOP2,
         True,
     )
 
@@ -270,9 +288,7 @@ def _softmax_topk_bwd_kernel(
     x_chosen = tl.load(logits_ptr + row_off[:, None] + ids, mask=k_mask, other=0.0)
     x_chosen = x_chosen.to(tl.float32)
     if SOFTMAX:
-        x = tl.load(
-            logits_ptr + row_off[:, None] + cols[None, :], mask=tile_mask, other=0.0
-        ).to(tl.float32)
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         x = tl.where((cols < E)[None, :], x, float("-inf"))
         s, row_max, inv_sum = _gate_scores(x, SOFTMAX)
         w = _score_of(x_chosen, row_max, inv_sum, SOFTMAX)

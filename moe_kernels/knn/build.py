@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -111,8 +111,13 @@ def build_routing_memory(
                 )
     memories = {
         name: RoutingMemory(
-            torch.cat(keys[name]), torch.cat(values[name]), metric=metric, index=index,
-            index_options=index_options, model=model_name, layer=name,
+            torch.cat(keys[name]),
+            torch.cat(values[name]),
+            metric=metric,
+            index=index,
+            index_options=index_options,
+            model=model_name,
+            layer=name,
         )
         for name in names
     }
@@ -160,8 +165,9 @@ def _routing_from(routers: dict[str, TopKRouter], logits: dict[str, torch.Tensor
                     f"build_routing_memory: a router saw {hidden.shape[0]} tokens, its logits have "
                     f"{values.shape[0]}: loss_fn must run the same batch every time"
                 )
-            return softmax_topk(values, router.k, routing=router.routing, bias=router.e_score_correction_bias,
-                                backend=router.backend)
+            return softmax_topk(
+                values, router.k, routing=router.routing, bias=router.e_score_correction_bias, backend=router.backend
+            )
 
         return forward
 

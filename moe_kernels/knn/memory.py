@@ -67,7 +67,9 @@ class RoutingMemory:
         _check_tensor("keys", keys, 2)
         _check_tensor("values", values, 2)
         if keys.shape[0] != values.shape[0]:
-            raise ValueError(f"RoutingMemory: keys and values must have the same N, got {keys.shape[0]} and {values.shape[0]}")
+            raise ValueError(
+                f"RoutingMemory: keys and values must have the same N, got {keys.shape[0]} and {values.shape[0]}"
+            )
         if keys.shape[0] < 1:
             raise ValueError("RoutingMemory: the memory needs at least one case, got N=0")
         if metric not in METRICS:
@@ -87,7 +89,10 @@ class RoutingMemory:
             if faiss_available():
                 self._faiss_index = _build_faiss_index(self.keys, index, self.index_options)
             else:
-                warnings.warn(f"RoutingMemory: faiss is not installed; index={index!r} falls back to exact torch search")
+                warnings.warn(
+                    f"RoutingMemory: faiss is not installed; index={index!r} falls back to exact torch search",
+                    stacklevel=2,
+                )
 
     @property
     def num_entries(self) -> int:
@@ -113,7 +118,9 @@ class RoutingMemory:
         """
         _check_tensor("queries", queries, 2)
         if queries.shape[1] != self.key_dim:
-            raise ValueError(f"RoutingMemory.search: queries must have shape (T, {self.key_dim}), got {tuple(queries.shape)}")
+            raise ValueError(
+                f"RoutingMemory.search: queries must have shape (T, {self.key_dim}), got {tuple(queries.shape)}"
+            )
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_entries:
             raise ValueError(f"RoutingMemory.search: n must be an int in [1, {self.num_entries}], got {n!r}")
         device = queries.device
@@ -148,8 +155,11 @@ class RoutingMemory:
                 clone = faiss.index_cpu_to_gpu(resources, slot, self._faiss_index)
                 self._gpu_indexes[slot] = (resources, clone)  # the clone needs its resources alive
             except RuntimeError as error:  # faiss raises RuntimeError for what its GPU module lacks
-                warnings.warn(f"RoutingMemory: faiss cannot put index={self.index_kind!r} on the GPU ({error}); "
-                              "searching on the host")
+                warnings.warn(
+                    f"RoutingMemory: faiss cannot put index={self.index_kind!r} on the GPU ({error}); "
+                    "searching on the host",
+                    stacklevel=3,
+                )
                 self._gpu_indexes[slot] = None
         entry = self._gpu_indexes[slot]
         return None if entry is None else entry[1]
@@ -189,7 +199,7 @@ class RoutingMemory:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path, *, model=None, layer=None, key_dim=None, num_experts=None) -> "RoutingMemory":
+    def load(cls, path, *, model=None, layer=None, key_dim=None, num_experts=None) -> RoutingMemory:
         """Read a memory written by :meth:`save`. ``model``, ``layer``, ``key_dim`` and
         ``num_experts``, when given, must match the manifest. A missing, truncated, corrupted or
         mismatched file raises (FileNotFoundError / ValueError) and nothing is loaded."""
@@ -206,14 +216,17 @@ class RoutingMemory:
             raise ValueError(f"RoutingMemory.load: {path} is not a readable routing memory ({error})") from error
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"RoutingMemory.load: {path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
+                f"RoutingMemory.load: {path} has format version {manifest.get('format_version')}, "
+                f"expected {FORMAT_VERSION}"
             )
         if _checksum(tensors) != manifest["checksum"]:
             raise ValueError(f"RoutingMemory.load: {path} is corrupted (checksum mismatch)")
         expected = dict(model=model, layer=layer, key_dim=key_dim, num_experts=num_experts)
         for field, want in expected.items():
             if want is not None and manifest[field] != want:
-                raise ValueError(f"RoutingMemory.load: {path} was built for {field}={manifest[field]!r}, expected {want!r}")
+                raise ValueError(
+                    f"RoutingMemory.load: {path} was built for {field}={manifest[field]!r}, expected {want!r}"
+                )
         memory = cls.__new__(cls)
         memory.keys, memory.values = tensors["keys"], tensors["values"]
         memory.metric, memory.index_kind = manifest["metric"], manifest["index"]
@@ -228,7 +241,9 @@ class RoutingMemory:
                 memory._faiss_index = faiss.deserialize_index(tensors["faiss_index"].numpy())
                 _set_search_options(memory._faiss_index, memory.index_kind, memory.index_options)
             else:
-                warnings.warn("RoutingMemory.load: faiss is not installed; searching exactly with torch instead")
+                warnings.warn(
+                    "RoutingMemory.load: faiss is not installed; searching exactly with torch instead", stacklevel=2
+                )
         return memory
 
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,11 +63,13 @@ class Op:
         self.backward = spec.backward
         self.names = tuple(inspect.signature(spec.forward).parameters)
         self.inputs = collections.namedtuple(f"{spec.name}_inputs", self.names)
-        self.op = torch.library.custom_op(f"moe_kernels::{spec.name}", self._trampoline(spec.forward, "forward"),
-                                          mutates_args=())
+        self.op = torch.library.custom_op(
+            f"moe_kernels::{spec.name}", self._trampoline(spec.forward, "forward"), mutates_args=()
+        )
         self.op.register_fake(spec.fake)
-        self.backward_op = torch.library.custom_op(f"moe_kernels::{spec.name}_backward",
-                                                   self._trampoline(spec.backward, "backward"), mutates_args=())
+        self.backward_op = torch.library.custom_op(
+            f"moe_kernels::{spec.name}_backward", self._trampoline(spec.backward, "backward"), mutates_args=()
+        )
         self.backward_op.register_fake(spec.backward_fake)
         self.op.register_autograd(self._registered_backward, setup_context=self._setup_context)
         self.function = self._make_function()

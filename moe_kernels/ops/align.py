@@ -7,7 +7,8 @@ in sorted order and checks the ids (one flag, asserted asynchronously by the cal
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -103,11 +104,24 @@ def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor)
     counts, offsets = (new_output((num_experts,), torch.int32, device) for _ in range(2))
     valid = new_output((), torch.int32, device)
     _moe_align_kernel[(1,)](
-        ids.contiguous(), weights.contiguous(), order, tokens, experts, positions, row_weight, counts, offsets,
-        valid, num_slots, num_experts, K=k, **meta,
+        ids.contiguous(),
+        weights.contiguous(),
+        order,
+        tokens,
+        experts,
+        positions,
+        row_weight,
+        counts,
+        offsets,
+        valid,
+        num_slots,
+        num_experts,
+        K=k,
+        **meta,
     )
-    align = MoEAlignment(order=order, tokens=tokens, experts=experts, positions=positions, counts=counts,
-                         offsets=offsets)
+    align = MoEAlignment(
+        order=order, tokens=tokens, experts=experts, positions=positions, counts=counts, offsets=offsets
+    )
     return align, row_weight, valid
 
 
@@ -126,9 +140,24 @@ def _moe_align_cases() -> Iterator[KernelCase]:
                 meta = align_meta(num_slots, num_experts)
                 num_warps = meta.pop("num_warps")
                 signature = {
-                    "ids_ptr": ids_type, "weights_ptr": "*fp32", "order_ptr": "*i64", "tokens_ptr": "*i32",
-                    "experts_ptr": "*i32", "positions_ptr": "*i32", "row_weight_ptr": "*fp32", "counts_ptr": "*i32",
-                    "offsets_ptr": "*i32", "valid_ptr": "*i32", "R": "i32", "E": "i32",
+                    "ids_ptr": ids_type,
+                    "weights_ptr": "*fp32",
+                    "order_ptr": "*i64",
+                    "tokens_ptr": "*i32",
+                    "experts_ptr": "*i32",
+                    "positions_ptr": "*i32",
+                    "row_weight_ptr": "*fp32",
+                    "counts_ptr": "*i32",
+                    "offsets_ptr": "*i32",
+                    "valid_ptr": "*i32",
+                    "R": "i32",
+                    "E": "i32",
                 }
-                yield KernelCase("moe_align", _moe_align_kernel, signature, dict(K=8, **meta), num_warps,
-                                 label=f"{ids_type[1:]} E{num_experts} BR{meta['BLOCK_R']} bins{meta['NUM_BINS']}")
+                yield KernelCase(
+                    "moe_align",
+                    _moe_align_kernel,
+                    signature,
+                    dict(K=8, **meta),
+                    num_warps,
+                    label=f"{ids_type[1:]} E{num_experts} BR{meta['BLOCK_R']} bins{meta['NUM_BINS']}",
+                )

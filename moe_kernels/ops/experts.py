@@ -3,12 +3,12 @@
 ========================  ======================================================================
 ``fused_experts``         hidden ``(T, H)``, ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``,
                           weights ``(T, k)``, ids ``(T, k)`` -> ``out (T, H)``, and the saved
-                          pre-activation ``h (T*k, 2I)`` (``(0, 2I)`` on the reference path)
+                          pre-activation ``h (T*k, 2I)`` with ``save_h``, else ``(0, 2I)``
 ``fused_experts_backward`` -> grads of hidden, both projections, weights, both biases
 ========================  ======================================================================
 
-The Triton path, forward: :func:`~moe_kernels.ops.align.launch_moe_align` sorts the T*k slots by expert on the device (no
-host sync, fixed shapes; one kernel for decode-sized routings, which also gathers the routing
+The Triton path, forward: :func:`~moe_kernels.ops.align.launch_moe_align` sorts the T*k slots by
+expert on the device (no host sync, fixed shapes; one kernel for decode-sized routings, which also gathers the routing
 weights and checks the ids); a grouped GEMM gathers each slot's token row in its loads (no permuted copy
 of the activations) and computes the gate and up halves of ``h = x @ gate_up^T`` together, the
 gated activation in its epilogue (``h`` is stored only for a backward); a second grouped GEMM
@@ -20,7 +20,7 @@ kernel for the activation's backward fused with the routing weights' gradient.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -52,8 +52,15 @@ def launch_gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     meta = _elementwise_meta(inter)
     grid = (cdiv(num_rows, meta["BLOCK_R"]), cdiv(inter, meta["BLOCK_I"]))
     _gated_act_fwd_kernel[grid](
-        h, act, num_rows, inter, h.stride(0), GPT_OSS_LIMIT, GPT_OSS_ALPHA,
-        ACTIVATION=int(Activation.parse(activation)), **meta,
+        h,
+        act,
+        num_rows,
+        inter,
+        h.stride(0),
+        GPT_OSS_LIMIT,
+        GPT_OSS_ALPHA,
+        ACTIVATION=int(Activation.parse(activation)),
+        **meta,
     )
     return act
 
@@ -72,8 +79,18 @@ def launch_gated_activation_backward(grad_act, h, row_weight, activation):
     meta = _elementwise_meta(inter)
     meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
     _gated_act_bwd_kernel[(cdiv(num_rows, meta["BLOCK_R"]),)](
-        grad_act.contiguous(), h, row_weight, grad_h, grad_weight, num_rows, inter, h.stride(0),
-        GPT_OSS_LIMIT, GPT_OSS_ALPHA, ACTIVATION=int(Activation.parse(activation)), **meta,
+        grad_act.contiguous(),
+        h,
+        row_weight,
+        grad_h,
+        grad_weight,
+        num_rows,
+        inter,
+        h.stride(0),
+        GPT_OSS_LIMIT,
+        GPT_OSS_ALPHA,
+        ACTIVATION=int(Activation.parse(activation)),
+        **meta,
     )
     return grad_h, grad_weight
 
@@ -88,7 +105,12 @@ def launch_combine(rows: torch.Tensor, positions: torch.Tensor, num_tokens: int,
         return out
     meta = combine_meta(width, k)
     _combine_kernel[(cdiv(num_tokens, meta["BLOCK_T"]), cdiv(width, meta["BLOCK_H"]))](
-        rows.contiguous(), positions, out, num_tokens, width, **meta,
+        rows.contiguous(),
+        positions,
+        out,
+        num_tokens,
+        width,
+        **meta,
     )
     return out
 
@@ -106,8 +128,9 @@ def _bias_rows(bias: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return padded[experts.long()]
 
 
-def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                         save_h=True):
+def launch_fused_experts(
+    hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h=True
+):
     """Triton forward; returns ``(out (T, H), h)`` in hidden's dtype, ``h (T*k, 2I)`` the
     pre-activation the backward reads, or ``(0, 2I)`` without ``save_h`` (inference: never
     written)."""
@@ -116,8 +139,14 @@ def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activati
     torch._assert_async(valid, f"fused_experts: ids must be in [-1, {gate_up_proj.shape[0]})")
     num_slots = num_tokens * k
     act, h = gmm.launch_grouped_gated_mm(
-        hidden, gate_up_proj.transpose(1, 2), align.offsets, activation, a_rows=align.tokens, bias=gate_up_bias,
-        out_rows=num_slots, store_h=save_h,
+        hidden,
+        gate_up_proj.transpose(1, 2),
+        align.offsets,
+        activation,
+        a_rows=align.tokens,
+        bias=gate_up_bias,
+        out_rows=num_slots,
+        store_h=save_h,
     )
     if h is None:
         h = hidden.new_empty((0, gate_up_proj.shape[1]))
@@ -129,8 +158,9 @@ def launch_fused_experts(hidden, gate_up_proj, down_proj, weights, ids, activati
     return launch_combine(rows, align.positions, num_tokens, k, hidden.dtype), h
 
 
-def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation,
-                                  gate_up_bias, down_bias):
+def launch_fused_experts_backward(
+    grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
+):
     """Triton backward; returns the six gradients (empty tensors for absent biases)."""
     num_tokens, k = ids.shape
     num_experts = gate_up_proj.shape[0]
@@ -138,7 +168,12 @@ def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, wei
     num_slots = num_tokens * k
     if h.shape[0] != num_slots:  # a forward that did not save h (a direct call of the op): recompute it
         _, h = gmm.launch_grouped_gated_mm(
-            hidden, gate_up_proj.transpose(1, 2), align.offsets, activation, a_rows=align.tokens, bias=gate_up_bias,
+            hidden,
+            gate_up_proj.transpose(1, 2),
+            align.offsets,
+            activation,
+            a_rows=align.tokens,
+            bias=gate_up_bias,
             out_rows=num_slots,
         )
     grad_out = grad_out.to(hidden.dtype).contiguous()
@@ -155,9 +190,11 @@ def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, wei
     )
     grad_rows = gmm.launch_grouped_mm(grad_h, gate_up_proj, align.offsets)
     grad_hidden = launch_combine(grad_rows, align.positions, num_tokens, k, hidden.dtype)
-    grad_gate_up = gmm.launch_grouped_mm_weight_grad(
-        hidden, grad_h, align.offsets, num_experts, a_rows=align.tokens
-    ).transpose(1, 2).contiguous()
+    grad_gate_up = (
+        gmm.launch_grouped_mm_weight_grad(hidden, grad_h, align.offsets, num_experts, a_rows=align.tokens)
+        .transpose(1, 2)
+        .contiguous()
+    )
     grad_weights = grad_row_weight[align.positions.long()].reshape(weights.shape).to(weights.dtype)
     grad_gate_up_bias = hidden.new_empty(0)
     if gate_up_bias is not None:
@@ -166,8 +203,14 @@ def launch_fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, wei
     if down_bias is not None:
         weighted = grad_out[align.tokens.long()].float() * row_weight[:, None]
         grad_down_bias = _segment_sum(weighted, align, num_experts, down_bias.dtype)
-    return grad_hidden, grad_gate_up.to(gate_up_proj.dtype), grad_down.to(down_proj.dtype), grad_weights, \
-        grad_gate_up_bias, grad_down_bias
+    return (
+        grad_hidden,
+        grad_gate_up.to(gate_up_proj.dtype),
+        grad_down.to(down_proj.dtype),
+        grad_weights,
+        grad_gate_up_bias,
+        grad_down_bias,
+    )
 
 
 def _segment_sum(rows: torch.Tensor, align: MoEAlignment, num_experts: int, dtype) -> torch.Tensor:
@@ -199,8 +242,14 @@ def fused_experts_forward(
             hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
         )
     out = reference.fused_experts(
-        hidden, gate_up_proj, down_proj, weights, ids,
-        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
+        hidden,
+        gate_up_proj,
+        down_proj,
+        weights,
+        ids,
+        activation=activation,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
     )
     if not save_h:
         return out.contiguous(), hidden.new_empty((0, gate_up_proj.shape[1]))
@@ -228,8 +277,15 @@ def fused_experts_backward(
             grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
         )
     grads = reference.fused_experts_backward(
-        grad_out, hidden, gate_up_proj, down_proj, weights, ids,
-        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
+        grad_out,
+        hidden,
+        gate_up_proj,
+        down_proj,
+        weights,
+        ids,
+        activation=activation,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
     )
     # A fresh empty tensor per absent bias: a custom op's outputs may not alias each other.
     return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
@@ -240,8 +296,9 @@ def _fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bia
     return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
 
 
-def _backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias,
-                   use_triton):
+def _backward_fake(
+    grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias, use_triton
+):
     return (
         hidden.new_empty(hidden.shape),
         gate_up_proj.new_empty(gate_up_proj.shape),
@@ -253,23 +310,49 @@ def _backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, a
 
 
 def _save(ctx, inputs, outputs):
-    ctx.save_for_backward(inputs.hidden, inputs.gate_up_proj, inputs.down_proj, inputs.weights, inputs.ids,
-                          outputs[1], inputs.gate_up_bias, inputs.down_bias)
+    ctx.save_for_backward(
+        inputs.hidden,
+        inputs.gate_up_proj,
+        inputs.down_proj,
+        inputs.weights,
+        inputs.ids,
+        outputs[1],
+        inputs.gate_up_bias,
+        inputs.down_bias,
+    )
     ctx.mark_non_differentiable(outputs[1])
     ctx.activation, ctx.use_triton = inputs.activation, inputs.use_triton
 
 
 def _grads(ctx, backward, grad_out, _grad_h):
     hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias = ctx.saved_tensors
-    grads = backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, ctx.activation, gate_up_bias,
-                     down_bias, ctx.use_triton)
+    grads = backward(
+        grad_out,
+        hidden,
+        gate_up_proj,
+        down_proj,
+        weights,
+        ids,
+        h,
+        ctx.activation,
+        gate_up_bias,
+        down_bias,
+        ctx.use_triton,
+    )
     names = ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
     present = {"gate_up_bias": gate_up_bias is not None, "down_bias": down_bias is not None}
     return {name: grad for name, grad in zip(names, grads) if present.get(name, True)}
 
 
-FUSED_EXPERTS = define_op(name="fused_experts", forward=fused_experts_forward, fake=_fake,
-                          backward=fused_experts_backward, backward_fake=_backward_fake, save=_save, grads=_grads)
+FUSED_EXPERTS = define_op(
+    name="fused_experts",
+    forward=fused_experts_forward,
+    fake=_fake,
+    backward=fused_experts_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 fused_experts_op = FUSED_EXPERTS.op
 fused_experts_backward_op = FUSED_EXPERTS.backward_op
 FusedExpertsFunction = FUSED_EXPERTS.function
@@ -296,15 +379,25 @@ def _activation_cases(kernel_name: str, backward: bool) -> Iterator[KernelCase]:
                 num_warps = meta.pop("num_warps")
                 meta["ACTIVATION"] = int(activation)
                 if backward:
-                    signature = {"grad_act_ptr": pointer(dtype), "h_ptr": pointer(dtype), "row_weight_ptr": "*fp32",
-                                 "grad_h_ptr": pointer(dtype), "grad_weight_ptr": "*fp32"}
+                    signature = {
+                        "grad_act_ptr": pointer(dtype),
+                        "h_ptr": pointer(dtype),
+                        "row_weight_ptr": "*fp32",
+                        "grad_h_ptr": pointer(dtype),
+                        "grad_weight_ptr": "*fp32",
+                    }
                 else:
                     signature = {"h_ptr": pointer(dtype), "act_ptr": pointer(dtype)}
                 signature.update({"R": "i32", "I": "i32", "stride_h": "i32", "limit": "fp32", "alpha": "fp32"})
-                yield KernelCase(kernel_name, fn, signature, meta, num_warps,
-                                 label=f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} "
-                                       f"BI{meta['BLOCK_I']}",
-                                 divisible=("I", "stride_h") if inter % 16 == 0 else ())
+                yield KernelCase(
+                    kernel_name,
+                    fn,
+                    signature,
+                    meta,
+                    num_warps,
+                    label=f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} BI{meta['BLOCK_I']}",
+                    divisible=("I", "stride_h") if inter % 16 == 0 else (),
+                )
 
 
 @register_kernel("gated_act_fwd")
@@ -326,8 +419,19 @@ def _combine_cases() -> Iterator[KernelCase]:
         for dtype in _EXPERT_DTYPES:
             meta = combine_meta(shape.hidden, shape.k)
             num_warps = meta.pop("num_warps")
-            signature = {"rows_ptr": pointer(dtype), "position_ptr": "*i32", "out_ptr": pointer(dtype), "T": "i32",
-                         "H": "i32"}
-            yield KernelCase("combine", _combine_kernel, signature, meta, num_warps,
-                             label=f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}",
-                             divisible=("H",) if shape.hidden % 16 == 0 else ())
+            signature = {
+                "rows_ptr": pointer(dtype),
+                "position_ptr": "*i32",
+                "out_ptr": pointer(dtype),
+                "T": "i32",
+                "H": "i32",
+            }
+            yield KernelCase(
+                "combine",
+                _combine_kernel,
+                signature,
+                meta,
+                num_warps,
+                label=f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}",
+                divisible=("H",) if shape.hidden % 16 == 0 else (),
+            )

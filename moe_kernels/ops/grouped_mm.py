@@ -19,7 +19,7 @@ As for every op, ``use_triton`` picks the Triton kernels or the PyTorch referenc
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +29,7 @@ from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta, pinned_config  # noqa: F401 (re-exported)
 from moe_kernels.reference import experts as reference
 from moe_kernels.utils import cdiv, new_output, unit_stride_last
+
 
 def _check_index(name: str, tensor: torch.Tensor | None, dtype: torch.dtype, min_len: int, device):
     if tensor is None:
@@ -138,7 +139,9 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
     if num_groups == 0 or a.shape[0] == 0 or (k_dim == 0 and not gated):
         # No product: zeros. (Gated with K = 0 still runs: its epilogue adds the bias.)
         return out.zero_(), (h.zero_() if h is not None else None)
-    meta = grouped_mm_meta(out_rows, n_cols, k_dim, a.dtype, gated=gated is not None, device_name=device_name_of(device))
+    meta = grouped_mm_meta(
+        out_rows, n_cols, k_dim, a.dtype, gated=gated is not None, device_name=device_name_of(device)
+    )
     grid = ((cdiv(out_rows, meta["BLOCK_M"]) + num_groups) * cdiv(n_cols, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](
         a,
@@ -277,8 +280,15 @@ def _grads(ctx, backward, grad_out):
     return {"a": grad_a, "b": grad_b}
 
 
-GROUPED_MM = define_op(name="grouped_mm", forward=grouped_mm_forward, fake=_fake, backward=grouped_mm_backward,
-                       backward_fake=_backward_fake, save=_save, grads=_grads)
+GROUPED_MM = define_op(
+    name="grouped_mm",
+    forward=grouped_mm_forward,
+    fake=_fake,
+    backward=grouped_mm_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 grouped_mm_op = GROUPED_MM.op
 grouped_mm_backward_op = GROUPED_MM.backward_op
 GroupedMMFunction = GROUPED_MM.function
@@ -292,18 +302,41 @@ def _aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
     """Runtime-argument signatures of the forward and weight-gradient kernels for the AOT cases,
     ``dtype`` a Triton pointer type (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
     ptr = "*" + dtype
-    scalars = ("M_out", "N", "K", "G", "stride_am", "stride_ak", "stride_bg", "stride_bk", "stride_bn",
-               "stride_cm", "stride_cn")
+    scalars = (
+        "M_out",
+        "N",
+        "K",
+        "G",
+        "stride_am",
+        "stride_ak",
+        "stride_bg",
+        "stride_bk",
+        "stride_bn",
+        "stride_cm",
+        "stride_cn",
+    )
     forward = {
-        "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32", "h_ptr": ptr, "bias_ptr": ptr, **{name: "i32" for name in scalars},
-        "limit": "fp32", "alpha": "fp32",
+        "a_ptr": ptr,
+        "b_ptr": ptr,
+        "c_ptr": ptr,
+        "group_end_ptr": "*i32",
+        "a_rows_ptr": "*i32",
+        "row_scale_ptr": "*fp32",
+        "h_ptr": ptr,
+        "bias_ptr": ptr,
+        **{name: "i32" for name in scalars},
+        "limit": "fp32",
+        "alpha": "fp32",
     }
-    scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk",
-               "stride_bn")
+    scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk", "stride_bn")
     weight_grad = {
-        "a_ptr": ptr, "dc_ptr": ptr, "db_ptr": ptr, "group_end_ptr": "*i32", "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32", **{name: "i32" for name in scalars},
+        "a_ptr": ptr,
+        "dc_ptr": ptr,
+        "db_ptr": ptr,
+        "group_end_ptr": "*i32",
+        "a_rows_ptr": "*i32",
+        "row_scale_ptr": "*fp32",
+        **{name: "i32" for name in scalars},
     }
     return forward, weight_grad
 
@@ -352,21 +385,44 @@ def _grouped_mm_cases() -> Iterator[KernelCase]:
 
     for dtype in (torch.bfloat16, torch.float32):
         forward, _ = _aot_signatures(TRITON_DTYPES[dtype])
-        gemms = list(_expert_gemms()) if dtype == torch.bfloat16 else [
-            ("up", 32768, 1536, 2048, "stride_bk", True, False, _PLAIN),
-            ("up_act", 32768, 768, 2048, "stride_bk", True, False, dict(_PLAIN, GATED=True)),
-        ]
+        gemms = (
+            list(_expert_gemms())
+            if dtype == torch.bfloat16
+            else [
+                ("up", 32768, 1536, 2048, "stride_bk", True, False, _PLAIN),
+                ("up_act", 32768, 768, 2048, "stride_bk", True, False, dict(_PLAIN, GATED=True)),
+            ]
+        )
         for name, rows, n_cols, k_dim, b_unit, gather, scale, epilogue in gemms:
             meta = grouped_mm_meta(rows, n_cols, k_dim, dtype, gated=epilogue["GATED"])
-            label = (f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-                     f"{' gather' if gather else ''}{' scale' if scale else ''}"
-                     f"{' ' + Activation(epilogue['ACTIVATION']).label if epilogue['GATED'] else ''}"
-                     f"{' bias' if epilogue['HAS_BIAS'] else ''}")
+            label = (
+                f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
+                f"{' gather' if gather else ''}{' scale' if scale else ''}"
+                f"{' ' + Activation(epilogue['ACTIVATION']).label if epilogue['GATED'] else ''}"
+                f"{' bias' if epilogue['HAS_BIAS'] else ''}"
+            )
             b_cols = n_cols * (2 if epilogue["GATED"] else 1)
-            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_cm=n_cols, stride_bg=b_cols * k_dim,
-                        stride_bk=b_cols, stride_bn=k_dim)
-            yield _gemm_case("grouped_mm", _grouped_mm_kernel, forward, meta, ("stride_ak", "stride_cn", b_unit),
-                             gather, scale, dims, label, epilogue)
+            dims = dict(
+                N=n_cols,
+                K=k_dim,
+                stride_am=k_dim,
+                stride_cm=n_cols,
+                stride_bg=b_cols * k_dim,
+                stride_bk=b_cols,
+                stride_bn=k_dim,
+            )
+            yield _gemm_case(
+                "grouped_mm",
+                _grouped_mm_kernel,
+                forward,
+                meta,
+                ("stride_ak", "stride_cn", b_unit),
+                gather,
+                scale,
+                dims,
+                label,
+                epilogue,
+            )
 
 
 @register_kernel("grouped_mm_weight_grad")
@@ -380,9 +436,21 @@ def _grouped_mm_weight_grad_cases() -> Iterator[KernelCase]:
         # grad of down_proj (gathered grad_out, scaled) and of gate_up_proj (gathered hidden).
         for name, k_dim, n_cols, scale in (("d_down", hidden, inter, True), ("d_gate_up", hidden, 2 * inter, False)):
             meta = grouped_mm_meta(32768, n_cols, k_dim, torch.bfloat16, weight_grad=True)
-            label = (f"bf16 {name} {meta['BLOCK_K_OUT']}x{meta['BLOCK_N']} rows{meta['BLOCK_M']} "
-                     f"gather{' scale' if scale else ''}")
-            dims = dict(N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim,
-                        stride_bk=n_cols)
-            yield _gemm_case("grouped_mm_weight_grad", _grouped_mm_weight_grad_kernel, weight_grad, meta,
-                             ("stride_ak", "stride_dn", "stride_bn"), True, scale, dims, label)
+            label = (
+                f"bf16 {name} {meta['BLOCK_K_OUT']}x{meta['BLOCK_N']} rows{meta['BLOCK_M']} "
+                f"gather{' scale' if scale else ''}"
+            )
+            dims = dict(
+                N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim, stride_bk=n_cols
+            )
+            yield _gemm_case(
+                "grouped_mm_weight_grad",
+                _grouped_mm_weight_grad_kernel,
+                weight_grad,
+                meta,
+                ("stride_ak", "stride_dn", "stride_bn"),
+                True,
+                scale,
+                dims,
+                label,
+            )

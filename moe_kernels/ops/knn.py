@@ -13,16 +13,15 @@ by :func:`moe_kernels.ops._boundary.define_op`.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
 
-from typing import Iterator
+import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
-
 
 
 def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
@@ -71,7 +70,9 @@ def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, tem
     return mixed, conf
 
 
-def launch_knn_mix_backward(grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype):
+def launch_knn_mix_backward(
+    grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype
+):
     """Run the backward kernel; returns fresh contiguous ``grad_router`` and ``grad_neighbors``."""
     from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
 
@@ -159,8 +160,9 @@ def _fake(router_logits, neighbor_logits, neighbor_sims, weighting, temperature,
     )
 
 
-def _backward_fake(grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype,
-                   use_triton):
+def _backward_fake(
+    grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton
+):
     num_tokens, num_experts = grad_mixed.shape
     grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=router_dtype)
     grad_neighbors = grad_mixed.new_empty((num_tokens, neighbor_sims.shape[1], num_experts), dtype=neighbor_dtype)
@@ -170,8 +172,14 @@ def _backward_fake(grad_mixed, neighbor_sims, weighting, temperature, min_confid
 def _save(ctx, inputs, outputs):
     ctx.save_for_backward(inputs.neighbor_sims)
     ctx.mark_non_differentiable(outputs[1])
-    ctx.options = (inputs.weighting, inputs.temperature, inputs.min_confidence, inputs.router_logits.dtype,
-                   inputs.neighbor_logits.dtype, inputs.use_triton)
+    ctx.options = (
+        inputs.weighting,
+        inputs.temperature,
+        inputs.min_confidence,
+        inputs.router_logits.dtype,
+        inputs.neighbor_logits.dtype,
+        inputs.use_triton,
+    )
 
 
 def _grads(ctx, backward, grad_mixed, _grad_conf):
@@ -181,8 +189,15 @@ def _grads(ctx, backward, grad_mixed, _grad_conf):
     return {"router_logits": grad_router, "neighbor_logits": grad_neighbors}
 
 
-KNN_MIX = define_op(name="knn_mix", forward=knn_mix_forward, fake=_fake, backward=knn_mix_backward,
-                    backward_fake=_backward_fake, save=_save, grads=_grads)
+KNN_MIX = define_op(
+    name="knn_mix",
+    forward=knn_mix_forward,
+    fake=_fake,
+    backward=knn_mix_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 knn_mix_op = KNN_MIX.op
 knn_mix_backward_op = KNN_MIX.backward_op
 KnnMixFunction = KNN_MIX.function
@@ -223,13 +238,29 @@ def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
         meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
         num_warps = meta.pop("num_warps")
         signature = {
-            "router_ptr": pointer(dtype), "neighbors_ptr": pointer(dtype), "sims_ptr": "*fp32", "mixed_ptr": "*fp32",
-            "conf_ptr": "*fp32", "T": "i32", "E": "i32", "stride_rt": "i32", "stride_nt": "i32",
-            "stride_nn": "i32", "stride_st": "i32", "stride_sn": "i32", **_MIX_SCALARS,
+            "router_ptr": pointer(dtype),
+            "neighbors_ptr": pointer(dtype),
+            "sims_ptr": "*fp32",
+            "mixed_ptr": "*fp32",
+            "conf_ptr": "*fp32",
+            "T": "i32",
+            "E": "i32",
+            "stride_rt": "i32",
+            "stride_nt": "i32",
+            "stride_nn": "i32",
+            "stride_st": "i32",
+            "stride_sn": "i32",
+            **_MIX_SCALARS,
         }
-        yield KernelCase("knn_mix_fwd", _knn_mix_fwd_kernel, signature, meta, num_warps,
-                         label=knn_label(TRITON_DTYPES[dtype], meta),
-                         divisible=("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else ())
+        yield KernelCase(
+            "knn_mix_fwd",
+            _knn_mix_fwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=knn_label(TRITON_DTYPES[dtype], meta),
+            divisible=("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else (),
+        )
 
 
 @register_kernel("knn_mix_bwd")
@@ -240,10 +271,23 @@ def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
         meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
         num_warps = meta.pop("num_warps")
         signature = {
-            "grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": pointer(dtype),
-            "grad_neighbors_ptr": pointer(dtype), "T": "i32", "E": "i32", "stride_gt": "i32", "stride_st": "i32",
-            "stride_sn": "i32", **_MIX_SCALARS,
+            "grad_mixed_ptr": "*fp32",
+            "sims_ptr": "*fp32",
+            "grad_router_ptr": pointer(dtype),
+            "grad_neighbors_ptr": pointer(dtype),
+            "T": "i32",
+            "E": "i32",
+            "stride_gt": "i32",
+            "stride_st": "i32",
+            "stride_sn": "i32",
+            **_MIX_SCALARS,
         }
-        yield KernelCase("knn_mix_bwd", _knn_mix_bwd_kernel, signature, meta, num_warps,
-                         label=knn_label(TRITON_DTYPES[dtype], meta),
-                         divisible=("E", "stride_gt") if num_experts % 16 == 0 else ())
+        yield KernelCase(
+            "knn_mix_bwd",
+            _knn_mix_bwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=knn_label(TRITON_DTYPES[dtype], meta),
+            divisible=("E", "stride_gt") if num_experts % 16 == 0 else (),
+        )

@@ -27,9 +27,9 @@ kernel masks its gathers to ``[0, N)``, flags a bad id and the launcher asserts 
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
 
-from typing import Iterator
+import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.ops._boundary import define_op
@@ -179,8 +179,9 @@ def launch_knn_route(
     return weights, ids, conf
 
 
-def launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature,
-                           min_confidence):
+def launch_knn_route_mixed(
+    router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
+):
     """Recompute ``mixed (T, E)`` float32, ``conf (T,)`` float32 and ``share (T, n)`` float32
     (``conf * w_j``, 0 where ``conf == 0``) with the forward's arithmetic."""
     from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
@@ -220,8 +221,21 @@ def launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_lo
     return mixed, conf, share
 
 
-def launch_knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids,
-                              renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad):
+def launch_knn_route_backward(
+    grad_weights,
+    router_logits,
+    neighbor_ids,
+    neighbor_sims,
+    memory_logits,
+    ids,
+    renormalize,
+    score_func,
+    scale,
+    weighting,
+    temperature,
+    min_confidence,
+    memory_grad,
+):
     """The backward on the kernels: returns ``grad_router`` (router dtype) and ``grad_memory``
     (memory dtype; ``None`` unless ``memory_grad``)."""
     mixed, conf, share = launch_knn_route_mixed(
@@ -259,14 +273,38 @@ def knn_route_forward(
     """The fused kernel, or the reference without autograd."""
     if use_triton:
         return launch_knn_route(
-            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
-            topk_groups, group_score, scale, weighting, temperature, min_confidence,
+            router_logits,
+            neighbor_ids,
+            neighbor_sims,
+            memory_logits,
+            k,
+            renormalize,
+            score_func,
+            bias,
+            num_groups,
+            topk_groups,
+            group_score,
+            scale,
+            weighting,
+            temperature,
+            min_confidence,
         )
     with torch.no_grad():
         weights, ids, conf = reference.knn_route(
-            router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize=renormalize,
-            score_func=score_func, bias=bias, num_groups=num_groups or None, topk_groups=topk_groups or None,
-            group_score=group_score, scale=scale, weighting=weighting, temperature=temperature,
+            router_logits,
+            neighbor_ids,
+            neighbor_sims,
+            memory_logits,
+            k,
+            renormalize=renormalize,
+            score_func=score_func,
+            bias=bias,
+            num_groups=num_groups or None,
+            topk_groups=topk_groups or None,
+            group_score=group_score,
+            scale=scale,
+            weighting=weighting,
+            temperature=temperature,
             min_confidence=min_confidence,
         )
     return weights.contiguous(), ids.contiguous(), conf.contiguous()
@@ -296,16 +334,38 @@ def knn_route_backward(
         grad_router, grad_memory = launch_knn_route_backward(*args, *options)
     else:
         grad_router, grad_memory = reference.knn_route_backward(
-            *args, renormalize=renormalize, score_func=score_func, scale=scale, weighting=weighting,
-            temperature=temperature, min_confidence=min_confidence, memory_grad=memory_grad,
+            *args,
+            renormalize=renormalize,
+            score_func=score_func,
+            scale=scale,
+            weighting=weighting,
+            temperature=temperature,
+            min_confidence=min_confidence,
+            memory_grad=memory_grad,
         )
     if grad_memory is None:
         grad_memory = memory_logits.new_empty((0,))
     return grad_router.contiguous(), grad_memory.contiguous()
 
 
-def _fake(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormalize, score_func, bias, num_groups,
-          topk_groups, group_score, scale, weighting, temperature, min_confidence, use_triton):
+def _fake(
+    router_logits,
+    neighbor_ids,
+    neighbor_sims,
+    memory_logits,
+    k,
+    renormalize,
+    score_func,
+    bias,
+    num_groups,
+    topk_groups,
+    group_score,
+    scale,
+    weighting,
+    temperature,
+    min_confidence,
+    use_triton,
+):
     num_tokens = router_logits.shape[0]
     dtype = compute_dtype(router_logits.dtype)
     weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
@@ -313,19 +373,40 @@ def _fake(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, renormal
     return weights, ids, router_logits.new_empty((num_tokens,), dtype=dtype)
 
 
-def _backward_fake(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, renormalize,
-                   score_func, scale, weighting, temperature, min_confidence, memory_grad, use_triton):
+def _backward_fake(
+    grad_weights,
+    router_logits,
+    neighbor_ids,
+    neighbor_sims,
+    memory_logits,
+    ids,
+    renormalize,
+    score_func,
+    scale,
+    weighting,
+    temperature,
+    min_confidence,
+    memory_grad,
+    use_triton,
+):
     grad_router = router_logits.new_empty(router_logits.shape)
     return grad_router, memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
 
 
 def _save(ctx, inputs, outputs):
     # No copies: the backward recomputes the mixed logits from the inputs themselves.
-    ctx.save_for_backward(inputs.router_logits, inputs.neighbor_ids, inputs.neighbor_sims, inputs.memory_logits,
-                          outputs[1])
+    ctx.save_for_backward(
+        inputs.router_logits, inputs.neighbor_ids, inputs.neighbor_sims, inputs.memory_logits, outputs[1]
+    )
     ctx.mark_non_differentiable(outputs[1], outputs[2])
-    ctx.options = (inputs.renormalize, inputs.score_func, inputs.scale, inputs.weighting, inputs.temperature,
-                   inputs.min_confidence)
+    ctx.options = (
+        inputs.renormalize,
+        inputs.score_func,
+        inputs.scale,
+        inputs.weighting,
+        inputs.temperature,
+        inputs.min_confidence,
+    )
     ctx.use_triton = inputs.use_triton
 
 
@@ -336,8 +417,15 @@ def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
     return {"router_logits": grad_router, "memory_logits": grad_memory if memory_grad else None}
 
 
-KNN_ROUTE = define_op(name="knn_route", forward=knn_route_forward, fake=_fake, backward=knn_route_backward,
-                      backward_fake=_backward_fake, save=_save, grads=_grads)
+KNN_ROUTE = define_op(
+    name="knn_route",
+    forward=knn_route_forward,
+    fake=_fake,
+    backward=knn_route_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 knn_route_op = KNN_ROUTE.op
 knn_route_backward_op = KNN_ROUTE.backward_op
 KnnRouteFunction = KNN_ROUTE.function
@@ -370,8 +458,15 @@ def _divisible(num_experts: int, num_neighbors: int) -> tuple[str, ...]:
     return out + (("stride_it", "stride_st") if num_neighbors % 16 == 0 else ())
 
 
-_GATHER_SIGNATURE = {"stride_mn": "i32", "stride_it": "i32", "stride_in": "i32", "stride_st": "i32",
-                     "stride_sn": "i32", "inv_temperature": "fp32", "min_confidence": "fp32"}
+_GATHER_SIGNATURE = {
+    "stride_mn": "i32",
+    "stride_it": "i32",
+    "stride_in": "i32",
+    "stride_st": "i32",
+    "stride_sn": "i32",
+    "inv_temperature": "fp32",
+    "min_confidence": "fp32",
+}
 
 
 @register_kernel("knn_route_fwd")
@@ -386,25 +481,52 @@ def _knn_route_fwd_cases() -> Iterator[KernelCase]:
         for num_tokens in ROUTING_TOKENS:
             for dtype, num_neighbors, weighting in _knn_route_variants():
                 meta = knn_route_meta(
-                    num_tokens, shape.num_experts, shape.k, num_neighbors, renormalize=routing.renormalize,
-                    score_func=routing.score_func, has_bias=shape.has_bias, num_groups=routing.num_groups or 0,
-                    topk_groups=routing.topk_groups or 0, group_score=routing.group_score, weighting=weighting,
+                    num_tokens,
+                    shape.num_experts,
+                    shape.k,
+                    num_neighbors,
+                    renormalize=routing.renormalize,
+                    score_func=routing.score_func,
+                    has_bias=shape.has_bias,
+                    num_groups=routing.num_groups or 0,
+                    topk_groups=routing.topk_groups or 0,
+                    group_score=routing.group_score,
+                    weighting=weighting,
                 )
                 num_warps = meta.pop("num_warps")
                 for id_type in _id_types(dtype, num_neighbors, weighting):
                     signature = {
-                        "router_ptr": pointer(dtype), "memory_ptr": pointer(dtype), "nbr_ids_ptr": "*" + id_type,
+                        "router_ptr": pointer(dtype),
+                        "memory_ptr": pointer(dtype),
+                        "nbr_ids_ptr": "*" + id_type,
                         "sims_ptr": "*fp32",
                         # Without a bias the launcher passes the router logits as the bias pointer.
                         "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
-                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32",
-                        "T": "i32", "E": "i32", "M_rows": "i32", "group_size": "i32", "stride_rt": "i32",
-                        **_GATHER_SIGNATURE, "scale": "fp32",
+                        "weights_ptr": "*fp32",
+                        "ids_ptr": "*i32",
+                        "conf_ptr": "*fp32",
+                        "valid_ptr": "*i32",
+                        "T": "i32",
+                        "E": "i32",
+                        "M_rows": "i32",
+                        "group_size": "i32",
+                        "stride_rt": "i32",
+                        **_GATHER_SIGNATURE,
+                        "scale": "fp32",
                     }
-                    label = (f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors} "
-                             f"{'sim' if meta['SIMILARITY'] else 'softmax'} ids-{id_type}")
-                    yield KernelCase("knn_route_fwd", _knn_route_fwd_kernel, signature, meta, num_warps, label=label,
-                                     divisible=_divisible(shape.num_experts, num_neighbors))
+                    label = (
+                        f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors} "
+                        f"{'sim' if meta['SIMILARITY'] else 'softmax'} ids-{id_type}"
+                    )
+                    yield KernelCase(
+                        "knn_route_fwd",
+                        _knn_route_fwd_kernel,
+                        signature,
+                        meta,
+                        num_warps,
+                        label=label,
+                        divisible=_divisible(shape.num_experts, num_neighbors),
+                    )
 
 
 @register_kernel("knn_route_mixed")
@@ -418,10 +540,25 @@ def _knn_route_mixed_cases() -> Iterator[KernelCase]:
             num_warps = meta.pop("num_warps")
             for id_type in _id_types(dtype, num_neighbors, weighting):
                 signature = {
-                    "router_ptr": pointer(dtype), "memory_ptr": pointer(dtype), "nbr_ids_ptr": "*" + id_type,
-                    "sims_ptr": "*fp32", "mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32",
-                    "T": "i32", "E": "i32", "M_rows": "i32", "stride_rt": "i32", **_GATHER_SIGNATURE,
+                    "router_ptr": pointer(dtype),
+                    "memory_ptr": pointer(dtype),
+                    "nbr_ids_ptr": "*" + id_type,
+                    "sims_ptr": "*fp32",
+                    "mixed_ptr": "*fp32",
+                    "conf_ptr": "*fp32",
+                    "share_ptr": "*fp32",
+                    "T": "i32",
+                    "E": "i32",
+                    "M_rows": "i32",
+                    "stride_rt": "i32",
+                    **_GATHER_SIGNATURE,
                 }
-                yield KernelCase("knn_route_mixed", _knn_route_mixed_kernel, signature, meta, num_warps,
-                                 label=f"{knn_label(TRITON_DTYPES[dtype], meta)} ids-{id_type}",
-                                 divisible=_divisible(num_experts, num_neighbors))
+                yield KernelCase(
+                    "knn_route_mixed",
+                    _knn_route_mixed_kernel,
+                    signature,
+                    meta,
+                    num_warps,
+                    label=f"{knn_label(TRITON_DTYPES[dtype], meta)} ids-{id_type}",
+                    divisible=_divisible(num_experts, num_neighbors),
+                )

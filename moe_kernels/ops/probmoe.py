@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
-
-from typing import Iterator
 
 from moe_kernels._compat import interpreter_enabled
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
@@ -80,7 +79,7 @@ def checkpoint_chunk(num_experts: int) -> int:
     return next_power_of_2(max(1, math.isqrt(max(num_experts - 1, 0)) + 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -88,16 +87,16 @@ def _sm_count(device_index: int) -> int:
 def _grid_and_scratch(device: torch.device, num_tiles: int, num_experts: int, meta: dict, planes: int):
     """Persistent grid size and a scratch buffer ``(programs, rows, planes, BLOCK_T, K_PAD)``."""
     if device.type == "cuda":
-        max_programs = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        max_programs = _PROGRAMS_PER_SM * _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
     else:
         max_programs = _INTERPRETER_PROGRAMS
     programs = max(1, min(num_tiles, max_programs))
     chunk = checkpoint_chunk(num_experts)
     num_checkpoints = cdiv(num_experts, chunk)
     rows = num_checkpoints + chunk + 1
-    scratch = torch.empty(
-        (programs, rows, planes, meta["BLOCK_T"], meta["K_PAD"]), dtype=torch.float32, device=device
-    )
+    scratch = torch.empty((programs, rows, planes, meta["BLOCK_T"], meta["K_PAD"]), dtype=torch.float32, device=device)
     return programs, scratch, chunk, num_checkpoints
 
 
@@ -118,9 +117,21 @@ def launch_exact_k(logits, k, k_min, seed, sample):
         device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=1
     )
     _exact_k_fwd_kernel[(programs,)](
-        logits, seed, marginals, log_z, ids, scratch,
-        num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints,
-        SAMPLE=sample, **meta,
+        logits,
+        seed,
+        marginals,
+        log_z,
+        ids,
+        scratch,
+        num_tokens,
+        num_experts,
+        logits.stride(0),
+        k,
+        k_min,
+        chunk,
+        num_checkpoints,
+        SAMPLE=sample,
+        **meta,
     )
     return marginals, log_z, ids
 
@@ -142,8 +153,18 @@ def launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
         device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=2
     )
     _exact_k_bwd_kernel[(programs,)](
-        logits, grad_marginals, grad_log_z, grad, scratch,
-        num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints,
+        logits,
+        grad_marginals,
+        grad_log_z,
+        grad,
+        scratch,
+        num_tokens,
+        num_experts,
+        logits.stride(0),
+        k,
+        k_min,
+        chunk,
+        num_checkpoints,
         **meta,
     )
     return grad
@@ -208,8 +229,15 @@ def _grads(ctx, backward, grad_marginals, grad_log_z, _grad_ids):
     return {"logits": backward(logits, grad_marginals, grad_log_z, *ctx.options)}
 
 
-EXACT_K = define_op(name="exact_k", forward=exact_k_forward, fake=_fake, backward=exact_k_backward,
-                    backward_fake=_backward_fake, save=_save, grads=_grads)
+EXACT_K = define_op(
+    name="exact_k",
+    forward=exact_k_forward,
+    fake=_fake,
+    backward=exact_k_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 exact_k_op = EXACT_K.op
 exact_k_backward_op = EXACT_K.backward_op
 ExactKFunction = EXACT_K.function
@@ -240,8 +268,15 @@ def _label(dtype: str, meta: dict, num_warps: int) -> str:
     return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{num_warps}{sample}"
 
 
-_SCALARS = {"T": "i32", "E": "i32", "stride_lt": "i32", "k": "i32", "k_min": "i32", "chunk": "i32",
-            "num_checkpoints": "i32"}
+_SCALARS = {
+    "T": "i32",
+    "E": "i32",
+    "stride_lt": "i32",
+    "k": "i32",
+    "k_min": "i32",
+    "chunk": "i32",
+    "num_checkpoints": "i32",
+}
 
 
 @register_kernel("exact_k_fwd")
@@ -252,10 +287,23 @@ def _exact_k_fwd_cases() -> Iterator[KernelCase]:
         meta = exact_k_meta(num_tokens, num_experts, k)
         num_warps = meta.pop("num_warps")
         meta["SAMPLE"] = sample
-        signature = {"logits_ptr": pointer(dtype), "seed_ptr": "*i64", "marginals_ptr": "*fp32",
-                     "log_z_ptr": "*fp32", "ids_ptr": "*i32", "scratch_ptr": "*fp32", **_SCALARS}
-        yield KernelCase("exact_k_fwd", _exact_k_fwd_kernel, signature, meta, num_warps,
-                         label=_label(TRITON_DTYPES[dtype], meta, num_warps))
+        signature = {
+            "logits_ptr": pointer(dtype),
+            "seed_ptr": "*i64",
+            "marginals_ptr": "*fp32",
+            "log_z_ptr": "*fp32",
+            "ids_ptr": "*i32",
+            "scratch_ptr": "*fp32",
+            **_SCALARS,
+        }
+        yield KernelCase(
+            "exact_k_fwd",
+            _exact_k_fwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )
 
 
 @register_kernel("exact_k_bwd")
@@ -267,7 +315,19 @@ def _exact_k_bwd_cases() -> Iterator[KernelCase]:
             continue
         meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
         num_warps = meta.pop("num_warps")
-        signature = {"logits_ptr": pointer(dtype), "grad_m_ptr": "*fp32", "grad_log_z_ptr": "*fp32",
-                     "grad_ptr": pointer(dtype), "scratch_ptr": "*fp32", **_SCALARS}
-        yield KernelCase("exact_k_bwd", _exact_k_bwd_kernel, signature, meta, num_warps,
-                         label=_label(TRITON_DTYPES[dtype], meta, num_warps))
+        signature = {
+            "logits_ptr": pointer(dtype),
+            "grad_m_ptr": "*fp32",
+            "grad_log_z_ptr": "*fp32",
+            "grad_ptr": pointer(dtype),
+            "scratch_ptr": "*fp32",
+            **_SCALARS,
+        }
+        yield KernelCase(
+            "exact_k_bwd",
+            _exact_k_bwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=_label(TRITON_DTYPES[dtype], meta, num_warps),
+        )

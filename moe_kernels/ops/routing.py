@@ -15,7 +15,7 @@ read or write out of bounds.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -94,9 +94,17 @@ def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, to
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
         return weights, ids
-    meta = forward_meta(num_tokens, num_experts, k, renormalize=renormalize, score_func=score_func,
-                        has_bias=bias is not None, num_groups=num_groups, topk_groups=topk_groups,
-                        group_score=group_score)
+    meta = forward_meta(
+        num_tokens,
+        num_experts,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        has_bias=bias is not None,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+    )
     _softmax_topk_fwd_kernel[token_grid(meta, num_tokens)](
         logits,
         logits if bias is None else bias,  # never read without HAS_BIAS
@@ -157,12 +165,20 @@ def softmax_topk_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel, or the reference (without autograd: the op owns the gradient)."""
     if use_triton:
-        return launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score,
-                                   scale)
+        return launch_softmax_topk(
+            logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
+        )
     with torch.no_grad():
         weights, ids = reference.softmax_topk(
-            logits, k, renormalize=renormalize, score_func=score_func, bias=bias, num_groups=num_groups or None,
-            topk_groups=topk_groups or None, group_score=group_score, scale=scale,
+            logits,
+            k,
+            renormalize=renormalize,
+            score_func=score_func,
+            bias=bias,
+            num_groups=num_groups or None,
+            topk_groups=topk_groups or None,
+            group_score=group_score,
+            scale=scale,
         )
     return weights.contiguous(), ids.contiguous()
 
@@ -179,8 +195,9 @@ def softmax_topk_backward(
     """The kernel, or the reference's explicit formula."""
     if use_triton:
         return launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale)
-    grad = reference.softmax_topk_backward(grad_weights, logits, ids, renormalize=renormalize,
-                                           score_func=score_func, scale=scale)
+    grad = reference.softmax_topk_backward(
+        grad_weights, logits, ids, renormalize=renormalize, score_func=score_func, scale=scale
+    )
     return grad.contiguous()
 
 
@@ -206,8 +223,15 @@ def _grads(ctx, backward, grad_weights, _grad_ids):
     return {"logits": backward(grad_weights, logits, ids, *ctx.options)}
 
 
-SOFTMAX_TOPK = define_op(name="softmax_topk", forward=softmax_topk_forward, fake=_fake,
-                         backward=softmax_topk_backward, backward_fake=_backward_fake, save=_save, grads=_grads)
+SOFTMAX_TOPK = define_op(
+    name="softmax_topk",
+    forward=softmax_topk_forward,
+    fake=_fake,
+    backward=softmax_topk_backward,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 softmax_topk_op = SOFTMAX_TOPK.op
 softmax_topk_backward_op = SOFTMAX_TOPK.backward_op
 SoftmaxTopkFunction = SOFTMAX_TOPK.function
@@ -253,21 +277,39 @@ def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        meta = forward_meta(num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize,
-                            score_func=routing.score_func, has_bias=shape.has_bias,
-                            num_groups=routing.num_groups or 0, topk_groups=routing.topk_groups or 0,
-                            group_score=routing.group_score)
+        meta = forward_meta(
+            num_tokens,
+            shape.num_experts,
+            shape.k,
+            renormalize=routing.renormalize,
+            score_func=routing.score_func,
+            has_bias=shape.has_bias,
+            num_groups=routing.num_groups or 0,
+            topk_groups=routing.topk_groups or 0,
+            group_score=routing.group_score,
+        )
         num_warps = meta.pop("num_warps")
         signature = {
             "logits_ptr": pointer(dtype),
             # Without a bias the launcher passes the logits as the (never read) bias pointer.
             "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
-            "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32", "group_size": "i32",
-            "stride_lt": "i32", "scale": "fp32",
+            "weights_ptr": "*fp32",
+            "ids_ptr": "*i32",
+            "T": "i32",
+            "E": "i32",
+            "group_size": "i32",
+            "stride_lt": "i32",
+            "scale": "fp32",
         }
-        yield KernelCase("softmax_topk_fwd", _softmax_topk_fwd_kernel, signature, meta, num_warps,
-                         label=routing_label(TRITON_DTYPES[dtype], meta),
-                         divisible=_row_stride_divisibility(shape.num_experts))
+        yield KernelCase(
+            "softmax_topk_fwd",
+            _softmax_topk_fwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=routing_label(TRITON_DTYPES[dtype], meta),
+            divisible=_row_stride_divisibility(shape.num_experts),
+        )
 
 
 @register_kernel("softmax_topk_bwd")
@@ -275,14 +317,28 @@ def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        meta = backward_meta(num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize,
-                             score_func=routing.score_func)
+        meta = backward_meta(
+            num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize, score_func=routing.score_func
+        )
         num_warps = meta.pop("num_warps")
         signature = {
-            "grad_weights_ptr": "*fp32", "logits_ptr": pointer(dtype), "ids_ptr": "*i32",
-            "grad_logits_ptr": pointer(dtype), "T": "i32", "E": "i32", "stride_gt": "i32", "stride_gk": "i32",
-            "stride_lt": "i32", "scale": "fp32",
+            "grad_weights_ptr": "*fp32",
+            "logits_ptr": pointer(dtype),
+            "ids_ptr": "*i32",
+            "grad_logits_ptr": pointer(dtype),
+            "T": "i32",
+            "E": "i32",
+            "stride_gt": "i32",
+            "stride_gk": "i32",
+            "stride_lt": "i32",
+            "scale": "fp32",
         }
-        yield KernelCase("softmax_topk_bwd", _softmax_topk_bwd_kernel, signature, meta, num_warps,
-                         label=routing_label(TRITON_DTYPES[dtype], meta),
-                         divisible=_row_stride_divisibility(shape.num_experts))
+        yield KernelCase(
+            "softmax_topk_bwd",
+            _softmax_topk_bwd_kernel,
+            signature,
+            meta,
+            num_warps,
+            label=routing_label(TRITON_DTYPES[dtype], meta),
+            divisible=_row_stride_divisibility(shape.num_experts),
+        )

@@ -60,7 +60,7 @@ def tuned_path(device_name: str) -> Path:
     return TUNED_CONFIG_DIR / f"{device_slug(device_name)}.json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tuned_table(device_name: str | None) -> dict:
     """The tuned tables of a GPU model, ``{key: {"triton": version, "entries": [...]}}`` ({} when
     none were tuned for it)."""
@@ -83,7 +83,7 @@ def write_tuned_table(device_name: str, entries: dict[str, list], triton_version
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 

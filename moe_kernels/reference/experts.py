@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from moe_kernels.config import ACTIVATIONS, GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation  # noqa: F401 (re-exported)
 from moe_kernels.reference.routing import compute_dtype
+
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

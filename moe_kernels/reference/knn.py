@@ -152,8 +152,9 @@ def knn_route_backward(
     options = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     with torch.no_grad():
         mixed, _ = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **options)
-    grad_mixed = softmax_topk_backward(grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func,
-                                       scale=scale)
+    grad_mixed = softmax_topk_backward(
+        grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func, scale=scale
+    )
     grad_router, grad_neighbors = knn_mix_backward(
         grad_mixed, neighbor_sims, **options, router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
     )

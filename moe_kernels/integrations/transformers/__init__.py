@@ -125,6 +125,7 @@ __all__ = [
     "routing_config",
 ]
 
+
 def _bind(module: nn.Module, function: Callable, backend: str, routing: RoutingConfig | None = None) -> None:
     # accelerate's hooks (device_map) wrap ``forward`` and call ``_old_forward``: patch inside them.
     attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
@@ -139,8 +140,16 @@ _ROUTER_ATTRS = ("top_k", "weight")
 
 
 def _patch_blocks(
-    model, backend, routing, *, modeling: str, block: str, router_attr: str, router_forward, family_routing,
-    router_attrs=("hidden_dim",)
+    model,
+    backend,
+    routing,
+    *,
+    modeling: str,
+    block: str,
+    router_attr: str,
+    router_forward,
+    family_routing,
+    router_attrs=("hidden_dim",),
 ) -> int:
     module = importlib.import_module(f"transformers.models.{modeling}")
     block_class = getattr(module, block)
@@ -174,46 +183,98 @@ def _patch_blocks(
 
 def patch_mixtral(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``MixtralSparseMoeBlock``; returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="mixtral.modeling_mixtral", block="MixtralSparseMoeBlock",
-                         router_attr="gate", router_forward=_mixtral_router_forward,
-                         family_routing=_renormalized_routing)
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="mixtral.modeling_mixtral",
+        block="MixtralSparseMoeBlock",
+        router_attr="gate",
+        router_forward=_mixtral_router_forward,
+        family_routing=_renormalized_routing,
+    )
 
 
 def patch_qwen2_moe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``Qwen2MoeSparseMoeBlock`` (its shared expert and gate stay HF's); returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="qwen2_moe.modeling_qwen2_moe", block="Qwen2MoeSparseMoeBlock",
-                         router_attr="gate", router_forward=_softmax_router_forward, family_routing=_softmax_routing,
-                         router_attrs=("hidden_dim", "norm_topk_prob"))
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="qwen2_moe.modeling_qwen2_moe",
+        block="Qwen2MoeSparseMoeBlock",
+        router_attr="gate",
+        router_forward=_softmax_router_forward,
+        family_routing=_softmax_routing,
+        router_attrs=("hidden_dim", "norm_topk_prob"),
+    )
 
 
 def patch_qwen3_moe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``Qwen3MoeSparseMoeBlock``; returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="qwen3_moe.modeling_qwen3_moe", block="Qwen3MoeSparseMoeBlock",
-                         router_attr="gate", router_forward=_softmax_router_forward, family_routing=_softmax_routing,
-                         router_attrs=("hidden_dim", "norm_topk_prob"))
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="qwen3_moe.modeling_qwen3_moe",
+        block="Qwen3MoeSparseMoeBlock",
+        router_attr="gate",
+        router_forward=_softmax_router_forward,
+        family_routing=_softmax_routing,
+        router_attrs=("hidden_dim", "norm_topk_prob"),
+    )
 
 
 def patch_olmoe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``OlmoeSparseMoeBlock``; returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="olmoe.modeling_olmoe", block="OlmoeSparseMoeBlock",
-                         router_attr="gate", router_forward=_softmax_router_forward, family_routing=_softmax_routing,
-                         router_attrs=("hidden_dim", "norm_topk_prob"))
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="olmoe.modeling_olmoe",
+        block="OlmoeSparseMoeBlock",
+        router_attr="gate",
+        router_forward=_softmax_router_forward,
+        family_routing=_softmax_routing,
+        router_attrs=("hidden_dim", "norm_topk_prob"),
+    )
 
 
 def patch_deepseek_v3(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``DeepseekV3MoE`` (dense layers and shared experts stay HF's); returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="deepseek_v3.modeling_deepseek_v3", block="DeepseekV3MoE",
-                         router_attr="gate", router_forward=_deepseek_v3_router_forward,
-                         family_routing=_deepseek_v3_routing,
-                         router_attrs=("hidden_dim", "e_score_correction_bias", "num_group", "topk_group",
-                                       "norm_topk_prob", "routed_scaling_factor"))
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="deepseek_v3.modeling_deepseek_v3",
+        block="DeepseekV3MoE",
+        router_attr="gate",
+        router_forward=_deepseek_v3_router_forward,
+        family_routing=_deepseek_v3_routing,
+        router_attrs=(
+            "hidden_dim",
+            "e_score_correction_bias",
+            "num_group",
+            "topk_group",
+            "norm_topk_prob",
+            "routed_scaling_factor",
+        ),
+    )
 
 
 def patch_gpt_oss(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
     """Patch every ``GptOssMLP``; returns how many."""
-    return _patch_blocks(model, backend, routing, modeling="gpt_oss.modeling_gpt_oss", block="GptOssMLP",
-                         router_attr="router", router_forward=_gpt_oss_router_forward,
-                         family_routing=_renormalized_routing, router_attrs=("bias",))
+    return _patch_blocks(
+        model,
+        backend,
+        routing,
+        modeling="gpt_oss.modeling_gpt_oss",
+        block="GptOssMLP",
+        router_attr="router",
+        router_forward=_gpt_oss_router_forward,
+        family_routing=_renormalized_routing,
+        router_attrs=("bias",),
+    )
 
 
 MODEL_TYPE_TO_APPLY_FN: dict[str, Callable[..., int]] = {
@@ -247,8 +308,9 @@ def apply_moe_kernels(model: nn.Module, *, backend: str = "auto", routing: Routi
     if backend not in BACKENDS:
         raise ValueError(f"apply_moe_kernels: backend must be one of {BACKENDS}, got {backend!r}")
     if routing is not None and not isinstance(routing, RoutingConfig):
-        raise TypeError(f"apply_moe_kernels: routing must be a moe_kernels.RoutingConfig or None, got "
-                        f"{type(routing).__name__}")
+        raise TypeError(
+            f"apply_moe_kernels: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}"
+        )
     _require_transformers()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     apply_fn = MODEL_TYPE_TO_APPLY_FN.get(model_type)

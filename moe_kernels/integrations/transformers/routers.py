@@ -14,8 +14,13 @@ from moe_kernels.integrations.transformers._common import _BACKEND, _ROUTING
 
 
 def _route(router, logits, bias=None):
-    return softmax_topk(logits, router.top_k, routing=router.__dict__[_ROUTING], bias=bias,
-                        backend=router.__dict__.get(_BACKEND, "auto"))
+    return softmax_topk(
+        logits,
+        router.top_k,
+        routing=router.__dict__[_ROUTING],
+        bias=bias,
+        backend=router.__dict__.get(_BACKEND, "auto"),
+    )
 
 
 def routing_config(router: nn.Module) -> RoutingConfig:
@@ -73,7 +78,9 @@ def _deepseek_v3_routing(router) -> RoutingConfig:
     num_groups, topk_groups = router.num_group, router.topk_group
     if not num_groups or num_groups <= 1 or topk_groups is None or topk_groups >= num_groups:
         num_groups = topk_groups = None  # every group kept: no masking
-    return RoutingConfig.deepseek_v3(num_groups=num_groups and int(num_groups),
-                                     topk_groups=topk_groups and int(topk_groups),
-                                     scale=float(router.routed_scaling_factor),
-                                     renormalize=bool(router.norm_topk_prob))
+    return RoutingConfig.deepseek_v3(
+        num_groups=num_groups and int(num_groups),
+        topk_groups=topk_groups and int(topk_groups),
+        scale=float(router.routed_scaling_factor),
+        renormalize=bool(router.norm_topk_prob),
+    )
