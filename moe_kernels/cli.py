@@ -83,6 +83,7 @@ BENCHMARKS = {
     "hf_moe_block": "bench_hf",
     "hf_generate": "bench_hf_generate",
     "op_overhead": "bench_overhead",
+    "expert_parallel": "bench_expert_parallel",
 }
 
 
