@@ -39,7 +39,18 @@ DEEPEP_REFERENCE = (
     "H = 7168, top-8: dispatch 153 GB/s (FP8), combine 158 GB/s (BF16) [deepseek-ai/DeepEP README]"
 )
 TABLE_COLUMNS = (
-    "W", "E", "k", "H", "T", "phase", "provider", "median_us", "p20_us", "p80_us", "gb_per_s", "speedup_vs_ag_rs",
+    "W",
+    "E",
+    "k",
+    "H",
+    "T",
+    "phase",
+    "provider",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "gb_per_s",
+    "speedup_vs_ag_rs",
 )
 
 
@@ -142,8 +153,13 @@ def bench_rank(rank: int, world: int, config: Config) -> list[dict]:
     block = _build_block(config, world, rank, device)
     rows = []
     for num_tokens in config.tokens:
-        x = torch.randn(num_tokens, config.hidden, generator=torch.Generator(device=device).manual_seed(10 + rank),
-                        device=device, dtype=block.gate_up_proj.dtype)
+        x = torch.randn(
+            num_tokens,
+            config.hidden,
+            generator=torch.Generator(device=device).manual_seed(10 + rank),
+            device=device,
+            dtype=block.gate_up_proj.dtype,
+        )
         with torch.no_grad():
             rows += _bench_point(block, x, config, device)
     return rows if rank == 0 else []
@@ -174,16 +190,30 @@ def _bench_point(block: ExpertParallelMoE, x, config: Config, device) -> list[di
         samples = max((g[(phase, provider)] for g, _ in gathered), key=statistics.median)
         deciles = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
         median_us = statistics.median(samples) * 1e6
-        rows.append({
-            "op": OP_NAME, "model": f"EP{world} {phase}", "W": world, "E": num_experts, "k": ids.shape[1],
-            "H": x.shape[1], "I": block.down_proj.shape[2], "T": x.shape[0],
-            "dtype": str(x.dtype).removeprefix("torch."),
-            "phase": phase, "provider": provider, "median_us": median_us, "p20_us": deciles[1] * 1e6,
-            "p80_us": deciles[7] * 1e6, "timer": "wall", "reps": config.reps, "backend": dist.get_backend(),
-            "threads_per_rank": config.threads_per_rank,
-            "bytes": None if phase == "block" else int(mean_payload),
-            "gb_per_s": None if phase == "block" else mean_payload / median_us / 1e3,
-        })
+        rows.append(
+            {
+                "op": OP_NAME,
+                "model": f"EP{world} {phase}",
+                "W": world,
+                "E": num_experts,
+                "k": ids.shape[1],
+                "H": x.shape[1],
+                "I": block.down_proj.shape[2],
+                "T": x.shape[0],
+                "dtype": str(x.dtype).removeprefix("torch."),
+                "phase": phase,
+                "provider": provider,
+                "median_us": median_us,
+                "p20_us": deciles[1] * 1e6,
+                "p80_us": deciles[7] * 1e6,
+                "timer": "wall",
+                "reps": config.reps,
+                "backend": dist.get_backend(),
+                "threads_per_rank": config.threads_per_rank,
+                "bytes": None if phase == "block" else int(mean_payload),
+                "gb_per_s": None if phase == "block" else mean_payload / median_us / 1e3,
+            }
+        )
     baseline = {row["phase"]: row["median_us"] for row in rows if row["provider"] == "allgather_reducescatter"}
     for row in rows:
         ours = row["provider"] == "all_to_all"
@@ -204,8 +234,9 @@ def run(
             continue
         if config.experts % world:
             raise ValueError(f"bench_expert_parallel: E = {config.experts} is not divisible by W = {world}")
-        results = run_group(bench_rank, world, config, backend=backend, timeout=timeout,
-                            threads=config.threads_per_rank)
+        results = run_group(
+            bench_rank, world, config, backend=backend, timeout=timeout, threads=config.threads_per_rank
+        )
         rows += results[0]
     return rows
 
@@ -227,12 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else Config()
-    overrides = dict(tokens=tuple(args.tokens) if args.tokens else None, hidden=args.hidden, inter=args.inter,
-                     experts=args.experts, k=args.k, reps=args.reps, threads_per_rank=args.threads_per_rank)
+    overrides = dict(
+        tokens=tuple(args.tokens) if args.tokens else None,
+        hidden=args.hidden,
+        inter=args.inter,
+        experts=args.experts,
+        k=args.k,
+        reps=args.reps,
+        threads_per_rank=args.threads_per_rank,
+    )
     config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
     device = resolve_device(args.device)
-    status = run_and_report(OP_NAME, device, lambda: run(config, worlds=args.worlds, device=device), TABLE_COLUMNS,
-                            write=not args.no_write)
+    status = run_and_report(
+        OP_NAME, device, lambda: run(config, worlds=args.worlds, device=device), TABLE_COLUMNS, write=not args.no_write
+    )
     print(DEEPEP_REFERENCE)
     return status
 

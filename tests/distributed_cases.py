@@ -198,7 +198,8 @@ def check_exchange(rank: int, world: int) -> dict:
         expected_rows, expected_counts = _expected_rows(rank, world, dtype, empty_rank)
         records[f"{label} recv_x"] = dict(ok=torch.equal(recv, expected_rows), err=tuple(recv.shape))
         records[f"{label} counts/offsets"] = dict(
-            ok=torch.equal(handle.counts, expected_counts) and handle.offsets.dtype == torch.int32
+            ok=torch.equal(handle.counts, expected_counts)
+            and handle.offsets.dtype == torch.int32
             and torch.equal(handle.offsets, expected_counts.cumsum(0).int()),
             err=str(handle.offsets.tolist()),
         )

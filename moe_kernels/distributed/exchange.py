@@ -110,9 +110,7 @@ def _from_experts(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """The inverse of :func:`_to_experts`: expert-major rows ``(R, H)`` -> send order ``(S, H)``."""
     arrival = torch.empty_like(rows).index_copy_(0, handle.permutation, rows)  # a permutation: no sums
     returned = rows.new_empty(handle.num_sent, rows.shape[1])
-    dist.all_to_all_single(
-        returned, arrival, list(handle.input_splits), list(handle.output_splits), group=handle.group
-    )
+    dist.all_to_all_single(returned, arrival, list(handle.input_splits), list(handle.output_splits), group=handle.group)
     return returned
 
 
