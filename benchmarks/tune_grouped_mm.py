@@ -1,7 +1,8 @@
 """Tune the grouped GEMM's tile configurations on this GPU and write them where the launchers
-look (``moe_kernels/configs/grouped_mm/<gpu>.json``): every GEMM of ``fused_experts`` over the
-experts registry, at a decode-sized and a prefill-sized row count, timed with
-``triton.testing.do_bench`` for each candidate (tiles x warps x stages), keeping the fastest.
+look (``moe_kernels/configs/grouped_mm/<gpu>.json``, with the Triton version): every GEMM of
+``fused_experts`` over the experts registry, at a decode-sized and a prefill-sized row count, timed
+with ``triton.testing.do_bench`` for each candidate (tiles x warps x stages), keeping the fastest.
+The file is updated after every GEMM, so an interrupted run keeps what it finished.
 
     python -m benchmarks.tune_grouped_mm [--rows 512 32768] [--model Qwen3-30B-A3B]
 """
@@ -87,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key = tuned_configs.tuned_key(kernel, torch.bfloat16, n_cols, k_dim)
                 entries = [entry for entry in table.get(key, []) if entry[0] != rows]
                 table[key] = sorted(entries + [[rows, best]], key=lambda entry: entry[0])
-                print(f"{shape.model} rows={rows} {key}: {best} {best_us:.1f} us")
-    path = tuned_configs.write_tuned_table(name, table, triton_version())
-    print(f"wrote {path} ({len(table)} shapes) for {name}, Triton {triton_version()}")
+                # Written after every GEMM, so that a session cut short keeps what it tuned.
+                path = tuned_configs.write_tuned_table(name, {key: table[key]}, triton_version())
+                print(f"{shape.model} rows={rows} {key}: {best} {best_us:.1f} us -> {path}")
+    print(f"tuned {len(table)} shapes for {name}, Triton {triton_version()}")
     return 0
 
 
