@@ -230,6 +230,7 @@ BENCHMARKS = {
     "hf_moe_block": "bench_hf",
     "hf_generate": "bench_hf_generate",
     "op_overhead": "bench_overhead",
+    "dynamics": "bench_dynamics",
 }
 
 

@@ -316,3 +316,23 @@ def threshold_table(sweeps) -> str:
         lines.append(f"| {sweep.num_experts} | {'trained' if sweep.train_gate else 'frozen'} | "
                      + " | ".join(_cell(c) for c in cells) + f" | {top:.2f} |")
     return "\n".join(lines)
+
+
+def main() -> None:
+    """``python -m moe_kernels.dynamics.digits``: the README's sweeps (2 and 4 experts, gate
+    frozen and trained after pretraining, 16 values of K each; about 2 minutes on one core) and
+    their threshold table."""
+    sweeps = []
+    for num_experts in (2, 4):
+        for train_gate in (False, True):
+            sweep = sweep_digits(num_experts, train_gate=train_gate)
+            sweeps.append(sweep)
+            print(f"E = {num_experts}, gate {'trained' if train_gate else 'frozen'} ({sweep.updates} score updates):")
+            for row in sweep.rows:
+                print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print()
+    print(threshold_table(sweeps))
+
+
+if __name__ == "__main__":
+    main()

@@ -175,3 +175,22 @@ def plot_collapse(path, *, num_experts: int = 4, feedbacks=None, steps_per_point
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def draw_all(out_dir, *, device=None) -> list[Path]:
+    """The four figures with their default settings into ``out_dir`` (about 20 s on one CPU
+    core): ``bifurcation.png``, ``hysteresis.png``, ``critical_slowing.png``, ``collapse.png``."""
+    out_dir = Path(out_dir)
+    return [
+        plot_bifurcation(out_dir / "bifurcation.png", device=device),
+        plot_hysteresis(out_dir / "hysteresis.png", device=device),
+        plot_critical_slowing(out_dir / "critical_slowing.png", device=device),
+        plot_collapse(out_dir / "collapse.png", device=device),
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for written in draw_all(sys.argv[1] if len(sys.argv) > 1 else "."):
+        print(written)
