@@ -222,3 +222,23 @@ def test_moe_exposes_last_load():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.gpu
+def test_cuda_hot_paths_do_not_sync():
+    ids = _random_ids(4096, 8, 256, seed=9).cuda()
+    logits = torch.randn(4096, 256, device="cuda", requires_grad=True)
+    bias = AuxLossFreeBias(256, device="cuda")
+    router = moe_kernels.dynamics.AdaptiveScoreRouter(16, 256, 8, feedback=1.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = load_stats(ids, 256)
+        loss = switch_aux_loss(logits, ids, 256) + router_z_loss(logits)
+        loss.backward()
+        bias.update(ids)
+        router.update(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.counts.tolist() == _oracle(ids.cpu(), 256)["counts"]
+    assert logits.grad is not None and bias.bias.device.type == "cuda"

@@ -195,6 +195,17 @@ def test_simulation_is_reproducible_and_bias_equals_asymmetry():
     assert per_point.load.shape == (4, 5, 3) and per_point.feedback.tolist() == [2.0] * 4
 
 
+@pytest.mark.gpu
+def test_simulation_on_cuda():
+    feedback = torch.tensor([1.0, 3.0], device="cuda")
+    first = dynamics.simulate(feedback, steps=20000, replicas=64, eps=0.01, seed=4)
+    again = dynamics.simulate(feedback, steps=20000, replicas=64, eps=0.01, seed=4)
+    assert first.load.device.type == "cuda" and torch.equal(first.load, again.load)
+    winner = first.winner_load.mean(dim=1).cpu()
+    assert abs(float(winner[1]) - dynamics.fixed_points(3.0)[-1][0]) < 0.02
+    assert abs(float(first.load[0, :, 0].mean()) - 0.5) < 0.01
+
+
 def test_simulation_host_syncs_do_not_grow_with_steps():
     """The argument checks read a few values back once; the step loop reads none."""
     from torch.utils._python_dispatch import TorchDispatchMode
