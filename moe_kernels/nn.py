@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_kernels.balance import LoadStats, load_stats
 from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.reference.experts import gated_activation
@@ -164,6 +165,10 @@ class MoE(nn.Module):
             ``sigmoid(shared_gate(x))`` when ``shared_gate`` (Qwen2-MoE), ungated otherwise
             (DeepSeek-V3).
         backend: the ops' backend.
+        track_load: store each forward's :class:`moe_kernels.balance.LoadStats` of the routed ids
+            as ``last_load`` (a few small device ops, no host sync; off by default so that
+            inference and CUDA-graph / compiled forwards carry no extra work or side effect).
+            Settable later, also for a whole model with :func:`moe_kernels.balance.track_load`.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class MoE(nn.Module):
         shared_intermediate_size: int | None = None,
         shared_gate: bool = False,
         backend: str = "auto",
+        track_load: bool = False,
         device=None,
         dtype=None,
         **routing_options,
@@ -217,11 +223,15 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(hidden_size, 1, bias=False, **factory)
         self.activation = activation
         self.backend = backend
+        self.track_load = track_load
+        self.last_load: LoadStats | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         flat = hidden.reshape(-1, hidden_size)
         weights, ids = self.router(flat)
+        if self.track_load:
+            self.last_load = load_stats(ids.detach(), self.gate_up_proj.shape[0])
         out = fused_experts(
             flat,
             self.gate_up_proj,

@@ -16,7 +16,8 @@ else
 fi
 TORCH_SPEC="${MOE_KERNELS_TORCH:-$default_torch}"
 REQUIREMENTS=("$TORCH_SPEC" "triton==3.9.0" "numpy" "faiss-cpu" "safetensors" "matplotlib" "pytest" "pytest-benchmark" "ninja"
-              "transformers==5.23.0" "liger-kernel==0.8.5" "ruff==0.17.6" "hypothesis==6.155.2")
+              "transformers==5.23.0" "liger-kernel==0.8.5" "ruff==0.17.6" "hypothesis==6.155.2"
+              "scikit-learn==1.9.1")
 STAMP="$VENV/.moe-kernels-setup"
 WANT="${REQUIREMENTS[*]} $(cat "$ROOT/pyproject.toml" | cksum)"
 

@@ -1,0 +1,116 @@
+"""Measurements built on :func:`simulate`: slow parameter sweeps (hysteresis) and relaxation times
+(critical slowing down). The plots of :mod:`moe_kernels.dynamics.plots` draw these."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe_kernels.dynamics.simulate import simulate
+from moe_kernels.dynamics.theory import fixed_points
+
+
+def adiabatic_sweep(
+    feedback,
+    asymmetry=0.0,
+    *,
+    num_experts: int = 2,
+    steps_per_point: int = 4000,
+    replicas: int = 32,
+    eps: float = 0.005,
+    seed: int = 0,
+    initial_scores: torch.Tensor | None = None,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visit parameter points in order, each run starting from the previous point's final scores
+    (a slow sweep, as in a hysteresis experiment).
+
+    Args:
+        feedback, asymmetry: numbers or 1-D sequences / tensors of the same length ``n`` (a
+            number is held fixed); the ``i``-th point is ``(feedback[i], asymmetry[i])``.
+        steps_per_point, replicas, eps, num_experts: as for :func:`simulate` (``R`` chains swept
+            together; point ``i`` uses seed ``seed + i``).
+        initial_scores: scores at the first point, broadcastable to ``(R, E)``; default ``1/E``.
+
+    Returns:
+        ``(load (n, R, E), scores (R, E))``: each point's selection fractions over the last half
+        of its steps, and the final scores (to continue the sweep).
+    """
+    feedbacks = torch.as_tensor(feedback, dtype=torch.float32).reshape(-1)
+    asymmetries = torch.as_tensor(asymmetry, dtype=torch.float32).reshape(-1)
+    points = max(len(feedbacks), len(asymmetries))
+    feedbacks, asymmetries = feedbacks.expand(points), asymmetries.expand(points)
+    scores = initial_scores
+    loads = []
+    for index in range(points):
+        start = None if scores is None else scores.reshape(1, replicas, num_experts)
+        sim = simulate(
+            float(feedbacks[index]),
+            num_experts=num_experts,
+            asymmetry=float(asymmetries[index]),
+            steps=steps_per_point,
+            replicas=replicas,
+            eps=eps,
+            seed=seed + index,
+            initial_scores=start,
+            device=device,
+        )
+        scores = sim.scores[0]
+        loads.append(sim.load[0])
+    return torch.stack(loads), scores
+
+
+def relaxation_times(
+    feedbacks,
+    *,
+    perturbation: float = 0.1,
+    replicas: int = 512,
+    eps: float = 0.01,
+    max_time: float = 30.0,
+    seed: int = 0,
+    device=None,
+) -> torch.Tensor:
+    """Measured relaxation time of two experts (``h = 0``) at each ``K``, in units of ``tau =
+    eps * steps``, to compare with :func:`moe_kernels.dynamics.theory.relaxation_time`.
+
+    Every replica starts at imbalance ``x* + delta``, where ``x*`` is the stable state with
+    ``x >= 0`` and ``delta = min(perturbation, (1 - x*) / 2)`` (away from the saddle for
+    ``K > 2``); the time is when the replicas' mean deviation ``mean(x) - x*`` first falls to
+    ``delta / e`` (``inf`` if not within ``max_time``). Averaging the signed deviation over many
+    replicas cancels the noise, leaving the mean-field decay. Close to ``K = 2`` from above the
+    two wells are shallow and chains hop between them, so points there come out too long or
+    ``inf``.
+
+    Returns:
+        ``(P,)`` float64 times on the CPU.
+    """
+    values = [float(k) for k in torch.as_tensor(feedbacks).reshape(-1).tolist()]
+    targets, deltas, starts = [], [], []
+    for k in values:
+        x_star = 2 * fixed_points(k)[-1][0] - 1
+        delta = min(perturbation, (1 - x_star) / 2)
+        targets.append(x_star)
+        deltas.append(delta)
+        starts.append([(1 + x_star + delta) / 2, (1 - x_star - delta) / 2])
+    record_every = 5
+    steps = math.ceil(max_time / eps / record_every) * record_every
+    initial = torch.tensor(starts).unsqueeze(1)  # (P, 1, 2), broadcast over replicas
+    sim = simulate(
+        torch.tensor(values),
+        steps=steps,
+        replicas=replicas,
+        eps=eps,
+        seed=seed,
+        initial_scores=initial,
+        record_every=record_every,
+        device=device,
+    )
+    imbalance = (sim.trajectory[..., 0] - sim.trajectory[..., 1]).mean(dim=-1).double().cpu()  # (n, P)
+    deviation = imbalance - torch.tensor(targets, dtype=torch.float64)
+    reached = deviation <= torch.tensor(deltas, dtype=torch.float64) / math.e
+    times = []
+    for point in range(len(values)):
+        hits = torch.nonzero(reached[:, point])
+        times.append(math.inf if len(hits) == 0 else (int(hits[0]) + 1) * record_every * eps)
+    return torch.tensor(times, dtype=torch.float64)
