@@ -58,7 +58,7 @@ def environment(device: torch.device, seed: int, quick: bool) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+        name = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)"
     return {
         "device": name,
         "torch": torch.__version__,
@@ -120,6 +120,29 @@ def write_outputs(out: Path, env: dict, stages: list[StageResult]) -> tuple[Path
     md_path = out / "report.md"
     md_path.write_text(_report(env, stages, claims))
     return json_path, md_path
+
+
+def _short(value) -> str:
+    """A measured value for the claims table: numbers to 4 significant digits, None as "never"."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {_short(item)}" for key, item in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "never" if value is None else str(value)
+
+
+def claims_table(claims: list[dict]) -> str:
+    """The claims as a markdown table: paper, claim, what was measured, reproduced or not."""
+    rows = [
+        {
+            "paper": c["paper"],
+            "claim": c["claim"],
+            "measured": _short(c["measured"]),
+            "reproduced": "reproduced" if c["reproduced"] else "**not reproduced**",
+        }
+        for c in claims
+    ]
+    return markdown_table(rows, ["paper", "claim", "measured", "reproduced"])
 
 
 def _report(env: dict, stages: list[StageResult], claims: list[dict]) -> str:

@@ -4,48 +4,54 @@ the microbenchmarks of the fused ops against their baselines on this device."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from moe_kernels import validation
+from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.report import StageResult, markdown_table
 from moe_kernels.progress import Progress
 
 # Quick mode validates one small token count per (op, model) in float32; the full demo the
 # device's whole ``validate`` table.
 QUICK_VALIDATE = dict(dtypes=("float32",), tokens=(7,))
-# The microbenchmarks the demo runs, in quick mode, by ``moe-kernels bench --op`` name.
-QUICK_BENCHMARKS = ("softmax_topk", "knn_route", "probmoe", "fused_experts", "knn_retrieval")
-FULL_BENCHMARKS = QUICK_BENCHMARKS + ("knn_mix", "hf_moe_block", "hf_generate", "op_overhead")
+# The microbenchmarks the demo runs (each in its quick mode), by ``moe-kernels bench --op`` name.
+QUICK_BENCHMARKS = ("softmax_topk", "fused_experts")
+FULL_BENCHMARKS = (
+    "softmax_topk",
+    "knn_route",
+    "probmoe",
+    "fused_experts",
+    "knn_retrieval",
+    "knn_mix",
+    "hf_moe_block",
+    "hf_generate",
+    "op_overhead",
+)
 
 
-def validation_stage(out: Path, device: torch.device, quick: bool, seed: int) -> StageResult:
+def validation_stage(ctx: DemoContext) -> StageResult:
     stage = StageResult("validation", "Validation: every op against its float64 reference")
-    options = QUICK_VALIDATE if quick else {}
-    total = validation.number_of_rows(device, **options)
+    options = QUICK_VALIDATE if ctx.quick else {}
+    total = validation.number_of_rows(ctx.device, **options)
     with Progress(total, "validate") as bar:
-        rows = validation.validate_rows(device, progress=bar.update, **options)
+        rows = validation.validate_rows(ctx.device, progress=bar.update, **options)
     failures = [row for row in rows if row["status"] != "ok"]
+    ops = list(dict.fromkeys(row["op"] for row in rows))
     stage.numbers = {
         "rows": len(rows),
         "failed": len(failures),
-        "max_error": {
-            op: max(float(r["weight_err"]) for r in rows if r["op"] == op)
-            for op in dict.fromkeys(row["op"] for row in rows)
-        },
-        "max_grad_error": {
-            op: max(float(r["grad_err"]) for r in rows if r["op"] == op)
-            for op in dict.fromkeys(row["op"] for row in rows)
-        },
+        "max_error": {op: max(float(r["weight_err"]) for r in rows if r["op"] == op) for op in ops},
+        "max_grad_error": {op: max(float(r["grad_err"]) for r in rows if r["op"] == op) for op in ops},
     }
     stage.notes.append(
         f"{len(rows) - len(failures)} of {len(rows)} (op, model, dtype, T) rows within the tolerance "
-        "table of `moe_kernels.testing`"
+        "table of `moe_kernels.testing`; errors are the largest absolute error against float64"
     )
     stage.tables.append(markdown_table(rows, list(rows[0])))
     if failures:
@@ -54,19 +60,20 @@ def validation_stage(out: Path, device: torch.device, quick: bool, seed: int) ->
     return stage
 
 
-def microbenchmark_stage(out: Path, device: torch.device, quick: bool, seed: int) -> StageResult:
+def microbenchmark_stage(ctx: DemoContext) -> StageResult:
     """Each benchmark's quick run (``moe-kernels bench --op NAME --quick``), its CSV and plot written
-    under ``out/bench``; the report lists the speedups it measured."""
+    under ``out/bench``; the report lists the moe_kernels rows with their speedups."""
     stage = StageResult("microbenchmarks", "Microbenchmarks of the fused ops against their baselines")
     repo_root = Path(__file__).resolve().parents[2]
     if not (repo_root / "benchmarks" / "common.py").is_file():
-        stage.status, stage.error = "failed", "the benchmarks/ folder ships with the source tree; run from a checkout"
-        return stage
+        raise RuntimeError("the benchmarks/ folder ships with the source tree; run the demo from a checkout")
     from moe_kernels.cli import BENCHMARKS
 
-    sys.path.insert(0, str(repo_root))
-    bench_dir = out / "bench"
-    names = QUICK_BENCHMARKS if quick else FULL_BENCHMARKS
+    if str(repo_root) not in sys.path:
+        sys.path.insert(0, str(repo_root))
+    bench_dir = ctx.out / "bench"
+    shutil.rmtree(bench_dir, ignore_errors=True)
+    names = QUICK_BENCHMARKS if ctx.quick else FULL_BENCHMARKS
     previous = os.environ.get("MOE_KERNELS_RESULTS_DIR")
     os.environ["MOE_KERNELS_RESULTS_DIR"] = str(bench_dir)
     log = io.StringIO()
@@ -75,7 +82,7 @@ def microbenchmark_stage(out: Path, device: torch.device, quick: bool, seed: int
             for name in names:
                 module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
                 with contextlib.redirect_stdout(log):
-                    status = module.main(["--quick", "--device", device.type])
+                    status = module.main(["--quick", "--device", ctx.device.type])
                 if status:
                     raise RuntimeError(f"benchmark {name} exited with {status}")
                 bar.update(op=name)
@@ -84,11 +91,39 @@ def microbenchmark_stage(out: Path, device: torch.device, quick: bool, seed: int
             os.environ.pop("MOE_KERNELS_RESULTS_DIR", None)
         else:
             os.environ["MOE_KERNELS_RESULTS_DIR"] = previous
-    (out / "bench.log").write_text(log.getvalue())
-    stage.timings = {"benchmarks": list(names)}
-    for png in sorted(bench_dir.rglob("*.png")):
-        stage.plots.append(str(png.relative_to(out)))
+    (ctx.out / "bench.log").write_text(log.getvalue())
+    rows = _speedup_rows(bench_dir)
+    stage.timings = {"rows": rows}
+    speedups = sorted({key for row in rows for key in row if key.startswith("speedup_vs_")})
+    columns = [
+        c
+        for c in ("op", "model", "T", "dtype", "direction", "median_us", *speedups)
+        if any(row.get(c) is not None for row in rows)
+    ]
+    if rows:
+        stage.tables.append(markdown_table(rows, columns))
+    stage.plots = [str(png.relative_to(ctx.out)) for png in sorted(bench_dir.rglob("*.png"))]
     stage.notes.append(
-        f"quick runs of {', '.join(names)} on {device.type}; tables in `bench.log`, CSVs and plots under `bench/`"
+        f"quick runs of {', '.join(names)} on {ctx.device.type} with {ctx.thread_count} thread(s); "
+        "the moe_kernels rows with their speedups over each baseline measured in the same run "
+        "(full tables in `bench.log`, CSVs and plots under `bench/`)"
     )
     return stage
+
+
+def _speedup_rows(bench_dir: Path) -> list[dict]:
+    """The moe_kernels rows of every CSV written, with the columns the summary shows."""
+    rows = []
+    for path in sorted(bench_dir.rglob("*.csv")):
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("provider") != "moe_kernels":
+                    continue
+                keep = {"op": row.get("op") or path.stem}
+                for key in ("model", "T", "dtype", "direction"):
+                    keep[key] = row.get(key) or None
+                for key, value in row.items():
+                    if key == "median_us" or key.startswith("speedup_vs_"):
+                        keep[key] = float(value) if value not in (None, "") else None
+                rows.append(keep)
+    return rows

@@ -24,7 +24,8 @@ class KNNRouter(nn.Module):
     queries to the host and waits for them; a GPU build of faiss searches a copy of the index on
     the queries' GPU (:meth:`RoutingMemory.search`). Either way faiss allocates per search, so
     this gate is not CUDA-graph capturable; the exact torch search (``index="torch"``) stays on
-    the device.
+    the device. ``last_confidence (...)`` float32 holds the last forward's per-token confidence
+    (0 where the frozen router decided alone).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class KNNRouter(nn.Module):
         self.routing.check(num_experts, k, "KNNRouter")
         self.backend = backend
         self.register_buffer("memory_logits", memory.values.to(weight.device), persistent=False)
+        self.last_confidence: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
@@ -68,9 +70,10 @@ class KNNRouter(nn.Module):
         missing = ids < 0
         ids = torch.where(missing, torch.zeros_like(ids), ids).to(logits.device)
         sims = torch.where(missing, torch.zeros_like(sims), sims).to(logits.device)
-        weights, chosen, _ = knn_route(
+        weights, chosen, conf = knn_route(
             logits, ids, sims, self.memory_logits, self.k, routing=self.routing, backend=self.backend, **self.mixing
         )
+        self.last_confidence = conf.detach().reshape(lead)
         return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)
 
     def extra_repr(self) -> str:
