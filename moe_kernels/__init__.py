@@ -6,39 +6,17 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
-from moe_kernels import balance, dynamics  # submodules: moe_kernels.balance, moe_kernels.dynamics
+from moe_kernels import balance, dynamics, functional  # the submodules moe_kernels.balance, .dynamics, .functional
 from moe_kernels.config import Activation, RoutingConfig
-from moe_kernels.functional import (
-    exact_k_marginals,
-    exact_k_sample,
-    expert_counts,
-    fused_experts,
-    grouped_mm,
-    knn_mix,
-    knn_route,
-    knn_route_assignments,
-    moe_align,
-    probmoe_route,
-    softmax_topk,
-)
+from moe_kernels.functional import *  # noqa: F403 (the public functions; their names are functional.__all__)
 from moe_kernels.nn import MoE, ProbMoERouter, TopKRouter
 
 __all__ = [
+    *functional.__all__,  # noqa: F405
     "Activation",
-    "RoutingConfig",
-    "exact_k_marginals",
-    "exact_k_sample",
-    "expert_counts",
-    "fused_experts",
-    "grouped_mm",
-    "knn_mix",
-    "knn_route",
-    "knn_route_assignments",
-    "moe_align",
-    "probmoe_route",
-    "softmax_topk",
     "MoE",
     "ProbMoERouter",
+    "RoutingConfig",
     "TopKRouter",
     "__version__",
     "balance",

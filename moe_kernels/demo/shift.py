@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moe_kernels.demo.context import DemoContext
-from moe_kernels.demo.model import CharMoELM, mean_loss, train
+from moe_kernels.demo.model import CharMoELM, mean_loss, record_routing, train
 from moe_kernels.demo.report import StageResult, markdown_table
 from moe_kernels.demo.shift_methods import cor_method, knn_method
 from moe_kernels.nn import ProbMoERouter
@@ -38,28 +38,19 @@ def routing_stats(model: CharMoELM, batches) -> dict:
     """Over ``batches``, averaged over tokens and layers: ``experts_per_token`` (slots with an id
     >= 0), ``routing_entropy`` (nats, of ``softmax`` of the router logits) and ``experts_for_99``
     (the fewest experts whose softmax probabilities sum to 0.99)."""
-    seen = {"experts": [], "entropy": [], "mass": []}
-
-    def record(module, args, out):
-        logits = nn.functional.linear(args[0], module.weight).float()
-        probs = torch.softmax(logits, dim=-1)
-        seen["experts"].append((out[1] >= 0).sum(-1).float())
-        seen["entropy"].append(-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1))
-        cumulative = probs.sort(dim=-1, descending=True).values.cumsum(-1)
-        seen["mass"].append((cumulative < 0.99).sum(-1).float() + 1)
-
-    hooks = [block.router.register_forward_hook(record) for block in model.blocks]
-    try:
+    inputs, ids = record_routing(model, batches)
+    experts, entropy, mass = [], [], []
+    for layer, block in enumerate(model.blocks):
         with torch.no_grad():
-            for context, _ in batches:
-                model(context)
-    finally:
-        for hook in hooks:
-            hook.remove()
+            probs = torch.softmax(nn.functional.linear(inputs[layer], block.router.weight).float(), dim=-1)
+        experts.append((ids[layer] >= 0).sum(-1).float())
+        entropy.append(-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1))
+        cumulative = probs.sort(dim=-1, descending=True).values.cumsum(-1)
+        mass.append((cumulative < 0.99).sum(-1).float() + 1)
     return {
-        "experts_per_token": float(torch.cat(seen["experts"]).mean()),
-        "routing_entropy": float(torch.cat(seen["entropy"]).mean()),
-        "experts_for_99": float(torch.cat(seen["mass"]).mean()),
+        "experts_per_token": float(torch.cat(experts).mean()),
+        "routing_entropy": float(torch.cat(entropy).mean()),
+        "experts_for_99": float(torch.cat(mass).mean()),
     }
 
 

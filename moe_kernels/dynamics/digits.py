@@ -27,6 +27,7 @@ predicted (mean-field) and the measured curve.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -255,7 +256,7 @@ def sweep_digits(
 
     One run takes about 0.4 s for two experts and 5 epochs on one CPU core.
     """
-    if threads is None or torch.device(device).type != "cpu":
+    with _cpu_threads(threads if torch.device(device).type == "cpu" else None):
         return _sweep(
             num_experts,
             feedbacks,
@@ -269,22 +270,16 @@ def sweep_digits(
             seed,
             device,
         )
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """torch's intra-op CPU threads set to ``threads`` within the block (None: unchanged)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        return _sweep(
-            num_experts,
-            feedbacks,
-            relative,
-            pretrain_epochs,
-            epochs,
-            eps,
-            balance_rate,
-            train_gate,
-            grid_points,
-            seed,
-            device,
-        )
+        yield
     finally:
         torch.set_num_threads(previous)
 

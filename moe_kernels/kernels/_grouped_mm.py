@@ -29,7 +29,7 @@ int64. Accumulation is float32 (``tl.dot``); ``INPUT_PRECISION`` is ``"ieee"`` f
 import triton
 import triton.language as tl
 
-from moe_kernels.kernels._experts import _activation, _gate_up_offsets
+from moe_kernels.kernels.activations import gate_up_offsets, gated_activation
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _grouped_mm_kernel(
         src = rows.to(tl.int64)
     a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
     if GATED:
-        b_cols, up_cols = _gate_up_offsets(cols, N, ACTIVATION)
+        b_cols, up_cols = gate_up_offsets(cols, N, ACTIVATION)
     else:
         b_cols, up_cols = cols, cols
     b_group = b_ptr + group.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk
@@ -174,7 +174,7 @@ def _grouped_mm_kernel(
             h_rows = h_ptr + rows.to(tl.int64)[:, None] * (2 * N)
             tl.store(h_rows + b_cols[None, :], acc.to(h_ptr.dtype.element_ty), mask=out_mask)
             tl.store(h_rows + up_cols[None, :], acc_up.to(h_ptr.dtype.element_ty), mask=out_mask)
-        acc, _, _ = _activation(acc, acc_up, limit, alpha, ACTIVATION)
+        acc, _, _ = gated_activation(acc, acc_up, limit, alpha, ACTIVATION)
     if SCALE_ROWS:
         scale = tl.load(row_scale_ptr + rows, mask=in_product, other=0.0)
         acc = acc * scale[:, None]

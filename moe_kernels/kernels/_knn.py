@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _confidence_and_weights(
+def confidence_and_weights(
     sims_ptr,
     rows64,
     row_ok,
@@ -77,7 +77,7 @@ def _knn_mix_fwd_kernel(
     rows64 = rows.to(tl.int64)
     row_ok = rows < T
     tile_mask = row_ok[:, None] & (cols < E)[None, :]
-    conf, weights = _confidence_and_weights(
+    conf, weights = confidence_and_weights(
         sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
     )
 
@@ -122,7 +122,7 @@ def _knn_mix_bwd_kernel(
     rows64 = rows.to(tl.int64)
     row_ok = rows < T
     tile_mask = row_ok[:, None] & (cols < E)[None, :]
-    conf, weights = _confidence_and_weights(
+    conf, weights = confidence_and_weights(
         sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
     )
     share = tl.where(conf[:, None] > 0, conf[:, None] * weights, 0.0)

@@ -6,7 +6,7 @@ layout (group-major, ``G_PAD * GS_PAD`` columns; fewer rows per program than the
 see ``ops/knn_route.py``); it gathers the ``N`` retrieved rows of the
 memory of logits one ``(BLOCK_T, width)`` tile at a time, mixes them with the router's row in
 registers and routes the mixed tile with the routing kernel's own selection code
-(:func:`moe_kernels.kernels._routing._route_tile`). The mixed logits never reach memory.
+(:func:`moe_kernels.kernels._routing.route_tile`). The mixed logits never reach memory.
 
 ``_knn_route_mixed_kernel`` recomputes the mixed logits ``(T, E)`` float32 for the backward (the
 routing backward kernel needs them), with each token's ``conf`` and neighbour shares
@@ -19,8 +19,8 @@ tensors, with ``torch._assert_async`` on CUDA). Rows whose confidence is 0 read 
 import triton
 import triton.language as tl
 
-from moe_kernels.kernels._knn import _confidence_and_weights
-from moe_kernels.kernels._routing import _route_tile
+from moe_kernels.kernels._knn import confidence_and_weights
+from moe_kernels.kernels._routing import route_tile
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _mixed_tile(
     """
     ncols = tl.arange(0, N_PAD)
     tile_mask = row_ok[:, None] & col_ok[None, :]
-    conf, weights = _confidence_and_weights(
+    conf, weights = confidence_and_weights(
         sims_ptr, rows64, row_ok, stride_st, stride_sn, inv_temperature, min_confidence, N, N_PAD, SIMILARITY
     )
     # Tokens falling back to the router (conf 0) gather nothing.
@@ -164,7 +164,7 @@ def _knn_route_fwd_kernel(
     tl.store(conf_ptr + rows64, conf, mask=row_ok)
     # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
     # memory, so router_ptr / rows64 only fill the unused reload arguments.
-    _route_tile(
+    route_tile(
         mixed,
         rows,
         row_ok,

@@ -81,7 +81,7 @@ def _limit_to_best_groups(
 
 
 @triton.jit
-def _route_tile(
+def route_tile(
     x,
     rows,
     row_ok,
@@ -197,7 +197,7 @@ def _softmax_topk_fwd_kernel(
     ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
     ``group_size = E``, so column ``c`` is expert ``c``). ``CONTIGUOUS`` says that column ``c``
     is expert ``c`` (no groups, or a power-of-two group size), which lets the compiler see
-    consecutive addresses and issue vector loads. The routing itself is :func:`_route_tile`,
+    consecutive addresses and issue vector loads. The routing itself is :func:`route_tile`,
     shared with the fused kNN route (``_knn_route.py``).
     """
     BLOCK_W: tl.constexpr = G_PAD * GS_PAD
@@ -217,7 +217,7 @@ def _softmax_topk_fwd_kernel(
         mask=row_ok[:, None] & col_ok[None, :],
         other=0.0,
     ).to(tl.float32)
-    _route_tile(
+    route_tile(
         x,
         rows,
         row_ok,
