@@ -6,6 +6,7 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
+from moe_kernels import cor  # Counterfactual Routing, a submodule (imports no transformers)
 from moe_kernels.config import Activation, RoutingConfig
 from moe_kernels.functional import (
     exact_k_marginals,
@@ -40,4 +41,5 @@ __all__ = [
     "ProbMoERouter",
     "TopKRouter",
     "__version__",
+    "cor",
 ]
