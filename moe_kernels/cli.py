@@ -84,6 +84,7 @@ BENCHMARKS = {
     "hf_generate": "bench_hf_generate",
     "op_overhead": "bench_overhead",
     "expert_parallel": "bench_expert_parallel",
+    "cor": "bench_cor",
 }
 
 

@@ -384,6 +384,12 @@ def test_evaluate_end_to_end(tmp_path):
     json.dumps(result.to_dict())
     png = cor.plot_impact_heatmap(result.impact, tmp_path / "impact.png", k=result.plan.k)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a given plan of another total: static top-k is the uniform split of that total, no prior
+    wider = cor.CoRPlan(torch.tensor([2, 4, 3]), result.plan.prior, 0.1)
+    again = cor.evaluate_counterfactual_routing(model, None, evaluation, cor.causal_lm_token_losses, plan=wider)
+    assert [row["k_static"] for row in again.layers] == [3, 3, 3]
+    assert all(row["activations_per_token"] == 9 for row in again.losses.values())
+    assert again.losses["static"]["all"] != result.losses["static"]["all"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +406,10 @@ def test_plans_of_the_wrong_shape_are_refused(tmp_path):
         cor.apply_counterfactual_routing(model, cor.CoRPlan(torch.tensor([2, 2]), torch.zeros(2, 6)))
     with pytest.raises(ValueError, match=r"plan.k\[1\]=3 exceeds the 2 experts layer 1"):
         cor.apply_counterfactual_routing(model, cor.CoRPlan(torch.tensor([1, 3]), torch.zeros(2, 4)))
+    mutated = cor.CoRPlan(torch.tensor([1, 2]), torch.zeros(2, 4))
+    mutated.k = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="apply_counterfactual_routing: CoRPlan: k must be >= 1"):
+        cor.apply_counterfactual_routing(model, mutated)
     assert not cor.is_counterfactual_routing_applied(model)  # nothing was half-applied
     with pytest.raises(ValueError, match=r"prior must be \(L, E\) with L = len\(k\) = 2"):
         cor.CoRPlan(torch.tensor([2, 2]), torch.zeros(3, 4))
@@ -470,3 +480,18 @@ def test_a_model_without_moe_layers_is_refused():
     for call in calls:
         with pytest.raises(ValueError, match="the model has no MoE layers"):
             call()
+
+
+def test_benchmark_quick_run_and_registration():
+    from benchmarks import bench_cor
+    from moe_kernels.cli import BENCHMARKS
+
+    assert BENCHMARKS["cor"] == "bench_cor"
+    rows = bench_cor.run(quick=True, device="cpu", tokens=(4,))
+    impact = {row["provider"]: row for row in rows if row["panel"] == "expert_impact"}
+    assert set(impact) == {"batched", "naive_loop"} and impact["batched"]["what_ifs"] > 0
+    assert impact["batched"]["speedup_vs_naive"] == impact["naive_loop"]["median_us"] / impact["batched"]["median_us"]
+    routing = [row for row in rows if row["panel"] != "expert_impact"]
+    assert {(row["panel"].split()[0], row["provider"]) for row in routing} == {
+        (panel, provider) for panel in ("softmax_topk", "TopKRouter") for provider in ("softmax_topk", "cor_route")
+    }

@@ -100,8 +100,8 @@ def evaluate_counterfactual_routing(
     largest-remainder split of ``total_k`` without prior.
 
     ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`). The model is
-    left as it was (every variant is reverted). Cost: :func:`calibrate`'s, plus four forwards per
-    eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
+    left without a CoR plan (every variant is reverted after its forwards). Cost: :func:`calibrate`'s,
+    plus four forwards per eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
     """
     op = "evaluate_counterfactual_routing"
     check_quantiles(op, hard_quantile, easy_quantile)
@@ -137,7 +137,8 @@ def evaluate_counterfactual_routing(
     static = None
     static_k = base_k
     if plan.total_k != int(base_k.sum()):
-        static_k = allocate_layer_budget(torch.ones(plan.num_layers), plan.total_k)
+        limits = [layer.eligible_experts for layer in layers]
+        static_k = allocate_layer_budget(torch.ones(plan.num_layers), plan.total_k, k_max=limits)
         static = CoRPlan(static_k, zero_prior, 0.0)
     variants = {
         "static": static,

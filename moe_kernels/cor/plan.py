@@ -40,7 +40,7 @@ def _tensor(name: str, value, dtype: torch.dtype, dim: int) -> torch.Tensor:
     return tensor.to(dtype)
 
 
-@dataclass
+@dataclass(eq=False)  # tensors: no elementwise ==
 class CoRPlan:
     """A Counterfactual Routing plan for a model of ``L`` MoE layers of ``E`` experts.
 

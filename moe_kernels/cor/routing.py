@@ -31,6 +31,10 @@ def apply_counterfactual_routing(model: nn.Module, plan: CoRPlan) -> nn.Module:
         raise TypeError(f"{op}: plan must be a moe_kernels.cor.CoRPlan, got {type(plan).__name__}")
     if not is_finite_number(plan.strength):
         raise ValueError(f"{op}: plan.strength must be a finite number, got {plan.strength!r}")
+    try:  # the fields may have been changed since the plan was built: validate them again
+        plan = CoRPlan(plan.k, plan.prior, plan.strength)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: {error}") from None
     layers = find_moe_layers(model, op)
     if plan.num_layers != len(layers):
         raise ValueError(f"{op}: the plan is for {plan.num_layers} MoE layers, the model has {len(layers)}")
