@@ -26,7 +26,16 @@ from moe_kernels import TopKRouter, cor, softmax_topk
 from moe_kernels.routing_override import clear_selection_override, set_selection_override
 
 OP_NAME = "cor"
-TABLE_COLUMNS = ("panel", "T", "provider", "median_us", "what_ifs_per_s", "speedup_vs_naive", "ratio_vs_plain")
+TABLE_COLUMNS = (
+    "panel",
+    "T",
+    "provider",
+    "median_us",
+    "what_ifs",
+    "what_ifs_per_s",
+    "speedup_vs_naive",
+    "ratio_vs_plain",
+)
 # (vocab, hidden, layers, experts, k, sequences, sequence length) of the impact model
 IMPACT_MODEL = dict(vocab_size=512, hidden_size=128, num_layers=4, num_experts=16, k=2, intermediate_size=64)
 IMPACT_BATCH = (8, 64)

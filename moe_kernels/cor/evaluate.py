@@ -191,7 +191,7 @@ def plot_impact_heatmap(
         raise ValueError(f"plot_impact_heatmap: impact must be (L, E), got shape {tuple(values.shape)}")
     num_layers, num_experts = values.shape
     bound = float(values.abs().max()) or 1.0
-    fig = Figure(figsize=(min(2 + 0.25 * num_experts, 16), min(1.5 + 0.4 * num_layers, 12)))
+    fig = Figure(figsize=(max(5.0, min(2 + 0.25 * num_experts, 16)), max(3.0, min(1.5 + 0.4 * num_layers, 12))))
     ax = fig.subplots()
     image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mean loss increase when ablated")
