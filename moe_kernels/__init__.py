@@ -6,7 +6,8 @@ tensors run the pure-PyTorch references in ``moe_kernels.reference``.
 
 __version__ = "0.1.0"
 
-from moe_kernels import balance, dynamics, functional  # the submodules moe_kernels.balance, .dynamics, .functional
+# The submodules moe_kernels.balance, .cor, .dynamics and .functional (none imports transformers).
+from moe_kernels import balance, cor, dynamics, functional
 from moe_kernels.config import Activation, RoutingConfig
 from moe_kernels.functional import *  # noqa: F403 (the public functions; their names are functional.__all__)
 from moe_kernels.nn import MoE, ProbMoERouter, TopKRouter
@@ -20,5 +21,6 @@ __all__ = [
     "TopKRouter",
     "__version__",
     "balance",
+    "cor",
     "dynamics",
 ]

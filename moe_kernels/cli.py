@@ -85,6 +85,7 @@ BENCHMARKS = {
     "op_overhead": "bench_overhead",
     "expert_parallel": "bench_expert_parallel",
     "dynamics": "bench_dynamics",
+    "cor": "bench_cor",
 }
 
 

@@ -9,6 +9,7 @@ from moe_kernels.balance import LoadStats, load_stats
 from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.reference.experts import gated_activation
+from moe_kernels.routing_override import resolve_selection
 
 
 class TopKRouter(nn.Module):
@@ -47,9 +48,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = nn.functional.linear(hidden, self.weight)
-        return softmax_topk(
-            logits, self.k, routing=self.routing, bias=self.e_score_correction_bias, backend=self.backend
-        )
+        k, bias = resolve_selection(self, self.k, self.e_score_correction_bias)  # Counterfactual Routing's k, prior
+        return softmax_topk(logits, k, routing=self.routing, bias=bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         num_experts, hidden = self.weight.shape

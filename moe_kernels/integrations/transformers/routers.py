@@ -11,12 +11,14 @@ from torch import nn
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import softmax_topk
 from moe_kernels.integrations.transformers._common import _BACKEND, _ROUTING
+from moe_kernels.routing_override import resolve_selection
 
 
 def _route(router, logits, bias=None):
+    k, bias = resolve_selection(router, router.top_k, bias)  # Counterfactual Routing's k and prior, if set
     return softmax_topk(
         logits,
-        router.top_k,
+        k,
         routing=router.__dict__[_ROUTING],
         bias=bias,
         backend=router.__dict__.get(_BACKEND, "auto"),

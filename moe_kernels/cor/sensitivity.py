@@ -1,0 +1,159 @@
+"""Layer sensitivity with contrastive normalisation (CoR stage B): how much scaling one MoE layer's
+output hurts the hard tokens relative to the easy ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moe_kernels.config import is_finite_number
+from moe_kernels.cor._batches import (
+    CleanPass,
+    as_batch_list,
+    call_losses,
+    clean_pass,
+    copies_per_forward,
+    forward_hooks,
+    select_rows,
+)
+from moe_kernels.cor._layers import MoELayer, find_moe_layers
+from moe_kernels.cor.losses import check_quantiles, stratify
+from moe_kernels.progress import Progress
+
+RATIO_EPS = 1e-6
+
+
+class LayerSensitivity(NamedTuple):
+    """``ratio (L,)``, ``hard (L,)``, ``easy (L,)`` float32: the mean loss increase of the hard /
+    easy tokens when layer l's output is scaled by ``1 - delta``, and
+    ``ratio = max(hard, 0) / (max(easy, 0) + 1e-6)`` (the Relative Knowledge Intensity)."""
+
+    ratio: torch.Tensor
+    hard: torch.Tensor
+    easy: torch.Tensor
+
+
+def check_delta(op: str, delta) -> None:
+    if not is_finite_number(delta) or not 0 < delta <= 1:
+        raise ValueError(f"{op}: delta must be a number in (0, 1], got {delta!r}")
+
+
+def check_tokens_per_forward(op: str, tokens_per_forward) -> None:
+    if isinstance(tokens_per_forward, bool) or not isinstance(tokens_per_forward, int) or tokens_per_forward < 1:
+        raise ValueError(f"{op}: tokens_per_forward must be a positive int, got {tokens_per_forward!r}")
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    batches,
+    token_losses: Callable,
+    *,
+    hard_quantile: float = 0.7,
+    easy_quantile: float = 0.3,
+    delta: float = 0.2,
+    tokens_per_forward: int = 4096,
+    progress: bool = False,
+) -> LayerSensitivity:
+    """Per MoE layer ``l``: scale its whole block output (shared expert included) by ``1 - delta``
+    and measure the mean loss increase over the hard tokens (``l_t > quantile(l, hard_quantile)``)
+    and the easy ones (``l_t < quantile(l, easy_quantile)``), clean losses taken over all
+    ``batches`` together. A set without tokens has mean increase 0.
+
+    Batched: every sequence holding a hard or easy token is replicated once per layer in a batch
+    of copies, copy ``(s, l)`` with layer ``l`` scaled on its rows only (a forward hook on the
+    block, removed afterwards), ``tokens_per_forward // S`` copies per forward. Cost: one clean
+    forward per batch, then ``ceil(L * B_used * S / tokens_per_forward)`` forwards of at most
+    ``max(tokens_per_forward, S)`` tokens per batch (``B_used``: its sequences with a hard or easy
+    token).
+
+    Args:
+        model: a model with MoE layers (see :mod:`moe_kernels.cor`), in the mode to analyse (eval).
+        batches: an iterable of batches (one tensor or dict is one batch), see :mod:`moe_kernels.cor`.
+        token_losses: ``token_losses(model, batch) -> (N,)`` per-token losses, a fixed number per
+            sequence, sequence-major, NaN for tokens without a loss.
+    """
+    op = "layer_sensitivity"
+    check_quantiles(op, hard_quantile, easy_quantile)
+    check_delta(op, delta)
+    check_tokens_per_forward(op, tokens_per_forward)
+    batches = as_batch_list(batches, op)
+    layers = find_moe_layers(model, op)
+    clean = clean_pass(model, layers, batches, token_losses, op)
+    hard, easy = stratify(clean.all_losses(), hard_quantile, easy_quantile, op)
+    return sensitivity_from_clean(
+        model, layers, batches, token_losses, clean, hard, easy, delta, tokens_per_forward, progress
+    )
+
+
+def _scale_rows_hook(row_scale: torch.Tensor):
+    """A forward hook multiplying the block output's rows by ``row_scale (rows,)`` (in at least
+    float32; rows scaled by 1 stay bit-identical). GPT-OSS blocks return a tuple: its first item."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if flat.shape[0] != row_scale.numel():
+            raise ValueError(
+                f"layer_sensitivity: the MoE block returned {flat.shape[0]} rows, expected {row_scale.numel()}"
+            )
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        scale = row_scale.to(device=hidden.device, dtype=compute)
+        scaled = (flat.to(compute) * scale[:, None]).to(hidden.dtype).reshape(hidden.shape)
+        return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+    return hook
+
+
+def sensitivity_from_clean(
+    model: nn.Module,
+    layers: list[MoELayer],
+    batches: list,
+    token_losses: Callable,
+    clean: CleanPass,
+    hard: torch.Tensor,
+    easy: torch.Tensor,
+    delta: float,
+    tokens_per_forward: int,
+    progress: bool = False,
+) -> LayerSensitivity:
+    """:func:`layer_sensitivity` given the clean pass and the token masks (``calibrate`` shares them)."""
+    op = "layer_sensitivity"
+    num_layers = len(layers)
+    hard, easy = hard.cpu(), easy.cpu()
+    sums = torch.zeros(2, num_layers, dtype=torch.float64)
+    work, offset = [], 0
+    for b in range(len(batches)):
+        size, per_seq = clean.sizes[b], clean.losses_per_sequence(b)
+        span = slice(offset, offset + size * per_seq)
+        hard_b, easy_b = hard[span].view(size, per_seq), easy[span].view(size, per_seq)
+        used = (hard_b | easy_b).any(1).nonzero().squeeze(1)  # offline: one host sync per batch
+        seq = used.repeat(num_layers)
+        layer_of = torch.arange(num_layers).repeat_interleave(used.numel())
+        chunk = copies_per_forward(clean.rows[b], tokens_per_forward)
+        work += [(b, hard_b, easy_b, seq[i : i + chunk], layer_of[i : i + chunk]) for i in range(0, seq.numel(), chunk)]
+        offset += size * per_seq
+    with Progress(len(work), "CoR layer sensitivity", enabled=progress) as bar, torch.no_grad():
+        for b, hard_b, easy_b, seq, layer_of in work:
+            rows, per_seq = clean.rows[b], clean.losses_per_sequence(b)
+            hooks = []
+            for layer in layers:
+                perturbed = layer_of == layer.index
+                if perturbed.any():
+                    row_scale = torch.where(perturbed, 1.0 - delta, 1.0).double().repeat_interleave(rows)
+                    hooks.append((layer.block, _scale_rows_hook(row_scale)))
+            sub = select_rows(batches[b], seq, clean.sizes[b])
+            with forward_hooks(hooks):
+                losses = call_losses(model, sub, token_losses, seq.numel() * per_seq, op)
+            base = clean.losses[b].view(clean.sizes[b], per_seq)[seq]
+            increase = losses.view(-1, per_seq) - base
+            for row, mask in enumerate((hard_b[seq], easy_b[seq])):
+                sums[row].index_add_(0, layer_of, torch.where(mask, increase, 0.0).sum(1))
+            bar.update()
+    counts = torch.stack([hard.sum(), easy.sum()]).double()
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], 0.0)
+    hard_mean, easy_mean = means[0], means[1]
+    ratio = hard_mean.clamp_min(0) / (easy_mean.clamp_min(0) + RATIO_EPS)
+    return LayerSensitivity(ratio.float(), hard_mean.float(), easy_mean.float())
