@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        return demo.run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+        return demo.run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, stages=args.stages)
     return cmd_info(args) if args.command == "info" else cmd_validate(args)
 
 

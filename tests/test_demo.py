@@ -1,14 +1,18 @@
 """The main job, exactly as the README's first command runs it (``./scripts/demo.sh``), in its
-quick mode: it must exit 0 and write its report, so no change can break it unseen."""
+quick mode: it must exit 0 and write its report, every number finite, and a second run with the
+same seed must give the same numbers, so no change can break it unseen."""
 
 from __future__ import annotations
 
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The stages whose numbers a second run must reproduce (the model, the methods, the dynamics).
+RERUN_STAGES = ("language_model", "distribution_shift", "load_dynamics")
 
 
 def _numbers(value):
@@ -35,10 +39,34 @@ def test_readme_main_command_quick(tmp_path):
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["mode"] == "quick"
+    assert set(results["stages"]) >= {"validation", "microbenchmarks", *RERUN_STAGES}
     assert all(stage["status"] == "ok" for stage in results["stages"].values()), results["stages"]
     for stage in results["stages"].values():
         assert all(math.isfinite(number) for number in _numbers(stage["numbers"]))
         for plot in stage["plots"]:
             assert (out / plot).stat().st_size > 1000 and f"]({plot})" in report
     assert results["stages"]["validation"]["numbers"]["failed"] == 0
-    assert any(stage["plots"] for stage in results["stages"].values())
+    claims = results["claims"]
+    assert {claim["paper"].split(" (")[0] for claim in claims} == {
+        "kNN-MoE",
+        "ProbMoE",
+        "Counterfactual Routing",
+        "Minimal bifurcation model of load imbalance",
+    }
+    for claim in claims:
+        assert isinstance(claim["reproduced"], bool) and claim["claim"] and claim["measured"]
+        assert all(math.isfinite(number) for number in _numbers(claim["measured"]))
+    assert "## Claims" in report
+
+    again = tmp_path / "again"
+    rerun = subprocess.run(
+        [sys.executable, "-m", "moe_kernels.cli", "demo", "--quick", "--out", str(again), "--stages", *RERUN_STAGES],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    second = json.loads((again / "results.json").read_text())
+    for name in RERUN_STAGES:
+        assert second["stages"][name]["numbers"] == results["stages"][name]["numbers"], name

@@ -34,12 +34,14 @@ from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.dynamics_stage import dynamics_stage
 from moe_kernels.demo.lm_stage import language_model_stage
 from moe_kernels.demo.report import StageResult, environment, write_outputs
+from moe_kernels.demo.shift import shift_stage
 from moe_kernels.demo.stages import microbenchmark_stage, validation_stage
 
 Stage = Callable[[DemoContext], StageResult]
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("validation", validation_stage),
     ("language_model", language_model_stage),
+    ("distribution_shift", shift_stage),
     ("load_dynamics", dynamics_stage),
     ("microbenchmarks", microbenchmark_stage),
 )

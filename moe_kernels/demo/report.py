@@ -158,22 +158,7 @@ def _report(env: dict, stages: list[StageResult], claims: list[dict]) -> str:
         ),
     ]
     if claims:
-        lines += [
-            "",
-            "## Claims",
-            "",
-            markdown_table(
-                [
-                    {
-                        **claim,
-                        "measured": json.dumps(_json_safe(claim["measured"])),
-                        "reproduced": "reproduced" if claim["reproduced"] else "not reproduced",
-                    }
-                    for claim in claims
-                ],
-                ["paper", "claim", "measured", "reproduced"],
-            ),
-        ]
+        lines += ["", "## Claims", "", claims_table(claims)]
     for stage in stages:
         lines += ["", f"## {stage.title}", ""]
         if stage.status != "ok":

@@ -10,7 +10,6 @@ import torch
 
 from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.model import batch_loss, token_losses
-from moe_kernels.demo.report import markdown_table
 from moe_kernels.knn import KNNRouter, build_routing_memory, faiss_available
 
 # Calibration batches of Counterfactual Routing, by mode.
@@ -51,71 +50,60 @@ def knn_method(ctx: DemoContext, reference_batches: int):
 
 
 def cor_method(ctx: DemoContext, held_out: dict) -> dict:
-    """Counterfactual Routing on a copy of the LM: calibrate on the prose calibration split, apply
-    at the same total activation count, compare with static top-k on the hard held-out prose tokens
-    (base loss above its 0.7 quantile) and on all of them."""
+    """Counterfactual Routing on a copy of the LM (:func:`moe_kernels.cor.evaluate_counterfactual_routing`):
+    calibrated on the prose calibration split, compared with static top-k (and each half of CoR
+    alone) on held-out prose at the same total activation count; hard tokens are those whose
+    static loss is above its 0.7 quantile."""
     from moe_kernels import cor
 
     model = ctx.trained_model()
     calibration = ctx.train_batches(ctx.corpus.prose_calibration, CALIBRATION_BATCHES[ctx.mode], seed_offset=4)
     start = time.perf_counter()
-    plan = cor.calibrate(model, calibration, token_losses, strength=COR_STRENGTH)
+    result = cor.evaluate_counterfactual_routing(
+        model, calibration, held_out["prose"], token_losses, strength=COR_STRENGTH
+    )
     seconds = time.perf_counter() - start
-    base = torch.cat([token_losses(model, batch) for batch in held_out["prose"]])
-    hard = base > torch.quantile(base, 0.7)
-    cor.apply_counterfactual_routing(model, plan)
+    cor.apply_counterfactual_routing(model, result.plan)
     try:
-        routed = torch.cat([token_losses(model, batch) for batch in held_out["prose"]])
-        code = torch.cat([token_losses(model, batch) for batch in held_out["code"]])
+        code_loss = float(torch.cat([token_losses(model, batch) for batch in held_out["code"]]).mean())
     finally:
         cor.revert_counterfactual_routing(model)
-    total_k = int(plan.k.sum())
+    static, routed = result.losses["static"], result.losses["cor"]
     numbers = {
-        "hard_loss_top_k": float(base[hard].mean()),
-        "hard_loss_cor": float(routed[hard].mean()),
-        "all_loss_top_k": float(base.mean()),
-        "all_loss_cor": float(routed.mean()),
-        "total_k": total_k,
-        "total_k_top_k": ctx.size.k * ctx.size.layers,
-        "k_per_layer": [int(k) for k in plan.k],
+        "hard_loss_top_k": static["hard"],
+        "hard_loss_cor": routed["hard"],
+        "all_loss_top_k": static["all"],
+        "all_loss_cor": routed["all"],
+        "total_k": routed["activations_per_token"],
+        "total_k_top_k": static["activations_per_token"],
+        "variants": result.losses,
+        "layers": result.layers,
         "strength": COR_STRENGTH,
     }
-    plot = _prior_heat_map(plan.prior, ctx.out / "cor_impact.png")
+    plot = cor.plot_impact_heatmap(
+        result.impact,
+        ctx.out / "cor_impact.png",
+        k=result.plan.k,
+        title="Counterfactual expert impact on hard prose tokens",
+    )
     row = {
-        "loss_code": float(code.mean()),
-        "loss_prose": float(routed.mean()),
-        "experts_per_token": total_k / ctx.size.layers,
+        "loss_code": code_loss,
+        "loss_prose": routed["all"],
+        "experts_per_token": routed["activations_per_token"] / ctx.size.layers,
         "routing_entropy": None,
         "experts_for_99": None,
         "steps": 0,
         "seconds": seconds,
     }
-    budget = [{"layer": layer, "k_top_k": ctx.size.k, "k_cor": int(k)} for layer, k in enumerate(plan.k)]
     return {
         "row": row,
         "numbers": numbers,
         "plots": [str(plot.relative_to(ctx.out))],
-        "tables": [markdown_table(budget, ["layer", "k_top_k", "k_cor"])],
+        "tables": [result.budget_markdown(), result.losses_markdown()],
         "notes": [
-            f"Counterfactual Routing: calibrated in {seconds:.1f} s on {len(calibration)} batches of prose; "
-            f"per-layer budget {numbers['k_per_layer']} (total {total_k} = top-k's {numbers['total_k_top_k']}); "
-            f"hard held-out prose tokens (top 30% by the frozen model's loss): {numbers['hard_loss_top_k']:.4f} -> "
-            f"{numbers['hard_loss_cor']:.4f}; all prose tokens {numbers['all_loss_top_k']:.4f} -> "
-            f"{numbers['all_loss_cor']:.4f}",
+            f"Counterfactual Routing: calibrated and evaluated in {seconds:.1f} s on {len(calibration)} batches of "
+            f"prose; per-layer budget {[int(k) for k in result.plan.k]} (total {numbers['total_k']}, top-k's "
+            f"{numbers['total_k_top_k']}); hard held-out prose tokens: {static['hard']:.4f} (top-k) -> "
+            f"{routed['hard']:.4f} (CoR); all prose tokens {static['all']:.4f} -> {routed['all']:.4f}",
         ],
     }
-
-
-def _prior_heat_map(prior: torch.Tensor, path):
-    """The per-layer min-max normalised counterfactual impact (the plan's prior) as a PNG."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 1.2 + 0.45 * prior.shape[0]))
-    ax = fig.subplots()
-    image = ax.imshow(prior.float().cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set(xlabel="expert", ylabel="MoE layer", title="Counterfactual expert impact on hard tokens (per layer, 0-1)")
-    ax.set_yticks(range(prior.shape[0]))
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
