@@ -63,12 +63,18 @@ def cor_method(ctx: DemoContext, held_out: dict) -> dict:
         model, calibration, held_out["prose"], token_losses, strength=COR_STRENGTH
     )
     seconds = time.perf_counter() - start
+    static_tokens = torch.cat([token_losses(model, batch) for batch in held_out["prose"]])
     cor.apply_counterfactual_routing(model, result.plan)
     try:
         code_loss = float(torch.cat([token_losses(model, batch) for batch in held_out["code"]]).mean())
+        cor_tokens = torch.cat([token_losses(model, batch) for batch in held_out["prose"]])
     finally:
         cor.revert_counterfactual_routing(model)
     static, routed = result.losses["static"], result.losses["cor"]
+    # The paired change on the hard tokens and its standard error: is the difference more than noise?
+    hard = static_tokens > torch.quantile(static_tokens, 0.7)
+    change = (cor_tokens - static_tokens)[hard].double()
+    change_se = float(change.std() / change.numel() ** 0.5) if change.numel() > 1 else float("nan")
     numbers = {
         "hard_loss_top_k": static["hard"],
         "hard_loss_cor": routed["hard"],
@@ -76,6 +82,8 @@ def cor_method(ctx: DemoContext, held_out: dict) -> dict:
         "all_loss_cor": routed["all"],
         "total_k": routed["activations_per_token"],
         "total_k_top_k": static["activations_per_token"],
+        "hard_change": float(change.mean()),
+        "hard_change_se": change_se,
         "variants": result.losses,
         "layers": result.layers,
         "strength": COR_STRENGTH,
