@@ -143,6 +143,20 @@ class GatedMLP(nn.Module):
         return nn.functional.linear(hidden, self.down_proj)
 
 
+def add_shared_expert(
+    routed: torch.Tensor, hidden: torch.Tensor, shared_expert: nn.Module | None, shared_gate: nn.Module | None
+) -> torch.Tensor:
+    """``routed (T, H)`` plus the shared expert's output on ``hidden (T, H)``, gated by
+    ``sigmoid(shared_gate(hidden))`` when there is a gate (Qwen2-MoE); ``routed`` itself without
+    a shared expert."""
+    if shared_expert is None:
+        return routed
+    shared = shared_expert(hidden)
+    if shared_gate is not None:
+        shared = torch.sigmoid(shared_gate(hidden)) * shared
+    return routed + shared
+
+
 class MoE(nn.Module):
     """A mixture-of-experts block: a router, ``num_experts`` routed gated MLPs run by
     :func:`moe_kernels.fused_experts`, and optionally a shared expert with a sigmoid gate
@@ -243,12 +257,7 @@ class MoE(nn.Module):
             down_bias=self.down_bias,
             backend=self.backend,
         )
-        if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
-            out = out + shared
-        return out.reshape(*lead, hidden_size)
+        return add_shared_expert(out, flat, self.shared_expert, self.shared_gate).reshape(*lead, hidden_size)
 
     def extra_repr(self) -> str:
         num_experts, width, hidden = self.gate_up_proj.shape

@@ -45,17 +45,16 @@ def _validate_routing_case(shape, num_tokens, dtype, device, backend) -> dict:
     weight_err = testing.max_errors(weights, ref_weights)[0]
     grad_err = testing.max_errors(logits.grad, ref_grad)[0]
     ok = ids_match and _within(weights, ref_weights, torch.float32) and _within(logits.grad, ref_grad, dtype)
-    return dict(
-        op="softmax_topk",
-        model=shape.model,
-        E=shape.num_experts,
-        k=shape.k,
-        T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."),
-        ids="exact" if ids_match else "MISMATCH",
-        weight_err=f"{weight_err:.1e}",
-        grad_err=f"{grad_err:.1e}",
-        status="ok" if ok else "FAIL",
+    return _row(
+        "softmax_topk",
+        shape,
+        shape.k,
+        num_tokens,
+        dtype,
+        "exact" if ids_match else "MISMATCH",
+        weight_err,
+        grad_err,
+        ok,
     )
 
 
@@ -86,18 +85,7 @@ def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=
         and _within(router.grad, router64.grad, dtype)
         and _within(neighbors.grad, neighbors64.grad, dtype)
     )
-    return dict(
-        op="knn_mix",
-        model=shape.model,
-        E=shape.num_experts,
-        k=num_neighbors,
-        T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."),
-        ids="-",
-        weight_err=f"{mixed_err:.1e}",
-        grad_err=f"{grad_err:.1e}",
-        status="ok" if ok else "FAIL",
-    )
+    return _row("knn_mix", shape, num_neighbors, num_tokens, dtype, "-", mixed_err, grad_err, ok)
 
 
 def _validate_exact_k_case(shape, num_tokens, dtype, device, backend) -> dict:
@@ -119,17 +107,16 @@ def _validate_exact_k_case(shape, num_tokens, dtype, device, backend) -> dict:
     ok = _within(marginals.cpu(), ref_marginals, torch.float32, "exact_k") and _within(
         logits.grad.cpu(), ref_grad, dtype, "exact_k"
     )
-    return dict(
-        op="exact_k",
-        model=shape.model,
-        E=shape.num_experts,
-        k=shape.k,
-        T=num_tokens,
-        dtype=str(dtype).removeprefix("torch."),
-        ids="-",
-        weight_err=f"{testing.max_errors(marginals.cpu(), ref_marginals)[0]:.1e}",
-        grad_err=f"{testing.max_errors(logits.grad.cpu(), ref_grad)[0]:.1e}",
-        status="ok" if ok else "FAIL",
+    return _row(
+        "exact_k",
+        shape,
+        shape.k,
+        num_tokens,
+        dtype,
+        "-",
+        testing.max_errors(marginals.cpu(), ref_marginals)[0],
+        testing.max_errors(logits.grad.cpu(), ref_grad)[0],
+        ok,
     )
 
 
@@ -155,16 +142,31 @@ def _validate_experts_case(shape, num_tokens, dtype, device, backend, hidden=128
     ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(
         _within(a, b, dtype, "fused_experts") for a, b in pairs
     )
+    return _row(
+        "fused_experts",
+        shape,
+        shape.k,
+        num_tokens,
+        dtype,
+        "-",
+        testing.max_errors(out.cpu(), ref)[0],
+        max(testing.max_errors(a, b)[0] for a, b in pairs),
+        ok,
+    )
+
+
+def _row(op, shape, k, num_tokens, dtype, ids, weight_err, grad_err, ok) -> dict:
+    """One row of the ``validate`` table."""
     return dict(
-        op="fused_experts",
+        op=op,
         model=shape.model,
         E=shape.num_experts,
-        k=shape.k,
+        k=k,
         T=num_tokens,
         dtype=str(dtype).removeprefix("torch."),
-        ids="-",
-        weight_err=f"{testing.max_errors(out.cpu(), ref)[0]:.1e}",
-        grad_err=f"{max(testing.max_errors(a, b)[0] for a, b in pairs):.1e}",
+        ids=ids,
+        weight_err=f"{weight_err:.1e}",
+        grad_err=f"{grad_err:.1e}",
         status="ok" if ok else "FAIL",
     )
 

@@ -11,6 +11,7 @@ from torch import nn
 from moe_kernels import MoE, grouped_mm
 from moe_kernels.distributed.exchange import combine, dispatch
 from moe_kernels.distributed.layout import DispatchHandle, group_rank_and_size, local_expert_count
+from moe_kernels.nn import add_shared_expert
 from moe_kernels.reference.experts import gated_activation
 
 
@@ -129,12 +130,7 @@ class ExpertParallelMoE(nn.Module):
         weights, ids = self.router(flat)
         recv_x, handle = dispatch(flat, ids, self.num_experts, self.group)
         out = combine(self.experts(recv_x, handle), handle, weights)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
-            out = out + shared
-        return out.reshape(*lead, hidden_size)
+        return add_shared_expert(out, flat, self.shared_expert, self.shared_gate).reshape(*lead, hidden_size)
 
     def extra_repr(self) -> str:
         num_local, width, hidden = self.gate_up_proj.shape
