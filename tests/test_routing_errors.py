@@ -1,4 +1,5 @@
-"""Bad input to ``softmax_topk`` gets a clear error naming the argument."""
+"""Routing family, bad input: every bad argument to ``softmax_topk`` gets a clear ``ValueError`` /
+``TypeError`` naming the op and the argument."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_names
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import INF, NAN, examples, token_counts
 
 import moe_kernels
 
@@ -119,3 +124,88 @@ def test_import_and_cpu_path_without_triton():
     )
     assert result.returncode == 0, result.stderr
     assert "ERROR softmax_topk: backend='triton' needs the triton package" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Property: any bad argument raises ValueError / TypeError naming the op and the argument, never
+# an IndexError or a RuntimeError from inside.
+
+BAD_KS = [0, -1, -(2**40), 2**40, 2.0, True, None, "2"]
+
+
+@st.composite
+def bad_softmax_topk_call(draw):
+    """``(kwargs, the argument the error must name)`` for a call on ``(T, E)`` logits."""
+    num_tokens, num_experts = draw(token_counts), draw(st.sampled_from([1, 2, 8, 60, 257]))
+    kwargs = dict(logits=torch.randn(num_tokens, num_experts), k=1)
+    kind = draw(
+        st.sampled_from(
+            ["k", "bias", "logits", "num_groups", "topk_groups", "scale", "score_func", "group_score", "renormalize"]
+            + ["routing"]
+        )
+    )
+    if kind == "k":
+        kwargs["k"] = draw(st.sampled_from([*BAD_KS, num_experts + 1]))
+    elif kind == "bias":
+        kwargs["bias"] = draw(
+            st.sampled_from(
+                [
+                    torch.zeros(num_experts + 1),
+                    torch.zeros(1, num_experts),
+                    torch.zeros(()),
+                    torch.zeros(num_experts, dtype=torch.float16),
+                    torch.zeros(num_experts, dtype=torch.int64),
+                    torch.zeros(num_experts, dtype=torch.float64),
+                    torch.zeros(num_experts, device="meta"),
+                    [0.0] * num_experts,
+                ]
+            )
+        )
+    elif kind == "logits":
+        kwargs["logits"] = draw(
+            st.sampled_from(
+                [
+                    torch.ones(num_tokens, num_experts, dtype=torch.int32),
+                    torch.ones(num_tokens, num_experts, dtype=torch.bool),
+                    torch.ones(num_tokens, num_experts, dtype=torch.complex64),
+                    torch.ones(num_tokens, 0),
+                    torch.tensor(1.0),
+                    [[1.0] * num_experts],
+                    None,
+                ]
+            )
+        )
+    elif kind == "num_groups":
+        bad = [
+            g
+            for g in (0, -2, num_experts + 1, 2 * num_experts, 1.5)
+            if not (isinstance(g, int) and g > 0 and num_experts % g == 0)
+        ]
+        kwargs.update(num_groups=draw(st.sampled_from(bad)), topk_groups=1)
+    elif kind == "topk_groups":
+        num_groups = draw(st.sampled_from([g for g in (1, 2, 4) if num_experts % g == 0]))
+        kwargs.update(
+            num_groups=num_groups, group_score="max", topk_groups=draw(st.sampled_from([0, -1, num_groups + 1, 1.0]))
+        )
+        if num_groups == 1 and kwargs["topk_groups"] == 1.0:
+            kwargs["topk_groups"] = 2
+    elif kind == "scale":
+        kwargs["scale"] = draw(st.sampled_from([NAN, INF, -INF, "1", True, 1j]))
+    elif kind == "score_func":
+        kwargs["score_func"] = draw(st.sampled_from(["tanh", "", "SOFTMAX", 1]))
+    elif kind == "group_score":
+        kwargs["group_score"] = draw(st.sampled_from(["mean", "top3_sum", 2]))
+    elif kind == "renormalize":
+        kwargs["renormalize"] = draw(st.sampled_from([1, 0, "yes", 1.0]))
+    else:
+        kwargs["routing"] = draw(st.sampled_from([{"renormalize": True}, "default", 1]))
+    return kwargs, kind
+
+
+@settings(max_examples=examples(60))
+@given(call=bad_softmax_topk_call())
+def test_property_bad_input_names_the_argument(call):
+    kwargs, argument = call
+    with pytest.raises((ValueError, TypeError)) as error:
+        moe_kernels.softmax_topk(**kwargs)
+    assert_names(error.value, "softmax_topk", argument)
