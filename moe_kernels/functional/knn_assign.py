@@ -9,6 +9,7 @@ from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.reference.knn import gather_neighbors, knn_confidence_and_weights
 from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import use_triton
 
 
 def knn_route_assignments(
@@ -74,6 +75,10 @@ def knn_route_assignments(
     check.ids_in_range(
         op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N", what="the rows of memory_logits"
     )
+    # The gate's arguments are checked here, so that their errors name this op, not softmax_topk.
+    options = dict(routing_options)
+    check.routing_args(op, router_logits, k, options.pop("bias", None), routing, **options)
+    use_triton(backend, router_logits.device, op)
     num_tokens, num_neighbors = neighbor_sims.shape
     neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
     dtype = compute_dtype(router_logits.dtype)
