@@ -49,12 +49,13 @@ def _grads(outputs, leaves, seed):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
-def assert_compile_matches_eager(fn, *input_sets, dynamic=None, forward_exact: bool = False) -> None:
+def assert_compile_matches_eager(fn, *input_sets, dynamic=None, forward_exact: bool = False):
     """``torch.compile(fn, fullgraph=True)`` equals ``fn`` eager on every tuple of ``input_sets``
     (one compiled function for all of them: with ``dynamic=True`` several token counts share a
     graph). Integer outputs are compared exactly, float outputs within the tolerance of their
     dtype (exactly with ``forward_exact``); when an input requires grad, the gradients of every
-    such input (of ``sum_i <output_i, g_i>`` for fixed random ``g_i``) are compared too."""
+    such input (of ``sum_i <output_i, g_i>`` for fixed random ``g_i``) are compared too.
+    Returns the compiled function."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
     for number, inputs in enumerate(input_sets):
@@ -70,6 +71,7 @@ def assert_compile_matches_eager(fn, *input_sets, dynamic=None, forward_exact: b
                 zip(_grads(got, compiled_leaves, number), _grads(want, eager_leaves, number))
             ):
                 _compare(g, w, False, f"input set {number}, gradient of input {index}")
+    return compiled
 
 
 def assert_function_matches_op(op, args, *, seed: int = 0) -> None:
