@@ -32,12 +32,12 @@ def _outputs(result) -> list[torch.Tensor]:
     return [t for t in result if isinstance(t, torch.Tensor)]
 
 
-def _compare(got, want, exact: bool, what: str):
+def _compare(got, want, exact: bool, what: str, op: str | None = None):
     assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype} {got.shape} vs {want.dtype}"
     if exact or not got.dtype.is_floating_point:
         torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
     else:
-        testing.assert_close(got, want, msg=what)
+        testing.assert_close(got, want, op=op, msg=what)
 
 
 def _grads(outputs, leaves, seed):
@@ -49,21 +49,27 @@ def _grads(outputs, leaves, seed):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
-def assert_compile_matches_eager(fn, *input_sets, dynamic=None, forward_exact: bool = False):
+def assert_compile_matches_eager(
+    fn, *input_sets, dynamic=None, forward_exact: bool = False, no_recompile: bool = False, op: str | None = None
+):
     """``torch.compile(fn, fullgraph=True)`` equals ``fn`` eager on every tuple of ``input_sets``
     (one compiled function for all of them: with ``dynamic=True`` several token counts share a
     graph). Integer outputs are compared exactly, float outputs within the tolerance of their
-    dtype (exactly with ``forward_exact``); when an input requires grad, the gradients of every
-    such input (of ``sum_i <output_i, g_i>`` for fixed random ``g_i``) are compared too.
-    Returns the compiled function."""
+    dtype (and ``op``'s row of :data:`moe_kernels.testing.TOLERANCES`; exactly with
+    ``forward_exact``); when an input requires grad, the gradients of every such input (of
+    ``sum_i <output_i, g_i>`` for fixed random ``g_i``) are compared too. ``no_recompile``: every
+    input set after the first must reuse the first one's graph (a recompile raises). Returns the
+    compiled function."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
     for number, inputs in enumerate(input_sets):
         eager_in, compiled_in = _leaves(inputs, True), _leaves(inputs, True)
-        want, got = _outputs(fn(*eager_in)), _outputs(compiled(*compiled_in))
+        with torch._dynamo.config.patch(error_on_recompile=no_recompile and number > 0):
+            got = _outputs(compiled(*compiled_in))
+        want = _outputs(fn(*eager_in))
         assert len(got) == len(want)
         for index, (g, w) in enumerate(zip(got, want)):
-            _compare(g, w, forward_exact, f"input set {number}, output {index}")
+            _compare(g, w, forward_exact, f"input set {number}, output {index}", op)
         eager_leaves = [x for x in eager_in if isinstance(x, torch.Tensor) and x.requires_grad]
         compiled_leaves = [x for x in compiled_in if isinstance(x, torch.Tensor) and x.requires_grad]
         if eager_leaves:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_compile_matches_eager, assert_function_matches_op
-from routing_cases import routing_inputs
+from routing_cases import routing_cases, routing_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels
@@ -163,3 +163,21 @@ def test_bias_gets_no_gradient():
     weights, _ = moe_kernels.softmax_topk(logits, 2, bias=bias, backend="torch")
     weights.sum().backward()
     assert logits.grad is not None and bias.grad is None
+
+
+@routing_cases
+def test_explicit_backward_matches_autograd(num_experts, k, options, with_bias):
+    logits, bias = routing_inputs(33, num_experts, options, with_bias, torch.float64)
+    logits.requires_grad_(True)
+    grad_out = torch.randn(33, k, dtype=torch.float64)
+    weights, ids = reference.softmax_topk(logits, k, bias=bias, **options)
+    (want,) = torch.autograd.grad(weights, logits, grad_out)
+    got = reference.softmax_topk_backward(
+        grad_out,
+        logits.detach(),
+        ids,
+        renormalize=options.get("renormalize", False),
+        score_func=options.get("score_func", "softmax"),
+        scale=options.get("scale", 1.0),
+    )
+    testing.assert_close(got, want)

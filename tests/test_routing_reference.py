@@ -28,7 +28,7 @@ from strategies import (
 )
 
 import moe_kernels
-from moe_kernels import reference, testing
+from moe_kernels import testing
 
 
 @routing_cases
@@ -116,24 +116,6 @@ def test_non_finite_rows_give_valid_distinct_ids(score_func):
         assert ids[2, 0].item() == 7 and torch.isfinite(weights[2]).all()  # sigmoid(+inf) = 1
         assert torch.isfinite(weights[3]).all() and torch.isfinite(weights[4]).all()
         assert set(ids[5].tolist()) <= set(range(1, num_experts, 2))  # the non-NaN experts first
-
-
-@routing_cases
-def test_explicit_backward_matches_autograd(num_experts, k, options, with_bias):
-    logits, bias = routing_inputs(33, num_experts, options, with_bias, torch.float64)
-    logits.requires_grad_(True)
-    grad_out = torch.randn(33, k, dtype=torch.float64)
-    weights, ids = reference.softmax_topk(logits, k, bias=bias, **options)
-    (want,) = torch.autograd.grad(weights, logits, grad_out)
-    got = reference.softmax_topk_backward(
-        grad_out,
-        logits.detach(),
-        ids,
-        renormalize=options.get("renormalize", False),
-        score_func=options.get("score_func", "softmax"),
-        scale=options.get("scale", 1.0),
-    )
-    testing.assert_close(got, want)
 
 
 def test_top_k_router_module_against_float64_oracle():
