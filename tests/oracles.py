@@ -254,6 +254,21 @@ def log_partition_dp(logits: torch.Tensor, k: int, k_min: int) -> torch.Tensor:
     return torch.logsumexp(torch.stack(alpha[k_min:], -1), -1)
 
 
+def route_gradient_paths_oracle(logits, ids, upstream, k):
+    """The two parts of ``probmoe_route``'s training weights' gradient (exact-k), by autograd in
+    float64: the softmax path of the sampled experts and the covariance path ``Cov(z) @ (G *
+    softmax(r))`` through :func:`log_partition_dp`; returns ``(softmax_path, cov_path, z)``."""
+    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
+    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
+    x = logits.clone().requires_grad_()
+    probs = torch.softmax(x, -1)
+    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
+    log_z = log_partition_dp(x, k, k)
+    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
+    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
+    return softmax_path, cov_path, z
+
+
 def _logaddexp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # torch.logaddexp's double backward is NaN here; any constant shift gives the same value and
     # derivatives, so shift by the detached max.
@@ -273,6 +288,25 @@ def grouped_mm_oracle(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -
         out[start:end] = a[start:end].double().cpu() @ b[g].double().cpu()
         start = end
     return out
+
+
+def gathered_grouped_mm_oracle(a, b, offsets, grad, rows, scale, grad_dtype):
+    """The gathering, row-scaling grouped GEMM launchers' results in float64: output row ``r`` of
+    group ``g`` (rows before ``offsets[-1]``) is ``scale[r] * a[rows[r]] @ b[g]``, and ``grad_b[g]``
+    sums ``outer(a[rows[r]], scale[r] * grad[r])`` over the group's rows, the scaled gradient row
+    rounded to ``grad_dtype`` first (as the kernel does). Returns ``(out (M_out, N), grad_b)``."""
+    ends = offsets.tolist()
+    m_out = rows.shape[0]
+    a64, b64, grad64, s64 = a.double().cpu(), b.double().cpu(), grad.double().cpu(), scale.double().cpu()
+    out = torch.zeros(m_out, b.shape[2], dtype=torch.float64)
+    grad_b = torch.zeros(b.shape, dtype=torch.float64)
+    start = 0
+    for g, end in enumerate(ends):
+        for r in range(start, end):
+            out[r] = s64[r] * (a64[rows[r]] @ b64[g])
+            grad_b[g] += torch.outer(a64[rows[r]], (s64[r] * grad64[r]).to(grad_dtype).double())
+        start = end
+    return out, grad_b
 
 
 def gated_activation_oracle(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ from experts_cases import (
     to_float64,
     uniform,
 )
+from oracles import gated_activation_oracle, gathered_grouped_mm_oracle
 
 import moe_kernels as mk
 from moe_kernels import testing
@@ -101,19 +102,8 @@ def test_grouped_mm_kernel_gather_and_scale(kernel_device, dtype, gather, scale)
     if not gather:  # plain rows: a holds the M_out rows
         a = a[a_rows.long()]
     rows = a_rows.long().cpu() if gather else torch.arange(m_out)
-    ends = offsets.tolist()
-    group = torch.searchsorted(torch.tensor(ends), torch.arange(m_out), right=True)
-    valid = torch.arange(m_out) < ends[-1]
-    a64, b64, grad64 = a.double().cpu(), b.double().cpu(), grad.double().cpu()
-    s64 = row_scale.double().cpu() if scale else torch.ones(m_out, dtype=torch.float64)
-    want = torch.zeros(m_out, b.shape[2], dtype=torch.float64)
-    want_db = torch.zeros(b.shape, dtype=torch.float64)
-    for r in range(m_out):
-        if valid[r]:
-            want[r] = s64[r] * (a64[rows[r]] @ b64[group[r]])
-            # The kernel rounds the scaled gradient rows to their dtype before the product.
-            scaled = (s64[r] * grad64[r]).to(dtype).double()
-            want_db[group[r]] += torch.outer(a64[rows[r]], scaled)
+    s64 = row_scale if scale else torch.ones(m_out)
+    want, want_db = gathered_grouped_mm_oracle(a, b, offsets, grad, rows, s64, dtype)
     kwargs = dict(a_rows=a_rows if gather else None, row_scale=row_scale if scale else None)
     with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
         out = gmm.launch_grouped_mm(a, b, offsets, **kwargs)
@@ -143,7 +133,7 @@ def test_grouped_mm_kernel_gated_epilogue(kernel_device, dtype, activation, bias
         want_h[r] = a.double().cpu()[a_rows[r].item()] @ b.double().cpu()[group[r]]
         if bias:
             want_h[r] += bias_t.double().cpu()[group[r]]
-    want_act = reference.gated_activation(want_h, activation)
+    want_act = gated_activation_oracle(want_h, activation)
     want_act[ends[-1] :] = 0
     with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
         act, h = gmm.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t)
@@ -168,7 +158,7 @@ def test_grouped_mm_kernel_gated_epilogue_without_a_product(kernel_device):
     act, h = gmm.launch_grouped_gated_mm(a, b, offsets, "silu", bias=bias)
     want_h = torch.cat([bias[:1].expand(2, -1), bias[1:].expand(3, -1), bias.new_zeros(1, 8)]).cpu().double()
     testing.assert_close(h.cpu(), want_h)
-    testing.assert_close(act.cpu(), reference.gated_activation(want_h, "silu"))
+    testing.assert_close(act.cpu(), gated_activation_oracle(want_h, "silu"))
 
 
 def test_grouped_mm_kernel_weight_grad_many_row_chunks(kernel_device):

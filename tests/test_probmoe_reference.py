@@ -13,7 +13,13 @@ import torch
 from helpers import chi_square_pvalue
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import band_mode_oracle, exact_k_marginals_oracle, log_partition_dp, subset_law_oracle
+from oracles import (
+    band_mode_oracle,
+    exact_k_marginals_oracle,
+    log_partition_dp,
+    route_gradient_paths_oracle,
+    subset_law_oracle,
+)
 from strategies import (
     INF,
     NAN,
@@ -132,20 +138,6 @@ def test_backward_is_covariance_product(k, k_min):
     assert_close(ref.exact_k_backward(logits, grad_m, grad_log_z, k, k_min), want)
 
 
-def _route_gradient_paths(logits, ids, upstream, k):
-    """The two parts of the training weights' gradient, computed independently of the op: the
-    softmax path of the sampled experts and the covariance path ``Cov(z) @ (G * softmax(r))``."""
-    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
-    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
-    x = logits.clone().requires_grad_()
-    probs = torch.softmax(x, -1)
-    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
-    log_z = log_partition_dp(x, k, k)
-    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
-    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
-    return softmax_path, cov_path, z
-
-
 def test_route_gradient_is_softmax_path_plus_covariance_path():
     """Training weights: d/dr = softmax-backward of (G * z) + Cov(z) @ (G * softmax(r))."""
     logits = torch.randn(6, 8, dtype=torch.float64) * 2
@@ -153,7 +145,7 @@ def test_route_gradient_is_softmax_path_plus_covariance_path():
     weights, ids = mk.probmoe_route(leaf, 3, seed=5)
     upstream = torch.randn_like(weights)
     (weights * upstream).sum().backward()
-    softmax_path, cov_path, z = _route_gradient_paths(logits, ids, upstream, 3)
+    softmax_path, cov_path, z = route_gradient_paths_oracle(logits, ids, upstream, 3)
     assert_close(leaf.grad, softmax_path + cov_path)
     # The covariance path reaches experts that were not selected.
     assert bool((cov_path.abs() * (1 - z)).sum(-1).gt(0).all())
@@ -211,7 +203,7 @@ def test_tiny_batches(num_tokens):
     assert_close(weights, torch.softmax(logits, -1).gather(1, ids.long()))
     upstream = torch.randn_like(weights)
     (weights * upstream).sum().backward()
-    softmax_path, cov_path, _ = _route_gradient_paths(logits, ids, upstream, 2)
+    softmax_path, cov_path, _ = route_gradient_paths_oracle(logits, ids, upstream, 2)
     assert_close(leaf.grad, softmax_path + cov_path)
 
 

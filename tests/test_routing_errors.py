@@ -209,3 +209,27 @@ def test_property_bad_input_names_the_argument(call):
     with pytest.raises((ValueError, TypeError)) as error:
         moe_kernels.softmax_topk(**kwargs)
     assert_names(error.value, "softmax_topk", argument)
+
+
+@st.composite
+def bad_routing_config(draw):
+    """``(fields, the field the error must name)`` that RoutingConfig refuses."""
+    field = draw(st.sampled_from(["score_func", "renormalize", "num_groups", "topk_groups", "group_score", "scale"]))
+    bad = {
+        "score_func": [dict(score_func=v) for v in ("tanh", None, 1)],
+        "renormalize": [dict(renormalize=v) for v in (1, "yes", None)],
+        "num_groups": [dict(num_groups=v, topk_groups=1) for v in (0, -4, 1.5, True, "8")],
+        "topk_groups": [dict(topk_groups=2)] + [dict(num_groups=4, topk_groups=v) for v in (0, 5, 1.0, None)],
+        "group_score": [dict(group_score=v) for v in ("mean", None)],
+        "scale": [dict(scale=v) for v in (NAN, INF, -INF, "1", None)],
+    }
+    return draw(st.sampled_from(bad[field])), field
+
+
+@settings(max_examples=examples(30))
+@given(call=bad_routing_config())
+def test_property_bad_routing_config_names_the_field(call):
+    fields, field = call
+    with pytest.raises((ValueError, TypeError)) as error:
+        moe_kernels.RoutingConfig(**fields)
+    assert_names(error.value, "RoutingConfig", field)

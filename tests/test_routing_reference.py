@@ -181,7 +181,12 @@ def test_property_softmax_topk_matches_oracle(data):
     if data.draw(st.booleans(), label="leading dim"):
         logits = logits.unsqueeze(0)  # (1, T, E): leading dims kept, strides as they are
 
-    weights, ids = moe_kernels.softmax_topk(logits, k, bias=bias, backend="torch", **options)
+    if data.draw(st.booleans(), label="as RoutingConfig"):  # the config, or its fields as keywords
+        weights, ids = moe_kernels.softmax_topk(
+            logits, k, routing=moe_kernels.RoutingConfig(**options), bias=bias, backend="torch"
+        )
+    else:
+        weights, ids = moe_kernels.softmax_topk(logits, k, bias=bias, backend="torch", **options)
 
     assert weights.shape == ids.shape == (*logits.shape[:-1], k)
     assert weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and ids.dtype == torch.int32
