@@ -136,7 +136,7 @@ def test_bad_activation(fn):
 def one_bad_value(draw, values: torch.Tensor, bad: list[int]) -> torch.Tensor:
     """``values`` (int) with one entry, at a drawn position, set to a drawn value of ``bad``."""
     value = draw(st.sampled_from(bad))
-    values = values.to(torch.int64) if not -(2**31) <= value < 2**31 else values.clone()
+    values = values.to(torch.int64 if not -(2**31) <= value < 2**31 else values.dtype, copy=True)
     values.view(-1)[draw(st.integers(0, values.numel() - 1))] = value
     return values
 

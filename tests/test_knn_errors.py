@@ -189,7 +189,7 @@ def bad_knn_call(draw):
     elif kind == "neighbor_ids":
         bad_id = draw(st.sampled_from([-1, -(2**31), num_rows, num_rows + 7, 2**31 - 1, 2**40]))
         dtype = draw(st.sampled_from([torch.int32, torch.int64])) if -(2**31) <= bad_id < 2**31 else torch.int64
-        ids = args["ids"].to(dtype)
+        ids = args["ids"].to(dtype, copy=True)
         ids.view(-1)[draw(st.integers(0, ids.numel() - 1))] = bad_id
         args["ids"] = draw(
             st.sampled_from(

@@ -188,6 +188,19 @@ def test_assignments_zero_confidence_give_the_router_assignment():
     torch.testing.assert_close(weights[:, :3], want_w)
 
 
+def test_assignments_keep_negative_weights_and_take_empty_batches():
+    # Regressions: a negative scale (or similarity weights of both signs) makes mixed weights
+    # negative, which were dropped from the support; T = 0 raised in a reshape.
+    router, ids, sims, memory = assign_inputs()
+    sims[:, 0] = -0.5 * sims[:, 0]  # positive means, a negative neighbour weight
+    weights, experts, _ = knn_route_assignments(router, ids, sims, memory, 2, scale=-1.0)
+    want_dense, _ = knn_route_assignments_oracle(router, ids, sims, memory, 2, scale=-1.0)
+    assert bool((want_dense < 0).any())
+    torch.testing.assert_close(_dense(weights, experts, 10), want_dense)
+    empty = knn_route_assignments(router[:0], ids[:0], sims[:0], memory, 2)
+    assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
+
+
 def test_assignments_feed_fused_experts():
     router, ids, sims, memory = assign_inputs()
     weights, experts, _ = knn_route_assignments(router, ids, sims, memory, 2)
@@ -315,9 +328,9 @@ def test_property_knn_route_matches_oracle(data):
     assert_routing_matches_oracle(weights, chosen, want_mixed, k, bias=bias, rel_tol=1e-4, abs_tol=1e-30, **options)
     # conf = 0: bit-exactly the frozen router's routing (the public softmax_topk on its logits).
     frozen = want_conf == 0
-    want_weights, want_ids = softmax_topk(router[frozen], k, bias=bias, backend="torch", **options)
-    torch.testing.assert_close(chosen[frozen], want_ids, atol=0, rtol=0)
-    torch.testing.assert_close(weights[frozen], want_weights, atol=0, rtol=0, equal_nan=True)
+    want_weights, want_ids = softmax_topk(router, k, bias=bias, backend="torch", **options)
+    torch.testing.assert_close(chosen[frozen], want_ids[frozen], atol=0, rtol=0)
+    torch.testing.assert_close(weights[frozen], want_weights[frozen], atol=0, rtol=0, equal_nan=True)
 
 
 @settings(max_examples=examples(40))

@@ -281,7 +281,15 @@ def test_property_exact_k_marginals_match_oracle(problem):
     excluded = (flat == -INF) & ~_invalid_rows(flat, band_low)[:, None]
     assert bool((marginals.reshape(flat.shape)[excluded] == 0).all())  # exactly 0, not just small
     got = marginals.reshape(flat.shape).nan_to_num(0.0)  # NaN where the oracle has NaN, checked above
-    assert_close(got, want.nan_to_num(0.0), dtype=torch.float64 if float64 else torch.float32, op="exact_k")
+    atol, rtol = testing.tolerance(torch.float64 if float64 else torch.float32, "exact_k")
+    # Past the documented regime (logits ~ N(0, 2)) the log-space DP's rounding grows with the
+    # magnitude of its entries, sums of up to k logits: one unit roundoff of k times the row's range.
+    finite = flat.double().where(torch.isfinite(flat), NAN)
+    spread = (finite.nan_to_num(-INF).amax(-1) - finite.nan_to_num(INF).amin(-1)).nan_to_num(0.0, 0.0, 0.0)
+    roundoff = torch.finfo(torch.float64 if float64 else torch.float32).eps / 2
+    tolerance = atol + rtol * want.abs().nan_to_num(0.0) + (roundoff * k * spread.clamp(min=0))[:, None]
+    excess = (got.double() - want.nan_to_num(0.0)).abs() - tolerance
+    assert not bool((excess > 0).any()), f"marginals off by {excess.max().item()} past the tolerance"
 
 
 @settings(max_examples=examples(60))

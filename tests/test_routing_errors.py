@@ -66,6 +66,21 @@ def test_bad_arguments(kwargs, error, match):
         moe_kernels.softmax_topk(LOGITS, **kwargs)
 
 
+def test_validation_does_not_depend_on_earlier_calls():
+    # Regression: the validation caches keyed on values, and 1 == 1.0 == True: after a valid call
+    # a bad k or renormalize of an equal value skipped validation.
+    moe_kernels.softmax_topk(LOGITS, 1, renormalize=True)
+    for bad in (1.0, True):
+        with pytest.raises(ValueError, match=r"softmax_topk: k must be an int"):
+            moe_kernels.softmax_topk(LOGITS, bad)
+    with pytest.raises(TypeError, match=r"softmax_topk: renormalize must be a bool, got int"):
+        moe_kernels.softmax_topk(LOGITS, 1, renormalize=1)
+    ids = torch.zeros(4, 1, dtype=torch.int64)
+    moe_kernels.knn_route(LOGITS, ids, torch.ones(4, 1), LOGITS, 1)
+    with pytest.raises(ValueError, match=r"knn_route: k must be an int"):
+        moe_kernels.knn_route(LOGITS, ids, torch.ones(4, 1), LOGITS, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
 def test_non_float_logits(dtype):
     with pytest.raises(TypeError, match=r"logits must be float32, float16 or bfloat16.*got torch\."):

@@ -73,6 +73,16 @@ def test_equal_keys_pick_lower_ids_first():
     assert ids.tolist() == [[1, 2, 4, 0, 3]]
 
 
+def test_equal_sigmoid_logits_tie_to_the_lower_id_anywhere_in_the_batch():
+    # Regression: torch.sigmoid's vectorised and scalar CPU paths round differently, so equal
+    # logits of one row got scores 1 ulp apart (here row 21 of 31) and the higher id won.
+    logits = (torch.randn(31, 3, generator=torch.Generator().manual_seed(5894), dtype=torch.float64) * 30).float()
+    logits[:, 1] = logits[:, 0]
+    weights, ids = moe_kernels.softmax_topk(logits, 3, score_func="sigmoid", backend="torch")
+    assert ids[21].tolist() == [2, 0, 1]
+    assert_routing_matches_oracle(weights, ids, logits, 3, score_func="sigmoid")  # scores below 1e-35 tie
+
+
 def test_bias_changes_selection_not_weights():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
