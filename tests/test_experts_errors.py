@@ -221,7 +221,7 @@ def bad_alignment_call(draw):
     return op, lambda: function(ids, num_experts), kind
 
 
-@settings(max_examples=examples(80))
+@settings(max_examples=examples(200))
 @given(call=st.one_of(bad_grouped_mm_call(), bad_fused_experts_call(), bad_alignment_call()))
 def test_property_bad_input_names_the_argument(call):
     op, run, argument = call

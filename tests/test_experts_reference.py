@@ -247,7 +247,7 @@ def test_cpp_empty_biases_mean_none(cref):
 # empty slots and repeats, dtypes and layouts, against the float64 oracles.
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(400))
 @given(data=st.data())
 def test_property_moe_align_and_expert_counts_match_oracle(data):
     num_tokens = data.draw(token_counts, label="T")
@@ -267,7 +267,7 @@ def test_property_moe_align_and_expert_counts_match_oracle(data):
         assert got.tolist() == values, field
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(300))
 @given(data=st.data())
 def test_property_grouped_mm_matches_oracle(data):
     rows, width, cols = (data.draw(st.sampled_from(sizes)) for sizes in ([0, 1, 7, 31], [1, 5, 16], [1, 3, 24]))
@@ -288,7 +288,7 @@ def test_property_grouped_mm_matches_oracle(data):
     assert bool((out[ends[-1] if ends else 0 :] == 0).all())
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(100))
 @given(data=st.data())
 def test_property_fused_experts_matches_oracle(data):
     num_tokens = data.draw(token_counts, label="T")

@@ -223,7 +223,7 @@ def bad_knn_call(draw):
     return op, args, options, kind
 
 
-@settings(max_examples=examples(80))
+@settings(max_examples=examples(200))
 @given(call=bad_knn_call())
 def test_property_bad_input_names_the_argument(call):
     op, args, options, argument = call

@@ -253,7 +253,7 @@ def _assert_finite_close(got, want, tolerance, what):
     assert not bool((excess > 0).any()), f"{what}: off by {excess.max().item()} past the tolerance"
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(150))
 @given(data=st.data())
 def test_property_knn_mix_matches_oracle(data):
     num_tokens = data.draw(token_counts, label="T")
@@ -294,7 +294,7 @@ def test_property_knn_mix_matches_oracle(data):
     _assert_finite_close(mixed[~frozen], want_mixed[~frozen], tolerance[~frozen], "mixed")
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(150))
 @given(data=st.data())
 def test_property_knn_route_matches_oracle(data):
     num_tokens = data.draw(token_counts, label="T")
@@ -333,7 +333,7 @@ def test_property_knn_route_matches_oracle(data):
     torch.testing.assert_close(weights[frozen], want_weights[frozen], atol=0, rtol=0, equal_nan=True)
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(100))
 @given(data=st.data())
 def test_property_knn_route_assignments_match_oracle(data):
     num_tokens = data.draw(token_counts, label="T")

@@ -92,7 +92,7 @@ def bad_probmoe_call(draw):
     return op, kwargs, kind
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(150))
 @given(call=bad_probmoe_call())
 def test_property_bad_input_names_the_argument(call):
     op, kwargs, argument = call

@@ -267,7 +267,7 @@ def _invalid_rows(logits: torch.Tensor, k_min: int) -> torch.Tensor:
     return torch.isnan(logits).any(-1) | (logits == INF).any(-1) | ((logits > -INF).sum(-1) < k_min)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(200))
 @given(problem=probmoe_problem())
 def test_property_exact_k_marginals_match_oracle(problem):
     logits, k, k_min = problem
@@ -292,7 +292,7 @@ def test_property_exact_k_marginals_match_oracle(problem):
     assert not bool((excess > 0).any()), f"marginals off by {excess.max().item()} past the tolerance"
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(400))
 @given(problem=probmoe_problem(), seed=seeds)
 def test_property_exact_k_sample_is_valid(problem, seed):
     logits, k, k_min = problem
@@ -315,7 +315,7 @@ def test_property_exact_k_sample_is_valid(problem, seed):
             assert chosen == possible
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(150))
 @given(problem=probmoe_problem(), seed=seeds, renormalize=st.booleans(), training=st.booleans())
 def test_property_probmoe_route_matches_oracle(problem, seed, renormalize, training):
     logits, k, k_min = problem

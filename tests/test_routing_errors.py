@@ -217,7 +217,7 @@ def bad_softmax_topk_call(draw):
     return kwargs, kind
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(200))
 @given(call=bad_softmax_topk_call())
 def test_property_bad_input_names_the_argument(call):
     kwargs, argument = call

@@ -169,7 +169,7 @@ def test_top_k_router_correction_bias_selects_only():
 # dtypes, layouts, exact ties and NaN / +-inf logits, against the float64 oracle.
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=examples(600))
 @given(data=st.data())
 def test_property_softmax_topk_matches_oracle(data):
     num_tokens = data.draw(token_counts, label="T")
