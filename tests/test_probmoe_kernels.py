@@ -1,12 +1,13 @@
 """ProbMoE family, Triton kernels (CUDA, or the interpreter on CPU): marginals, log normaliser,
 samples and the backward against the float64 reference (itself checked against the oracles in
-test_probmoe_reference.py), the sampler against the exact law, registration and compile."""
+test_probmoe_reference.py) and the sampler against the exact law (registration and compile of the
+kernel path: test_probmoe_library.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_compile_matches_eager, chi_square_pvalue
+from helpers import chi_square_pvalue
 from oracles import subset_law_oracle
 
 import moe_kernels as mk
@@ -90,14 +91,3 @@ def test_kernel_non_finite_rows(kernel_device):
     assert bool(torch.isnan(marginals[:3]).all()) and marginals[3, 2].item() == 0.0
     assert bool((ids[:3] == -1).all()) and bool((weights[:3] == 0).all())
     assert 2 not in ids[3].tolist() and bool((ids[3] >= 0).all())
-
-
-def test_kernel_opcheck_and_compile(kernel_device):
-    logits = torch.randn(13, 9, device=kernel_device, requires_grad=True)
-    seed = torch.full((1,), 4, dtype=torch.int64, device=kernel_device)
-    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, True, True))
-
-    def route(x):
-        return mk.probmoe_route(x, 3, k_min=2, seed=1, backend="triton")
-
-    assert_compile_matches_eager(route, (logits,))

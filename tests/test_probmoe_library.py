@@ -1,6 +1,6 @@
 """ProbMoE family, library: gradcheck in float64, ``torch.library`` opcheck of ``exact_k`` and
 its backward op, torch.compile equals eager, the eager ``autograd.Function`` equals the
-registered op (the kernel path's are in test_probmoe_kernels.py)."""
+registered op; reference path, and the kernel path (``kernel``)."""
 
 from __future__ import annotations
 
@@ -41,5 +41,18 @@ def test_compile_fullgraph_matches_eager():
     def route(x):
         weights, ids = mk.probmoe_route(x, 3, seed=9)
         return weights, ids, mk.exact_k_marginals(x, 4, k_min=2)
+
+    assert_compile_matches_eager(route, (logits,))
+
+
+@pytest.mark.kernel
+def test_kernel_opcheck_and_compile(kernel_device):
+    logits = torch.randn(13, 9, device=kernel_device, requires_grad=True)
+    seed = torch.full((1,), 4, dtype=torch.int64, device=kernel_device)
+    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, True, True))
+    assert_function_matches_op(EXACT_K, (logits, 3, 1, seed, True, True))
+
+    def route(x):
+        return mk.probmoe_route(x, 3, k_min=2, seed=1, backend="triton")
 
     assert_compile_matches_eager(route, (logits,))
