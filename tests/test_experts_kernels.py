@@ -2,7 +2,8 @@
 and oracles: ``grouped_mm`` (forward, ``grad_a`` through the forward kernel on ``b^T``, the
 weight-gradient kernel, the gather / row-scale variants, the gated epilogue), the alignment
 kernel, and ``fused_experts`` forward and backward (also against the C++ oracle). The tile
-heuristic and the tuned-config store (host code) are tested in test_tuned_configs.py."""
+heuristic and the tuned-config store (host code) are tested in test_tuned_configs.py. A small
+property test draws grouped_mm shapes, groups, dtypes and layouts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from experts_cases import (
     to_float64,
     uniform,
 )
-from oracles import gated_activation_oracle, gathered_grouped_mm_oracle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import gated_activation_oracle, gathered_grouped_mm_oracle, grouped_mm_oracle
+from strategies import examples, lay_out, layouts
 
 import moe_kernels as mk
 from moe_kernels import testing
@@ -386,3 +390,20 @@ def test_cuda_graph_capture_and_replay_with_new_inputs():
         **{key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in to_float64(fresh).items()}
     )
     assert_close(out.cpu(), want, dtype=torch.bfloat16, op="fused_experts")
+
+
+@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@given(data=st.data())
+def test_grouped_mm_kernel_property_matches_oracle(kernel_device, data):
+    rows, width, cols = (data.draw(st.sampled_from(sizes)) for sizes in ([0, 1, 7, 31], [1, 5, 16], [1, 3, 24]))
+    num_groups = data.draw(st.sampled_from([0, 1, 2, 5]), label="G")
+    source = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    ends = sorted(torch.randint(0, rows + 1, (num_groups,), generator=source).tolist())
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
+    a = lay_out(torch.rand(rows, width, generator=source).to(dtype) * 2 - 1, data.draw(layouts, label="a"))
+    b = lay_out(torch.rand(num_groups, width, cols, generator=source).to(dtype) * 2 - 1, data.draw(layouts))
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
+        out = grouped_mm(a.to(kernel_device), b.to(kernel_device), offsets.to(kernel_device), backend="triton")
+    testing.assert_written(out, "out")
+    assert_close(out.cpu(), grouped_mm_oracle(a, b, offsets), dtype=dtype, msg=f"offsets {ends}")

@@ -1,13 +1,30 @@
 """kNN family, Triton kernels (CUDA, or the interpreter on CPU): ``knn_mix`` and the fused
 ``knn_route`` forward and backward against the float64 reference (itself checked against the
 oracles in test_knn_reference.py), the fused route against the unfused kernels, zero confidence
-bit-exact, and the in-kernel check of the neighbour ids."""
+bit-exact, the in-kernel check of the neighbour ids, and a small property test of the fused route
+against the float64 oracle."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_routing_matches_oracle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from knn_cases import MIXING_IDS, MIXINGS, ROUTINGS, mix_inputs, mixings, route_inputs, routings, unfused
+from oracles import knn_route_oracle
+from strategies import (
+    eligible_experts,
+    examples,
+    generator,
+    k_for,
+    lay_out,
+    layouts,
+    routing_options,
+    seeds,
+    special_values,
+    with_values,
+)
 
 from moe_kernels import testing
 from moe_kernels.functional.knn import knn_mix
@@ -168,3 +185,28 @@ def test_route_kernel_checks_neighbor_ids_itself(kernel_device, bad_id):
         launch_knn_route(args[0], bad, *args[2:], 2, *routing)
         if kernel_device == "cuda":
             torch.cuda.synchronize()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter on inf - inf
+@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@given(data=st.data())
+def test_route_kernel_property_matches_oracle(kernel_device, data):
+    num_tokens, num_neighbors = data.draw(st.sampled_from([0, 1, 7])), data.draw(st.sampled_from([1, 3]))
+    num_rows, num_experts = data.draw(st.sampled_from([1, 5])), data.draw(st.sampled_from([2, 8, 60]))
+    options = data.draw(routing_options(num_experts), label="routing")
+    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
+    mixing = dict(weighting=data.draw(st.sampled_from(["similarity", "softmax"])), temperature=0.1)
+    source = generator(data.draw(seeds, label="seed"))
+    router = torch.randn(num_tokens, num_experts, generator=source) * 2
+    memory = torch.randn(num_rows, num_experts, generator=source) * 2
+    ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=source)
+    sims = torch.rand(num_tokens, num_neighbors, generator=source) * 0.95 + 0.05
+    sims = with_values(sims, data.draw(special_values(sims.numel()), label="sims specials"))
+    router, ids, sims, memory = (lay_out(x, data.draw(layouts)).to(kernel_device) for x in (router, ids, sims, memory))
+    with testing.poisoned_outputs():
+        weights, chosen, conf = knn_route(router, ids, sims, memory, k, backend="triton", **options, **mixing)
+    _, _, want_conf, want_mixed = knn_route_oracle(
+        router.cpu(), ids.cpu(), sims.cpu(), memory.cpu(), k, mixing=mixing, **options
+    )
+    testing.assert_close(conf.cpu(), want_conf, dtype=torch.float32)
+    assert_routing_matches_oracle(weights.cpu(), chosen.cpu(), want_mixed, k, rel_tol=1e-4, abs_tol=1e-30, **options)

@@ -1,14 +1,18 @@
 """ProbMoE family, Triton kernels (CUDA, or the interpreter on CPU): marginals, log normaliser,
 samples and the backward against the float64 reference (itself checked against the oracles in
-test_probmoe_reference.py) and the sampler against the exact law (registration and compile of the
-kernel path: test_probmoe_library.py)."""
+test_probmoe_reference.py), the sampler against the exact law, and a small property test of the
+marginals against the float64 oracle (registration and compile of the kernel path:
+test_probmoe_library.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import chi_square_pvalue
-from oracles import subset_law_oracle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import exact_k_marginals_oracle, subset_law_oracle
+from strategies import INF, NAN, examples, lay_out, layouts, special_values, with_values
 
 import moe_kernels as mk
 from moe_kernels.ops.probmoe import exact_k_backward_op, exact_k_op
@@ -91,3 +95,20 @@ def test_kernel_non_finite_rows(kernel_device):
     assert bool(torch.isnan(marginals[:3]).all()) and marginals[3, 2].item() == 0.0
     assert bool((ids[:3] == -1).all()) and bool((weights[:3] == 0).all())
     assert 2 not in ids[3].tolist() and bool((ids[3] >= 0).all())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter (numpy) on inf - inf and log(0)
+@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@given(data=st.data())
+def test_kernel_property_marginals_match_oracle(kernel_device, data):
+    num_tokens, num_experts = data.draw(st.sampled_from([0, 1, 7])), data.draw(st.sampled_from([1, 3, 13]))
+    k = data.draw(st.integers(1, num_experts), label="k")
+    k_min = data.draw(st.sampled_from([k, 0, data.draw(st.integers(0, k))]), label="k_min")
+    source = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    logits = torch.randn(num_tokens, num_experts, generator=source) * 3
+    logits = with_values(logits, data.draw(special_values(logits.numel(), (-INF, -INF, NAN, INF))))
+    logits = lay_out(logits, data.draw(layouts, label="layout"))
+    marginals = mk.exact_k_marginals(logits.to(kernel_device), k, k_min=k_min, backend="triton").cpu()
+    want = exact_k_marginals_oracle(logits, k, k_min)
+    assert torch.equal(torch.isnan(marginals), torch.isnan(want))
+    assert_close(marginals.nan_to_num(0.0), want.nan_to_num(0.0), dtype=torch.float32, op="exact_k")
