@@ -228,7 +228,8 @@ def _check_problem(config: RoutingConfig, num_experts: int, k, op: str) -> None:
         raise ValueError(f"{op}: k must be an int in [1, {eligible}] ({where}), got {k!r}")
 
 
-_check_problem_cached = functools.lru_cache(maxsize=1024)(_check_problem)
+# typed: 1, 1.0 and True are equal keys, and a cached valid k=1 must not let k=1.0 or k=True through.
+_check_problem_cached = functools.lru_cache(maxsize=1024, typed=True)(_check_problem)
 
 DEFAULT_ROUTING = RoutingConfig()
 
@@ -260,7 +261,7 @@ def resolve_routing(
     if torch.compiler.is_compiling():
         return _build(op, base, given, num_experts)
     try:
-        return _build_cached(op, base, given, num_experts)
+        return _build_cached(op, base, given, num_experts, tuple(type(value) for _, value in given))
     except TypeError as error:  # an unhashable option value (a list, a tensor): build uncached
         if "unhashable" not in str(error):
             raise
@@ -274,7 +275,13 @@ def _build(op: str, base: RoutingConfig, given: tuple, num_experts: int | None) 
     return RoutingConfig(**fields)
 
 
-_build_cached = functools.lru_cache(maxsize=256)(_build)
+def _build_keyed(op: str, base: RoutingConfig, given: tuple, num_experts: int | None, _types: tuple):
+    """:func:`_build`, with the option values' types in the cache key: ``renormalize=1`` equals
+    (and hashes as) ``renormalize=True``, and must not be served the valid config built for it."""
+    return _build(op, base, given, num_experts)
+
+
+_build_cached = functools.lru_cache(maxsize=256)(_build_keyed)
 
 
 class Activation(enum.IntEnum):

@@ -1,22 +1,43 @@
-"""The pure-PyTorch experts reference (``moe_kernels/reference/experts.py``): against loop oracles
-written here from the formulas and against the C++ oracle (csrc_ref/experts_ref.cpp) in float64,
-``torch._grouped_mm`` where it runs, and every explicit backward against autograd and gradcheck."""
+"""Experts family, reference path: the pure-PyTorch experts reference and the public ops' CPU path
+(``grouped_mm``, ``fused_experts``, ``moe_align``, ``expert_counts``) against the float64 loop
+oracles (tests/oracles.py), the C++ oracle (csrc_ref/experts_ref.cpp) and ``torch._grouped_mm``
+where it runs; properties on random shapes, dtypes, layouts and ids."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 
 import pytest
 import torch
 from cpp_reference import load_cpp_reference
+from experts_cases import (
+    CASE_IDS,
+    CASES,
+    F64,
+    GROUP_CASES,
+    GROUP_IDS,
+    SHAPES,
+    call,
+    cast,
+    cpp,
+    fused_problem,
+    grouped_inputs,
+    grouped_normal_inputs,
+    oracle,
+    reference_problem,
+    routed_ids,
+    to_float64,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import expert_counts_oracle, fused_experts_oracle, grouped_mm_oracle, moe_align_oracle
+from strategies import examples, generator, lay_out, layouts, reference_dtypes, seeds, token_counts
 
+import moe_kernels as mk
 from moe_kernels import reference
 from moe_kernels.reference import experts as experts_ref
 from moe_kernels.testing import assert_close
 
-F64 = torch.float64
 ACTIVATIONS = experts_ref.ACTIVATIONS
 
 
@@ -25,186 +46,44 @@ def cref():
     return load_cpp_reference()
 
 
-# ---------------------------------------------------------------- oracles written from the formulas
-
-
-def _act_oracle(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gpt_oss":
-        gate, up = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
-        return (up + 1.0) * gate * torch.sigmoid(1.702 * gate)
-    gate, up = h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]
-    if activation == "silu":
-        return gate * torch.sigmoid(gate) * up
-    if activation == "gelu":
-        return 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up
-    inner = math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate**3)
-    return 0.5 * gate * (1.0 + torch.tanh(inner)) * up
-
-
-def _fused_oracle(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias=None, down_bias=None):
-    """Per-expert float64 loop."""
-    x = hidden.double()
-    out = torch.zeros(x.shape, dtype=F64)
-    for e in range(gate_up_proj.shape[0]):
-        tokens, slots = (ids.long() == e).nonzero(as_tuple=True)
-        h = x[tokens] @ gate_up_proj[e].double().T
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].double()
-        y = _act_oracle(h, activation) @ down_proj[e].double().T
-        if down_bias is not None:
-            y = y + down_bias[e].double()
-        out.index_add_(0, tokens, weights[tokens, slots].double().unsqueeze(1) * y)
-    return out
-
-
-def _grouped_oracle(a, b, offsets):
-    """Per-group float64 loop."""
-    out = torch.zeros(a.shape[0], b.shape[-1], dtype=F64)
-    start = 0
-    for g, end in enumerate(offsets.tolist()):
-        out[start:end] = a[start:end].double() @ b[g].double()
-        start = end
-    return out
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _ids(num_tokens, num_experts, k, mode, generator):
-    if mode == "one":  # every slot on one expert
-        return torch.full((num_tokens, k), num_experts // 2, dtype=torch.int32)
-    if mode == "sparse":  # odd experts get no tokens (repeats within a token allowed)
-        pool = torch.arange(0, num_experts, 2)
-        return pool[torch.randint(len(pool), (num_tokens, k), generator=generator)].to(torch.int32)
-    ids = torch.rand(num_tokens, num_experts, generator=generator).argsort(dim=-1)[:, :k].to(torch.int32)
-    if mode == "holes":
-        ids[torch.rand(num_tokens, k, generator=generator) < 0.3] = -1
-        ids[:1] = -1  # one token with no expert at all
-    return ids
-
-
-def _problem(num_tokens, num_experts, k, hidden_dim, inter, *, mode="random", bias=False, seed=0, gate_scale=3.0):
-    """Random float64 inputs (never zero). ``gate_scale`` sets the std of the pre-activation, so
-    that a few GPT-OSS gates and ups lie beyond the clamp limit 7."""
-    g = torch.Generator().manual_seed(seed)
-    p = dict(
-        hidden=torch.randn(num_tokens, hidden_dim, generator=g, dtype=F64),
-        gate_up_proj=torch.randn(num_experts, 2 * inter, hidden_dim, generator=g, dtype=F64)
-        * (gate_scale / math.sqrt(hidden_dim)),
-        down_proj=torch.randn(num_experts, hidden_dim, inter, generator=g, dtype=F64) / math.sqrt(inter),
-        weights=torch.rand(num_tokens, k, generator=g, dtype=F64) + 0.1,
-        ids=_ids(num_tokens, num_experts, k, mode, g),
-        gate_up_bias=torch.randn(num_experts, 2 * inter, generator=g, dtype=F64) if bias else None,
-        down_bias=torch.randn(num_experts, hidden_dim, generator=g, dtype=F64) * 0.5 if bias else None,
-    )
-    return p
-
-
-def _cast(p, dtype):
-    return {name: t.to(dtype) if t is not None and t.is_floating_point() else t for name, t in p.items()}
-
-
-def _call(fn, p, activation, **extra):
-    return fn(
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        activation=activation,
-        gate_up_bias=p["gate_up_bias"],
-        down_bias=p["down_bias"],
-        **extra,
-    )
-
-
-def _oracle(p, activation):
-    return _fused_oracle(
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        activation,
-        p["gate_up_bias"],
-        p["down_bias"],
-    )
-
-
-def _cpp(cref, p, activation):
-    return cref.fused_experts_ref(
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        activation,
-        p["gate_up_bias"],
-        p["down_bias"],
-    )
-
-
-# (T, E, k, ids mode, H, I)
-CASES = [
-    (0, 5, 2, "random", 16, 12),
-    (1, 1, 1, "random", 16, 12),
-    (1, 8, 8, "holes", 16, 12),
-    (7, 1, 1, "holes", 16, 12),
-    (7, 5, 1, "random", 16, 12),
-    (7, 5, 5, "random", 16, 12),
-    (7, 8, 2, "holes", 16, 12),
-    (64, 8, 2, "random", 16, 12),
-    (64, 8, 8, "holes", 16, 12),
-    (64, 5, 2, "one", 16, 12),
-    (64, 8, 2, "sparse", 16, 12),
-    (64, 8, 2, "random", 97, 47),
-]
-CASE_IDS = [f"T{t}-E{e}-k{k}-{mode}-H{h}-I{i}" for t, e, k, mode, h, i in CASES]
-
-
-# ---------------------------------------------------------------- expert_counts
+# ---------------------------------------------------------------- expert_counts, moe_align
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_expert_counts(case, index_dtype):
     num_tokens, num_experts, k, mode = case[:4]
-    ids = _ids(num_tokens, num_experts, k, mode, torch.Generator().manual_seed(1)).to(index_dtype)
+    ids = routed_ids(num_tokens, num_experts, k, mode, torch.Generator().manual_seed(1)).to(index_dtype)
     counts = reference.expert_counts(ids, num_experts)
-    python = Counter(ids.flatten().tolist())
     assert counts.dtype == torch.int32
-    assert counts.tolist() == [python[e] for e in range(num_experts)]
+    assert counts.tolist() == expert_counts_oracle(ids, num_experts)
+
+
+def test_moe_align_sorts_slots_stably():
+    ids = torch.tensor([[2, 0], [-1, 2], [1, 0], [0, -1]], dtype=torch.int32)
+    align = mk.moe_align(ids, 3)
+    assert align.order.tolist() == [1, 5, 6, 4, 0, 3, 2, 7]
+    assert align.tokens.tolist() == [0, 2, 3, 2, 0, 1, 1, 3]
+    assert align.experts.tolist() == [0, 0, 0, 1, 2, 2, 3, 3]
+    assert align.counts.tolist() == [3, 1, 2] and align.offsets.tolist() == [3, 4, 6]
+    assert align.positions[align.order].tolist() == list(range(8))
+    assert torch.equal(mk.expert_counts(ids, 3), align.counts)
+    assert torch.equal(mk.expert_counts(ids, 3), reference.expert_counts(ids, 3))
 
 
 # ---------------------------------------------------------------- grouped_mm
 
-# (M, K, N, offsets)
-GROUP_CASES = [
-    (10, 6, 5, [0, 3, 3, 10]),  # empty first and middle groups
-    (9, 6, 5, [2, 5, 5]),  # rows 5..8 past the end
-    (12, 6, 5, [12]),
-    (7, 6, 5, [0, 7, 7]),
-    (0, 6, 5, [0, 0, 0]),
-    (8, 6, 5, [0, 0, 0]),  # every row past the end
-    (33, 97, 47, [5, 5, 20, 30]),
-]
-GROUP_IDS = [f"M{m}-K{k}-N{n}-{'_'.join(map(str, o))}" for m, k, n, o in GROUP_CASES]
 
-
-def _grouped_inputs(m, k, n, offsets, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, k, generator=g, dtype=F64)
-    # Scaled by 1/sqrt(K) so that outputs are O(1), like a layer's: the float32 tolerance's atol is
-    # absolute, and the float32 rounding error grows with the output's scale.
-    b = torch.randn(len(offsets), k, n, generator=g, dtype=F64) / math.sqrt(k)
-    return a, b, torch.tensor(offsets, dtype=torch.int32)
+def test_grouped_mm_oracle_matches_reference():
+    a, b, offsets, _ = grouped_inputs(*SHAPES["empty-first-mid-last"], dtype=torch.float64)
+    torch.testing.assert_close(reference.grouped_mm(a, b, offsets), grouped_mm_oracle(a, b, offsets))
 
 
 @pytest.mark.parametrize("case", GROUP_CASES, ids=GROUP_IDS)
 def test_grouped_mm(cref, case):
-    a, b, offsets = _grouped_inputs(*case)
+    a, b, offsets = grouped_normal_inputs(*case)
     out = reference.grouped_mm(a, b, offsets)
-    want = _grouped_oracle(a, b, offsets)
+    want = grouped_mm_oracle(a, b, offsets)
     assert out.dtype == F64 and out.shape == want.shape
     assert_close(out, want)
     assert_close(cref.grouped_mm_ref(a, b, offsets), want)
@@ -213,18 +92,18 @@ def test_grouped_mm(cref, case):
 
 @pytest.mark.parametrize("case", GROUP_CASES, ids=GROUP_IDS)
 def test_grouped_mm_float32_and_strided(case):
-    a, b, offsets = _grouped_inputs(*case)
+    a, b, offsets = grouped_normal_inputs(*case)
     a32, b32 = a.float(), b.float()
     out = reference.grouped_mm(a32.T.contiguous().T, b32.transpose(1, 2).contiguous().transpose(1, 2), offsets)
     assert out.dtype == torch.float32
-    assert_close(out, _grouped_oracle(a32, b32, offsets))
+    assert_close(out, grouped_mm_oracle(a32, b32, offsets))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_grouped_mm_matches_torch(dtype):
     # K and N multiples of 8: _grouped_mm wants 16-byte aligned strides. Its rows past
     # offsets[-1] are left unwritten, so only the rows before are compared.
-    a, b, offsets = _grouped_inputs(40, 32, 16, [0, 10, 10, 35])
+    a, b, offsets = grouped_normal_inputs(40, 32, 16, [0, 10, 10, 35])
     a, b = a.to(dtype), b.to(dtype)
     try:
         got = torch._grouped_mm(a, b, offsets)
@@ -246,17 +125,17 @@ def test_grouped_mm_matches_torch(dtype):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_fused_experts(cref, case, activation, bias):
-    p = _problem(*case[:3], *case[4:], mode=case[3], bias=bias, seed=sum(case[:3]))
-    out = _call(reference.fused_experts, p, activation)
-    want = _oracle(p, activation)
+    p = reference_problem(*case[:3], *case[4:], mode=case[3], bias=bias, seed=sum(case[:3]))
+    out = call(reference.fused_experts, p, activation)
+    want = oracle(p, activation)
     assert out.dtype == F64 and out.shape == p["hidden"].shape
     assert_close(out, want)
-    assert_close(_cpp(cref, p, activation), want)
+    assert_close(cpp(cref, p, activation), want)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fused_experts_noncontiguous(cref, activation):
-    p = _problem(64, 8, 2, 97, 47, mode="holes", bias=True, seed=5)
+    p = reference_problem(64, 8, 2, 97, 47, mode="holes", bias=True, seed=5)
     strided = dict(
         hidden=p["hidden"].T.contiguous().T,
         gate_up_proj=p["gate_up_proj"].transpose(1, 2).contiguous().transpose(1, 2),
@@ -267,9 +146,9 @@ def test_fused_experts_noncontiguous(cref, activation):
         down_bias=p["down_bias"].T.contiguous().T,
     )
     assert not strided["hidden"].is_contiguous() and not strided["down_proj"].is_contiguous()
-    out = _call(reference.fused_experts, strided, activation)
-    assert_close(out, _oracle(p, activation))
-    assert_close(_cpp(cref, strided, activation), _oracle(p, activation))
+    out = call(reference.fused_experts, strided, activation)
+    assert_close(out, oracle(p, activation))
+    assert_close(cpp(cref, strided, activation), oracle(p, activation))
 
 
 @pytest.mark.parametrize("case", [CASES[7], CASES[8], CASES[11]], ids=[CASE_IDS[7], CASE_IDS[8], CASE_IDS[11]])
@@ -279,24 +158,24 @@ def test_fused_experts_float32(case, activation, bias):
     # The float32 row of TOLERANCES has an absolute atol of 1e-6, while two float32 GEMMs err by
     # about sqrt(H) ulps of their terms: inputs at a layer's scale (pre-activations ~0.5, routing
     # weights summing to 1) keep the error ~3x under it over seeds.
-    p = _problem(*case[:3], *case[4:], mode=case[3], bias=bias, seed=11, gate_scale=0.5)
+    p = reference_problem(*case[:3], *case[4:], mode=case[3], bias=bias, seed=11, gate_scale=0.5)
     p["weights"] = p["weights"] / p["weights"].sum(dim=-1, keepdim=True)
     if bias:
         p["gate_up_bias"], p["down_bias"] = p["gate_up_bias"] * 0.5, p["down_bias"] * 0.5
-    p = _cast(p, torch.float32)
-    out = _call(reference.fused_experts, p, activation)
+    p = cast(p, torch.float32)
+    out = call(reference.fused_experts, p, activation)
     assert out.dtype == torch.float32
-    assert_close(out, _oracle(p, activation))
+    assert_close(out, oracle(p, activation))
 
 
 def test_fused_experts_bfloat16_dtypes():
     """bf16 activations and weights with float32 routing weights: output and gradients come back
     in each input's dtype."""
-    p = _problem(7, 5, 2, 16, 12, mode="holes", bias=True, seed=3)
-    p = {**_cast(p, torch.bfloat16), "weights": p["weights"].float()}
-    out = _call(reference.fused_experts, p, "silu")
+    p = reference_problem(7, 5, 2, 16, 12, mode="holes", bias=True, seed=3)
+    p = {**cast(p, torch.bfloat16), "weights": p["weights"].float()}
+    out = call(reference.fused_experts, p, "silu")
     assert out.dtype == torch.bfloat16
-    assert_close(out, _oracle(p, "silu"))
+    assert_close(out, oracle(p, "silu"))
     grads = reference.fused_experts_backward(
         torch.ones_like(out),
         p["hidden"],
@@ -313,96 +192,13 @@ def test_fused_experts_bfloat16_dtypes():
     assert [grad.shape for grad in grads] == [p[name].shape for name in names]
 
 
-@pytest.mark.parametrize("fn", [reference.gated_activation, reference.fused_experts])
-def test_bad_activation(fn):
-    p = _problem(3, 2, 1, 4, 2)
-    with pytest.raises(ValueError, match=r"activation must be one of .*'silu'.*got 'relu'"):
-        if fn is reference.gated_activation:
-            fn(p["hidden"], "relu")
-        else:
-            _call(fn, p, "relu")
-
-
-# ---------------------------------------------------------------- backward
-
-
-@pytest.mark.parametrize("case", GROUP_CASES[:-1], ids=GROUP_IDS[:-1])
-def test_grouped_mm_backward(case):
-    a, b, offsets = _grouped_inputs(*case)
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    torch.autograd.gradcheck(lambda x, y: reference.grouped_mm(x, y, offsets), (a, b))
-    grad_out = torch.randn(a.shape[0], b.shape[-1], dtype=F64)
-    want_a, want_b = torch.autograd.grad(reference.grouped_mm(a, b, offsets), (a, b), grad_out)
-    grad_a, grad_b = reference.grouped_mm_backward(grad_out, a.detach(), b.detach(), offsets)
-    assert_close(grad_a, want_a)
-    assert_close(grad_b, want_b)
-
-
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gated_activation_backward(activation):
-    # limit 1.5: many GPT-OSS values are clamped; gradcheck needs none within eps of the kink.
-    options = dict(limit=1.5, alpha=1.3)
-    x = torch.randn(6, 10, dtype=F64) * 2
-    x = torch.where((x.abs() - 1.5).abs() < 1e-3, x + 0.01, x).requires_grad_(True)
-    torch.autograd.gradcheck(lambda t: reference.gated_activation(t, activation, **options), (x,))
-    # At exactly +-limit autograd's clamp passes the gradient: the explicit backward must too.
-    boundary = x.detach().clone()
-    boundary[0, :4] = torch.tensor([1.5, -1.5, 1.5, 1.5], dtype=F64)
-    boundary.requires_grad_(True)
-    grad_out = torch.randn(6, 5, dtype=F64)
-    (want,) = torch.autograd.grad(reference.gated_activation(boundary, activation, **options), boundary, grad_out)
-    got = reference.gated_activation_backward(grad_out, boundary.detach(), activation, **options)
-    assert_close(got, want)
-
-
-def _differentiable(p):
-    return [
-        name
-        for name in ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
-        if p[name] is not None
-    ]
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_experts_gradcheck(activation, bias):
-    p = _problem(5, 3, 2, 4, 3, mode="holes", bias=bias, seed=7, gate_scale=8.0)
-    names = _differentiable(p)
-
-    def fn(*tensors):
-        return _call(reference.fused_experts, {**p, **dict(zip(names, tensors))}, activation)
-
-    torch.autograd.gradcheck(fn, tuple(p[name].requires_grad_(True) for name in names))
-
-
-@pytest.mark.parametrize(
-    "case", [CASES[i] for i in (0, 3, 5, 8, 9, 10, 11)], ids=[CASE_IDS[i] for i in (0, 3, 5, 8, 9, 10, 11)]
-)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_experts_backward(case, activation, bias):
-    p = _problem(*case[:3], *case[4:], mode=case[3], bias=bias, seed=13)
-    names = _differentiable(p)
-    inputs = [p[name].requires_grad_(True) for name in names]
-    grad_out = torch.randn(p["hidden"].shape, dtype=F64)
-    want = torch.autograd.grad(_call(reference.fused_experts, p, activation), inputs, grad_out, allow_unused=True)
-    got = reference.fused_experts_backward(
-        grad_out,
-        *(p[name].detach() for name in ("hidden", "gate_up_proj", "down_proj", "weights")),
-        p["ids"],
-        activation=activation,
-        gate_up_bias=None if p["gate_up_bias"] is None else p["gate_up_bias"].detach(),
-        down_bias=None if p["down_bias"] is None else p["down_bias"].detach(),
-    )
-    assert (got[4] is None, got[5] is None) == (not bias, not bias)
-    got = [g for g in got if g is not None]
-    for name, g, w in zip(names, got, want):
-        w = torch.zeros_like(g) if w is None else w
-        assert g.dtype == p[name].dtype and g.shape == p[name].shape, name
-        assert_close(g, w, msg=name)
-    grad_weights = got[3]
-    assert torch.equal(grad_weights[p["ids"] == -1], torch.zeros_like(grad_weights[p["ids"] == -1]))
+def test_public_op_reference_path_matches_oracle(activation):
+    p = fused_problem(9, 16, 6, 4, 2, bias=activation == "gpt_oss")
+    out = mk.fused_experts(**p, activation=activation)
+    want = fused_experts_oracle(**to_float64(p), activation=activation)
+    assert out.dtype == torch.float32
+    assert_close(out, want, dtype=torch.float32, msg=activation)
 
 
 # ---------------------------------------------------------------- C++ oracle arguments
@@ -434,13 +230,84 @@ def test_fused_experts_backward(case, activation, bias):
 )
 def test_cpp_bad_arguments(cref, call, message):
     with pytest.raises(RuntimeError, match=message):
-        call(cref, _problem(3, 2, 1, 4, 2))
+        call(cref, reference_problem(3, 2, 1, 4, 2))
 
 
 def test_cpp_empty_biases_mean_none(cref):
-    p = _problem(7, 5, 2, 16, 12, mode="holes")
+    p = reference_problem(7, 5, 2, 16, 12, mode="holes")
     empty = torch.empty(0, dtype=F64)
     got = cref.fused_experts_ref(
         p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu", empty, empty
     )
-    assert_close(got, _oracle(p, "silu"))
+    assert_close(got, oracle(p, "silu"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties: random shapes (T = 0, 1, primes; odd and prime E, H, I; k = 1 and k = E), ids with
+# empty slots and repeats, dtypes and layouts, against the float64 oracles.
+
+
+@settings(max_examples=examples(400))
+@given(data=st.data())
+def test_property_moe_align_and_expert_counts_match_oracle(data):
+    num_tokens = data.draw(token_counts, label="T")
+    num_experts = data.draw(st.sampled_from([1, 2, 5, 60, 257]), label="E")
+    k = data.draw(st.sampled_from([0, 1, 2, 8]), label="k")
+    source = generator(data.draw(seeds, label="seed"))
+    ids = torch.randint(-1, num_experts, (num_tokens, k), generator=source)
+    ids = ids.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="dtype"))
+    ids = lay_out(ids, data.draw(layouts, label="layout"))
+    align = mk.moe_align(ids, num_experts)
+    counts = mk.expert_counts(ids, num_experts)
+    want = moe_align_oracle(ids, num_experts)
+    assert counts.dtype == torch.int32 and counts.tolist() == want["counts"]
+    for field, values in want.items():
+        got = getattr(align, field)
+        assert got.dtype == (torch.int64 if field == "order" else torch.int32), field
+        assert got.tolist() == values, field
+
+
+@settings(max_examples=examples(300))
+@given(data=st.data())
+def test_property_grouped_mm_matches_oracle(data):
+    rows, width, cols = (data.draw(st.sampled_from(sizes)) for sizes in ([0, 1, 7, 31], [1, 5, 16], [1, 3, 24]))
+    num_groups = data.draw(st.sampled_from([0, 1, 2, 5]), label="G")
+    source = generator(data.draw(seeds, label="seed"))
+    ends = sorted(torch.randint(0, rows + 1, (num_groups,), generator=source).tolist())
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    dtype = data.draw(reference_dtypes, label="dtype")
+    a = lay_out(torch.randn(rows, width, generator=source).to(dtype), data.draw(layouts, label="a layout"))
+    b = lay_out(torch.randn(num_groups, width, cols, generator=source).to(dtype), data.draw(layouts, label="b"))
+    if data.draw(st.booleans(), label="b transposed view"):  # the (G, K, N) view of a (G, N, K) tensor
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    out = mk.grouped_mm(a, b, offsets, backend="torch")
+    assert out.dtype == dtype and out.shape == (rows, cols)
+    want = grouped_mm_oracle(a, b, offsets)
+    # Accumulated in float32 and rounded once to the dtype.
+    assert_close(out, want, dtype=dtype, msg=f"offsets {ends}")
+    assert bool((out[ends[-1] if ends else 0 :] == 0).all())
+
+
+@settings(max_examples=examples(100))
+@given(data=st.data())
+def test_property_fused_experts_matches_oracle(data):
+    num_tokens = data.draw(token_counts, label="T")
+    num_experts = data.draw(st.sampled_from([1, 2, 5, 8]), label="E")
+    k = data.draw(st.sampled_from([1, min(2, num_experts), num_experts]), label="k")
+    hidden_size, inter = data.draw(st.sampled_from([(4, 2), (16, 12), (13, 7)]), label="H, I")
+    activation = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
+    bias = data.draw(st.booleans(), label="bias")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16]), label="dtype")
+    seed = data.draw(seeds, label="seed")
+    mode = data.draw(st.sampled_from(["random", "holes", "sparse"]), label="ids")
+    gate_scale = data.draw(st.sampled_from([0.5, 3.0, 12.0]), label="pre-activation scale")  # 12: clamps
+    p = reference_problem(
+        num_tokens, num_experts, k, hidden_size, inter, mode=mode, bias=bias, seed=seed, gate_scale=gate_scale
+    )
+    p["ids"] = p["ids"].to(data.draw(st.sampled_from([torch.int32, torch.int64])))
+    p["weights"] = p["weights"] / p["weights"].sum(-1, keepdim=True)  # routing weights of a layer
+    p = {**cast(p, dtype), "weights": p["weights"].to(torch.float64 if dtype == torch.float64 else torch.float32)}
+    p = {key: None if t is None else lay_out(t, data.draw(layouts, label=key)) for key, t in p.items()}
+    out = call(mk.fused_experts, p, activation, backend="torch")
+    assert out.dtype == dtype and out.shape == p["hidden"].shape
+    assert_close(out, oracle(p, activation), dtype=dtype, op="fused_experts")

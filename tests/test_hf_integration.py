@@ -29,6 +29,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_compile_matches_eager
 
 transformers = pytest.importorskip("transformers")
 
@@ -412,14 +413,11 @@ def test_patched_model_compiles_fullgraph_with_dynamic_tokens(family):
     the grouped sigmoid gate with bias and shared expert, and the biased interleaved experts."""
     model = _build(family)
     hf.apply_moe_kernels(model)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    torch._dynamo.reset()
+    inputs = [(_input_ids(2, seq, seed=seq),) for seq in (5, 11, 12)]
     with torch.no_grad():
-        for seq in (5, 11, 12):
-            ids = _input_ids(2, seq, seed=seq)
-            with torch._dynamo.config.patch(error_on_recompile=seq != 5):
-                got = compiled(ids).logits
-            assert_close(got, model(ids).logits, op="whole_model", msg=f"seq {seq}")
+        assert_compile_matches_eager(
+            lambda ids: model(ids).logits, *inputs, dynamic=True, no_recompile=True, op="whole_model"
+        )
 
 
 @pytest.mark.kernel

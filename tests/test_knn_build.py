@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import softmax_topk_oracle
 from torch import nn
 
 import moe_kernels as mk
+from moe_kernels import testing
 from moe_kernels.knn import KNNRouter
 from moe_kernels.knn.build import build_routing_memory, routed_layers
 
@@ -75,11 +77,22 @@ def test_built_memory_drives_a_knn_router():
     model = TwoBlockModel()
     batches = _batches(2)
     built = build_routing_memory(model, batches, _loss, steps=10, lr=0.2, progress=False)
+    memory = built.memories["blocks.0"]
     frozen = model.blocks[0].router
-    model.blocks[0].router = KNNRouter(frozen.weight, built.memories["blocks.0"], 2, n_neighbors=1, renormalize=True)
+    model.blocks[0].router = KNNRouter(frozen.weight, memory, 2, n_neighbors=1, renormalize=True)
     with torch.no_grad():
-        weights, ids = model.blocks[0].router(model.inp(batches[0][0]))
-    assert weights.shape == ids.shape == (24, 2)
+        hidden = model.inp(batches[0][0])
+        weights, ids = model.blocks[0].router(hidden)
+    # A reference token's nearest case is itself (similarity 1, so confidence 1): the router
+    # routes with the trained logits stored for it (the first 24 entries are batch 0's), not with
+    # the frozen gate's. Fixed seed: no two of those logits' scores within 1e-4 of each other.
+    stored = memory.values[:24].double()
+    assert not testing._has_near_ties(torch.softmax(stored, -1), 1e-4).any()
+    want_weights, want_ids = softmax_topk_oracle(stored, 2, renormalize=True)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    testing.assert_close(weights, want_weights)
+    _, frozen_ids = softmax_topk_oracle(hidden.double() @ frozen.weight.double().T, 2, renormalize=True)
+    assert not torch.equal(ids, frozen_ids)  # the training moved the routing of some tokens
 
 
 @pytest.mark.parametrize(

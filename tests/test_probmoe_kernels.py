@@ -1,11 +1,18 @@
-"""ProbMoE Triton kernels (CUDA, or the interpreter on CPU) against the float64 reference."""
+"""ProbMoE family, Triton kernels (CUDA, or the interpreter on CPU): marginals, log normaliser,
+samples and the backward against the float64 reference (itself checked against the oracles in
+test_probmoe_reference.py), the sampler against the exact law, and a small property test of the
+marginals against the float64 oracle (registration and compile of the kernel path:
+test_probmoe_library.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from oracles import subset_law_oracle
-from test_probmoe import _chi_square_pvalue
+from helpers import chi_square_pvalue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import exact_k_marginals_oracle, subset_law_oracle
+from strategies import INF, NAN, examples, lay_out, layouts, special_values, with_values
 
 import moe_kernels as mk
 from moe_kernels.ops.probmoe import exact_k_backward_op, exact_k_op
@@ -66,7 +73,7 @@ def test_kernel_sampler_matches_law(kernel_device):
     for k_min in (3, 1):
         ids = mk.exact_k_sample(logits.expand(draws, 6), 3, k_min=k_min, seed=2024, backend="triton")
         _, _, law = subset_law_oracle(logits.cpu(), 3, k_min)
-        assert _chi_square_pvalue(ids.cpu(), law) > 1e-3
+        assert chi_square_pvalue(ids.cpu(), law) > 1e-3
 
 
 def test_kernel_seed_reproducible(kernel_device):
@@ -90,15 +97,18 @@ def test_kernel_non_finite_rows(kernel_device):
     assert 2 not in ids[3].tolist() and bool((ids[3] >= 0).all())
 
 
-def test_kernel_opcheck_and_compile(kernel_device):
-    logits = torch.randn(13, 9, device=kernel_device, requires_grad=True)
-    seed = torch.full((1,), 4, dtype=torch.int64, device=kernel_device)
-    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, True, True))
-
-    def route(x):
-        return mk.probmoe_route(x, 3, k_min=2, seed=1, backend="triton")
-
-    eager_w, eager_ids = route(logits)
-    compiled_w, compiled_ids = torch.compile(route, fullgraph=True)(logits)
-    assert torch.equal(eager_ids, compiled_ids)
-    assert_close(compiled_w, eager_w)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter (numpy) on inf - inf and log(0)
+@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@given(data=st.data())
+def test_kernel_property_marginals_match_oracle(kernel_device, data):
+    num_tokens, num_experts = data.draw(st.sampled_from([0, 1, 7])), data.draw(st.sampled_from([1, 3, 13]))
+    k = data.draw(st.integers(1, num_experts), label="k")
+    k_min = data.draw(st.sampled_from([k, 0, data.draw(st.integers(0, k))]), label="k_min")
+    source = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    logits = torch.randn(num_tokens, num_experts, generator=source) * 3
+    logits = with_values(logits, data.draw(special_values(logits.numel(), (-INF, -INF, NAN, INF))))
+    logits = lay_out(logits, data.draw(layouts, label="layout"))
+    marginals = mk.exact_k_marginals(logits.to(kernel_device), k, k_min=k_min, backend="triton").cpu()
+    want = exact_k_marginals_oracle(logits, k, k_min)
+    assert torch.equal(torch.isnan(marginals), torch.isnan(want))
+    assert_close(marginals.nan_to_num(0.0), want.nan_to_num(0.0), dtype=torch.float32, op="exact_k")

@@ -1,4 +1,6 @@
-"""``torch.library`` registration of ``softmax_topk``: opcheck, fake tensors, torch.compile.
+"""Routing family, library: gradcheck in float64, ``torch.library`` registration of
+``softmax_topk`` (opcheck of the op and its backward, fake tensors), torch.compile equals eager,
+the eager ``autograd.Function`` equals the registered op.
 
 The reference path runs in the plain CPU pass; the ``kernel`` tests repeat the checks with the
 Triton kernels (CUDA, or the interpreter).
@@ -8,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_cases import routing_inputs
+from helpers import assert_compile_matches_eager, assert_function_matches_op
+from routing_cases import routing_cases, routing_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels
-from moe_kernels import testing
-from moe_kernels.ops.routing import SoftmaxTopkFunction
+from moe_kernels import reference, testing
+from moe_kernels.ops.routing import SOFTMAX_TOPK
 
 OPCHECK_CASES = [
     ("softmax", 16, 3, {}, False),
@@ -77,16 +80,7 @@ def test_opcheck_kernel_path(kernel_device, num_tokens):
 def _eager_function_matches_op(device, use_triton):
     for _, num_experts, k, options, with_bias in OPCHECK_CASES:
         logits, bias = routing_inputs(29, num_experts, options, with_bias, device=device)
-        through_function = logits.clone().requires_grad_(True)
-        through_op = logits.clone().requires_grad_(True)
-        weights_f, ids_f = SoftmaxTopkFunction.apply(*_op_args(through_function, k, bias, options, use_triton))
-        weights_o, ids_o = torch.ops.moe_kernels.softmax_topk(*_op_args(through_op, k, bias, options, use_triton))
-        torch.testing.assert_close(ids_f, ids_o, atol=0, rtol=0)
-        torch.testing.assert_close(weights_f, weights_o, atol=0, rtol=0)
-        grad = torch.randn_like(weights_f)
-        weights_f.backward(grad)
-        weights_o.backward(grad)
-        torch.testing.assert_close(through_function.grad, through_op.grad, atol=0, rtol=0)
+        assert_function_matches_op(SOFTMAX_TOPK, _op_args(logits.requires_grad_(True), k, bias, options, use_triton))
 
 
 def test_eager_function_matches_registered_op():
@@ -114,35 +108,76 @@ def _compile_matches_eager(device, backend):
         weights, ids = moe_kernels.softmax_topk(x, 4, bias=bias, backend=backend, **options)
         return weights * 2, ids
 
-    compiled = torch.compile(route, fullgraph=True, dynamic=True)
-    for num_tokens in (7, 19):  # two token counts: one dynamic graph, no recompile per T
-        logits = testing.make_routing_logits(
+    def logits(num_tokens):
+        return testing.make_routing_logits(
             num_tokens, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2, seed=num_tokens
         ).to(device)
-        want_weights, want_ids = route(logits)
-        got_weights, got_ids = compiled(logits)
-        torch.testing.assert_close(got_ids, want_ids, atol=0, rtol=0)
-        torch.testing.assert_close(got_weights, want_weights, atol=0, rtol=0)
 
-    def loss(x):
-        return (moe_kernels.softmax_topk(x, 4, bias=bias, backend=backend, **options)[0] ** 2).sum()
-
-    logits = testing.make_routing_logits(7, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2).to(
-        device
-    )
-    eager_x = logits.clone().requires_grad_(True)
-    loss(eager_x).backward()
-    compiled_x = logits.clone().requires_grad_(True)
-    torch.compile(loss, fullgraph=True)(compiled_x).backward()
-    testing.assert_close(compiled_x.grad, eager_x.grad)
+    # Two token counts: one dynamic graph, no recompile per T; the forward is bit-exact.
+    assert_compile_matches_eager(route, (logits(7),), (logits(19),), dynamic=True, forward_exact=True)
+    # ... and the gradient through the compiled graph equals eager's.
+    assert_compile_matches_eager(route, (logits(7).requires_grad_(True),))
 
 
 def test_compile_fullgraph_reference_path():
-    torch._dynamo.reset()
     _compile_matches_eager("cpu", "torch")
 
 
 @pytest.mark.kernel
 def test_compile_fullgraph_kernel_path(kernel_device):
-    torch._dynamo.reset()
     _compile_matches_eager(kernel_device, "triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(renormalize=True, scale=1.7),
+        dict(score_func="sigmoid"),
+        dict(score_func="sigmoid", renormalize=True, num_groups=4, topk_groups=2),
+    ],
+    ids=["softmax", "softmax-renorm", "sigmoid", "sigmoid-renorm-groups"],
+)
+def test_gradcheck_float64(options):
+    logits = testing.make_routing_logits(5, 16, torch.float64, score_func=options.get("score_func", "softmax"))
+    bias = testing.make_bias(16).double()
+    logits.requires_grad_(True)
+
+    def through_op(x):  # the registered op with its explicit backward formula
+        return moe_kernels.softmax_topk(x, 4, bias=bias, backend="torch", **options)[0]
+
+    def through_autograd(x):  # the reference differentiated by autograd
+        return reference.softmax_topk(x, 4, bias=bias, **options)[0]
+
+    assert torch.autograd.gradcheck(through_op, (logits,))
+    assert torch.autograd.gradcheck(through_autograd, (logits,))
+
+
+def test_bias_gets_no_gradient():
+    logits = testing.make_routing_logits(4, 8).requires_grad_(True)
+    bias = testing.make_bias(8).requires_grad_(True)
+    weights, _ = moe_kernels.softmax_topk(logits, 2, bias=bias, backend="torch")
+    weights.sum().backward()
+    assert logits.grad is not None and bias.grad is None
+
+
+@routing_cases
+def test_explicit_backward_matches_autograd(num_experts, k, options, with_bias):
+    logits, bias = routing_inputs(33, num_experts, options, with_bias, torch.float64)
+    logits.requires_grad_(True)
+    grad_out = torch.randn(33, k, dtype=torch.float64)
+    weights, ids = reference.softmax_topk(logits, k, bias=bias, **options)
+    (want,) = torch.autograd.grad(weights, logits, grad_out)
+    got = reference.softmax_topk_backward(
+        grad_out,
+        logits.detach(),
+        ids,
+        renormalize=options.get("renormalize", False),
+        score_func=options.get("score_func", "softmax"),
+        scale=options.get("scale", 1.0),
+    )
+    testing.assert_close(got, want)

@@ -9,6 +9,7 @@ from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.reference.knn import gather_neighbors, knn_confidence_and_weights
 from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import use_triton
 
 
 def knn_route_assignments(
@@ -74,6 +75,10 @@ def knn_route_assignments(
     check.ids_in_range(
         op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N", what="the rows of memory_logits"
     )
+    # The gate's arguments are checked here, so that their errors name this op, not softmax_topk.
+    options = dict(routing_options)
+    check.routing_args(op, router_logits, k, options.pop("bias", None), routing, **options)
+    use_triton(backend, router_logits.device, op)
     num_tokens, num_neighbors = neighbor_sims.shape
     neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
     dtype = compute_dtype(router_logits.dtype)
@@ -86,10 +91,18 @@ def knn_route_assignments(
     dense = torch.zeros(num_tokens, num_experts, dtype=dtype, device=router_logits.device)
     dense = dense.scatter_add(1, router_ids.long(), (1 - conf)[:, None] * router_weights.to(dtype))
     scaled = (conf[:, None] * mix)[:, :, None] * neighbor_weights.to(dtype)  # (T, n, k)
-    dense = dense.scatter_add(1, neighbor_expert_ids.long().reshape(num_tokens, -1), scaled.reshape(num_tokens, -1))
+    slots = num_neighbors * k  # not -1: with T = 0 the reshape could not infer it
+    dense = dense.scatter_add(
+        1, neighbor_expert_ids.long().reshape(num_tokens, slots), scaled.reshape(num_tokens, slots)
+    )
     width = min(num_experts, k * (num_neighbors + 1))
-    weights, ids = dense.topk(width, dim=1)
-    chosen = weights > 0
+    # The support is every nonzero mixed weight, of either sign (a negative scale, or similarity
+    # weights of a token whose sims differ in sign, make some negative): it goes first, by
+    # decreasing weight, then the -1 slots.
+    support = dense != 0
+    _, ids = torch.where(support, dense, torch.full_like(dense, float("-inf"))).topk(width, dim=1)
+    weights = dense.gather(1, ids)
+    chosen = support.gather(1, ids)
     return (
         torch.where(chosen, weights, torch.zeros_like(weights)).to(torch.float32 if dtype == torch.float32 else dtype),
         torch.where(chosen, ids, torch.full_like(ids, -1)).to(torch.int32),

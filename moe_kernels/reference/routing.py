@@ -24,7 +24,10 @@ def gate_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
     if score_func == "softmax":
         return torch.softmax(x, dim=-1)
     if score_func == "sigmoid":
-        return torch.sigmoid(x)
+        # As the kernels compute it. Not torch.sigmoid: on CPU its vectorised and scalar paths
+        # round differently, so equal logits at different positions of a tensor could get scores
+        # 1 ulp apart, and the higher expert id could win a tie.
+        return 1.0 / (1.0 + torch.exp(-x))
     raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
 
 

@@ -1,6 +1,7 @@
-"""ProbMoE exact-k / dynamic-k ops on the reference path: the law against brute-force
-enumeration, the sampler against the law, the gradient against autograd of an independent DP,
-the library registration, the router and bad inputs. Kernel tests: test_probmoe_kernels.py."""
+"""ProbMoE family, reference path: the law against brute-force enumeration, the sampler against
+the law, the explicit backward against autograd of an independent DP, the router's weights and
+gradient paths, non-finite rows, and properties of ``exact_k_marginals``, ``exact_k_sample`` and
+``probmoe_route`` on random shapes, bands, dtypes, layouts and non-finite logits."""
 
 from __future__ import annotations
 
@@ -9,10 +10,33 @@ import math
 
 import pytest
 import torch
-from oracles import log_partition_dp, subset_law_oracle
+from helpers import chi_square_pvalue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import (
+    band_mode_oracle,
+    exact_k_marginals_oracle,
+    log_partition_dp,
+    route_gradient_paths_oracle,
+    subset_law_oracle,
+)
+from strategies import (
+    INF,
+    NAN,
+    examples,
+    generator,
+    k_for,
+    lay_out,
+    layouts,
+    reference_dtypes,
+    seeds,
+    special_values,
+    token_counts,
+    with_values,
+)
 
 import moe_kernels as mk
-from moe_kernels.ops.probmoe import exact_k_op
+from moe_kernels import testing
 from moe_kernels.reference import probmoe as ref
 from moe_kernels.testing import assert_close
 
@@ -71,17 +95,6 @@ def test_float32_large_logits_stay_accurate():
         assert_close(got, want, dtype=torch.float32, op="exact_k")
 
 
-def _chi_square_pvalue(ids: torch.Tensor, law: dict) -> float:
-    """p-value of Pearson's chi-square test of the sampled subsets' counts against ``law``."""
-    draws = ids.shape[0]
-    counts = {subset: 0 for subset in law}
-    for row in ids.tolist():
-        counts[tuple(i for i in row if i >= 0)] += 1
-    stat = sum((counts[s] - draws * p) ** 2 / (draws * p) for s, p in law.items())
-    dof = len(law) - 1
-    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)).item()
-
-
 @pytest.mark.parametrize("k,k_min", [(3, 3), (3, 1)])
 def test_sampler_matches_law(k, k_min):
     # E = 6, 200k draws at a fixed seed: every subset's frequency against the exact law.
@@ -90,7 +103,7 @@ def test_sampler_matches_law(k, k_min):
     assert ids.dtype == torch.int32 and ids.shape == (200_000, k)
     assert bool(((ids >= -1) & (ids < 6)).all())
     _, _, law = subset_law_oracle(logits, k, k_min)
-    assert _chi_square_pvalue(ids, law) > 1e-3
+    assert chi_square_pvalue(ids, law) > 1e-3
 
 
 def test_sample_layout_increasing_ids_then_padding():
@@ -125,26 +138,6 @@ def test_backward_is_covariance_product(k, k_min):
     assert_close(ref.exact_k_backward(logits, grad_m, grad_log_z, k, k_min), want)
 
 
-@pytest.mark.parametrize("k,k_min", [(2, None), (4, 1)])
-def test_gradcheck_float64(k, k_min):
-    logits = (torch.randn(4, 7, dtype=torch.float64) * 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: mk.exact_k_marginals(x, k, k_min=k_min), (logits,))
-
-
-def _route_gradient_paths(logits, ids, upstream, k):
-    """The two parts of the training weights' gradient, computed independently of the op: the
-    softmax path of the sampled experts and the covariance path ``Cov(z) @ (G * softmax(r))``."""
-    z = torch.zeros_like(logits).scatter_(1, ids.long(), 1.0)
-    g_full = torch.zeros_like(logits).scatter_(1, ids.long(), upstream)
-    x = logits.clone().requires_grad_()
-    probs = torch.softmax(x, -1)
-    (softmax_path,) = torch.autograd.grad((probs * g_full * z).sum(), x)
-    log_z = log_partition_dp(x, k, k)
-    (m,) = torch.autograd.grad(log_z.sum(), x, create_graph=True)
-    (cov_path,) = torch.autograd.grad((m * g_full * probs.detach()).sum(), x)
-    return softmax_path, cov_path, z
-
-
 def test_route_gradient_is_softmax_path_plus_covariance_path():
     """Training weights: d/dr = softmax-backward of (G * z) + Cov(z) @ (G * softmax(r))."""
     logits = torch.randn(6, 8, dtype=torch.float64) * 2
@@ -152,7 +145,7 @@ def test_route_gradient_is_softmax_path_plus_covariance_path():
     weights, ids = mk.probmoe_route(leaf, 3, seed=5)
     upstream = torch.randn_like(weights)
     (weights * upstream).sum().backward()
-    softmax_path, cov_path, z = _route_gradient_paths(logits, ids, upstream, 3)
+    softmax_path, cov_path, z = route_gradient_paths_oracle(logits, ids, upstream, 3)
     assert_close(leaf.grad, softmax_path + cov_path)
     # The covariance path reaches experts that were not selected.
     assert bool((cov_path.abs() * (1 - z)).sum(-1).gt(0).all())
@@ -210,7 +203,7 @@ def test_tiny_batches(num_tokens):
     assert_close(weights, torch.softmax(logits, -1).gather(1, ids.long()))
     upstream = torch.randn_like(weights)
     (weights * upstream).sum().backward()
-    softmax_path, cov_path, _ = _route_gradient_paths(logits, ids, upstream, 2)
+    softmax_path, cov_path, _ = route_gradient_paths_oracle(logits, ids, upstream, 2)
     assert_close(leaf.grad, softmax_path + cov_path)
 
 
@@ -220,30 +213,6 @@ def test_leading_dims_and_non_contiguous():
     got = mk.exact_k_marginals(logits, 4)
     assert got.shape == (5, 3, 10)
     assert_close(got, mk.exact_k_marginals(logits.contiguous(), 4))
-
-
-@pytest.mark.parametrize("num_tokens", [0, 1, 13])
-@pytest.mark.parametrize("sample", [False, True])
-def test_opcheck(num_tokens, sample):
-    logits = torch.randn(num_tokens, 9, requires_grad=True)
-    seed = torch.full((1,), 4, dtype=torch.int64)
-    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, sample, False))
-
-
-def test_compile_fullgraph_matches_eager():
-    logits = torch.randn(17, 12, requires_grad=True)
-
-    def route(x):
-        weights, ids = mk.probmoe_route(x, 3, seed=9)
-        return weights, ids, mk.exact_k_marginals(x, 4, k_min=2)
-
-    eager = route(logits)
-    grad_eager = torch.autograd.grad(eager[0].sum() + eager[2].square().sum(), logits)
-    compiled = torch.compile(route, fullgraph=True)(logits)
-    grad_compiled = torch.autograd.grad(compiled[0].sum() + compiled[2].square().sum(), logits)
-    assert torch.equal(compiled[1], eager[1])
-    for got, want in zip((compiled[0], compiled[2], grad_compiled[0]), (eager[0], eager[2], grad_eager[0])):
-        assert_close(got, want)
 
 
 def test_router_module_shares_gate_and_follows_mode():
@@ -261,43 +230,6 @@ def test_router_module_shares_gate_and_follows_mode():
         mk.ProbMoERouter.from_gate(torch.nn.Linear(16, 8), 2)
 
 
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        (dict(k=0), ValueError, r"k must be an int in \[1, E=6\], got 0"),
-        (dict(k=7), ValueError, r"k must be an int in \[1, E=6\], got 7"),
-        (dict(k=2.0), ValueError, "k must be an int"),
-        (dict(k=3, k_min=4), ValueError, r"k_min must be None or an int in \[0, k=3\], got 4"),
-        (dict(k=3, k_min=-1), ValueError, "k_min must be None or an int"),
-        (dict(k=3, seed=-1), ValueError, "seed must be None or an int"),
-        (dict(k=3, backend="cuda"), ValueError, "backend must be one of"),
-    ],
-)
-def test_bad_arguments(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        mk.exact_k_sample(torch.randn(4, 6), **kwargs)
-
-
-@pytest.mark.parametrize(
-    "logits,error,match",
-    [
-        (torch.ones(4, 6, dtype=torch.int64), TypeError, "logits must be float32, float16 or bfloat16"),
-        (torch.randn(4, 0), ValueError, r"logits must have shape \(\.\.\., E\) with E >= 1"),
-        ([[0.0, 1.0]], TypeError, "logits must be a torch.Tensor, got list"),
-    ],
-)
-def test_bad_logits(logits, error, match):
-    with pytest.raises(error, match=match):
-        mk.exact_k_marginals(logits, 1)
-
-
-def test_bad_route_flags():
-    with pytest.raises(TypeError, match="training must be a bool"):
-        mk.probmoe_route(torch.randn(2, 4), 2, training=1)
-    with pytest.raises(TypeError, match="renormalize must be a bool"):
-        mk.probmoe_route(torch.randn(2, 4), 2, renormalize=None)
-
-
 def test_band_enumeration_oracle_itself():
     # The oracle's own sanity: the subset probabilities of a band sum to one.
     _, _, law = subset_law_oracle(torch.randn(6), 4, 2)
@@ -305,3 +237,109 @@ def test_band_enumeration_oracle_itself():
     assert len(law) == sum(math.comb(6, c) for c in range(2, 5))
     assert all(len(s) in (2, 3, 4) for s in law) and len(set(law)) == len(law)
     assert set(itertools.chain.from_iterable(law)) == set(range(6))
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties: random shapes (T = 0, 1, primes; E = 1 to 60; k = 1 and k = E), bands, dtypes,
+# layouts, logit scales and -inf / NaN / +inf logits, against the float64 oracles.
+
+
+@st.composite
+def probmoe_problem(draw, specials=(-INF, -INF, NAN, INF), max_experts=60):
+    """``(logits, k, k_min)``: logits of a drawn dtype, scale and layout, with special values."""
+    num_tokens = draw(token_counts, label="T")
+    num_experts = draw(st.sampled_from([e for e in (1, 2, 3, 5, 8, 13, 60) if e <= max_experts]), label="E")
+    k = draw(k_for(num_experts), label="k")
+    k_min = draw(st.sampled_from([None, 0, draw(st.integers(0, k))]), label="k_min")
+    dtype = draw(reference_dtypes, label="dtype")
+    spread = draw(st.sampled_from([1.0, 4.0, 30.0]), label="logit scale")
+    source = generator(draw(seeds, label="seed"))
+    logits = (torch.randn(num_tokens, num_experts, generator=source, dtype=torch.float64) * spread).to(dtype)
+    logits = with_values(logits, draw(special_values(logits.numel(), specials, max_count=4), label="specials"))
+    logits = lay_out(logits, draw(layouts, label="layout"))
+    if draw(st.booleans(), label="leading dim"):
+        logits = logits.unsqueeze(0)
+    return logits, k, k_min
+
+
+def _invalid_rows(logits: torch.Tensor, k_min: int) -> torch.Tensor:
+    """Rows with no law (the documented contract): a NaN or +inf, or fewer than k_min experts above -inf."""
+    return torch.isnan(logits).any(-1) | (logits == INF).any(-1) | ((logits > -INF).sum(-1) < k_min)
+
+
+@settings(max_examples=examples(200))
+@given(problem=probmoe_problem())
+def test_property_exact_k_marginals_match_oracle(problem):
+    logits, k, k_min = problem
+    marginals = mk.exact_k_marginals(logits, k, k_min=k_min, backend="torch")
+    float64 = logits.dtype == torch.float64
+    assert marginals.shape == logits.shape and marginals.dtype == (torch.float64 if float64 else torch.float32)
+    flat = logits.reshape(-1, logits.shape[-1])
+    band_low = k if k_min is None else k_min
+    want = exact_k_marginals_oracle(flat, k, band_low)
+    assert torch.equal(torch.isnan(marginals.reshape(flat.shape)), torch.isnan(want))
+    excluded = (flat == -INF) & ~_invalid_rows(flat, band_low)[:, None]
+    assert bool((marginals.reshape(flat.shape)[excluded] == 0).all())  # exactly 0, not just small
+    got = marginals.reshape(flat.shape).nan_to_num(0.0)  # NaN where the oracle has NaN, checked above
+    atol, rtol = testing.tolerance(torch.float64 if float64 else torch.float32, "exact_k")
+    # Past the documented regime (logits ~ N(0, 2)) the log-space DP's rounding grows with the
+    # magnitude of its entries, sums of up to k logits: one unit roundoff of k times the row's range.
+    finite = flat.double().where(torch.isfinite(flat), NAN)
+    spread = (finite.nan_to_num(-INF).amax(-1) - finite.nan_to_num(INF).amin(-1)).nan_to_num(0.0, 0.0, 0.0)
+    roundoff = torch.finfo(torch.float64 if float64 else torch.float32).eps / 2
+    tolerance = atol + rtol * want.abs().nan_to_num(0.0) + (roundoff * k * spread.clamp(min=0))[:, None]
+    excess = (got.double() - want.nan_to_num(0.0)).abs() - tolerance
+    assert not bool((excess > 0).any()), f"marginals off by {excess.max().item()} past the tolerance"
+
+
+@settings(max_examples=examples(400))
+@given(problem=probmoe_problem(), seed=seeds)
+def test_property_exact_k_sample_is_valid(problem, seed):
+    logits, k, k_min = problem
+    ids = mk.exact_k_sample(logits, k, k_min=k_min, seed=seed, backend="torch")
+    assert ids.shape == (*logits.shape[:-1], k) and ids.dtype == torch.int32
+    assert torch.equal(ids, mk.exact_k_sample(logits, k, k_min=k_min, seed=seed, backend="torch"))
+    band_low = k if k_min is None else k_min
+    flat = logits.reshape(-1, logits.shape[-1]).double()
+    invalid = _invalid_rows(flat, band_low).tolist()
+    for row, chosen_row, no_law in zip(flat, ids.reshape(-1, k).tolist(), invalid):
+        chosen = [i for i in chosen_row if i >= 0]
+        if no_law:
+            assert chosen == [], f"a row without a law sampled {chosen_row}"
+            continue
+        # Sizes in the band, increasing distinct ids, then -1; never an expert of logit -inf.
+        assert band_low <= len(chosen) <= k and chosen_row[: len(chosen)] == sorted(set(chosen)), chosen_row
+        assert all(i == -1 for i in chosen_row[len(chosen) :]) and all(row[i] > -INF for i in chosen), chosen_row
+        possible = [i for i, r in enumerate(row.tolist()) if r > -INF]
+        if band_low == k and len(possible) == k:  # one subset has all the probability
+            assert chosen == possible
+
+
+@settings(max_examples=examples(150))
+@given(problem=probmoe_problem(), seed=seeds, renormalize=st.booleans(), training=st.booleans())
+def test_property_probmoe_route_matches_oracle(problem, seed, renormalize, training):
+    logits, k, k_min = problem
+    band_low = k if k_min is None else k_min
+    if not training:  # the most probable subset: tie-free logits, so that it is well defined
+        shape, dtype = logits.shape, logits.dtype
+        logits = testing.make_routing_logits(math.prod(shape[:-1]), shape[-1], dtype, seed=seed).reshape(shape)
+    weights, ids = mk.probmoe_route(
+        logits, k, k_min=k_min, renormalize=renormalize, training=training, seed=seed, backend="torch"
+    )
+    float64 = logits.dtype == torch.float64
+    assert weights.shape == ids.shape == (*logits.shape[:-1], k) and ids.dtype == torch.int32
+    assert weights.dtype == (torch.float64 if float64 else torch.float32)
+    flat = logits.reshape(-1, logits.shape[-1]).double()
+    if training:  # the sample of exact_k_sample with the same seed, weights softmax(r)[ids]
+        assert torch.equal(ids, mk.exact_k_sample(logits, k, k_min=k_min, seed=seed, backend="torch"))
+    else:  # exact-k: the top k; a band: the top c*, then -1
+        want_ids = [band_mode_oracle(row, k, band_low) for row in flat.tolist()]
+        want = torch.tensor([chosen + [-1] * (k - len(chosen)) for chosen in want_ids], dtype=torch.int32)
+        torch.testing.assert_close(ids.reshape(-1, k), want.reshape(-1, k), atol=0, rtol=0)
+    chosen = ids.reshape(-1, k).long()
+    valid = chosen >= 0
+    probs = torch.softmax(flat, -1) if flat.numel() else flat
+    want_weights = torch.where(valid, probs.gather(-1, chosen.clamp(min=0)), 0.0)
+    if renormalize:
+        want_weights = want_weights / want_weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    assert_close(weights.reshape(-1, k), want_weights, dtype=weights.dtype)
