@@ -66,10 +66,13 @@ def optional_tensor(op: str, name: str, value, **checks) -> torch.Tensor | None:
     return None if value is None else tensor(op, name, value, **checks)
 
 
-def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described: str) -> None:
+def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described) -> None:
     """``value.shape == expected``; ``described`` is the expected shape in symbols, e.g.
-    ``"(T, k) = (5, 2)"``."""
-    if tuple(value.shape) != tuple(expected):
+    ``"(T, k) = (5, 2)"``, or a function returning it (called only to raise: the per-call cost of
+    a check is then one comparison, not the formatting of a message nobody reads)."""
+    if value.shape != tuple(expected):
+        if callable(described):
+            described = described()
         raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
 
 
@@ -146,8 +149,9 @@ def ids_in_range(
     if ids.numel() == 0:
         return
     expected = f"{name} must lie in [{low}, {symbol}) = [{low}, {high})" + (f" ({what})" if what else "")
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        smallest, largest = (int(v) for v in torch.aminmax(ids))
+    if ids.is_cpu and not torch.compiler.is_compiling():
+        extremes = torch.aminmax(ids)
+        smallest, largest = extremes.min.item(), extremes.max.item()
         if smallest < low or largest >= high:
             raise ValueError(f"{op}: {expected}, got values in [{smallest}, {largest}]")
         return
