@@ -95,10 +95,10 @@ def fused_experts(
         assert_on_device=not triton_path,
     )
     check.not_float64_on_triton("fused_experts", "hidden", hidden, triton_path)
-    # The kernels store the pre-activation h only when a backward can read it (the reference's
-    # backward recomputes its intermediates: it never needs h).
+    # The kernels and the CPU path store the pre-activation h only when a backward can read it
+    # (the reference's backward, elsewhere, recomputes its intermediates: it never needs h).
     save_h = (
-        triton_path
+        (triton_path or hidden.is_cpu)
         and torch.is_grad_enabled()
         and any(
             t is not None and t.requires_grad
