@@ -26,6 +26,6 @@ Nothing here is ``torch.compile``d: Inductor's C++ build costs seconds per shape
 call at decode sizes.
 """
 
-from moe_kernels.cpu import experts, probmoe, routing, select
+from moe_kernels.cpu import experts, knn, probmoe, routing, select
 
-__all__ = ["experts", "probmoe", "routing", "select"]
+__all__ = ["experts", "knn", "probmoe", "routing", "select"]
