@@ -25,9 +25,10 @@ sorted by expert with a stable sort, so results are deterministic; the combine i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_kernels.config import Activation
+from moe_kernels.cpu import experts_small
+from moe_kernels.cpu.experts_small import activate as _activate
 from moe_kernels.reference import experts as reference
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,14 +119,6 @@ def _can_use(hidden, gate_up_proj, down_proj) -> bool:
     return hidden.dtype == torch.float32 and _aligned(hidden, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2))
 
 
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act (n, I)`` of ``h (n, 2I)``: the reference's gated activation, SwiGLU in place."""
-    if activation == "silu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-    return reference.gated_activation(h, activation)
-
-
 def _expert_blocks(offsets: torch.Tensor, num_valid: int, block_rows: int):
     """``(first expert, end expert, first row, end row)`` blocks of consecutive experts whose rows
     (sorted by expert) add up to about ``block_rows`` (an expert with more rows is a block of
@@ -179,6 +172,10 @@ def fused_experts_forward(
         if not save_h:
             return out, hidden.new_empty((0, width))
         return out, reference.sorted_pre_activations(hidden, gate_up_proj, ids, gate_up_bias)
+    if experts_small.applies(gate_up_proj, down_proj, ids):  # a few slots of small experts
+        return experts_small.forward(
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+        )
     slots, tokens, experts, offsets = _routing(ids, gate_up_proj.shape[0])
     out = torch.zeros(hidden.shape, dtype=hidden.dtype)
     saved = hidden.new_zeros((ids.numel(), width)) if save_h else hidden.new_empty((0, width))
@@ -244,6 +241,10 @@ def fused_experts_backward(
             activation=activation,
             gate_up_bias=gate_up_bias,
             down_bias=down_bias,
+        )
+    if experts_small.applies(gate_up_proj, down_proj, ids):
+        return experts_small.backward(
+            grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias
         )
     num_experts = gate_up_proj.shape[0]
     slots, tokens, experts, offsets = _routing(ids, num_experts)

@@ -10,8 +10,9 @@ keys that mask is empty; on 16-bit logits (few distinct values) it holds a few r
 
 Two selections, by size:
 
-- small ``T * E`` (decode, short prefill): ``torch.topk(k + 1)`` and a strictly-decreasing check
-  (on the host through ``tolist`` for a few rows: one call instead of four tensor ops);
+- small ``T * E`` (decode, short prefill): ``torch.topk(k + 1)`` and a strictly-decreasing check;
+  for a few rows, ``torch.topk(k)`` and the check on the host through ``tolist`` (two reads
+  instead of five tensor ops);
 - large ``T * E``: ``k`` rounds of a vectorised row max, each masking the keys at or above the
   last max, then the ``k`` survivors' ids by one ``nonzero`` and their order by one
   ``searchsorted``. ``torch.topk`` on the CPU runs a branchy ``nth_element`` per row (about
@@ -25,8 +26,8 @@ import torch
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
-# Rows x (k + 1) values up to which the tie check reads the values on the host.
-HOST_CHECK_MAX = 256
+# Keys (T * E) up to which the tie check reads them on the host.
+HOST_CHECK_KEYS = 128
 # The rounds replace torch.topk from this many keys (T * E) on, for k up to ROUNDS_MAX_K.
 ROUNDS_MIN_KEYS = 16384
 ROUNDS_MAX_K = 16
@@ -48,29 +49,41 @@ def top_k(keys: torch.Tensor, k: int, *, finite_first: bool = False):
 
 def _top_k_checked(keys: torch.Tensor, k: int, finite_first: bool):
     num_tokens, num_experts = keys.shape
-    width = min(k + 1, num_experts)
-    values, ids = torch.topk(keys, width)
-    if num_tokens * width <= HOST_CHECK_MAX:
-        bad_rows = [t for t, row in enumerate(values.tolist()) if not _strictly_decreasing(row, finite_first)]
+    if num_tokens * num_experts <= HOST_CHECK_KEYS:
+        # A few rows: torch.topk(k) and the check on the host, reading every key (no k+1 column
+        # to cut off afterwards: on tiny tensors each view or copy costs more than the top-k).
+        values, ids = torch.topk(keys, k)
+        bad_rows = [
+            t
+            for t, (row, top) in enumerate(zip(keys.tolist(), values.tolist()))
+            if not _exact(row, top, k, finite_first)
+        ]
         bad = None
         if bad_rows:
             bad = torch.zeros(num_tokens, dtype=torch.bool)
             bad[bad_rows] = True
-    else:
-        ok = (values[:, :-1] > values[:, 1:]).all(-1) if width > 1 else values[:, 0] == values[:, 0]
-        if finite_first:
-            ok &= values[:, 0] < POS_INF
-        bad = None if bool(ok.all()) else ~ok
-    if width > k:
-        values, ids = values[:, :k], ids[:, :k]
+        return values, ids, bad
+    width = min(k + 1, num_experts)
+    values, ids = torch.topk(keys, width)
+    first = values.select(1, 0)
+    ok = (values.narrow(1, 0, width - 1) > values.narrow(1, 1, width - 1)).all(-1) if width > 1 else first == first
+    if finite_first:
+        ok &= first < POS_INF
+    bad = None if bool(ok.all()) else ~ok
+    if width > k:  # narrow: a view, without the cost of Python slicing
+        values, ids = values.narrow(1, 0, k), ids.narrow(1, 0, k)
     return values, ids, bad
 
 
-def _strictly_decreasing(row: list, finite_first: bool) -> bool:
-    if finite_first and row[0] == POS_INF:
+def _exact(row: list, top: list, k: int, finite_first: bool) -> bool:
+    """Whether ``top``, the k largest of ``row`` by ``torch.topk``, is the exact answer: strictly
+    decreasing (NaN fails every comparison, and topk ranks NaN first), and no other key at or
+    above the k-th (no tie at the boundary)."""
+    if finite_first and top[0] == POS_INF:
         return False
-    # NaN fails every comparison, so a NaN anywhere fails (a lone NaN is its row's only answer).
-    return all(a > b for a, b in zip(row, row[1:]))
+    if not all(a > b for a, b in zip(top, top[1:])):
+        return False
+    return sum(map(top[-1].__le__, row)) == k
 
 
 def _top_k_rounds(keys: torch.Tensor, k: int, finite_first: bool):

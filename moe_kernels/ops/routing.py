@@ -169,19 +169,19 @@ def softmax_topk_forward(
         return launch_softmax_topk(
             logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
         )
-    path = cpu_routing if logits.is_cpu else reference  # the fast CPU path, same semantics
+    options = dict(
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups or None,
+        topk_groups=topk_groups or None,
+        group_score=group_score,
+        scale=scale,
+    )
+    if logits.is_cpu:  # the fast CPU path, same semantics; fresh contiguous outputs, no graph
+        return cpu_routing.softmax_topk(logits, k, **options)
     with torch.no_grad():
-        weights, ids = path.softmax_topk(
-            logits,
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups or None,
-            topk_groups=topk_groups or None,
-            group_score=group_score,
-            scale=scale,
-        )
+        weights, ids = reference.softmax_topk(logits, k, **options)
     return weights.contiguous(), ids.contiguous()
 
 
