@@ -127,14 +127,13 @@ def _check_args(
 ):
     name = "fused_experts"
     check.tensor(name, "hidden", hidden, dims=2, shape="(T, H)")
-    for arg, tensor, shape in (
-        ("gate_up_proj", gate_up_proj, "(E, 2I, H)"),
-        ("down_proj", down_proj, "(E, H, I)"),
-        ("weights", weights, "(T, k)"),
+    device = hidden.device
+    for arg, tensor, dims, shape in (
+        ("gate_up_proj", gate_up_proj, 3, "(E, 2I, H)"),
+        ("down_proj", down_proj, 3, "(E, H, I)"),
+        ("weights", weights, 2, "(T, k)"),
     ):
-        check.tensor(
-            name, arg, tensor, dims=shape.count(",") + 1, shape=shape, device=hidden.device, device_of="hidden"
-        )
+        check.tensor(name, arg, tensor, dims=dims, shape=shape, device=device, device_of="hidden")
     check.tensor(name, "hidden", hidden, dtypes=check.FLOAT_DTYPES)
     num_tokens, hidden_size = hidden.shape
     num_experts, width, gate_up_hidden = gate_up_proj.shape
