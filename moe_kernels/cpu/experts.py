@@ -30,6 +30,7 @@ from moe_kernels.config import Activation
 from moe_kernels.cpu import experts_small
 from moe_kernels.cpu.experts_small import activate as _activate
 from moe_kernels.reference import experts as reference
+from moe_kernels.utils import new_output
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows (slots) per block of experts in fused_experts' forward: about 7 MB of float32
@@ -69,7 +70,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
         return reference.grouped_mm(a, b, offsets)
     num_rows = a.shape[0]
     valid = int(offsets[-1]) if offsets.numel() else 0
-    out = a.new_empty((num_rows, b.shape[-1]))
+    out = new_output((num_rows, b.shape[-1]), a.dtype, a.device)
     if valid:
         out[:valid] = _grouped(a[:valid], b, offsets)
     out[valid:] = 0
@@ -85,7 +86,8 @@ def grouped_mm_backward(
     if not _aligned(a, b, grad_out):
         return reference.grouped_mm_backward(grad_out, a, b, offsets)
     valid = int(offsets[-1]) if offsets.numel() else 0
-    grad_a = torch.zeros_like(a, memory_format=torch.contiguous_format)
+    grad_a = new_output(tuple(a.shape), a.dtype, a.device)
+    grad_a[valid:] = 0
     if not valid:
         return grad_a, torch.zeros_like(b, memory_format=torch.contiguous_format)
     rows = grad_out[:valid]
@@ -254,10 +256,11 @@ def fused_experts_backward(
     # Weight gradients: with one block, the kernel's outputs over all experts (it writes zeros for
     # experts without rows, once); with several, each block's experts are copied in (the blocks
     # cover every expert); with none (no routed slot), zeros.
-    new = torch.empty_like if blocks else torch.zeros_like
     single = len(blocks) == 1
-    grad_gate_up = None if single else new(gate_up_proj, memory_format=torch.contiguous_format)
-    grad_down = None if single else new(down_proj, memory_format=torch.contiguous_format)
+    grad_gate_up = grad_down = None
+    if not single:  # filled block by block (new_output: a test can poison them)
+        alloc = (lambda t: new_output(tuple(t.shape), t.dtype, t.device)) if blocks else torch.zeros_like
+        grad_gate_up, grad_down = alloc(gate_up_proj), alloc(down_proj)
     grad_gate_up_bias = None if gate_up_bias is None else torch.zeros_like(gate_up_bias)
     grad_down_bias = None if down_bias is None else torch.zeros_like(down_bias)
     saved_h = h is not None and h.shape[0] == ids.numel()

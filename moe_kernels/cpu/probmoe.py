@@ -33,6 +33,7 @@ import torch
 
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import new_output
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -51,9 +52,10 @@ def exact_k_forward(
     without ``uniforms``), all fresh and contiguous."""
     dtype = compute_dtype(logits.dtype)
     num_tokens, num_experts = logits.shape
-    marginals = torch.empty((num_tokens, num_experts), dtype=dtype)
-    log_z = torch.empty((num_tokens,), dtype=dtype)
-    ids = torch.full((num_tokens, k if uniforms is not None else 0), -1, dtype=torch.int32)
+    # Outputs filled chunk by chunk: allocated by new_output, so a test can poison them.
+    marginals = new_output((num_tokens, num_experts), dtype, logits.device)
+    log_z = new_output((num_tokens,), dtype, logits.device)
+    ids = new_output((num_tokens, k if uniforms is not None else 0), torch.int32, logits.device)
     for rows in _chunks(num_tokens, num_experts, k, tables=2):
         r, row_max = _shifted_logits(logits[rows])
         m, z = _linear(r, row_max, k, k_min)
@@ -76,7 +78,7 @@ def exact_k_backward(
     """:func:`moe_kernels.reference.probmoe.exact_k_backward` for ``(T, E)`` logits on the CPU:
     ``Cov(z) @ grad_marginals + grad_log_z * marginals``, ``(T, E)`` in logits' dtype."""
     num_tokens, num_experts = logits.shape
-    grad = torch.empty((num_tokens, num_experts), dtype=logits.dtype)
+    grad = new_output((num_tokens, num_experts), logits.dtype, logits.device)
     log_z = torch.empty((num_tokens,), dtype=torch.float64)
     for rows in _chunks(num_tokens, num_experts, k, tables=4):
         r, row_max = _shifted_logits(logits[rows])
