@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import resolve_device, run_and_report
+from benchmarks.common import parse_args, resolve_device, run_and_report
 from moe_kernels import TopKRouter, fused_experts
 from moe_kernels.distributed import ExpertParallelMoE, combine, dispatch, run_group
 
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads-per-rank", type=int)
     parser.add_argument("--device", help="cpu (gloo) or cuda (nccl, one GPU per rank); default cuda when available")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with --threads
     config = QUICK if args.quick else Config()
     overrides = dict(
         tokens=tuple(args.tokens) if args.tokens else None,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from benchmarks.common import resolve_device, run_and_report, time_fn, warm_up
+from benchmarks.common import parse_args, resolve_device, run_and_report, time_fn, warm_up
 
 OP_NAME = "hf_moe_block"
 DECODE_TOKENS = (1, 8, 64)
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with --threads
     device = resolve_device(args.device)
     return run_and_report(
         OP_NAME,

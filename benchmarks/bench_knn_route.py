@@ -16,7 +16,15 @@ from collections.abc import Sequence
 import torch
 
 import moe_kernels
-from benchmarks.common import add_speedups, measured_bandwidth_gbs, resolve_device, run_and_report, time_fn, warm_up
+from benchmarks.common import (
+    add_speedups,
+    measured_bandwidth_gbs,
+    parse_args,
+    resolve_device,
+    run_and_report,
+    time_fn,
+    warm_up,
+)
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 from moe_kernels.testing import make_bias
@@ -139,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, nargs="+")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with --threads
     device = resolve_device(args.device)
     return run_and_report(
         OP_NAME,

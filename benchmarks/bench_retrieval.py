@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks.common import resolve_device, run_and_report
+from benchmarks.common import parse_args, resolve_device, run_and_report
 from moe_kernels.knn import RoutingMemory, faiss_available
 
 OP_NAME = "knn_retrieval"
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--indexes", nargs="+", choices=tuple(PRESETS), help="a subset of the index presets")
     parser.add_argument("--device", help="where the queries live (cpu or cuda)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with --threads
     device = resolve_device(args.device)
     return run_and_report(
         OP_NAME,

@@ -32,6 +32,7 @@ import moe_kernels
 from benchmarks.common import (
     add_speedups,
     measured_bandwidth_gbs,
+    parse_args,
     resolve_device,
     run_and_report,
     time_fn,
@@ -321,7 +322,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no CSV or plot")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with --threads
     if args.models:
         wanted = [m.lower() for m in args.models]
         args.shapes = [s for s in ROUTING_SHAPES if any(m in s.model.lower() for m in wanted)]

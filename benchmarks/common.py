@@ -39,9 +39,56 @@ QUANTILES = (0.5, 0.2, 0.8)
 CPU_TARGET_S = 0.2
 CPU_MIN_REPS = 5
 CPU_WARMUP_CALLS = 3
+# A CPU sample is *stalled* when the process's threads spent more than STALL_SHARE of its wall
+# time (and more than STALL_MIN_US) runnable but off the CPU: another process held the cores,
+# e.g. an OpenMP thread waited a whole scheduler quantum (~4-8 ms) for a descheduled partner, so
+# the sample measures the scheduler, not the op. Linux reports that wait per thread
+# (/proc/self/task/*/schedstat); elsewhere the process's CPU time against its wall time stands in
+# (it misses a thread spinning while its partner waits). Stalled samples are dropped and
+# re-measured, up to STALL_BUDGET times the target time; the count is reported. A sample spans at
+# least SAMPLE_MIN_S (back-to-back calls), so that reading the counters costs little.
+STALL_SHARE = 0.25
+STALL_MIN_US = 300.0
+STALL_BUDGET = 4.0
+SAMPLE_MIN_S = 0.5e-3
 # Bandwidth probe sizes: far larger than any cache, so the copy streams from memory.
 CUDA_COPY_BYTES = 1 << 30
 CPU_COPY_BYTES = 64 << 20
+
+
+def add_threads_argument(parser) -> None:
+    """``--threads N``: the CPU threads torch may use (default: torch's, all cores)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: all cores); reported with the results",
+    )
+
+
+def parse_args(parser, argv: Sequence[str] | None = None):
+    """``parser.parse_args(argv)`` with ``--threads`` added and applied (``torch.set_num_threads``):
+    every benchmark's command line takes it."""
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    return args
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` CPU threads (None: leave torch's setting); returns the count in use."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def device_label(env: dict) -> str:
+    """The device of a run in words: the GPU's name, or ``"<cpu model> (CPU, N threads)"``."""
+    if env["device_slug"].startswith("cpu-"):
+        return f"{env['device_name']} (CPU, {env['torch_threads']} threads)"
+    return env["device_name"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -154,19 +201,80 @@ def _time_cuda(fn: Callable[[], object], cuda_graph: bool) -> dict:
 
 def _time_wall(fn: Callable[[], object]) -> dict:
     """:func:`time_fn` on the CPU: a few warm-up calls (which also estimate the per-call time),
-    then enough individually timed calls to fill about ``CPU_TARGET_S``, at least ``CPU_MIN_REPS``."""
-    start = time.perf_counter()
+    then samples of back-to-back calls (each at least ``SAMPLE_MIN_S``) filling about
+    ``CPU_TARGET_S``, at least ``CPU_MIN_REPS``, stalled ones (see :func:`stalled`) dropped and
+    re-measured. Adds ``stalled`` (samples dropped), ``stalled_kept`` (stalled samples kept
+    because the host never freed up) and ``spread_pct`` ((p80 - p20) / median) to the row
+    fields."""
+    per_call = math.inf
     for _ in range(CPU_WARMUP_CALLS):
-        fn()
-    per_call = (time.perf_counter() - start) / CPU_WARMUP_CALLS
-    reps = max(CPU_MIN_REPS, math.ceil(CPU_TARGET_S / max(per_call, 1e-7)))
-    samples_ms = []
-    for _ in range(reps):
         start = time.perf_counter()
         fn()
-        samples_ms.append((time.perf_counter() - start) * 1e3)
-    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
-    return _timing([statistics.median(samples_ms), deciles[1], deciles[7]], "wall")
+        per_call = min(per_call, time.perf_counter() - start)
+    calls = max(1, math.ceil(SAMPLE_MIN_S / max(per_call, 1e-7)))
+    reps = max(CPU_MIN_REPS, math.ceil(CPU_TARGET_S / max(per_call * calls, 1e-7)))
+    samples_ms, dropped, kept = cpu_samples(fn, reps, calls, expected_s=per_call)
+    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive") if len(samples_ms) > 1 else samples_ms * 9
+    timing = _timing([statistics.median(samples_ms), deciles[1], deciles[7]], "wall")
+    timing["stalled"] = dropped
+    timing["stalled_kept"] = kept
+    timing["spread_pct"] = 100 * (timing["p80_us"] - timing["p20_us"]) / timing["median_us"]
+    return timing
+
+
+def run_queue_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (the sum of the
+    second field of every ``/proc/self/task/*/schedstat``), or None where it is not reported."""
+    total = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except FileNotFoundError:  # a thread that just ended
+                continue
+    except (OSError, IndexError, ValueError):
+        return None
+    return total * 1e-9
+
+
+def stalled(wall_s: float, cpu_s: float, waited_s: float | None = None) -> bool:
+    """Whether a sample of ``wall_s`` seconds was stalled: its threads waited for a CPU
+    (``waited_s``, from :func:`run_queue_wait_s`) for more than ``STALL_SHARE`` of it and more
+    than ``STALL_MIN_US``; without that counter, the process used less CPU (``cpu_s``, all its
+    threads) than its wall time by as much (a running op keeps at least one core busy)."""
+    idle = waited_s if waited_s is not None else wall_s - cpu_s
+    return idle > STALL_SHARE * wall_s and idle * 1e6 > STALL_MIN_US
+
+
+def cpu_samples(
+    fn: Callable[[], object], reps: int, calls: int = 1, expected_s: float | None = None
+) -> tuple[list[float], int, int]:
+    """``(samples, dropped, kept)``: ``reps`` unstalled samples of ``calls`` back-to-back calls
+    of ``fn`` each, in milliseconds per call, and how many stalled samples were dropped. When
+    stalls persist past ``STALL_BUDGET`` times the expected time (``expected_s`` per call, else
+    the first sample's), ``kept`` stalled samples complete the ``reps`` (the host was busy the
+    whole time: the row then times the scheduler as much as the op, and says so)."""
+    clean, stalls = [], []
+    budget = None if expected_s is None else STALL_BUDGET * reps * calls * expected_s
+    while len(clean) < reps:
+        waited = run_queue_wait_s()
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        if waited is not None:
+            waited = run_queue_wait_s() - waited
+        (stalls if stalled(wall, cpu, waited) else clean).append(wall / calls * 1e3)
+        if budget is None:
+            budget = STALL_BUDGET * reps * wall
+        budget -= wall
+        if budget < 0 and len(clean) + len(stalls) >= reps:
+            kept = stalls[: reps - len(clean)]
+            return clean + kept, len(stalls) - len(kept), len(kept)
+    return clean, len(stalls), 0
 
 
 def _timing(ms: Sequence[float], timer: str) -> dict:
@@ -230,7 +338,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{op_name}.csv"
     _append_csv(csv_path, [{**env, **row} for row in rows])
-    title = f"{op_name} on {env['device_name']}  ({env['git_commit']}, {env['date_utc']})"
+    title = f"{op_name} on {device_label(env)}  ({env['git_commit']}, {env['date_utc']})"
     png_path = _plot(out_dir / f"{op_name}.png", rows, title)
     return csv_path, png_path
 
@@ -345,13 +453,15 @@ def run_and_report(
     print its table and (with ``write``) append the rows to the op's result files. Returns 0."""
     env = environment(device)
     print(
-        f"{op_name} on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
+        f"{op_name} on {device_label(env)}: torch {env['torch']}, triton {env['triton']}, "
         f"moe_kernels {env['moe_kernels']} ({env['git_commit']})"
     )
     start = time.perf_counter()
     rows = run_rows()
     print()
-    print_table(rows, columns)
+    # CPU rows carry their spread and the stalled samples dropped: print them with the rest.
+    extra = [c for c in ("spread_pct", "stalled", "stalled_kept") if c not in columns and any(c in row for row in rows)]
+    print_table(rows, [*columns, *extra])
     print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
     if write:
         csv_path, png_path = write_results(op_name, rows, env)

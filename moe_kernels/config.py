@@ -119,6 +119,13 @@ class RoutingConfig:
         )
         if not isinstance(self.scale, float):  # 2 and 2.0 are one config (equal and of one hash)
             object.__setattr__(self, "scale", float(self.scale))
+        # The (E, k) problems this config was checked for: an op call's check is one set lookup
+        # (not a field, so neither equality, hashing, repr nor dataclasses.fields see it).
+        object.__setattr__(self, "_checked", set())
+
+    def __reduce__(self):
+        # Rebuilt through __init__ (validated, with a fresh problem cache), never from a __dict__.
+        return (type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     # ---------------------------------------------------------------------------------------
     # presets
@@ -199,11 +206,17 @@ class RoutingConfig:
     def check(self, num_experts: int, k, op: str = "RoutingConfig") -> None:
         """Raise a ``ValueError`` naming ``op`` unless this config can route ``k`` of
         ``num_experts`` experts: the groups divide E (two experts each for ``"top2_sum"``) and
-        ``1 <= k <=`` the experts of the kept groups. Cached per (config, E, k, op)."""
-        if torch.compiler.is_compiling():  # dynamo does not trace into lru_cache wrappers
+        ``1 <= k <=`` the experts of the kept groups. A problem that passed is remembered by the
+        config (every later call with the same int E and k costs one set lookup)."""
+        if torch.compiler.is_compiling():  # no Python state for dynamo to guard on
             _check_problem(self, num_experts, k, op)
-        else:
-            _check_problem_cached(self, num_experts, k, op)
+            return
+        plain = type(k) is int and type(num_experts) is int
+        if plain and (num_experts, k) in self._checked:
+            return
+        _check_problem(self, num_experts, k, op)
+        if plain:
+            self._checked.add((num_experts, k))
 
 
 RoutingConfig.renormalize = _PresetOrField(RoutingConfig._renormalize_preset)
@@ -228,13 +241,11 @@ def _check_problem(config: RoutingConfig, num_experts: int, k, op: str) -> None:
         raise ValueError(f"{op}: k must be an int in [1, {eligible}] ({where}), got {k!r}")
 
 
-# typed: 1, 1.0 and True are equal keys, and a cached valid k=1 must not let k=1.0 or k=True through.
-_check_problem_cached = functools.lru_cache(maxsize=1024, typed=True)(_check_problem)
-
 DEFAULT_ROUTING = RoutingConfig()
 
 # The keyword options every routing op and module still accepts as sugar for ``routing=``.
 ROUTING_OPTIONS = ("score_func", "renormalize", "num_groups", "topk_groups", "group_score", "scale")
+_OPTION_NAMES = frozenset(ROUTING_OPTIONS)
 
 
 def resolve_routing(
@@ -249,13 +260,20 @@ def resolve_routing(
     without them). Built configs are cached, so a call with keyword options pays the validation
     once. ``num_experts``, when known, makes the messages more precise.
     """
-    if routing is not None and not isinstance(routing, RoutingConfig):
+    if routing is None:
+        base = DEFAULT_ROUTING
+    elif isinstance(routing, RoutingConfig):
+        base = routing
+    else:
         raise TypeError(f"{op}: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}")
-    unknown = set(options) - set(ROUTING_OPTIONS)
-    if unknown:
-        raise TypeError(f"{op}: unexpected routing option(s) {sorted(unknown)}; the options are {ROUTING_OPTIONS}")
-    given = tuple((name, value) for name, value in options.items() if value is not None)
-    base = DEFAULT_ROUTING if routing is None else routing
+    if not options.keys() <= _OPTION_NAMES:
+        unknown = sorted(set(options) - _OPTION_NAMES)
+        raise TypeError(f"{op}: unexpected routing option(s) {unknown}; the options are {ROUTING_OPTIONS}")
+    # Every op passes all six options, mostly None: this loop is the whole cost of the common call.
+    given = ()
+    for name, value in options.items():
+        if value is not None:
+            given += ((name, value),)
     if not given:
         return base
     if torch.compiler.is_compiling():

@@ -17,6 +17,9 @@ from moe_kernels.config import RoutingConfig, is_finite_number, is_int, resolve_
 from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# CPU id tensors up to this many elements are range-checked by reading them (cheaper than a
+# reduction op and two scalar reads).
+HOST_READ_MAX = 256
 ID_DTYPES = (torch.int32, torch.int64)
 KNN_WEIGHTINGS = ("similarity", "softmax")
 _DTYPE_NAMES = {
@@ -66,10 +69,13 @@ def optional_tensor(op: str, name: str, value, **checks) -> torch.Tensor | None:
     return None if value is None else tensor(op, name, value, **checks)
 
 
-def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described: str) -> None:
+def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described) -> None:
     """``value.shape == expected``; ``described`` is the expected shape in symbols, e.g.
-    ``"(T, k) = (5, 2)"``."""
-    if tuple(value.shape) != tuple(expected):
+    ``"(T, k) = (5, 2)"``, or a function returning it (called only to raise: the per-call cost of
+    a check is then one comparison, not the formatting of a message nobody reads)."""
+    if value.shape != tuple(expected):
+        if callable(described):
+            described = described()
         raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
 
 
@@ -143,16 +149,27 @@ def ids_in_range(
     ``"E"``; ``what`` says what the ids index): a ``ValueError`` with the values' range for CPU
     tensors in eager mode; otherwise a device-side assert (no host sync), unless
     ``assert_on_device`` is False because the caller's kernel checks the ids itself."""
-    if ids.numel() == 0:
+    numel = ids.numel()
+    if numel == 0:
         return
-    expected = f"{name} must lie in [{low}, {symbol}) = [{low}, {high})" + (f" ({what})" if what else "")
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        smallest, largest = (int(v) for v in torch.aminmax(ids))
+    if ids.is_cpu and not torch.compiler.is_compiling():
+        if numel <= HOST_READ_MAX:  # a decode step's few ids: one read, no reduction op
+            values = ids.view(-1).tolist() if ids.is_contiguous() else ids.reshape(-1).tolist()
+            smallest, largest = min(values), max(values)
+        else:
+            extremes = torch.aminmax(ids)
+            smallest, largest = extremes.min.item(), extremes.max.item()
         if smallest < low or largest >= high:
+            expected = _ids_expected(name, low, high, symbol, what)
             raise ValueError(f"{op}: {expected}, got values in [{smallest}, {largest}]")
         return
     if assert_on_device:
+        expected = _ids_expected(name, low, high, symbol, what)
         torch._assert_async(((ids >= low) & (ids < high)).all(), f"{op}: {expected}")
+
+
+def _ids_expected(name, low, high, symbol, what) -> str:
+    return f"{name} must lie in [{low}, {symbol}) = [{low}, {high})" + (f" ({what})" if what else "")
 
 
 # ------------------------------------------------------------------------------------------------

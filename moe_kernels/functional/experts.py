@@ -95,10 +95,10 @@ def fused_experts(
         assert_on_device=not triton_path,
     )
     check.not_float64_on_triton("fused_experts", "hidden", hidden, triton_path)
-    # The kernels store the pre-activation h only when a backward can read it (the reference's
-    # backward recomputes its intermediates: it never needs h).
+    # The kernels and the CPU path store the pre-activation h only when a backward can read it
+    # (the reference's backward, elsewhere, recomputes its intermediates: it never needs h).
     save_h = (
-        triton_path
+        (triton_path or hidden.is_cpu)
         and torch.is_grad_enabled()
         and any(
             t is not None and t.requires_grad
@@ -127,14 +127,13 @@ def _check_args(
 ):
     name = "fused_experts"
     check.tensor(name, "hidden", hidden, dims=2, shape="(T, H)")
-    for arg, tensor, shape in (
-        ("gate_up_proj", gate_up_proj, "(E, 2I, H)"),
-        ("down_proj", down_proj, "(E, H, I)"),
-        ("weights", weights, "(T, k)"),
+    device = hidden.device
+    for arg, tensor, dims, shape in (
+        ("gate_up_proj", gate_up_proj, 3, "(E, 2I, H)"),
+        ("down_proj", down_proj, 3, "(E, H, I)"),
+        ("weights", weights, 2, "(T, k)"),
     ):
-        check.tensor(
-            name, arg, tensor, dims=shape.count(",") + 1, shape=shape, device=hidden.device, device_of="hidden"
-        )
+        check.tensor(name, arg, tensor, dims=dims, shape=shape, device=device, device_of="hidden")
     check.tensor(name, "hidden", hidden, dtypes=check.FLOAT_DTYPES)
     num_tokens, hidden_size = hidden.shape
     num_experts, width, gate_up_hidden = gate_up_proj.shape

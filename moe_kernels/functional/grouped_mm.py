@@ -55,7 +55,7 @@ def _check_args(a, b, offsets):
         raise TypeError(f"{op}: b must have a's dtype {a.dtype}, got {b.dtype}")
     check.tensor(op, "b", b, device=a.device, device_of="a")
     check.tensor(op, "offsets", offsets, dtypes=(torch.int32,))
-    check.shape_is(op, "offsets", offsets, (b.shape[0],), f"(G,) = ({b.shape[0]},)")
+    check.shape_is(op, "offsets", offsets, (b.shape[0],), lambda: f"(G,) = ({b.shape[0]},)")
     check.tensor(op, "offsets", offsets, device=a.device, device_of="a")
 
 

@@ -62,7 +62,7 @@ def knn_mix(
         "neighbor_logits",
         neighbor_logits,
         (num_tokens, neighbor_sims.shape[1], num_experts),
-        f"(T, n, E) = ({num_tokens}, {neighbor_sims.shape[1]}, {num_experts})",
+        lambda: f"(T, n, E) = ({num_tokens}, {neighbor_sims.shape[1]}, {num_experts})",
     )
     triton_path = use_triton(backend, router_logits.device, "knn_mix")
     check.not_float64_on_triton("knn_mix", "router_logits", router_logits, triton_path)

@@ -70,7 +70,11 @@ def knn_route_assignments(
         op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
     )
     check.shape_is(
-        op, "neighbor_ids", neighbor_ids, neighbor_sims.shape, f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims"
+        op,
+        "neighbor_ids",
+        neighbor_ids,
+        neighbor_sims.shape,
+        lambda: f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims",
     )
     check.ids_in_range(
         op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N", what="the rows of memory_logits"

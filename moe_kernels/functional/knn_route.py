@@ -94,7 +94,11 @@ def knn_route(
         op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
     )
     check.shape_is(
-        op, "neighbor_ids", neighbor_ids, neighbor_sims.shape, f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims"
+        op,
+        "neighbor_ids",
+        neighbor_ids,
+        neighbor_sims.shape,
+        lambda: f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims",
     )
     routing = check.routing_args(
         op,

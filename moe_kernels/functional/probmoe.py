@@ -132,9 +132,18 @@ def _forward(logits, k, k_min, seed, sample, backend, op_name):
     if triton_path and k > MAX_TRITON_K:
         raise ValueError(f"{op_name}: backend='triton' takes k <= {MAX_TRITON_K}, got k={k}")
     num_experts = logits.shape[-1]
-    flat = logits.reshape(-1, num_experts)
-    seed_tensor = _seed_tensor(seed, logits.device)
-    marginals, _, ids = EXACT_K(flat, k, k if k_min is None else k_min, seed_tensor, sample, triton_path)
+    flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
+    seed_tensor = _seed_tensor(seed, logits.device) if sample else _unused_seed(logits.device)
+    marginals, _, ids = EXACT_K(
+        logits if flat else logits.reshape(-1, num_experts),
+        k,
+        k if k_min is None else k_min,
+        seed_tensor,
+        sample,
+        triton_path,
+    )
+    if flat:
+        return marginals, ids
     lead = logits.shape[:-1]
     return marginals.reshape(*lead, num_experts), ids.reshape(*lead, ids.shape[-1])
 
@@ -144,6 +153,20 @@ def _seed_tensor(seed, device) -> torch.Tensor:
     if seed is None:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
+_UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _unused_seed(device) -> torch.Tensor:
+    """The seed argument of a call that samples nothing (never read): one cached ``(1,)`` tensor
+    per device instead of a fresh random draw per call. Made afresh under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((1,), dtype=torch.int64, device=device)
+    seed = _UNUSED_SEEDS.get(device)
+    if seed is None:
+        seed = _UNUSED_SEEDS[device] = torch.zeros((1,), dtype=torch.int64, device=device)
+    return seed
 
 
 def _check_args(logits, k, k_min, seed, op_name):

@@ -98,10 +98,10 @@ def softmax_topk(
     triton_path = use_triton(backend, logits.device, "softmax_topk")
     if triton_path:
         check.triton_routing("softmax_topk", logits, routing)
-    num_experts = logits.shape[-1]
+    flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
     renormalize, score_func, num_groups, topk_groups, group_score, scale = routing.op_args()
     weights, ids = SOFTMAX_TOPK(
-        logits.reshape(-1, num_experts),
+        logits if flat else logits.reshape(-1, logits.shape[-1]),
         k,
         renormalize,
         score_func,
@@ -112,5 +112,7 @@ def softmax_topk(
         scale,
         triton_path,
     )
+    if flat:
+        return weights, ids
     lead = logits.shape[:-1]
     return weights.reshape(*lead, k), ids.reshape(*lead, k)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,15 @@ class Op:
         self.backward_op.register_fake(spec.backward_fake)
         self.op.register_autograd(self._registered_backward, setup_context=self._setup_context)
         self.function = self._make_function()
+        # The positions of the forward's tensor arguments (from its annotations): the eager call
+        # asks only these whether they require grad.
+        hints = typing.get_type_hints(spec.forward)
+        self._tensor_positions = tuple(
+            i for i, name in enumerate(self.names) if "Tensor" in str(hints.get(name, "Tensor"))
+        )
+        # ``Function.apply`` without its Python wrapper (which only binds default arguments and
+        # unwraps functorch's dead wrappers): used when no functorch transform is active.
+        self._apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, self.function)
 
     def _trampoline(self, function: Callable, attribute: str) -> Callable:
         """A function with ``function``'s signature (the schema is inferred from it) that calls
@@ -87,8 +97,13 @@ class Op:
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self.function.apply(*args)
+        if torch.is_grad_enabled():
+            for i in self._tensor_positions:
+                arg = args[i]
+                if arg is not None and arg.requires_grad:
+                    if torch._C._are_functorch_transforms_active():
+                        return self.function.apply(*args)
+                    return self._apply(*args)
         return self.forward(*args)
 
     def _input_grads(self, named: dict) -> tuple:

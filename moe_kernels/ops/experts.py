@@ -26,6 +26,7 @@ import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
+from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.align import MoEAlignment, launch_moe_align
@@ -235,10 +236,14 @@ def fused_experts_forward(
     save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels, or the reference; ``(out (T, H), h)`` with ``h (T*k, 2I)`` the pre-activation
-    the Triton backward reads when ``save_h`` (the public function sets it only on the Triton path
-    with an input that requires grad), else ``(0, 2I)``. The reference recomputes what it needs."""
+    the Triton and CPU backwards read when ``save_h`` (the public function sets it on those paths
+    when an input requires grad), else ``(0, 2I)``. The reference recomputes what it needs."""
     if use_triton:
         return launch_fused_experts(
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+        )
+    if hidden.is_cpu:  # the fast CPU path (same semantics), which saves h for its backward too
+        return cpu_experts.fused_experts_forward(
             hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
         )
     out = reference.fused_experts(
@@ -276,17 +281,12 @@ def fused_experts_backward(
         return launch_fused_experts_backward(
             grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
         )
-    grads = reference.fused_experts_backward(
-        grad_out,
-        hidden,
-        gate_up_proj,
-        down_proj,
-        weights,
-        ids,
-        activation=activation,
-        gate_up_bias=gate_up_bias,
-        down_bias=down_bias,
-    )
+    options = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    args = (grad_out, hidden, gate_up_proj, down_proj, weights, ids)
+    if hidden.is_cpu:  # reads the forward's h when it saved it
+        grads = cpu_experts.fused_experts_backward(*args, **options, h=h)
+    else:
+        grads = reference.fused_experts_backward(*args, **options)
     # A fresh empty tensor per absent bias: a custom op's outputs may not alias each other.
     return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 

@@ -25,6 +25,7 @@ import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, register_kernel
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
+from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta, pinned_config  # noqa: F401 (re-exported)
 from moe_kernels.reference import experts as reference
@@ -242,8 +243,9 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, 
     """The kernel, or the reference without autograd."""
     if use_triton:
         return launch_grouped_mm(a, b, offsets)
+    path = cpu_experts if a.is_cpu else reference  # the fast CPU path, same semantics
     with torch.no_grad():
-        return reference.grouped_mm(a, b, offsets).contiguous()
+        return path.grouped_mm(a, b, offsets).contiguous()
 
 
 def grouped_mm_backward(
@@ -256,8 +258,9 @@ def grouped_mm_backward(
         grad_a = launch_grouped_mm(grad_out, b.transpose(1, 2), offsets)
         grad_b = launch_grouped_mm_weight_grad(a, grad_out, offsets, b.shape[0])
         return grad_a, grad_b.to(b.dtype)
+    path = cpu_experts if a.is_cpu else reference
     with torch.no_grad():
-        grad_a, grad_b = reference.grouped_mm_backward(grad_out, a, b, offsets)
+        grad_a, grad_b = path.grouped_mm_backward(grad_out, a, b, offsets)
     return grad_a.contiguous(), grad_b.contiguous()
 
 

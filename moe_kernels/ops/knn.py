@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -114,8 +115,9 @@ def knn_mix_forward(
     """The kernel, or the reference without autograd."""
     if use_triton:
         return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence)
+    path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
     with torch.no_grad():
-        mixed, conf = reference.knn_mix(
+        mixed, conf = path.knn_mix(
             router_logits,
             neighbor_logits,
             neighbor_sims,
@@ -141,7 +143,8 @@ def knn_mix_backward(
         return launch_knn_mix_backward(
             grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype
         )
-    grad_router, grad_neighbors = reference.knn_mix_backward(
+    path = cpu_knn if grad_mixed.is_cpu else reference
+    grad_router, grad_neighbors = path.knn_mix_backward(
         grad_mixed,
         neighbor_sims,
         weighting=weighting,

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.knn import KNN_NEIGHBORS, knn_label
 from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward, routing_label
@@ -289,8 +290,9 @@ def knn_route_forward(
             temperature,
             min_confidence,
         )
+    path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
     with torch.no_grad():
-        weights, ids, conf = reference.knn_route(
+        weights, ids, conf = path.knn_route(
             router_logits,
             neighbor_ids,
             neighbor_sims,
@@ -333,7 +335,8 @@ def knn_route_backward(
     if use_triton:
         grad_router, grad_memory = launch_knn_route_backward(*args, *options)
     else:
-        grad_router, grad_memory = reference.knn_route_backward(
+        path = cpu_knn if router_logits.is_cpu else reference
+        grad_router, grad_memory = path.knn_route_backward(
             *args,
             renormalize=renormalize,
             score_func=score_func,

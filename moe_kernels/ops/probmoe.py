@@ -23,6 +23,7 @@ import torch
 
 from moe_kernels._compat import interpreter_enabled
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.cpu import probmoe as cpu_probmoe
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -187,7 +188,8 @@ def exact_k_forward(
         return launch_exact_k(logits, k, k_min, seed, sample)
     num_tokens, num_experts = logits.shape
     uniforms = reference_uniforms(seed, num_tokens, num_experts, compute_dtype(logits.dtype)) if sample else None
-    marginals, log_z, ids = reference.exact_k_forward(logits, k, k_min, uniforms)
+    path = cpu_probmoe if logits.is_cpu else reference  # the fast CPU path, same semantics
+    marginals, log_z, ids = path.exact_k_forward(logits, k, k_min, uniforms)
     return marginals.contiguous(), log_z.contiguous(), ids.contiguous()
 
 
@@ -197,7 +199,8 @@ def exact_k_backward(
     """The kernel, or the reference's dual recursion."""
     if use_triton:
         return launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min)
-    return reference.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
+    path = cpu_probmoe if logits.is_cpu else reference
+    return path.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
 
 
 def _fake(logits, k, k_min, seed, sample, use_triton):

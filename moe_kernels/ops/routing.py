@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.cpu import routing as cpu_routing
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import routing as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -168,18 +169,19 @@ def softmax_topk_forward(
         return launch_softmax_topk(
             logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
         )
+    options = dict(
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups or None,
+        topk_groups=topk_groups or None,
+        group_score=group_score,
+        scale=scale,
+    )
+    if logits.is_cpu:  # the fast CPU path, same semantics; fresh contiguous outputs, no graph
+        return cpu_routing.softmax_topk(logits, k, **options)
     with torch.no_grad():
-        weights, ids = reference.softmax_topk(
-            logits,
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups or None,
-            topk_groups=topk_groups or None,
-            group_score=group_score,
-            scale=scale,
-        )
+        weights, ids = reference.softmax_topk(logits, k, **options)
     return weights.contiguous(), ids.contiguous()
 
 
@@ -195,7 +197,8 @@ def softmax_topk_backward(
     """The kernel, or the reference's explicit formula."""
     if use_triton:
         return launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale)
-    grad = reference.softmax_topk_backward(
+    path = cpu_routing if logits.is_cpu else reference
+    grad = path.softmax_topk_backward(
         grad_weights, logits, ids, renormalize=renormalize, score_func=score_func, scale=scale
     )
     return grad.contiguous()

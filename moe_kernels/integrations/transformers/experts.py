@@ -18,6 +18,9 @@ from moe_kernels.integrations.transformers._common import (
 )
 
 _warned_fallback: set[str] = set()
+# The attribute caching a module's activation (None: not computable by fused_experts).
+_ACTIVATION = "_moe_kernels_activation"
+_UNSET = object()
 
 
 def _activation_name(act_fn) -> str | None:
@@ -111,7 +114,15 @@ def moe_kernels_experts_forward(
     hidden's dtype, by :func:`moe_kernels.fused_experts` on the module's own parameters. The
     backend is the one :func:`apply_moe_kernels` set, else ``"auto"``. Experts it cannot compute
     run HF's ``grouped_mm`` implementation instead (one warning per class)."""
-    activation = _experts_activation(self)
+    # What the module computes is fixed by its class and act_fn: found once, kept on the module
+    # (a decode step calls this once per layer; the lookup imports and inspects transformers).
+    # Under torch.compile the module's __dict__ is left alone (dynamo refuses its mutation).
+    if torch.compiler.is_compiling():
+        activation = _experts_activation(self)
+    else:
+        activation = self.__dict__.get(_ACTIVATION, _UNSET)
+        if activation is _UNSET:
+            activation = self.__dict__[_ACTIVATION] = _experts_activation(self)
     if activation is None:
         name = type(self).__name__
         if name not in _warned_fallback:

@@ -1,0 +1,306 @@
+"""``grouped_mm`` and ``fused_experts`` on the CPU, on ``torch._grouped_mm``: the functions of
+:mod:`moe_kernels.reference.experts` without its padded batch.
+
+On the CPU ``torch._grouped_mm`` (torch 2.13) is a loop over the groups in C++ calling one GEMM
+per non-empty group: no Python per expert, no copy of any weight, empty experts cost nothing.
+That is what a CPU MoE layer wants (HF transformers' ``grouped_mm`` experts use it too); the
+reference's one padded ``bmm`` reads and converts every used expert's weights and pads rows.
+
+Two caveats of the CPU kernel, both guarded here:
+
+- rows at or past ``offsets[-1]`` of its output are left uninitialised (garbage, even NaN): the
+  calls here pass exactly the ``offsets[-1]`` valid rows (read on the host, free on CPU), and the
+  op's rows past them are written as zeros;
+- its autograd backward fails on a zero-stride gradient (the gradient of a ``.sum()``): nothing
+  here differentiates through it; the explicit backwards make every operand contiguous.
+
+``grouped_mm`` takes float32 / bfloat16 / float16 there (the kernel accumulates in float32 and
+rounds once, as the reference); ``fused_experts`` takes float32 (16-bit would round the
+pre-activation before the activation, see :func:`_can_use`). Both need 16-byte aligned strides
+and pointers; anything else (float64 for gradcheck, odd sizes) goes to the reference. Slots are
+sorted by expert with a stable sort, so results are deterministic; the combine is one
+``index_add_`` in slot order, as the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.config import Activation
+from moe_kernels.cpu import experts_small
+from moe_kernels.cpu.experts_small import activate as _activate
+from moe_kernels.reference import experts as reference
+from moe_kernels.utils import new_output
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows (slots) per block of experts in fused_experts' forward: about 7 MB of float32
+# intermediates at H = 512, I = 256, which a last-level cache holds (see _expert_blocks). The
+# backward's blocks are larger: with several blocks each block's weight gradients are copied into
+# the full ones (one more write of E * 3 * H * I floats), which only pays off when each expert
+# has many rows.
+BLOCK_ROWS = 1024
+BACKWARD_BLOCK_ROWS = 4096
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """``torch._grouped_mm``'s CPU requirements: a supported dtype, 16-byte aligned data and
+    every non-unit stride a multiple of 16 bytes."""
+    for t in tensors:
+        if t.dtype not in GROUPED_MM_DTYPES or t.data_ptr() % 16:
+            return False
+        size = t.element_size()
+        if any(stride != 1 and (stride * size) % 16 for stride in t.stride()):
+            return False
+    return True
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm`` on exactly the valid rows: ``a (n, K)`` with ``n = offsets[-1]``."""
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped_mm
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_kernels.reference.experts.grouped_mm` on the CPU: ``(M, N)`` in ``a.dtype``,
+    rows at or past ``offsets[-1]`` zero."""
+    if not _aligned(a, b):
+        return reference.grouped_mm(a, b, offsets)
+    num_rows = a.shape[0]
+    valid = int(offsets[-1]) if offsets.numel() else 0
+    out = new_output((num_rows, b.shape[-1]), a.dtype, a.device)
+    if valid:
+        out[:valid] = _grouped(a[:valid], b, offsets)
+    out[valid:] = 0
+    return out
+
+
+def grouped_mm_backward(
+    grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.experts.grouped_mm_backward` on the CPU: ``grad_a (M, K)``
+    (zero past ``offsets[-1]``) and ``grad_b (G, K, N)`` (zero for empty groups)."""
+    grad_out = grad_out.to(a.dtype).contiguous()  # a zero-stride gradient (of a .sum()) included
+    if not _aligned(a, b, grad_out):
+        return reference.grouped_mm_backward(grad_out, a, b, offsets)
+    valid = int(offsets[-1]) if offsets.numel() else 0
+    grad_a = new_output(tuple(a.shape), a.dtype, a.device)
+    grad_a[valid:] = 0
+    if not valid:
+        return grad_a, torch.zeros_like(b, memory_format=torch.contiguous_format)
+    rows = grad_out[:valid]
+    grad_a[:valid] = _grouped(rows, b.transpose(1, 2), offsets)
+    grad_b = _grouped(a[:valid].t(), rows, offsets)  # (G, K, N); empty groups come back zero
+    return grad_a, grad_b.to(b.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_experts
+
+
+def _routing(ids: torch.Tensor, num_experts: int):
+    """``(slots (n,), tokens (n,), experts (n,) int64, offsets (E,) int32)``: the non-empty slots
+    of ``ids (T, k)`` sorted by expert (stable), as the reference's ``_sorted_slots``."""
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, num_experts, flat)  # empty slots sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    offsets = counts[:num_experts].cumsum(0).to(torch.int32)
+    num_valid = int(offsets[-1])
+    slots = order[:num_valid]
+    return slots, slots // max(ids.shape[1], 1), key[slots], offsets
+
+
+def _can_use(hidden, gate_up_proj, down_proj) -> bool:
+    """float32 experts with aligned strides. 16-bit experts keep the reference: the CPU kernel
+    returns its GEMMs in the inputs' dtype, so the pre-activation would be rounded to 16 bits
+    before the activation (the reference and the Triton epilogue apply it to float32 sums; the
+    extra rounding measured 0.13 on a GPT-OSS bf16 output, twice the bf16 tolerance)."""
+    return hidden.dtype == torch.float32 and _aligned(hidden, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2))
+
+
+def _expert_blocks(offsets: torch.Tensor, num_valid: int, block_rows: int):
+    """``(first expert, end expert, first row, end row)`` blocks of consecutive experts whose rows
+    (sorted by expert) add up to about ``block_rows`` (an expert with more rows is a block of
+    its own): the layer runs block by block so that each block's rows, pre-activations and
+    outputs stay in cache between its two GEMMs, as a per-expert loop's do (one pass over all
+    ``T*k`` rows spills them to memory: 25% slower at 16k rows of H = 512, I = 256). A Python loop
+    over a few blocks, not over experts; one block up to ``block_rows`` rows."""
+    num_experts = offsets.numel()
+    if num_valid == 0:
+        return []
+    if num_valid <= block_rows:
+        return [(0, num_experts, 0, num_valid)]
+    blocks, first_expert, first_row = [], 0, 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end - first_row >= block_rows:
+            blocks.append((first_expert, expert + 1, first_row, end))
+            first_expert, first_row = expert + 1, end
+    if first_expert < num_experts:  # the last experts join the last block (rows or not), so that
+        if num_valid > first_row:  # the blocks cover every expert: each gets its weight gradient
+            blocks.append((first_expert, num_experts, first_row, num_valid))
+        else:
+            e0, _, r0, r1 = blocks.pop()
+            blocks.append((e0, num_experts, r0, r1))
+    return blocks
+
+
+def _pre_activation(hidden, w1, gate_up_bias, tokens, experts, offsets):
+    """``(x (n, H), h (n, 2I))``: the rows' inputs and pre-activations, in expert order (``w1``:
+    the block's ``(e, H, 2I)`` weights, ``offsets`` relative to the block)."""
+    x = hidden[tokens]
+    h = _grouped(x, w1, offsets)
+    if gate_up_bias is not None:
+        h += gate_up_bias[experts]
+    return x, h
+
+
+def fused_experts_forward(
+    hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's CPU forward: ``(out (T, H), h)`` in hidden's dtype, ``h (T*k, 2I)`` the
+    pre-activation of every non-empty slot in expert order, then zero rows (the layout of
+    :func:`moe_kernels.reference.experts.sorted_pre_activations`), when ``save_h``, else
+    ``(0, 2I)``. Saving ``h`` spares the backward both forward GEMMs' recomputation (``x`` is
+    regathered and the activation recomputed from ``h``, both cheap)."""
+    Activation.parse(activation)
+    width = gate_up_proj.shape[1]
+    if not _can_use(hidden, gate_up_proj, down_proj):
+        args = (hidden, gate_up_proj, down_proj, weights, ids)
+        bias = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias)
+        out = reference.fused_experts(*args, **bias).contiguous()
+        if not save_h:
+            return out, hidden.new_empty((0, width))
+        return out, reference.sorted_pre_activations(hidden, gate_up_proj, ids, gate_up_bias)
+    if experts_small.applies(gate_up_proj, down_proj, ids):  # a few slots of small experts
+        return experts_small.forward(
+            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
+        )
+    slots, tokens, experts, offsets = _routing(ids, gate_up_proj.shape[0])
+    out = torch.zeros(hidden.shape, dtype=hidden.dtype)
+    saved = hidden.new_zeros((ids.numel(), width)) if save_h else hidden.new_empty((0, width))
+    slot_weights = weights.reshape(-1)[slots][:, None]
+    w1, w2 = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    for e0, e1, r0, r1 in _expert_blocks(offsets, slots.numel(), BLOCK_ROWS):
+        rows, block_offsets = slice(r0, r1), offsets[e0:e1] - r0
+        _, h = _pre_activation(hidden, w1[e0:e1], gate_up_bias, tokens[rows], experts[rows], block_offsets)
+        if save_h:
+            saved[rows] = h
+        # The routing weight scales the activation rows (I wide) before the down projection, not
+        # its H-wide output: one pass over fewer bytes.
+        y = _grouped(_activate(h, activation).mul_(slot_weights[rows]), w2[e0:e1], block_offsets)
+        if down_bias is not None:
+            y += down_bias[experts[rows]] * slot_weights[rows]
+        out.index_add_(0, tokens[rows], y)
+    return out, saved
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`moe_kernels.reference.experts.fused_experts` on the CPU (no autograd): ``(T, H)`` in
+    hidden's dtype, fresh and contiguous."""
+    args = (hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias)
+    return fused_experts_forward(*args, save_h=False)[0]
+
+
+def fused_experts_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+):
+    """:func:`moe_kernels.reference.experts.fused_experts_backward` on the CPU: the six gradients
+    (None for an absent bias), each in its input's dtype, empty experts' weight gradients zero.
+    ``h``: the forward's saved pre-activations (``T*k`` rows, see :func:`fused_experts_forward`),
+    else recomputed."""
+    Activation.parse(activation)
+    if not _can_use(hidden, gate_up_proj, down_proj):
+        return reference.fused_experts_backward(
+            grad_out,
+            hidden,
+            gate_up_proj,
+            down_proj,
+            weights,
+            ids,
+            activation=activation,
+            gate_up_bias=gate_up_bias,
+            down_bias=down_bias,
+        )
+    if experts_small.applies(gate_up_proj, down_proj, ids):
+        return experts_small.backward(
+            grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias
+        )
+    num_experts = gate_up_proj.shape[0]
+    slots, tokens, experts, offsets = _routing(ids, num_experts)
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype)
+    grad_weights = torch.zeros(weights.numel(), dtype=weights.dtype)
+    blocks = _expert_blocks(offsets, slots.numel(), BACKWARD_BLOCK_ROWS)
+    # Weight gradients: with one block, the kernel's outputs over all experts (it writes zeros for
+    # experts without rows, once); with several, each block's experts are copied in (the blocks
+    # cover every expert); with none (no routed slot), zeros.
+    single = len(blocks) == 1
+    grad_gate_up = grad_down = None
+    if not single:  # filled block by block (new_output: a test can poison them)
+        alloc = (lambda t: new_output(tuple(t.shape), t.dtype, t.device)) if blocks else torch.zeros_like
+        grad_gate_up, grad_down = alloc(gate_up_proj), alloc(down_proj)
+    grad_gate_up_bias = None if gate_up_bias is None else torch.zeros_like(gate_up_bias)
+    grad_down_bias = None if down_bias is None else torch.zeros_like(down_bias)
+    saved_h = h is not None and h.shape[0] == ids.numel()
+    w1 = gate_up_proj.transpose(1, 2)
+    all_weights = weights.reshape(-1)[slots][:, None]
+    for e0, e1, r0, r1 in blocks:
+        rows, block_offsets = slice(r0, r1), offsets[e0:e1] - r0
+        block_tokens, block_experts, slot_weights = tokens[rows], experts[rows], all_weights[rows]
+        if saved_h:
+            x, pre = hidden[block_tokens], h[rows]
+        else:
+            x, pre = _pre_activation(hidden, w1[e0:e1], gate_up_bias, block_tokens, block_experts, block_offsets)
+        act = _activate(pre, activation)
+        grad_rows = grad_out.to(hidden.dtype)[block_tokens]  # fresh and contiguous, whatever its strides
+        # The gradient through the down projection before the routing weight: the weight's
+        # gradient is its dot product with the activation (plus the bias term), the activation's
+        # is it scaled by the weight.
+        grad_act = _grouped(grad_rows, down_proj[e0:e1], block_offsets)  # (n, I)
+        grad_slot = (grad_act * act).sum(-1)
+        if down_bias is not None:
+            grad_slot += (grad_rows * down_bias[block_experts]).sum(-1)
+            grad_down_bias.index_add_(0, block_experts, grad_rows * slot_weights)
+        grad_weights[slots[rows]] = grad_slot.to(weights.dtype)
+        grad_h = reference.gated_activation_backward(grad_act, pre, activation).mul_(slot_weights)
+        if grad_gate_up_bias is not None:
+            grad_gate_up_bias.index_add_(0, block_experts, grad_h)
+        grad_hidden.index_add_(0, block_tokens, _grouped(grad_h, gate_up_proj[e0:e1], block_offsets))
+        # (e, H, I) and (e, 2I, H), down_proj's and gate_up_proj's layouts, of the routed experts.
+        act.mul_(slot_weights)
+        if single:
+            grad_down = _grouped(grad_rows.t(), act, block_offsets)
+            grad_gate_up = _grouped(grad_h.t(), x, block_offsets)
+        else:
+            grad_down[e0:e1] = _grouped(grad_rows.t(), act, block_offsets)
+            grad_gate_up[e0:e1] = _grouped(grad_h.t(), x, block_offsets)
+    return (
+        grad_hidden,
+        grad_gate_up,
+        grad_down,
+        grad_weights.view(weights.shape),
+        grad_gate_up_bias,
+        grad_down_bias,
+    )

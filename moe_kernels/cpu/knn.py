@@ -1,0 +1,177 @@
+"""``knn_mix`` and ``knn_route`` on the CPU: the functions of :mod:`moe_kernels.reference.knn` in
+fewer passes.
+
+- The confidence and the neighbour weights come from one row sum of the similarities (``conf =
+  clamp(sum / n, 0, 1)``, ``w = sims / sum``); rows with ``conf = 0`` (NaN, non-positive or below
+  ``min_confidence``) are masked once.
+- The mix is one batched matrix product ``w @ neighbour_logits`` (no ``(T, n, E)`` temporary)
+  and one ``lerp`` with the router's logits; ``knn_route`` gathers and sums the memory rows in
+  one ``embedding_bag`` (no ``(T, n, E)`` gather at all) for float32 memories.
+- ``knn_route`` then routes with :func:`moe_kernels.cpu.routing.softmax_topk`.
+
+Rows with ``conf = 0`` are the router's logits bit for bit (a final ``where``), whatever the
+neighbours hold, as the reference promises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_kernels.cpu import routing as cpu_routing
+from moe_kernels.reference.routing import compute_dtype
+
+# Gathered rows (T * n) above which the memory rows are summed by embedding_bag.
+EMBEDDING_BAG_MIN_ROWS = 64
+
+
+def confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype):
+    """``(conf (T,), live (T, 1) bool, w (T, n))``: the reference's confidence (0 where NaN,
+    non-positive or below ``min_confidence``), the rows where it is positive, and the neighbour
+    weights, 0 on rows that are not live (where the reference's may be NaN, e.g. sims summing
+    to 0)."""
+    sims = neighbor_sims.to(dtype)
+    total = sims.sum(dim=-1, keepdim=True)
+    conf = (total / sims.shape[-1]).clamp_(0.0, 1.0)  # NaN stays NaN: not live below
+    live = conf > 0.0 if min_confidence <= 0.0 else conf >= min_confidence
+    if weighting == "similarity":
+        weights = sims / total
+    elif weighting == "softmax":
+        weights = torch.softmax(sims / temperature, dim=-1)
+    else:
+        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {weighting!r}")
+    weights = torch.where(live, weights, 0.0)
+    return torch.where(live, conf, 0.0).squeeze(-1), live, weights
+
+
+def _mix(frozen: torch.Tensor, retrieved: torch.Tensor, conf: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``where(live, (1 - conf) * frozen + conf * retrieved, frozen)``."""
+    return torch.where(live, torch.lerp(frozen, retrieved, conf[:, None]), frozen)
+
+
+def knn_mix(
+    router_logits: torch.Tensor,
+    neighbor_logits: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    *,
+    weighting: str = "similarity",
+    temperature: float = 0.1,
+    min_confidence: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.knn.knn_mix` on the CPU (no autograd): ``mixed (T, E)`` and
+    ``conf (T,)`` in the compute dtype, fresh and contiguous."""
+    dtype = compute_dtype(router_logits.dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    retrieved = torch.bmm(weights.unsqueeze(1), neighbor_logits.to(dtype)).squeeze(1)
+    return _mix(router_logits.to(dtype), retrieved, conf, live), conf
+
+
+def knn_mix_backward(
+    grad_mixed: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    *,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    router_dtype: torch.dtype,
+    neighbor_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.knn.knn_mix_backward` on the CPU: ``grad_router (T, E)`` and
+    ``grad_neighbors (T, n, E)``."""
+    dtype = compute_dtype(router_dtype)
+    conf, _, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    grad = grad_mixed.to(dtype)
+    grad_router = grad * (1.0 - conf)[:, None]
+    grad_neighbors = (weights * conf[:, None]).unsqueeze(-1) * grad.unsqueeze(1)
+    return grad_router.to(router_dtype), grad_neighbors.to(neighbor_dtype)
+
+
+def _retrieved(memory_logits, neighbor_ids, weights, dtype):
+    """``sum_j w_j memory_logits[neighbor_ids[:, j]]`` ``(T, E)``: one ``embedding_bag`` for many
+    rows of a memory in the compute dtype (no gathered copy: 3.5x faster than gathering at
+    T = 1024, n = 8), else the gather and a batched product (cheaper to launch for a few rows)."""
+    if memory_logits.dtype == dtype and neighbor_ids.numel() > EMBEDDING_BAG_MIN_ROWS:
+        return F.embedding_bag(neighbor_ids, memory_logits, per_sample_weights=weights, mode="sum")
+    gathered = memory_logits[neighbor_ids.long()].to(dtype)
+    return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
+
+
+def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence):
+    """``(mixed (T, E), conf (T,), weights (T, n))`` of the fused route, in the compute dtype."""
+    dtype = compute_dtype(router_logits.dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    retrieved = _retrieved(memory_logits, neighbor_ids, weights, dtype)
+    return _mix(router_logits.to(dtype), retrieved, conf, live), conf, weights
+
+
+def knn_route(
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = False,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+    scale: float = 1.0,
+    weighting: str = "similarity",
+    temperature: float = 0.1,
+    min_confidence: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd): ``weights (T, k)``,
+    ``ids (T, k)`` int32 and ``conf (T,)``."""
+    mixed, conf, _ = mixed_logits(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
+    )
+    weights, ids = cpu_routing.softmax_topk(
+        mixed,
+        k,
+        renormalize=renormalize,
+        score_func=score_func,
+        bias=bias,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+    )
+    return weights, ids, conf
+
+
+def knn_route_backward(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    renormalize: bool,
+    score_func: str,
+    scale: float,
+    weighting: str,
+    temperature: float,
+    min_confidence: float,
+    memory_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU: ``grad_router (T, E)`` in
+    the router's dtype and ``grad_memory (N, E)`` in the memory's (None unless ``memory_grad``),
+    accumulated in the compute dtype by one ``index_add_``."""
+    mixed, conf, weights = mixed_logits(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
+    )
+    grad_mixed = cpu_routing.softmax_topk_backward(
+        grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func, scale=scale
+    )
+    grad_router = (grad_mixed * (1.0 - conf)[:, None]).to(router_logits.dtype)
+    if not memory_grad:
+        return grad_router, None
+    num_tokens, num_neighbors = neighbor_ids.shape
+    share = weights * conf[:, None]  # (T, n)
+    rows = (share.unsqueeze(-1) * grad_mixed.unsqueeze(1)).reshape(num_tokens * num_neighbors, mixed.shape[1])
+    grad_memory = torch.zeros(memory_logits.shape, dtype=grad_mixed.dtype)
+    grad_memory.index_add_(0, neighbor_ids.reshape(-1), rows)
+    return grad_router, grad_memory.to(memory_logits.dtype)

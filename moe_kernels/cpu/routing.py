@@ -1,0 +1,145 @@
+"""``softmax_topk`` on the CPU: the function of :func:`moe_kernels.reference.routing.softmax_topk`
+in fewer and cheaper calls.
+
+- Selection by :func:`moe_kernels.cpu.select.top_k`; rows with ties or NaN keys (where the rank
+  among equal keys decides) are recomputed by the reference, so ids are always the reference's.
+- Softmax + renormalise without bias or groups (Mixtral, Qwen3, GPT-OSS) selects on the logits
+  and takes the softmax of the ``k`` selected logits: the same function (renormalised top-k of
+  the softmax), one ``(T, k)`` softmax instead of a ``(T, E)`` one and three more ops. The
+  softmax preserves the logits' order; in exact arithmetic it is strict, so the ranking is the
+  reference's wherever float32 does not round two different logits to one score.
+- Otherwise the keys are the reference's (float32 scores, plus the bias), so selected values
+  and weights are bit-identical to the reference's.
+- Group limits rank the group scores with the same selection (no sort), and compute DeepSeek-V3's
+  top-2 sum with two row maxima at large sizes (``torch.topk(2)`` per group is a row each).
+- The backward uses that only ``k`` of the ``E`` score gradients are non-zero: ``(T, k)`` work,
+  then two ``(T, E)`` passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.cpu import select
+from moe_kernels.reference import routing as reference
+from moe_kernels.reference.routing import RENORM_EPS, compute_dtype
+
+NEG_INF = float("-inf")
+# Groups (T * G) from which DeepSeek's top-2 group score is computed by row maxima, not topk.
+TOP2_BY_MAXIMA_MIN_ROWS = 2048
+
+
+def softmax_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = False,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str = "top2_sum",
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.routing.softmax_topk` for ``logits (T, E)`` on the CPU
+    (arguments assumed valid; no autograd). Returns fresh contiguous ``weights (T, k)`` float32
+    (float64 for float64 logits) and ``ids (T, k)`` int32."""
+    num_tokens, num_experts = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    if num_tokens == 0:
+        return logits.new_empty((0, k), dtype=dtype), logits.new_empty((0, k), dtype=torch.int32)
+    plain = bias is None and not num_groups
+    if plain and renormalize and score_func == "softmax":
+        values, ids, bad = select.top_k(logits.to(dtype), k, finite_first=True)
+        weights = torch.softmax(values, dim=-1)
+    else:
+        scores = torch.softmax(logits, -1, dtype=dtype) if score_func == "softmax" else torch.sigmoid(logits.to(dtype))
+        keys = scores if bias is None else scores + bias.to(dtype)
+        group_bad = None
+        if num_groups and topk_groups < num_groups:
+            keys, group_bad = limit_to_best_groups(keys, num_groups, topk_groups, group_score)
+        values, ids, bad = select.top_k(keys, k)
+        if group_bad is not None:
+            bad = group_bad if bad is None else bad | group_bad
+        # Without a bias the selected keys are the selected scores.
+        weights = values if bias is None else scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    if scale != 1.0:
+        weights = weights * scale
+    weights = weights.contiguous()
+    ids = ids.to(torch.int32)
+    if bad is not None:
+        rows = bad.nonzero().squeeze(1)
+        exact_weights, exact_ids = reference.softmax_topk(
+            logits[rows],
+            k,
+            renormalize=renormalize,
+            score_func=score_func,
+            bias=bias,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            scale=scale,
+        )
+        weights[rows] = exact_weights
+        ids[rows] = exact_ids
+    return weights, ids
+
+
+def limit_to_best_groups(keys: torch.Tensor, num_groups: int, topk_groups: int, group_score: str):
+    """``keys (T, E)`` with every expert outside the ``topk_groups`` best of ``num_groups``
+    contiguous groups set to -inf, and the rows (a ``(T,)`` bool mask, or None) whose group
+    ranking has a tie or a NaN (the reference ranks those: it maps NaN keys to -inf first and
+    breaks ties by group index)."""
+    num_tokens, num_experts = keys.shape
+    grouped = keys.view(num_tokens, num_groups, num_experts // num_groups)
+    if group_score == "max":
+        per_group = grouped.amax(-1)
+    elif num_tokens * num_groups < TOP2_BY_MAXIMA_MIN_ROWS:
+        per_group = grouped.topk(2, dim=-1).values.sum(-1)
+    else:  # the two largest with multiplicity, by two vectorised maxima
+        first = grouped.amax(-1, keepdim=True)
+        at_first = grouped == first
+        second = grouped.masked_fill(at_first, NEG_INF).amax(-1, keepdim=True)
+        second = torch.where(at_first.sum(-1, keepdim=True) >= 2, first, second)
+        per_group = (first + second).squeeze(-1)
+    _, best, bad = select.top_k(per_group, topk_groups)
+    dropped = torch.ones((num_tokens, num_groups), dtype=torch.bool).scatter_(1, best, False)
+    return grouped.masked_fill(dropped[:, :, None], NEG_INF).view(num_tokens, num_experts), bad
+
+
+def softmax_topk_backward(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    renormalize: bool,
+    score_func: str,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`moe_kernels.reference.routing.softmax_topk_backward` for ``(T, E)`` logits on the
+    CPU: ``grad_weights (T, k)``, ``ids (T, k)`` int32 -> ``grad_logits (T, E)`` in logits'
+    dtype, contiguous. The score gradient is non-zero at the ``k`` selected experts only, so the
+    softmax's ``sum_j g_j s_j`` is a ``(T, k)`` sum."""
+    dtype = compute_dtype(logits.dtype)
+    index = ids.long()
+    if score_func == "softmax":
+        scores = torch.softmax(logits, -1, dtype=dtype)
+    else:
+        scores = torch.sigmoid(logits.to(dtype))
+    picked = scores.gather(1, index)
+    grad = grad_weights.to(dtype)
+    if scale != 1.0:
+        grad = grad * scale
+    if renormalize:
+        denom = picked.sum(dim=-1, keepdim=True) + RENORM_EPS
+        grad = grad / denom - (grad * picked).sum(dim=-1, keepdim=True) / (denom * denom)
+    if score_func == "softmax":
+        # grad_logits = s * (g - sum_j g_j s_j), g non-zero at the selected experts only.
+        weighted = grad * picked
+        grad_logits = scores * weighted.sum(dim=-1, keepdim=True).neg_()
+        grad_logits.scatter_add_(1, index, weighted)
+    else:
+        grad_logits = torch.zeros_like(scores).scatter_(1, index, grad * picked * (1.0 - picked))
+    return grad_logits.to(logits.dtype)

@@ -1,0 +1,285 @@
+"""The fast CPU path (``moe_kernels.cpu``) against the float64 oracles, as the kernels are tested:
+the tolerance table, poisoned outputs, odd shapes (E = 60, 160, 257; T = 0, 1, primes), ties and
+non-finite rows, and the guards of ``torch._grouped_mm``'s CPU caveats.
+
+The functions are called directly (so each test names the path it checks) and through the public
+ops (which run them for CPU tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import softmax_topk_oracle
+from routing_cases import ROUTING_CASES, non_finite_logits, routing_inputs
+
+import moe_kernels
+from moe_kernels import testing
+from moe_kernels.cpu import experts as cpu_experts
+from moe_kernels.cpu import experts_small, select
+from moe_kernels.cpu import knn as cpu_knn
+from moe_kernels.cpu import probmoe as cpu_probmoe
+from moe_kernels.cpu import routing as cpu_routing
+from moe_kernels.reference import experts as ref_experts
+from moe_kernels.reference import knn as ref_knn
+from moe_kernels.reference import probmoe as ref_probmoe
+from moe_kernels.reference import routing as ref_routing
+
+ODD_TOKENS = (0, 1, 13, 97)
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+@pytest.fixture(params=["host", "tensor"])
+def tie_check(request, monkeypatch):
+    """Both tie checks of the selection: on the host (few keys) and vectorised."""
+    monkeypatch.setattr(select, "HOST_CHECK_KEYS", 10**9 if request.param == "host" else 0)
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax_topk
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES, ids=[c[0] for c in ROUTING_CASES])
+@pytest.mark.parametrize("num_tokens", ODD_TOKENS)
+def test_routing_matches_oracle(case, num_tokens, tie_check):
+    _, num_experts, k, options, with_bias = case
+    logits, bias = routing_inputs(num_tokens, num_experts, options, with_bias)
+    weights, ids = cpu_routing.softmax_topk(logits, k, bias=bias, **options)
+    want_weights, want_ids = softmax_topk_oracle(logits, k, bias=bias, **options)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert weights.is_contiguous() and ids.is_contiguous()
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    testing.assert_close(weights, want_weights, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "options", [{}, dict(renormalize=True), dict(score_func="sigmoid", num_groups=8, topk_groups=3)]
+)
+def test_routing_ties_rank_like_the_reference(dtype, options, tie_check):
+    # Random 16-bit logits (and small integers) tie often: those rows take the reference's exact
+    # ranking (equal keys, lower id first), the others the fast selection.
+    for logits in (torch.randn(300, 64).to(dtype), torch.randint(-3, 3, (300, 64)).to(dtype)):
+        weights, ids = cpu_routing.softmax_topk(logits, 8, **options)
+        want_weights, want_ids = ref_routing.softmax_topk(logits, 8, **options)
+        torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+        testing.assert_close(weights, want_weights)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, tie_check):
+    logits = non_finite_logits(score_func)
+    weights, ids = cpu_routing.softmax_topk(logits, 5, score_func=score_func, renormalize=renormalize)
+    want_weights, want_ids = ref_routing.softmax_topk(logits, 5, score_func=score_func, renormalize=renormalize)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    torch.testing.assert_close(weights, want_weights, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES[:5], ids=[c[0] for c in ROUTING_CASES[:5]])
+def test_routing_backward_matches_float64(case):
+    _, num_experts, k, options, with_bias = case
+    logits, bias = routing_inputs(29, num_experts, options, with_bias)
+    _, ids = cpu_routing.softmax_topk(logits, k, bias=bias, **options)
+    grad = torch.randn(29, k)
+    kept = dict(renormalize=options.get("renormalize", False), score_func=options.get("score_func", "softmax"))
+    kept["scale"] = options.get("scale", 1.0)
+    got = cpu_routing.softmax_topk_backward(grad, logits, ids, **kept)
+    want = ref_routing.softmax_topk_backward(grad.double(), logits.double(), ids, **kept)
+    testing.assert_close(got, want, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact_k
+
+
+@pytest.mark.parametrize("num_experts,k,k_min", [(60, 4, 4), (160, 6, 6), (257, 8, 3), (13, 5, 0), (1, 1, 1)])
+@pytest.mark.parametrize("num_tokens", ODD_TOKENS)
+def test_exact_k_matches_float64(num_experts, k, k_min, num_tokens):
+    logits = torch.randn(num_tokens, num_experts) * 2
+    uniforms = torch.rand(num_tokens, num_experts + 1)
+    with testing.poisoned_outputs():
+        marginals, log_z, ids = cpu_probmoe.exact_k_forward(logits, k, k_min, uniforms)
+        grad_m, grad_z = torch.randn(num_tokens, num_experts), torch.randn(num_tokens)
+        grad = cpu_probmoe.exact_k_backward(logits, grad_m, grad_z, k, k_min)
+    for name, t in (("marginals", marginals), ("log_z", log_z), ("grad", grad)):
+        testing.assert_written(t, name)
+    assert (ids != testing.utils.poison_value(torch.int32)).all()
+    want_m, want_z, _ = ref_probmoe.exact_k_forward(logits.double(), k, k_min)
+    testing.assert_close(marginals, want_m, dtype=torch.float32, op="exact_k")
+    testing.assert_close(log_z, want_z, dtype=torch.float32, op="exact_k")
+    want_grad = ref_probmoe.exact_k_backward(logits.double(), grad_m.double(), grad_z.double(), k, k_min)
+    testing.assert_close(grad, want_grad, dtype=torch.float32, op="exact_k")
+    # The sample is the reference's draw for draw (same table arithmetic, same uniforms).
+    torch.testing.assert_close(ids, ref_probmoe.exact_k_forward(logits, k, k_min, uniforms)[2], atol=0, rtol=0)
+
+
+def test_exact_k_rows_outside_the_linear_range_and_invalid_rows():
+    logits = torch.randn(6, 40) * 2
+    logits[0] *= 60  # a range beyond the linear DP's: the reference computes the row
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, :38] = float("-inf")  # two finite logits, k = 4: no subset
+    marginals, log_z, _ = cpu_probmoe.exact_k_forward(logits, 4, 4)
+    want_m, want_z, _ = ref_probmoe.exact_k_forward(logits, 4, 4)
+    torch.testing.assert_close(marginals, want_m, equal_nan=True, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(log_z, want_z, equal_nan=True)
+    grad = cpu_probmoe.exact_k_backward(logits, torch.ones(6, 40), torch.ones(6), 4, 4)
+    want = ref_probmoe.exact_k_backward(logits, torch.ones(6, 40), torch.ones(6), 4, 4)
+    torch.testing.assert_close(grad, want, equal_nan=True, atol=3e-5, rtol=1e-4)
+
+
+def test_exact_k_chunks_agree(monkeypatch):
+    logits = torch.randn(37, 24) * 2
+    whole = cpu_probmoe.exact_k_forward(logits, 5, 5)[0]
+    monkeypatch.setattr(cpu_probmoe, "TABLE_BYTES", 1)  # one token per chunk
+    torch.testing.assert_close(cpu_probmoe.exact_k_forward(logits, 5, 5)[0], whole)
+
+
+# ------------------------------------------------------------------------------------------------
+# knn
+
+
+@pytest.mark.parametrize("weighting", ["similarity", "softmax"])
+@pytest.mark.parametrize("num_tokens", ODD_TOKENS)
+def test_knn_matches_float64(weighting, num_tokens):
+    num_experts, num_neighbors, memory_rows = 60, 5, 50
+    router = torch.randn(num_tokens, num_experts)
+    memory = torch.randn(memory_rows, num_experts)
+    ids = torch.randint(0, memory_rows, (num_tokens, num_neighbors))
+    sims = torch.rand(num_tokens, num_neighbors) * 2 - 0.5  # some rows have conf 0
+    if num_tokens:
+        sims[0] = float("nan")
+    options = dict(weighting=weighting, temperature=0.3, min_confidence=0.1)
+    mixed, conf = cpu_knn.knn_mix(router, memory[ids], sims, **options)
+    want_mixed, want_conf = ref_knn.knn_mix(router.double(), memory[ids].double(), sims.double(), **options)
+    testing.assert_close(mixed, want_mixed, dtype=torch.float32)
+    testing.assert_close(conf, want_conf, dtype=torch.float32)
+    dead = conf == 0
+    assert torch.equal(mixed[dead], router[dead])  # the router's logits, bit for bit
+    weights, expert_ids, _ = cpu_knn.knn_route(router, ids, sims, memory, 4, renormalize=True, **options)
+    want_w, want_ids, _ = ref_knn.knn_route(
+        router.double(), ids, sims.double(), memory.double(), 4, renormalize=True, **options
+    )
+    torch.testing.assert_close(expert_ids, want_ids, atol=0, rtol=0)
+    testing.assert_close(weights, want_w, dtype=torch.float32)
+    grad = torch.randn(num_tokens, 4)
+    got = cpu_knn.knn_route_backward(
+        grad, router, ids, sims, memory, expert_ids, renormalize=True, score_func="softmax", scale=1.0, **options
+    )
+    want = ref_knn.knn_route_backward(
+        grad.double(), router.double(), ids, sims.double(), memory.double(), expert_ids,
+        renormalize=True, score_func="softmax", scale=1.0, **options,
+    )  # fmt: skip
+    for a, b in zip(got, want):
+        testing.assert_close(a, b, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# experts and grouped_mm
+
+
+def _experts_problem(num_experts, k, hidden, inter, num_tokens, empty_slots, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, inter, generator=gen) * inter**-0.5
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    weights = torch.rand(num_tokens, k, generator=gen)
+    # Half the experts unrouted; -1 slots when asked.
+    ids = torch.randint(-1 if empty_slots else 0, max(num_experts // 2, 1), (num_tokens, k), generator=gen)
+    biases = (torch.randn(num_experts, 2 * inter, generator=gen), torch.randn(num_experts, hidden, generator=gen))
+    return x, gate_up, down, weights, ids, biases if bias else (None, None)
+
+
+EXPERT_CASES = [  # (E, k, H, I, T): small-batch path, one block, several blocks, odd sizes
+    (60, 4, 32, 16, 1),
+    (160, 6, 16, 8, 13),
+    (257, 3, 8, 4, 97),
+    (8, 2, 16, 8, 0),
+    (16, 4, 64, 32, 300),
+]
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=[f"E{c[0]}-T{c[4]}" for c in EXPERT_CASES])
+@pytest.mark.parametrize("activation", ["silu", "gpt_oss"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_experts_matches_float64(case, activation, bias, monkeypatch):
+    num_experts, k, hidden, inter, num_tokens = case
+    monkeypatch.setattr(cpu_experts, "BLOCK_ROWS", 64)  # several blocks at T = 300
+    monkeypatch.setattr(cpu_experts, "BACKWARD_BLOCK_ROWS", 64)
+    x, gate_up, down, weights, ids, (b1, b2) = _experts_problem(num_experts, k, hidden, inter, num_tokens, True, bias)
+    with testing.poisoned_outputs():
+        out, saved = cpu_experts.fused_experts_forward(x, gate_up, down, weights, ids, activation, b1, b2, True)
+        grad_out = torch.randn(num_tokens, hidden)
+        grads = cpu_experts.fused_experts_backward(
+            grad_out, x, gate_up, down, weights, ids, activation=activation, gate_up_bias=b1, down_bias=b2, h=saved
+        )
+    want = ref_experts.fused_experts(
+        x.double(), gate_up.double(), down.double(), weights.double(), ids, activation=activation,
+        gate_up_bias=_d(b1), down_bias=_d(b2),
+    )  # fmt: skip
+    testing.assert_close(out, want, dtype=torch.float32, op="fused_experts")
+    want_h = ref_experts.sorted_pre_activations(x.double(), gate_up.double(), ids, _d(b1))
+    testing.assert_close(saved, want_h, dtype=torch.float32, op="fused_experts")
+    want_grads = ref_experts.fused_experts_backward(
+        grad_out.double(), x.double(), gate_up.double(), down.double(), weights.double(), ids,
+        activation=activation, gate_up_bias=_d(b1), down_bias=_d(b2),
+    )  # fmt: skip
+    for name, got, ref in zip(("hidden", "gate_up", "down", "weights", "b1", "b2"), grads, want_grads):
+        if ref is None:
+            assert got is None
+            continue
+        testing.assert_written(got, name)
+        testing.assert_close(got, ref, dtype=torch.float32, op="fused_experts", msg=name)
+    # Unrouted experts get exactly zero weight gradients.
+    unrouted = torch.ones(num_experts, dtype=torch.bool)
+    unrouted[ids[ids >= 0].unique()] = False
+    assert (grads[1][unrouted] == 0).all() and (grads[2][unrouted] == 0).all()
+
+
+def test_small_batch_path_is_taken_for_decode_and_not_for_large_experts():
+    assert experts_small.applies(torch.empty(8, 64, 32), torch.empty(8, 32, 32), torch.zeros(2, 2, dtype=torch.long))
+    assert not experts_small.applies(
+        torch.empty(64, 512, 512), torch.empty(64, 512, 256), torch.zeros(1, 8, dtype=torch.long)
+    )
+
+
+@pytest.mark.parametrize("num_rows,offsets", [(10, [2, 2, 7]), (7, [0, 0, 0]), (0, [0, 0, 0]), (13, [13, 13, 13])])
+def test_grouped_mm_rows_past_the_last_offset_are_zero(num_rows, offsets):
+    # torch._grouped_mm leaves those rows uninitialised (garbage, even NaN): the path must not.
+    a = torch.randn(num_rows, 16)
+    b = torch.randn(3, 16, 8)
+    offsets = torch.tensor(offsets, dtype=torch.int32)
+    grad_out = torch.randn(num_rows, 8)
+    with testing.poisoned_outputs():
+        out = cpu_experts.grouped_mm(a, b, offsets)
+        grad_a, grad_b = cpu_experts.grouped_mm_backward(grad_out, a, b, offsets)
+    testing.assert_written(out)
+    testing.assert_written(grad_a)
+    testing.assert_close(out, ref_experts.grouped_mm(a.double(), b.double(), offsets), dtype=torch.float32)
+    want_a, want_b = ref_experts.grouped_mm_backward(grad_out.double(), a.double(), b.double(), offsets)
+    testing.assert_close(grad_a, want_a, dtype=torch.float32)
+    testing.assert_close(grad_b, want_b, dtype=torch.float32)
+
+
+def test_grouped_mm_backward_takes_a_zero_stride_gradient():
+    # torch._grouped_mm's own backward fails on the expanded gradient of a .sum(); the op's
+    # explicit backward makes it contiguous first.
+    a = torch.randn(10, 16, requires_grad=True)
+    b = torch.randn(3, 16, 8, requires_grad=True)
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)
+    moe_kernels.grouped_mm(a, b, offsets).sum().backward()
+    want_a, want_b = ref_experts.grouped_mm_backward(torch.ones(10, 8).double(), a.double(), b.double(), offsets)
+    testing.assert_close(a.grad, want_a, dtype=torch.float32)
+    testing.assert_close(b.grad, want_b, dtype=torch.float32)
+
+
+def test_public_ops_run_the_cpu_path(monkeypatch):
+    calls = []
+    real = cpu_routing.softmax_topk
+    monkeypatch.setattr(cpu_routing, "softmax_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    weights, ids = moe_kernels.softmax_topk(torch.randn(3, 16), 2)
+    assert calls and weights.shape == ids.shape == (3, 2)
