@@ -315,7 +315,9 @@ def test_zero_prior_at_the_base_k_is_the_models_own_routing():
         cor.apply_counterfactual_routing(model, cor.CoRPlan(torch.tensor([2, 2]), torch.zeros(2, 6), strength=1.0))
         applied = model(batch).logits
         cor.revert_counterfactual_routing(model)
-    assert torch.equal(applied, before)
+    # Not bit-exact: a (zero) selection bias takes the biased CPU routing path (full softmax,
+    # gathered and renormalised) where the plain one takes the softmax of the k selected logits.
+    assert_close(applied, before, dtype=torch.float32)
 
 
 def test_calibrate_keeps_the_budget_and_the_plan_file_round_trips(tmp_path):
