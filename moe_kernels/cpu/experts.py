@@ -43,13 +43,23 @@ BACKWARD_BLOCK_ROWS = 4096
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
-    """``torch._grouped_mm``'s CPU requirements: a supported dtype, 16-byte aligned data and
-    every non-unit stride a multiple of 16 bytes."""
+    """``torch._grouped_mm``'s CPU requirements on each operand as passed (ATen's
+    ``check_valid_strides_and_return_transposed``): a supported dtype, 16-byte aligned data, one of
+    the two matrix dims of stride 1 -- tried in ATen's order, column-major first, which is what
+    a ``(1, 1)`` matrix of strides ``(1, 1)`` takes -- and the other's stride a multiple of 16 bytes
+    and at least the matrix's extent."""
     for t in tensors:
         if t.dtype not in GROUPED_MM_DTYPES or t.data_ptr() % 16:
             return False
-        size = t.element_size()
-        if any(stride != 1 and (stride * size) % 16 for stride in t.stride()):
+        alignment = 16 // t.element_size()
+        (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+        if row_stride == 1 and col_stride >= max(1, rows):
+            leading = col_stride
+        elif col_stride == 1 and row_stride >= max(1, cols):
+            leading = row_stride
+        else:
+            return False
+        if leading % alignment:
             return False
     return True
 
@@ -83,7 +93,7 @@ def grouped_mm_backward(
     """:func:`moe_kernels.reference.experts.grouped_mm_backward` on the CPU: ``grad_a (M, K)``
     (zero past ``offsets[-1]``) and ``grad_b (G, K, N)`` (zero for empty groups)."""
     grad_out = grad_out.to(a.dtype).contiguous()  # a zero-stride gradient (of a .sum()) included
-    if not _aligned(a, b, grad_out):
+    if not _aligned(a, b, grad_out, a.t(), b.transpose(1, 2)):
         return reference.grouped_mm_backward(grad_out, a, b, offsets)
     valid = int(offsets[-1]) if offsets.numel() else 0
     grad_a = new_output(tuple(a.shape), a.dtype, a.device)

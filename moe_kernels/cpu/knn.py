@@ -5,7 +5,7 @@ fewer passes.
   clamp(sum / n, 0, 1)``, ``w = sims / sum``); rows with ``conf = 0`` (NaN, non-positive or below
   ``min_confidence``) are masked once.
 - The mix is one batched matrix product ``w @ neighbour_logits`` (no ``(T, n, E)`` temporary)
-  and one ``lerp`` with the router's logits; ``knn_route`` gathers and sums the memory rows in
+  and one ``addcmul`` with the router's logits; ``knn_route`` gathers and sums the memory rows in
   one ``embedding_bag`` (no ``(T, n, E)`` gather at all) for float32 memories.
 - ``knn_route`` then routes with :func:`moe_kernels.cpu.routing.softmax_topk`.
 
@@ -46,7 +46,10 @@ def confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence
 
 def _mix(frozen: torch.Tensor, retrieved: torch.Tensor, conf: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """``where(live, (1 - conf) * frozen + conf * retrieved, frozen)``."""
-    return torch.where(live, torch.lerp(frozen, retrieved, conf[:, None]), frozen)
+    # Not ``lerp``: past a weight of 0.5 it computes ``end - (end - start) * (1 - weight)``,
+    # NaN for an infinite ``end`` at ``conf = 1`` where the reference's sum is infinite.
+    c = conf[:, None]
+    return torch.where(live, torch.addcmul(frozen * (1.0 - c), retrieved, c), frozen)
 
 
 def knn_mix(

@@ -53,7 +53,12 @@ def softmax_topk(
         values, ids, bad = select.top_k(logits.to(dtype), k, finite_first=True)
         weights = torch.softmax(values, dim=-1)
     else:
-        scores = torch.softmax(logits, -1, dtype=dtype) if score_func == "softmax" else torch.sigmoid(logits.to(dtype))
+        # The sigmoid as the reference computes it (ties between equal logits stay exact).
+        scores = (
+            torch.softmax(logits, -1, dtype=dtype)
+            if score_func == "softmax"
+            else reference.gate_scores(logits, score_func)
+        )
         keys = scores if bias is None else scores + bias.to(dtype)
         group_bad = None
         if num_groups and topk_groups < num_groups:
