@@ -15,13 +15,13 @@ included).
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks.common import resolve_device, run_and_report, time_fn, warm_up
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device, time_fn, warm_up
 from moe_kernels import TopKRouter, cor, softmax_topk
 from moe_kernels.routing_override import clear_selection_override, set_selection_override
 
@@ -179,24 +179,10 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model and router (seconds on a CPU)")
+    parser = bench_parser("bench_cor", __doc__, "a tiny model and router (seconds on a CPU)")
     parser.add_argument("--tokens", type=int, nargs="+", help="router token counts")
     parser.add_argument("--tokens-per-forward", type=int, default=4096, help="expert_impact's batching")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(quick=args.quick, device=device, tokens=args.tokens, tokens_per_forward=args.tokens_per_forward),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

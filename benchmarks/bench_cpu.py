@@ -25,7 +25,6 @@ with their ``stalled`` count.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -34,7 +33,8 @@ from collections.abc import Sequence
 import torch
 
 from benchmarks import cpu_points
-from benchmarks.common import cpu_samples, parse_args, run_and_report
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import cpu_samples
 from benchmarks.cpu_points import OURS, Point
 
 OP_NAME = "cpu"
@@ -251,22 +251,18 @@ def _summary(rows: list[dict]) -> None:
         print(f"  not met ({row['threads']} thr): {row['goal']} {row['case']}: {ratio}, target {row['target']}")
 
 
+def _run_options(args, _device: torch.device) -> dict:
+    """``run``'s keywords: a single ``--threads N`` is the same as ``--threads-list N``."""
+    threads_list = args.threads_list or ([args.threads] if args.threads else None)
+    return {"quick": args.quick, "threads_list": threads_list, "sections": args.sections}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few points per section (a few minutes)")
+    parser = bench_parser("bench_cpu", __doc__, "a few points per section (a few minutes)")
     parser.add_argument("--threads-list", type=int, nargs="+", help="thread counts to run (default: 1 and all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--device", default="cpu", choices=("cpu",), help="the CPU goals run on the CPU")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads (a single count: the same as --threads-list N)
-    threads_list = args.threads_list or ([args.threads] if args.threads else None)
-    return run_and_report(
-        OP_NAME,
-        torch.device("cpu"),
-        lambda: run(quick=args.quick, threads_list=threads_list, sections=args.sections),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    device_flag = {"default": "cpu", "choices": ("cpu",), "help": "the CPU goals run on the CPU"}
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, device_flag=device_flag, options=_run_options)
 
 
 if __name__ == "__main__":

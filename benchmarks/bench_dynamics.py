@@ -30,14 +30,14 @@ baseline: ``speedup_vs_<provider>``) are derived columns. CPU timings depend on 
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks.common import resolve_device, run_and_report, time_fn
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device, time_fn
 from moe_kernels import balance, dynamics
 
 OP_NAME = "dynamics"
@@ -116,6 +116,13 @@ def _speedups(rows: list[dict]) -> None:
             ours[f"speedup_vs_{row['provider']}"] = row["median_us"] / ours["median_us"]
 
 
+def _simulate_row(label: str, chains: int, provider: str, timing: dict, ran_chains: int, steps: int) -> dict:
+    """A simulate row: ``timing`` of ``ran_chains`` chains of ``steps`` steps (the Python loop runs
+    fewer chains than the point's ``chains``), and the chain steps per second it makes."""
+    rate = ran_chains * steps / timing["median_us"] * 1e6
+    return _row("simulate", label, chains, provider, timing, steps=steps, chain_steps_per_s=rate)
+
+
 def bench_simulate(device: torch.device, quick: bool) -> list[dict]:
     steps = QUICK_SIM_STEPS if quick else SIM_STEPS
     rows = []
@@ -127,31 +134,13 @@ def bench_simulate(device: torch.device, quick: bool) -> list[dict]:
             ),
             device=device,
         )
-        point = [
-            _row(
-                "simulate",
-                label,
-                chains,
-                "moe_kernels",
-                timing,
-                steps=steps,
-                chain_steps_per_s=chains * steps / timing["median_us"] * 1e6,
-            )
-        ]
         py_chains = max(1, min(chains, PYTHON_CHAIN_STEPS // steps))
         py_steps = PYTHON_CHAIN_STEPS // py_chains
-        timing = time_fn(lambda: python_loop_rule(num_experts, py_chains, py_steps), device=torch.device("cpu"))
-        point.append(
-            _row(
-                "simulate",
-                label,
-                chains,
-                "python_loop",
-                timing,
-                steps=py_steps,
-                chain_steps_per_s=py_chains * py_steps / timing["median_us"] * 1e6,
-            )
-        )
+        python_timing = time_fn(lambda: python_loop_rule(num_experts, py_chains, py_steps), device=torch.device("cpu"))
+        point = [
+            _simulate_row(label, chains, "moe_kernels", timing, chains, steps),
+            _simulate_row(label, chains, "python_loop", python_timing, py_chains, py_steps),
+        ]
         _speedups(point)
         rows += point
     return rows
@@ -269,27 +258,10 @@ def run(*, quick: bool = False, device: str | torch.device | None = None, groups
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dynamics", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_SIM_STEPS} simulator steps, 3 chain counts, T in {QUICK_STAT_TOKENS}",
-    )
+    quick_help = f"{QUICK_SIM_STEPS} simulator steps, 3 chain counts, T in {QUICK_STAT_TOKENS}"
+    parser = bench_parser("bench_dynamics", __doc__, quick_help)
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS, help="groups to time (default: all)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads for the run (default: torch's)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; write no CSV or plot")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(quick=args.quick, device=device, groups=args.groups),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ beside the table as the GPU reference, not measured.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import parse_args, resolve_device, run_and_report
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device
 from moe_kernels import TopKRouter, fused_experts
 from moe_kernels.distributed import ExpertParallelMoE, combine, dispatch, run_group
 
@@ -241,37 +241,24 @@ def run(
     return rows
 
 
+def _run_options(args, device: torch.device) -> dict:
+    """``run``'s keywords: the ``--quick`` or default :class:`Config`, with the sizes given as flags
+    (each flag's dest is the field's name)."""
+    config = QUICK if args.quick else Config()
+    given = {field.name: getattr(args, field.name, None) for field in fields(Config)}
+    given["tokens"] = tuple(args.tokens) if args.tokens else None
+    config = replace(config, **{name: value for name, value in given.items() if value is not None})
+    return {"config": config, "worlds": args.worlds, "device": device}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_expert_parallel", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="T in (64, 256), H=512, I=256, E=8, k=2, 10 reps")
+    parser = bench_parser("bench_expert_parallel", __doc__, "T in (64, 256), H=512, I=256, E=8, k=2, 10 reps")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="ranks per run (default 2 4)")
     parser.add_argument("--tokens", type=int, nargs="+", help="tokens per rank")
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--inter", type=int)
-    parser.add_argument("--experts", type=int)
-    parser.add_argument("--k", type=int)
-    parser.add_argument("--reps", type=int)
-    parser.add_argument("--threads-per-rank", type=int)
-    parser.add_argument("--device", help="cpu (gloo) or cuda (nccl, one GPU per rank); default cuda when available")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    config = QUICK if args.quick else Config()
-    overrides = dict(
-        tokens=tuple(args.tokens) if args.tokens else None,
-        hidden=args.hidden,
-        inter=args.inter,
-        experts=args.experts,
-        k=args.k,
-        reps=args.reps,
-        threads_per_rank=args.threads_per_rank,
-    )
-    config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
-    device = resolve_device(args.device)
-    status = run_and_report(
-        OP_NAME, device, lambda: run(config, worlds=args.worlds, device=device), TABLE_COLUMNS, write=not args.no_write
-    )
+    for size in ("--hidden", "--inter", "--experts", "--k", "--reps", "--threads-per-rank"):
+        parser.add_argument(size, type=int)
+    device_flag = {"help": "cpu (gloo) or cuda (nccl, one GPU per rank); default cuda when available"}
+    status = main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, device_flag=device_flag, options=_run_options)
     print(DEEPEP_REFERENCE)
     return status
 

@@ -15,7 +15,6 @@ device's measured dense GEMM rate, and for decode batches the % of the weight-ba
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 from collections.abc import Sequence
@@ -24,16 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import moe_kernels
-from benchmarks.common import (
-    add_speedups,
-    measured_bandwidth_gbs,
-    measured_gemm_tflops,
-    parse_args,
-    resolve_device,
-    run_and_report,
-    time_fn,
-    warm_up,
-)
+from benchmarks.command import add_dtype_flag, bench_parser, main_for
+from benchmarks.common import measured_bandwidth_gbs, measured_gemm_tflops, resolve_device
+from benchmarks.points import SPEEDUP_BASELINES, add_speedups, dtype_name, time_calls
 from moe_kernels import reference
 from moe_kernels.shapes import EXPERT_DECODE_TOKENS, EXPERT_PREFILL_TOKENS, EXPERT_SHAPES, ExpertShape
 
@@ -43,6 +35,14 @@ ROUTINGS = ("uniform", "skewed", "one_hot")
 QUICK_CPU_SHAPE = ExpertShape("tiny-cpu", 8, 2, 64, 128)
 QUICK_CPU_TOKENS = (1, 64)
 CUDA_GRAPH_MAX_TOKENS = 256
+# Providers with host syncs (the HF loop, the reference's, liger's tile count): no CUDA graph.
+UNCAPTURABLE = ("hf_eager", "torch_eager", "liger")
+# (column, provider) of the speedups beyond eager and compiled PyTorch's.
+MOE_BASELINES = (
+    ("speedup_vs_hf", "hf_eager"),
+    ("speedup_vs_grouped_mm", "torch_grouped_mm"),
+    ("speedup_vs_liger", "liger"),
+)
 TABLE_COLUMNS = (
     "model",
     "T",
@@ -188,7 +188,7 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
     weight_floor_us = touched * 3 * shape.hidden * shape.intermediate * dtype.itemsize / peak_gbs / 1e3
     use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS and not backward
     grad = torch.randn_like(hidden)
-    rows = []
+    calls = {}
     for name, provider in providers.items():
         if name == "liger" and shape.activation != "silu":
             continue
@@ -200,73 +200,37 @@ def _bench_point(shape, dtype, num_tokens, routing, direction, device, providers
                 return torch.autograd.grad(out, leaves, grad)
         else:
             call = functools.partial(provider, hidden, gate_up, down, weights, ids, activation=shape.activation)
-        warm_up(call, device)
-        # Providers with host syncs (the HF loop) cannot be captured; time_fn falls back.
-        timing = time_fn(call, device=device, cuda_graph=use_graph and name not in ("hf_eager", "torch_eager", "liger"))
+        calls[name] = call
+    case = {"op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "H": shape.hidden}
+    case.update(I=shape.intermediate, T=num_tokens, routing=routing, direction=direction, dtype=dtype_name(dtype))
+    rows = []
+    for name, timing in time_calls(calls, device, cuda_graph=use_graph, uncapturable=UNCAPTURABLE).items():
         tflops = flops / timing["median_us"] / 1e6
+        decode = num_tokens <= CUDA_GRAPH_MAX_TOKENS
         rows.append(
             {
-                "op": OP_NAME,
-                "model": shape.model,
-                "E": shape.num_experts,
-                "k": shape.k,
-                "H": shape.hidden,
-                "I": shape.intermediate,
-                "T": num_tokens,
-                "routing": routing,
-                "direction": direction,
-                "dtype": str(dtype).removeprefix("torch."),
+                **case,
                 "provider": name,
                 **timing,
                 "flops": flops,
                 "tflops": tflops,
                 "pct_gemm": 100 * tflops / peak_tflops,
                 "measured_gemm_tflops": peak_tflops,
-                "pct_weight_bw": 100 * weight_floor_us / timing["median_us"]
-                if num_tokens <= CUDA_GRAPH_MAX_TOKENS
-                else None,
+                "pct_weight_bw": 100 * weight_floor_us / timing["median_us"] if decode else None,
             }
         )
-    add_speedups(rows)
-    median = {row["provider"]: row["median_us"] for row in rows}
-    for row in rows:
-        ours = row["provider"] == "moe_kernels"
-        for column, baseline in (
-            ("speedup_vs_hf", "hf_eager"),
-            ("speedup_vs_grouped_mm", "torch_grouped_mm"),
-            ("speedup_vs_liger", "liger"),
-        ):
-            row[column] = median[baseline] / row["median_us"] if ours and baseline in median else None
+    add_speedups(rows, SPEEDUP_BASELINES + MOE_BASELINES)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_experts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU: one tiny float32 layer, T in (1, 64)")
+    parser = bench_parser("bench_experts", __doc__, "CPU: one tiny float32 layer, T in (1, 64)")
     parser.add_argument("--tokens", type=int, nargs="+")
-    parser.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["uniform"])
+    parser.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["uniform"], dest="routings")
     parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
-    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), dest="dtypes")
+    add_dtype_flag(parser)
     parser.add_argument("--model", action="append", dest="models", help="an EXPERT_SHAPES model name (repeatable)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            device=device,
-            tokens=args.tokens,
-            routings=args.routing,
-            directions=args.directions or ("fwd", "fwd+bwd"),
-            dtypes=args.dtypes,
-            models=args.models,
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

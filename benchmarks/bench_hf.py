@@ -9,18 +9,20 @@ weights; DeepSeek-V3 with 32 local experts), so no download is needed.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from benchmarks.common import parse_args, resolve_device, run_and_report, time_fn, warm_up
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device, time_fn, warm_up
+from benchmarks.points import add_speedups, dtype_name
 
 OP_NAME = "hf_moe_block"
 DECODE_TOKENS = (1, 8, 64)
 PREFILL_TOKENS = (4096, 16384)
+PROVIDERS = ("hf_eager", "moe_kernels")  # the block as HF runs it, then patched
 TABLE_COLUMNS = ("family", "T", "direction", "provider", "median_us", "speedup_vs_hf", "timer")
 
 # family -> (config class, block class, the config's sizes at the public model's scale)
@@ -118,8 +120,6 @@ def run(
     directions: Sequence[str] = ("fwd", "fwd+bwd"),
 ) -> list[dict]:
     """Rows of every (family, T, direction): the HF block, then the patched one."""
-    from moe_kernels.integrations.transformers import apply_moe_kernels, revert_moe_kernels
-
     device = resolve_device(device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     tokens = tokens or ((1, 16) if quick else DECODE_TOKENS + PREFILL_TOKENS)
@@ -130,34 +130,32 @@ def run(
         for num_tokens in tokens:
             hidden = torch.randn(1, num_tokens, hidden_size, device=device, dtype=dtype)
             for direction in directions:
-                point = []
-                for provider in ("hf_eager", "moe_kernels"):
-                    if provider == "moe_kernels":
-                        apply_moe_kernels(holder)
-                    call = _call(holder.block, hidden, direction == "fwd+bwd")
-                    warm_up(call, device)
-                    timing = time_fn(call, device=device)
-                    point.append(
-                        {
-                            "op": OP_NAME,
-                            "family": family,
-                            "T": num_tokens,
-                            "direction": direction,
-                            "dtype": str(dtype).removeprefix("torch."),
-                            "provider": provider,
-                            **timing,
-                        }
-                    )
-                    if provider == "moe_kernels":
-                        revert_moe_kernels(holder)
-                hf_us = point[0]["median_us"]
-                for row in point:
-                    row["speedup_vs_hf"] = hf_us / row["median_us"] if row["provider"] == "moe_kernels" else None
+                case = {"op": OP_NAME, "family": family, "T": num_tokens, "direction": direction}
+                case["dtype"] = dtype_name(dtype)
+                backward = direction == "fwd+bwd"
+                point = [{**case, "provider": p, **_timing(holder, hidden, backward, p, device)} for p in PROVIDERS]
+                add_speedups(point, (("speedup_vs_hf", "hf_eager"),))
                 rows += point
         del holder
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _timing(holder: _Holder, hidden: torch.Tensor, backward: bool, provider: str, device) -> dict:
+    """:func:`time_fn` of the block's forward (and backward), patched while the provider is
+    moe_kernels."""
+    from moe_kernels.integrations.transformers import apply_moe_kernels, revert_moe_kernels
+
+    if provider == "moe_kernels":
+        apply_moe_kernels(holder)
+    try:
+        call = _call(holder.block, hidden, backward)  # after patching: it lists the block's parameters
+        warm_up(call, device)
+        return time_fn(call, device=device)
+    finally:
+        if provider == "moe_kernels":
+            revert_moe_kernels(holder)
 
 
 def _call(block: nn.Module, hidden: torch.Tensor, backward: bool):
@@ -172,28 +170,11 @@ def _call(block: nn.Module, hidden: torch.Tensor, backward: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="every family at a tiny size, T in (1, 16)")
+    parser = bench_parser("bench_hf", __doc__, "every family at a tiny size, T in (1, 16)")
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--family", action="append", dest="families", choices=tuple(FAMILIES))
     parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            device=device,
-            tokens=args.tokens,
-            families=args.families,
-            directions=args.directions or ("fwd", "fwd+bwd"),
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

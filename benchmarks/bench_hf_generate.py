@@ -21,14 +21,14 @@ in float32); ``loss_diff`` the relative difference of the training loss.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.common import parse_args, resolve_device, run_and_report
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device
 from moe_kernels.testing import TINY_HF_FAMILIES, tiny_hf_config
 
 OP_NAME = "hf_generate"
@@ -185,10 +185,7 @@ def _rows(family, width, hidden, batch, task, new_tokens, dtype, measured) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_hf_generate", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="width 1, batch 2, 8 new tokens")
+    parser = bench_parser("bench_hf_generate", __doc__, "width 1, batch 2, 8 new tokens")
     parser.add_argument("--family", action="append", dest="families", choices=TINY_HF_FAMILIES)
     parser.add_argument("--width", type=int, help="multiplies the tiny config's hidden and intermediate sizes")
     parser.add_argument("--batch", type=int, nargs="+", dest="batches")
@@ -196,27 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="also time one training step (forward + backward)")
     parser.add_argument("--baselines", nargs="+", choices=tuple(BASELINES), default=["hf_eager"])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="interleaved rounds per measurement")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            device=device,
-            families=args.families,
-            width=args.width,
-            batches=args.batches,
-            new_tokens=args.new_tokens,
-            train=args.train,
-            baselines=args.baselines,
-            repeats=args.repeats,
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

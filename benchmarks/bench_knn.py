@@ -9,22 +9,15 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Sequence
 
 import torch
 
 import moe_kernels
-from benchmarks.common import (
-    add_speedups,
-    measured_bandwidth_gbs,
-    parse_args,
-    resolve_device,
-    run_and_report,
-    time_fn,
-    warm_up,
-)
+from benchmarks.command import add_dtype_flag, bench_parser, main_for
+from benchmarks.common import resolve_device
+from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 
@@ -33,21 +26,7 @@ OPTIONS = dict(weighting="similarity", temperature=0.1, min_confidence=0.0)
 NEIGHBORS = (8, 32)
 QUICK_CPU = dict(experts=(64, 256), tokens=(1, 64, 1024), neighbors=(8,))
 CUDA_GRAPH_MAX_TOKENS = 512
-TABLE_COLUMNS = (
-    "E",
-    "n",
-    "T",
-    "dtype",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "gb_per_s",
-    "pct_bw",
-    "speedup_vs_eager",
-    "speedup_vs_compile",
-    "timer",
-)
+TABLE_COLUMNS = bandwidth_columns("E", "n", "T", "dtype")
 
 
 def mix_bytes(num_tokens: int, num_experts: int, num_neighbors: int, dtype: torch.dtype) -> int:
@@ -83,67 +62,35 @@ def run(
     tokens = tokens or (QUICK_CPU["tokens"] if quick_cpu else ROUTING_TOKENS)
     neighbors = neighbors or (QUICK_CPU["neighbors"] if quick_cpu else NEIGHBORS)
     dtypes = dtypes or (("float32",) if quick_cpu else ("bfloat16",))
-    peak_gbs = measured_bandwidth_gbs(device)
     providers = _providers(device, quick_cpu)
     rows = []
     for num_experts in experts:
         for num_neighbors in neighbors:
             for dtype in map(lambda name: getattr(torch, name), dtypes):
                 for num_tokens in tokens:
-                    rows += _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers, peak_gbs)
+                    rows += _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers)
     return rows
 
 
-def _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers, peak_gbs) -> list[dict]:
+def _bench_point(num_experts, num_neighbors, dtype, num_tokens, device, providers) -> list[dict]:
     generator = torch.Generator(device=device).manual_seed(num_tokens)
     router = torch.randn(num_tokens, num_experts, generator=generator, device=device).to(dtype)
     values = torch.randn(num_tokens, num_neighbors, num_experts, generator=generator, device=device).to(dtype)
     sims = torch.rand(num_tokens, num_neighbors, generator=generator, device=device)
+    case = {"op": OP_NAME, "E": num_experts, "n": num_neighbors, "T": num_tokens, "dtype": dtype_name(dtype)}
+    case.update(model=f"E={num_experts} n={num_neighbors}")
+    calls = {name: functools.partial(provider, router, values, sims) for name, provider in providers.items()}
     moved = mix_bytes(num_tokens, num_experts, num_neighbors, dtype)
     use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS
-    rows = []
-    for name, provider in providers.items():
-        call = functools.partial(provider, router, values, sims)
-        warm_up(call, device)
-        timing = time_fn(call, device=device, cuda_graph=use_graph)
-        gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append(
-            {
-                "op": OP_NAME,
-                "E": num_experts,
-                "n": num_neighbors,
-                "T": num_tokens,
-                "dtype": str(dtype).removeprefix("torch."),
-                "provider": name,
-                **timing,
-                "bytes": moved,
-                "gb_per_s": gb_per_s,
-                "pct_bw": 100 * gb_per_s / peak_gbs,
-                "measured_bw_gbs": peak_gbs,
-                "model": f"E={num_experts} n={num_neighbors}",
-            }
-        )
-    add_speedups(rows)
-    return rows
+    return bandwidth_rows(case, calls, device, moved, cuda_graph=use_graph)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_knn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU: E in (64, 256), n=8, T in (1, 64, 1024), float32")
-    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"), dest="dtypes")
+    parser = bench_parser("bench_knn", __doc__, "CPU: E in (64, 256), n=8, T in (1, 64, 1024), float32")
+    add_dtype_flag(parser)
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--neighbors", type=int, nargs="+")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(quick=args.quick, dtypes=args.dtypes, device=device, tokens=args.tokens, neighbors=args.neighbors),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -9,22 +9,15 @@ routing) in eager mode and under ``torch.compile``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Sequence
 
 import torch
 
 import moe_kernels
-from benchmarks.common import (
-    add_speedups,
-    measured_bandwidth_gbs,
-    parse_args,
-    resolve_device,
-    run_and_report,
-    time_fn,
-    warm_up,
-)
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device
+from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 from moe_kernels.testing import make_bias
@@ -32,20 +25,8 @@ from moe_kernels.testing import make_bias
 OP_NAME = "knn_route"
 QUICK_CPU = dict(shapes=ROUTING_SHAPES[:2], tokens=(1, 64), neighbors=(8,), entries=(10_000,))
 CUDA_GRAPH_MAX_TOKENS = 512
-TABLE_COLUMNS = (
-    "model",
-    "n",
-    "N",
-    "T",
-    "provider",
-    "median_us",
-    "gb_per_s",
-    "pct_bw",
-    "speedup_vs_eager",
-    "speedup_vs_compile",
-    "extra_us_vs_softmax_topk",
-    "timer",
-)
+Counts = Sequence[int] | None  # sizes to run, or None for the defaults
+TABLE_COLUMNS = bandwidth_columns("model", "n", "N", "T", extra=("extra_us_vs_softmax_topk",))
 
 
 def route_bytes(num_tokens: int, num_experts: int, num_neighbors: int, k: int, dtype: torch.dtype) -> int:
@@ -63,14 +44,10 @@ def torch_chain(router, ids, sims, memory, k, **routing):
 
 
 def run(
-    *,
-    quick: bool = False,
-    device=None,
-    tokens: Sequence[int] | None = None,
-    neighbors: Sequence[int] | None = None,
-    entries: Sequence[int] | None = None,
+    *, quick: bool = False, device=None, tokens: Counts = None, neighbors: Counts = None, entries: Counts = None
 ) -> list[dict]:
-    """Rows of every (shape, n, N, T), one per provider."""
+    """Rows of every (shape, n, N, T), one per provider; ``tokens`` (T), ``neighbors`` (n) and
+    ``entries`` (N) default to the registry's (quick: :data:`QUICK_CPU`'s) counts."""
     device = resolve_device(device)
     quick_cpu = quick and device.type == "cpu"
     shapes = QUICK_CPU["shapes"] if quick_cpu else ROUTING_SHAPES
@@ -78,7 +55,6 @@ def run(
     neighbors = neighbors or (QUICK_CPU["neighbors"] if quick_cpu else (8, 32))
     entries = entries or (QUICK_CPU["entries"] if quick_cpu else (10_000, 100_000))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    peak_gbs = measured_bandwidth_gbs(device)
     compiled = None if quick_cpu else torch.compile(torch_chain)
     rows = []
     for shape in shapes:
@@ -90,12 +66,12 @@ def run(
             for num_neighbors in neighbors:
                 for num_tokens in tokens:
                     rows += _bench_point(
-                        shape, routing, memory, num_neighbors, num_tokens, dtype, device, compiled, peak_gbs, generator
+                        shape, routing, memory, num_neighbors, num_tokens, dtype, device, compiled, generator
                     )
     return rows
 
 
-def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, device, compiled, peak_gbs, generator):
+def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, device, compiled, generator):
     router = torch.randn(num_tokens, shape.num_experts, generator=generator, device=device).to(dtype)
     ids = torch.randint(0, memory.shape[0], (num_tokens, num_neighbors), generator=generator, device=device)
     sims = torch.rand(num_tokens, num_neighbors, generator=generator, device=device)
@@ -109,29 +85,9 @@ def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, devic
         providers["torch_compile"] = functools.partial(compiled, router, ids, sims, memory, k, **routing)
     moved = route_bytes(num_tokens, shape.num_experts, num_neighbors, k, dtype)
     use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS
-    rows = []
-    for name, call in providers.items():
-        warm_up(call, device)
-        timing = time_fn(call, device=device, cuda_graph=use_graph)
-        gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append(
-            {
-                "op": OP_NAME,
-                "model": shape.model,
-                "E": shape.num_experts,
-                "k": k,
-                "n": num_neighbors,
-                "N": memory.shape[0],
-                "T": num_tokens,
-                "dtype": str(dtype).removeprefix("torch."),
-                "provider": name,
-                **timing,
-                "bytes": moved,
-                "gb_per_s": gb_per_s,
-                "pct_bw": 100 * gb_per_s / peak_gbs,
-            }
-        )
-    add_speedups(rows)
+    case = {"op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": k, "n": num_neighbors}
+    case.update(N=memory.shape[0], T=num_tokens, dtype=dtype_name(dtype))
+    rows = bandwidth_rows(case, providers, device, moved, cuda_graph=use_graph)
     floor = {row["provider"]: row["median_us"] for row in rows}["softmax_topk"]
     for row in rows:
         # The issue's small-T goal: at most 1 us more than softmax_topk.
@@ -140,24 +96,11 @@ def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, devic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_knn_route", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU: two shapes, n=8, N=1e4, T in (1, 64)")
+    parser = bench_parser("bench_knn_route", __doc__, "CPU: two shapes, n=8, N=1e4, T in (1, 64)")
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--neighbors", type=int, nargs="+")
     parser.add_argument("--entries", type=int, nargs="+")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick, device=device, tokens=args.tokens, neighbors=args.neighbors, entries=args.entries
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

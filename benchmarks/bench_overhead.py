@@ -22,7 +22,6 @@ GPU finishes each kernel before the host issues the next, so the loop measures t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -31,7 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 import moe_kernels
-from benchmarks.common import cpu_samples, parse_args, resolve_device, run_and_report
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import cpu_samples, resolve_device
 from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.ops.grouped_mm import GROUPED_MM
 from moe_kernels.ops.knn import KNN_MIX
@@ -197,17 +197,15 @@ def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def _run_options(args, device: torch.device) -> dict:
+    """``run``'s keywords (``--quick`` changes nothing: the sizes are tiny anyway)."""
+    return {"device": device, "ops": args.ops}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_overhead", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser = bench_parser("bench_overhead", __doc__, "accepted for the bench suite; the sizes are tiny anyway")
     parser.add_argument("--ops", nargs="+", help="a subset of the ops")
-    parser.add_argument("--quick", action="store_true", help="accepted for the bench suite; the sizes are tiny anyway")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME, device, lambda: run(device=device, ops=args.ops), TABLE_COLUMNS, write=not args.no_write
-    )
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, options=_run_options)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,15 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Sequence
 
 import torch
 
 import moe_kernels
-from benchmarks.common import (
-    add_speedups,
-    measured_bandwidth_gbs,
-    parse_args,
-    resolve_device,
-    run_and_report,
-    time_fn,
-    warm_up,
-)
+from benchmarks.command import add_dtype_flag, bench_parser, main_for
+from benchmarks.common import resolve_device
+from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.shapes import PROBMOE_SHAPES, PROBMOE_TOKENS
 
@@ -35,23 +28,7 @@ QUICK_CPU = dict(shapes=((8, 2), (64, 8)), tokens=(1, 64, 1024))
 CUDA_GRAPH_MAX_TOKENS = 512
 # torch.compile unrolls the reference's loop over experts: beyond this E it compiles for minutes.
 COMPILE_MAX_EXPERTS = 64
-TABLE_COLUMNS = (
-    "E",
-    "k",
-    "T",
-    "dtype",
-    "direction",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "gb_per_s",
-    "pct_bw",
-    "speedup_vs_eager",
-    "speedup_vs_compile",
-    "x_softmax_topk",
-    "timer",
-)
+TABLE_COLUMNS = bandwidth_columns("E", "k", "T", "dtype", "direction", extra=("x_softmax_topk",))
 
 
 def probmoe_bytes(num_tokens: int, num_experts: int, k: int, dtype: torch.dtype, backward: bool) -> int:
@@ -99,49 +76,28 @@ def run(
     shapes = QUICK_CPU["shapes"] if quick_cpu else PROBMOE_SHAPES
     tokens = tokens or (QUICK_CPU["tokens"] if quick_cpu else PROBMOE_TOKENS)
     dtypes = dtypes or ("float32",)
-    peak_gbs = measured_bandwidth_gbs(device)
     rows = []
     for num_experts, k in shapes:
         for direction in directions:
             providers = _providers(num_experts, k, direction == "fwd+bwd", with_compile=not quick_cpu)
             for dtype in map(lambda name: getattr(torch, name), dtypes):
                 for num_tokens in tokens:
-                    rows += _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers, peak_gbs)
+                    rows += _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers)
     return rows
 
 
-def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers, peak_gbs) -> list[dict]:
+def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers) -> list[dict]:
     generator = torch.Generator(device=device).manual_seed(num_tokens)
     logits = (2 * torch.randn(num_tokens, num_experts, generator=generator, device=device)).to(dtype)
     logits.requires_grad_(True)
     uniforms = torch.rand(num_tokens, num_experts + 1, generator=generator, device=device)
     grad = torch.randn(num_tokens, num_experts, generator=generator, device=device)
+    case = {"op": OP_NAME, "E": num_experts, "k": k, "T": num_tokens, "direction": direction}
+    case.update(dtype=dtype_name(dtype), model=f"E={num_experts} k={k} {direction}")
+    calls = {name: functools.partial(provider, logits, uniforms, grad) for name, provider in providers.items()}
     moved = probmoe_bytes(num_tokens, num_experts, k, dtype, direction == "fwd+bwd")
     use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS and direction == "fwd"
-    rows = []
-    for name, provider in providers.items():
-        call = functools.partial(provider, logits, uniforms, grad)
-        warm_up(call, device)
-        timing = time_fn(call, device=device, cuda_graph=use_graph)
-        gb_per_s = moved / timing["median_us"] / 1e3
-        rows.append(
-            {
-                "op": OP_NAME,
-                "E": num_experts,
-                "k": k,
-                "T": num_tokens,
-                "direction": direction,
-                "dtype": str(dtype).removeprefix("torch."),
-                "provider": name,
-                **timing,
-                "bytes": moved,
-                "gb_per_s": gb_per_s,
-                "pct_bw": 100 * gb_per_s / peak_gbs,
-                "measured_bw_gbs": peak_gbs,
-                "model": f"E={num_experts} k={k} {direction}",
-            }
-        )
-    add_speedups(rows)
+    rows = bandwidth_rows(case, calls, device, moved, cuda_graph=use_graph)
     floor = {row["provider"]: row["median_us"] for row in rows}.get("softmax_topk")
     for row in rows:
         # The forward goal: at most 3x softmax_topk's time at the same shape.
@@ -150,34 +106,11 @@ def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_probmoe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU: (E, k) in ((8, 2), (64, 8)), T in (1, 64, 1024)")
+    parser = bench_parser("bench_probmoe", __doc__, "CPU: (E, k) in ((8, 2), (64, 8)), T in (1, 64, 1024)")
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--direction", action="append", choices=("fwd", "fwd+bwd"), dest="directions")
-    parser.add_argument(
-        "--dtype",
-        action="append",
-        choices=("float32", "float16", "bfloat16"),
-        dest="dtypes",
-        help="logits dtype (the DP computes in float32); default float32",
-    )
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            device=device,
-            tokens=args.tokens,
-            directions=args.directions or ("fwd", "fwd+bwd"),
-            dtypes=args.dtypes,
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    add_dtype_flag(parser, "logits dtype (the DP computes in float32); default float32")
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ HNSW): queries per second, build time and recall@n of each approximate index aga
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks.common import parse_args, resolve_device, run_and_report
+from benchmarks.command import bench_parser, main_for
+from benchmarks.common import resolve_device
 from moe_kernels.knn import RoutingMemory, faiss_available
 
 OP_NAME = "knn_retrieval"
@@ -102,30 +102,15 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N=2000, d=64, 256 queries")
+    parser = bench_parser("bench_retrieval", __doc__, "N=2000, d=64, 256 queries")
     parser.add_argument("--entries", type=int, nargs="+")
     parser.add_argument("--dims", type=int, nargs="+")
-    parser.add_argument("--neighbors", type=int, default=8)
-    parser.add_argument("--indexes", nargs="+", choices=tuple(PRESETS), help="a subset of the index presets")
-    parser.add_argument("--device", help="where the queries live (cpu or cuda)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parse_args(parser, argv)  # with --threads
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            entries=args.entries,
-            dims=args.dims,
-            num_neighbors=args.neighbors,
-            device=device,
-            presets=args.indexes,
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
+    parser.add_argument("--neighbors", type=int, default=8, dest="num_neighbors", metavar="NEIGHBORS")
+    parser.add_argument(
+        "--indexes", nargs="+", choices=tuple(PRESETS), dest="presets", help="a subset of the index presets"
     )
+    device_flag = {"help": "where the queries live (cpu or cuda)"}
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, device_flag=device_flag)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 import moe_kernels
-from benchmarks.common import (
-    add_speedups,
-    measured_bandwidth_gbs,
-    parse_args,
-    resolve_device,
-    run_and_report,
-    time_fn,
-)
+from benchmarks.command import DTYPE_CHOICES, add_dtype_flag, bench_parser, main_for, run_options
+from benchmarks.common import measured_bandwidth_gbs, resolve_device
+from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS, RoutingShape
 
@@ -45,7 +40,7 @@ PROVIDERS = ("moe_kernels", "torch_eager", "torch_compile", "torch_topk_chain", 
 # Providers that may fail to build or run here (no C++ compiler for inductor, a vLLM build
 # without this dtype): their errors skip them with a note instead of ending the run.
 OPTIONAL_PROVIDERS = ("torch_compile", "vllm")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_CHOICES
 
 QUICK_CPU_MODELS = ("Mixtral-8x7B", "OLMoE-1B-7B", "DeepSeek-V3")
 QUICK_CPU_TOKENS = (1, 64, 1024)
@@ -56,23 +51,7 @@ QUICK_CPU_COMPILE_MAX_EXPERTS = 8
 # a serving engine replays them from graphs too. Larger batches hide the launch anyway.
 CUDA_GRAPH_MAX_TOKENS = 512
 
-TABLE_COLUMNS = (
-    "model",
-    "E",
-    "k",
-    "T",
-    "dtype",
-    "provider",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "gb_per_s",
-    "pct_bw",
-    "speedup_vs_eager",
-    "speedup_vs_compile",
-    "ids_match",
-    "timer",
-)
+TABLE_COLUMNS = bandwidth_columns("model", "E", "k", "T", "dtype", extra=("ids_match",))
 
 # A provider is called as provider(logits, bias=bias) and returns (weights, ids).
 Provider = Callable[..., tuple]
@@ -108,11 +87,11 @@ def run(
     print(f"measured copy bandwidth: {peak_gbs:.1f} GB/s")
     rows = []
     for shape in shapes:
-        for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
+        for name in dtypes:
+            dtype = getattr(torch, name)
             available = _providers(shape, device, quick_cpu, providers)
             for num_tokens in tokens:
-                rows += _bench_point(shape, dtype, num_tokens, device, available, peak_gbs)
+                rows += _bench_point(shape, dtype, num_tokens, device, available)
     return rows
 
 
@@ -239,7 +218,6 @@ def _bench_point(
     num_tokens: int,
     device: torch.device,
     providers: dict[str, Provider],
-    peak_gbs: float,
 ) -> list[dict]:
     """Rows of every provider at one (shape, dtype, T), on one set of fresh inputs."""
     logits, bias = make_inputs(shape, dtype, num_tokens, device)
@@ -257,30 +235,13 @@ def _bench_point(
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # graph timing runs on a side stream: finish the warm-ups first
     ids_match = _ids_match(outputs, shape, dtype, num_tokens)
-    bytes_moved = routing_bytes(shape, dtype, num_tokens)
     use_graph = device.type == "cuda" and num_tokens <= CUDA_GRAPH_MAX_TOKENS
-    rows = []
-    for name, call in calls.items():
-        timing = time_fn(call, device=device, cuda_graph=use_graph)
-        gb_per_s = bytes_moved / timing["median_us"] / 1e3
-        rows.append(
-            {
-                "op": OP_NAME,
-                "model": shape.model,
-                "E": shape.num_experts,
-                "k": shape.k,
-                "T": num_tokens,
-                "dtype": str(dtype).removeprefix("torch."),
-                "provider": name,
-                **timing,
-                "bytes": bytes_moved,
-                "gb_per_s": gb_per_s,
-                "pct_bw": 100 * gb_per_s / peak_gbs,
-                "measured_bw_gbs": peak_gbs,
-                "ids_match": ids_match,
-            }
-        )
-    add_speedups(rows)
+    case = {"op": OP_NAME, "model": shape.model, "E": shape.num_experts, "k": shape.k, "T": num_tokens}
+    case["dtype"] = dtype_name(dtype)
+    moved = routing_bytes(shape, dtype, num_tokens)
+    rows = bandwidth_rows(case, calls, device, moved, cuda_graph=use_graph, warm=False)  # warmed up above
+    for row in rows:
+        row["ids_match"] = ids_match
     return rows
 
 
@@ -303,55 +264,32 @@ def _ids_match(outputs: dict, shape: RoutingShape, dtype: torch.dtype, num_token
     return False
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_routing", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="CPU: 3 shapes x T in (1, 64, 1024) x float32; CUDA: every shape and T"
+def _run_options(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> dict:
+    """``run``'s keywords: ``--models`` names turn into the ``shapes`` they match (any case)."""
+    options = run_options(args, device)
+    models = options.pop("models", None)
+    if models:
+        wanted = [m.lower() for m in models]
+        options["shapes"] = [s for s in ROUTING_SHAPES if any(m in s.model.lower() for m in wanted)]
+        if not options["shapes"]:
+            known = ", ".join(s.model for s in ROUTING_SHAPES)
+            parser.error(f"--models {' '.join(models)} matches none of: {known}")
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    parser = bench_parser(
+        "bench_routing", __doc__, "CPU: 3 shapes x T in (1, 64, 1024) x float32; CUDA: every shape and T"
     )
-    parser.add_argument(
-        "--dtype",
-        action="append",
-        choices=DTYPES,
-        dest="dtypes",
-        help="logits dtype, repeatable (default: bfloat16; float32 for --quick on CPU)",
-    )
+    add_dtype_flag(parser, "logits dtype, repeatable (default: bfloat16; float32 for --quick on CPU)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts T (default: ROUTING_TOKENS)")
     parser.add_argument("--models", nargs="+", help="keep the shapes whose model name contains one of these (any case)")
     parser.add_argument(
         "--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS, help="providers to time (default: all)"
     )
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; write no CSV or plot")
-    args = parse_args(parser, argv)  # with --threads
-    if args.models:
-        wanted = [m.lower() for m in args.models]
-        args.shapes = [s for s in ROUTING_SHAPES if any(m in s.model.lower() for m in wanted)]
-        if not args.shapes:
-            known = ", ".join(s.model for s in ROUTING_SHAPES)
-            parser.error(f"--models {' '.join(args.models)} matches none of: {known}")
-    else:
-        args.shapes = None
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    args = _parse_args(argv)
-    device = resolve_device(args.device)
-    return run_and_report(
-        OP_NAME,
-        device,
-        lambda: run(
-            quick=args.quick,
-            dtypes=args.dtypes,
-            device=device,
-            shapes=args.shapes,
-            tokens=args.tokens,
-            providers=args.providers,
-        ),
-        TABLE_COLUMNS,
-        write=not args.no_write,
-    )
+    options = functools.partial(_run_options, parser)
+    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, options=options)
 
 
 if __name__ == "__main__":

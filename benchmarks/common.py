@@ -11,7 +11,6 @@ root is ``benchmarks/results`` unless the ``MOE_KERNELS_RESULTS_DIR`` environmen
 from __future__ import annotations
 
 import csv
-import datetime
 import functools
 import math
 import os
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-import moe_kernels
-from moe_kernels._compat import triton_version
-from moe_kernels._table import format_table
+from moe_kernels.demo.report import software_versions, utc_now
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR_ENV = "MOE_KERNELS_RESULTS_DIR"
@@ -54,34 +51,6 @@ SAMPLE_MIN_S = 0.5e-3
 # Bandwidth probe sizes: far larger than any cache, so the copy streams from memory.
 CUDA_COPY_BYTES = 1 << 30
 CPU_COPY_BYTES = 64 << 20
-
-
-def add_threads_argument(parser) -> None:
-    """``--threads N``: the CPU threads torch may use (default: torch's, all cores)."""
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: all cores); reported with the results",
-    )
-
-
-def parse_args(parser, argv: Sequence[str] | None = None):
-    """``parser.parse_args(argv)`` with ``--threads`` added and applied (``torch.set_num_threads``):
-    every benchmark's command line takes it."""
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    return args
-
-
-def set_threads(threads: int | None) -> int:
-    """Use ``threads`` CPU threads (None: leave torch's setting); returns the count in use."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def device_label(env: dict) -> str:
@@ -120,12 +89,9 @@ def environment(device: str | torch.device | None = None) -> dict:
     return {
         "device_name": name,
         "device_slug": slug,
-        "torch": torch.__version__,
-        "triton": triton_version() or "none",
-        "python": platform.python_version(),
-        "moe_kernels": moe_kernels.__version__,
+        **software_versions(),
         "git_commit": _git_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": utc_now(),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -419,51 +385,3 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     return path
-
-
-# (column, provider): the moe_kernels row's speedup over that provider, in every op's benchmark.
-SPEEDUP_BASELINES = (("speedup_vs_eager", "torch_eager"), ("speedup_vs_compile", "torch_compile"))
-
-
-def add_speedups(rows: list[dict]) -> None:
-    """Set ``speedup_vs_eager`` / ``speedup_vs_compile`` (baseline median / moe_kernels median)
-    on the moe_kernels row of one benchmark point, None elsewhere or when a baseline was not
-    measured."""
-    median = {row["provider"]: row["median_us"] for row in rows}
-    for row in rows:
-        for column, baseline in SPEEDUP_BASELINES:
-            measured = row["provider"] == "moe_kernels" and baseline in median
-            row[column] = median[baseline] / row["median_us"] if measured else None
-
-
-def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Print ``rows`` to stdout as an aligned text table of ``columns`` (missing values as "-")."""
-    print(format_table(rows, columns))
-
-
-def run_and_report(
-    op_name: str,
-    device: torch.device,
-    run_rows: Callable[[], list[dict]],
-    columns: Sequence[str],
-    *,
-    write: bool = True,
-) -> int:
-    """The body of every benchmark's ``main``: print the environment line, run the benchmark,
-    print its table and (with ``write``) append the rows to the op's result files. Returns 0."""
-    env = environment(device)
-    print(
-        f"{op_name} on {device_label(env)}: torch {env['torch']}, triton {env['triton']}, "
-        f"moe_kernels {env['moe_kernels']} ({env['git_commit']})"
-    )
-    start = time.perf_counter()
-    rows = run_rows()
-    print()
-    # CPU rows carry their spread and the stalled samples dropped: print them with the rest.
-    extra = [c for c in ("spread_pct", "stalled", "stalled_kept") if c not in columns and any(c in row for row in rows)]
-    print_table(rows, [*columns, *extra])
-    print(f"\n{len(rows)} measurements in {time.perf_counter() - start:.1f} s")
-    if write:
-        csv_path, png_path = write_results(op_name, rows, env)
-        print(f"results: {csv_path}" + (f"\nplot:    {png_path}" if png_path else ""))
-    return 0

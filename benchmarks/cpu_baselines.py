@@ -66,23 +66,16 @@ def group_limited_chain(logits, bias=None, *, k, num_groups, topk_groups, group_
     return weights * scale, ids
 
 
+# The RoutingConfig fields group_limited_chain takes (beside k), under the same names.
+GROUP_CHAIN_OPTIONS = ("num_groups", "topk_groups", "group_score", "score_func", "renormalize", "scale")
+
+
 def routing_chains(shape) -> dict:
     """name -> chain ``(logits, bias) -> (weights, ids)`` computing ``shape``'s routing."""
     routing, k = shape.routing, shape.k
     if routing.num_groups and routing.topk_groups < routing.num_groups:
-        return {
-            "hf_group_chain": lambda x, b: group_limited_chain(
-                x,
-                b,
-                k=k,
-                num_groups=routing.num_groups,
-                topk_groups=routing.topk_groups,
-                group_score=routing.group_score,
-                score_func=routing.score_func,
-                renormalize=routing.renormalize,
-                scale=routing.scale,
-            )
-        }
+        group_options = {name: getattr(routing, name) for name in GROUP_CHAIN_OPTIONS}
+        return {"hf_group_chain": lambda x, b: group_limited_chain(x, b, k=k, **group_options)}
     options = dict(k=k, renormalize=routing.renormalize, score_func=routing.score_func, scale=routing.scale)
     chains = {"hf_chain": lambda x, b: topk_chain(x, b, **options)}
     if routing.renormalize and routing.score_func == "softmax" and not shape.has_bias:

@@ -16,6 +16,7 @@ Neither writes an example database into the tree (a failure prints its reproduct
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -57,6 +58,33 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# Tiny tensors over many steps, or tiny models: intra-op threads only add fork/join overhead and
+# OpenMP spin-waits (CPU softmax forks even for a few rows), and on a busy shared 2-core machine
+# each can wait milliseconds (test_hf_integration.py ran 7x slower with them: 95 s vs 14 s).
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test that asks for it."""
+    with _intra_op_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op thread for a whole module: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    with _intra_op_threads(1):
+        yield
 
 
 def _kernel_device() -> str | None:

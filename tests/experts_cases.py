@@ -182,23 +182,29 @@ CASES = [
 CASE_IDS = [f"T{t}-E{e}-k{k}-{mode}-H{h}-I{i}" for t, e, k, mode, h, i in CASES]
 
 
+# A problem's tensors in the order of every fused experts signature (public op, reference,
+# launchers, registered op, C++ oracle): these five, the activation (in a backward, ``h`` before
+# it), then the two biases.
+INPUTS = ("hidden", "gate_up_proj", "down_proj", "weights", "ids")
+
+
+def inputs_of(p) -> tuple:
+    """``(hidden, gate_up_proj, down_proj, weights, ids)`` of the problem ``p``."""
+    return tuple(p[name] for name in INPUTS)
+
+
+def biases_of(p) -> tuple:
+    """``(gate_up_bias, down_bias)`` of the problem ``p`` (None without biases)."""
+    return p["gate_up_bias"], p["down_bias"]
+
+
 def cast(p, dtype):
     return {name: t.to(dtype) if t is not None and t.is_floating_point() else t for name, t in p.items()}
 
 
 def call(fn, p, activation, **extra):
     """``fn`` (the reference, or the public op) on the problem ``p``."""
-    return fn(
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        activation=activation,
-        gate_up_bias=p["gate_up_bias"],
-        down_bias=p["down_bias"],
-        **extra,
-    )
+    return fn(*inputs_of(p), activation=activation, gate_up_bias=p["gate_up_bias"], down_bias=p["down_bias"], **extra)
 
 
 def oracle(p, activation):
@@ -208,13 +214,4 @@ def oracle(p, activation):
 
 def cpp(cref, p, activation):
     """The C++ oracle on the problem ``p``."""
-    return cref.fused_experts_ref(
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        activation,
-        p["gate_up_bias"],
-        p["down_bias"],
-    )
+    return cref.fused_experts_ref(*inputs_of(p), activation, *biases_of(p))

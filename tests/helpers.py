@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 import torch
 from oracles import routing_keys_oracle
 
@@ -181,6 +182,14 @@ def assert_names(error: Exception, op: str, argument: str) -> None:
     prefix = f"{op}: "
     assert message.startswith(prefix), f"the message does not start with {prefix!r}: {message}"
     assert re.search(rf"\b{re.escape(argument)}\b", message[len(prefix) :]), f"{argument!r} not named: {message}"
+
+
+def assert_refused(run, op: str, argument: str) -> None:
+    """``run()`` raises a ``ValueError`` / ``TypeError`` that names ``op`` and ``argument`` (see
+    :func:`assert_names`)."""
+    with pytest.raises((ValueError, TypeError)) as error:
+        run()
+    assert_names(error.value, op, argument)
 
 
 def chi_square_pvalue(ids: torch.Tensor, law: dict) -> float:

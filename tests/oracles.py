@@ -19,6 +19,23 @@ import torch
 NAN = float("nan")
 INF = float("inf")
 
+# The options of the routing and kNN oracles, with the defaults the ops' docstrings state. The
+# oracles take them as keyword options (``**routing``, ``mixing=``), as the tests draw them.
+ROUTING_DEFAULTS = dict(
+    renormalize=False, score_func="softmax", num_groups=None, topk_groups=None, group_score="top2_sum", scale=1.0
+)
+MIXING_DEFAULTS = dict(weighting="similarity", temperature=0.1, min_confidence=0.0)
+
+
+def with_defaults(options: dict, defaults: dict, oracle: str) -> dict:
+    """``options`` over ``defaults``; an unknown name is a mistake in a test, so it raises rather
+    than being ignored."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"{oracle}: unknown options {unknown}, expected some of {sorted(defaults)}")
+    return {**defaults, **options}
+
+
 # ------------------------------------------------------------------------------------------------
 # Routing: softmax_topk
 
@@ -68,20 +85,14 @@ def routing_keys_oracle(
 
 
 def softmax_topk_oracle(
-    logits: torch.Tensor,
-    k: int,
-    *,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-    scale: float = 1.0,
+    logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, **routing
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate + top-k of ``(..., E)`` logits: ``(..., k)`` float64 weights and int32 ids. The k
     largest keys, equal keys lower id first (-inf keys too); ``w = s[ids]``, renormalised over
-    the k (``+ 1e-20``) when asked, times ``scale``."""
+    the k (``+ 1e-20``) when asked, times ``scale``. ``routing``: keyword options as
+    :data:`ROUTING_DEFAULTS` names them, ``bias (E,)`` the selection offsets."""
+    options = with_defaults(routing, ROUTING_DEFAULTS, "softmax_topk_oracle")
+    groups = (options["num_groups"], options["topk_groups"], options["group_score"])
     shape = (*logits.shape[:-1], k)
     rows = logits.double().reshape(-1, logits.shape[-1]).tolist()
     if not rows:
@@ -89,13 +100,13 @@ def softmax_topk_oracle(
     offsets = [0.0] * len(rows[0]) if bias is None else bias.double().tolist()
     all_weights, all_ids = [], []
     for row in rows:
-        scores, keys, _ = routing_keys_oracle(row, offsets, score_func, num_groups, topk_groups, group_score)
+        scores, keys, _ = routing_keys_oracle(row, offsets, options["score_func"], *groups)
         chosen = sorted(range(len(row)), key=lambda e: (-keys[e], e))[:k]
         weights = [scores[e] for e in chosen]
-        if renormalize:
+        if options["renormalize"]:
             total = sum(weights) + 1e-20
             weights = [w / total for w in weights]
-        all_weights.append([w * scale for w in weights])
+        all_weights.append([w * options["scale"] for w in weights])
         all_ids.append(chosen)
     weights = torch.tensor(all_weights, dtype=torch.float64).reshape(shape)
     ids = torch.tensor(all_ids, dtype=torch.int32).reshape(shape)
@@ -121,20 +132,18 @@ def _neighbour_weights(sims: list[float], weighting: str, temperature: float) ->
 
 
 def knn_mix_oracle(
-    router: torch.Tensor,
-    neighbors: torch.Tensor,
-    sims: torch.Tensor,
-    weighting: str = "similarity",
-    temperature: float = 0.1,
-    min_confidence: float = 0.0,
+    router: torch.Tensor, neighbors: torch.Tensor, sims: torch.Tensor, **mixing
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mixed (T, E)``, ``conf (T,)`` float64, per token: ``mixed = conf * sum_j w_j n_j +
-    (1 - conf) * z`` where ``conf > 0``, else ``z`` itself (whatever the neighbours hold)."""
+    """``mixed (T, E)``, ``conf (T,)`` float64 of ``router (T, E)``, ``neighbors (T, n, E)`` and
+    ``sims (T, n)``, per token: ``mixed = conf * sum_j w_j n_j + (1 - conf) * z`` where
+    ``conf > 0``, else ``z`` itself (whatever the neighbours hold). ``mixing``: keyword options
+    as :data:`MIXING_DEFAULTS` names them."""
+    options = with_defaults(mixing, MIXING_DEFAULTS, "knn_mix_oracle")
     mixed, confs = [], []
     for z, values, s in zip(router.double(), neighbors.double(), sims.double().tolist()):
-        conf = knn_confidence_oracle(s, min_confidence)
+        conf = knn_confidence_oracle(s, options["min_confidence"])
         if conf > 0:
-            w = _neighbour_weights(s, weighting, temperature)
+            w = _neighbour_weights(s, options["weighting"], options["temperature"])
             retrieved = sum(w[j] * values[j] for j in range(len(s)))
             mixed.append(conf * retrieved + (1 - conf) * z)
         else:
@@ -156,10 +165,7 @@ def knn_route_oracle(router, ids, sims, memory, k, *, bias=None, mixing=None, **
 def knn_route_assignments_oracle(router, ids, sims, memory, k, *, mixing=None, **routing):
     """Dense ``(T, E)`` float64 assignment ``(1 - conf) G(z) + conf sum_j w_j G(memory[ids_j])``
     with ``G`` the gate + top-k written as a dense vector, and ``conf (T,)``."""
-    mixing = dict(mixing or {})
-    weighting = mixing.get("weighting", "similarity")
-    temperature = mixing.get("temperature", 0.1)
-    min_confidence = mixing.get("min_confidence", 0.0)
+    options = with_defaults(mixing or {}, MIXING_DEFAULTS, "knn_route_assignments_oracle")
     num_tokens, num_experts = router.shape
     dense = torch.zeros(num_tokens, num_experts, dtype=torch.float64)
     confs = []
@@ -172,11 +178,11 @@ def knn_route_assignments_oracle(router, ids, sims, memory, k, *, mixing=None, *
 
     for t in range(num_tokens):
         s = sims[t].double().tolist()
-        conf = knn_confidence_oracle(s, min_confidence)
+        conf = knn_confidence_oracle(s, options["min_confidence"])
         confs.append(conf)
         dense[t] = (1 - conf) * gate(router[t])
         if conf > 0:
-            w = _neighbour_weights(s, weighting, temperature)
+            w = _neighbour_weights(s, options["weighting"], options["temperature"])
             for j, row_id in enumerate(ids[t].tolist()):
                 dense[t] += conf * w[j] * gate(memory[row_id])
     return dense, torch.tensor(confs, dtype=torch.float64)

@@ -42,6 +42,12 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def drawn_generator(draw) -> torch.Generator:
+    """A generator of a seed drawn with ``draw`` (``data.draw`` of ``st.data()``, or a composite's
+    ``draw``), labelled "seed" so that a failing example prints it."""
+    return generator(draw(seeds, label="seed"))
+
+
 def lay_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     """``x`` with another memory layout: ``"contiguous"``; ``"column-major"`` (the last dim's stride
     is the largest); ``"sliced"`` (every other element of a buffer twice as wide, the others
@@ -77,6 +83,19 @@ def with_values(x: torch.Tensor, specials: list[tuple[int, float]]) -> torch.Ten
     for position, value in specials:
         flat[position] = value
     return x
+
+
+def with_special_values(
+    draw, x: torch.Tensor, values=(NAN, INF, -INF), *, max_count: int = 3, label: str | None = None
+) -> torch.Tensor:
+    """A copy of ``x`` with up to ``max_count`` of its entries set to ``values``, the (flat
+    position, value) pairs drawn with ``draw`` under ``label`` (see :func:`special_values`)."""
+    return with_values(x, draw(special_values(x.numel(), values, max_count), label=label))
+
+
+def with_drawn_layout(draw, x: torch.Tensor, *, label: str | None = None) -> torch.Tensor:
+    """``x`` in a layout drawn with ``draw`` under ``label`` (see :func:`lay_out`)."""
+    return lay_out(x, draw(layouts, label=label))
 
 
 @st.composite
@@ -125,3 +144,10 @@ def eligible_experts(num_experts: int, options: dict) -> int:
 def k_for(draw, eligible: int) -> int:
     """k = 1, k = all eligible, or one in between."""
     return draw(st.sampled_from([1, eligible, math.ceil(eligible / 2), draw(st.integers(1, eligible))]))
+
+
+def drawn_routing(draw, num_experts: int) -> tuple[dict, int]:
+    """``(options, k)``: :func:`routing_options` of ``num_experts`` experts and a :func:`k_for` the
+    experts they leave eligible, drawn with ``draw`` (labelled "routing" and "k")."""
+    options = draw(routing_options(num_experts), label="routing")
+    return options, draw(k_for(eligible_experts(num_experts, options)), label="k")

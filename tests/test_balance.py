@@ -15,16 +15,6 @@ from moe_kernels.balance import AuxLossFreeBias, load_stats, router_z_loss, swit
 from moe_kernels.testing import tolerance
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors, many steps: intra-op threads only add fork/join overhead (CPU softmax forks
-    even for a few rows), and on a busy shared machine each fork can wait milliseconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _random_ids(tokens: int, k: int, num_experts: int, *, seed: int, empty: float = 0.1) -> torch.Tensor:
     """(T, k) int32 ids, skewed towards low experts, with a fraction ``empty`` of -1 slots."""
     gen = torch.Generator().manual_seed(seed)

@@ -19,14 +19,7 @@ from moe_kernels.testing import assert_close, make_bias
 VOCAB = 32
 DELTA = 0.2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add spin-waits on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models
 
 
 def _model(dtype=torch.float64, **kwargs) -> cor.TinyMoELM:

@@ -20,13 +20,7 @@ from moe_kernels.testing import TINY_HF_FAMILIES, TINY_HF_SIZES, assert_close, t
 FAMILIES = TINY_HF_FAMILIES
 DELTA = 0.2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models
 
 
 def _build(family: str):

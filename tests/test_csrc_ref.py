@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cpp_reference import load_cpp_reference
+from oracles import ROUTING_DEFAULTS, with_defaults
 from routing_cases import routing_cases, routing_inputs
 
 import moe_kernels
@@ -36,39 +37,30 @@ def _bias(num_experts: int, score_func: str, seed: int) -> torch.Tensor:
     return _randn(num_experts, seed=seed) * magnitude
 
 
-def _check(
-    cref,
-    logits,
-    k,
-    *,
-    renormalize,
-    score_func,
-    bias=None,
-    num_groups=None,
-    topk_groups=None,
-    group_score="top2_sum",
-    scale=1.0,
-    grad_seed=None,
-):
-    """Forward (and, with grad_seed, backward) of the oracle, the reference and the op agree."""
-    kwargs = dict(
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-    )
-    c_weights, c_ids = cref.softmax_topk_ref(
-        logits, k, renormalize, score_func, bias, num_groups or 0, topk_groups or 0, group_score, scale
-    )
+def _cpp_softmax_topk(cref, logits, k, bias=None, **routing):
+    """The C++ oracle's ``(weights, ids)`` with the routing given as keyword options (flattened
+    into its positional arguments: 0 for no groups)."""
+    o = with_defaults(routing, ROUTING_DEFAULTS, "_cpp_softmax_topk")
+    groups = (o["num_groups"] or 0, o["topk_groups"] or 0, o["group_score"])
+    return cref.softmax_topk_ref(logits, k, o["renormalize"], o["score_func"], bias, *groups, o["scale"])
+
+
+def _backward_options(routing: dict) -> tuple:
+    """``(renormalize, score_func, scale)`` of keyword routing options: what the backward reads."""
+    o = with_defaults(routing, ROUTING_DEFAULTS, "_backward_options")
+    return o["renormalize"], o["score_func"], o["scale"]
+
+
+def _check(cref, logits, k, routing, bias=None, grad_seed=None):
+    """Forward (and, with grad_seed, backward) of the oracle, the reference and the op agree on
+    the keyword routing options ``routing``."""
+    c_weights, c_ids = _cpp_softmax_topk(cref, logits, k, bias, **routing)
     assert c_weights.dtype == torch.float64 and c_ids.dtype == torch.int32
     assert c_weights.shape == c_ids.shape == (logits.shape[0], k)
 
-    r_weights, r_ids = reference.softmax_topk(logits, k, **kwargs)
+    r_weights, r_ids = reference.softmax_topk(logits, k, bias=bias, **routing)
     x = logits.clone().requires_grad_(grad_seed is not None)
-    o_weights, o_ids = moe_kernels.softmax_topk(x, k, backend="torch", **kwargs)
+    o_weights, o_ids = moe_kernels.softmax_topk(x, k, bias=bias, backend="torch", **routing)
 
     assert torch.equal(c_ids, r_ids), "ids differ from the reference"
     assert torch.equal(c_ids, o_ids), "ids differ from the registered op"
@@ -78,6 +70,7 @@ def _check(
         return
 
     grad_weights = _randn(logits.shape[0], k, seed=grad_seed)
+    renormalize, score_func, scale = _backward_options(routing)
     c_grad = cref.softmax_topk_backward_ref(grad_weights, logits, c_ids, renormalize, score_func, scale)
     r_grad = reference.softmax_topk_backward(
         grad_weights, logits, r_ids, renormalize=renormalize, score_func=score_func, scale=scale
@@ -87,6 +80,13 @@ def _check(
     if logits.shape[0]:
         o_weights.backward(grad_weights)
         torch.testing.assert_close(c_grad, x.grad, atol=ATOL, rtol=RTOL)
+
+
+def _check_random(cref, num_tokens, num_experts, k, seed, with_bias, **routing):
+    """:func:`_check` on random float64 logits (and bias) drawn from ``seed``, with a backward."""
+    logits = _randn(num_tokens, num_experts, seed=seed)
+    bias = _bias(num_experts, routing.get("score_func", "softmax"), seed + 1) if with_bias else None
+    _check(cref, logits, k, routing, bias, grad_seed=seed + 2)
 
 
 # (E, k): odd sizes, with k = 1 and k = E (E = 1 has only k = 1 = E).
@@ -99,19 +99,8 @@ SIZES = [(1, 1), (2, 1), (2, 2), (60, 1), (60, 60), (257, 1), (257, 257)]
 @pytest.mark.parametrize("renormalize", [False, True], ids=["plain", "renorm"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_no_groups(cref, num_tokens, num_experts, k, score_func, renormalize, with_bias):
-    seed = 1000 * num_experts + num_tokens
-    logits = _randn(num_tokens, num_experts, seed=seed)
-    bias = _bias(num_experts, score_func, seed + 1) if with_bias else None
-    _check(
-        cref,
-        logits,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        scale=1.0 if renormalize else 1.7,
-        grad_seed=seed + 2,
-    )
+    routing = dict(renormalize=renormalize, score_func=score_func, scale=1.0 if renormalize else 1.7)
+    _check_random(cref, num_tokens, num_experts, k, 1000 * num_experts + num_tokens, with_bias, **routing)
 
 
 GROUP_CASES = [
@@ -136,28 +125,17 @@ GROUP_CASES = [
 def test_groups(cref, num_tokens, case):
     num_experts, num_groups, topk_groups, group_score, score_func, with_bias, renormalize, scale, k = case
     seed = 7 * num_experts + 100 * num_groups + num_tokens + k
-    logits = _randn(num_tokens, num_experts, seed=seed)
-    bias = _bias(num_experts, score_func, seed + 1) if with_bias else None
-    _check(
-        cref,
-        logits,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-        grad_seed=seed + 2,
-    )
+    routing = dict(renormalize=renormalize, score_func=score_func, scale=scale)
+    routing.update(num_groups=num_groups, topk_groups=topk_groups, group_score=group_score)
+    _check_random(cref, num_tokens, num_experts, k, seed, with_bias, **routing)
 
 
 def test_group_mask_excludes_dropped_groups(cref):
     """With groups, every chosen id lies in one of the topk_groups best groups."""
     logits = _randn(500, 256, seed=3)
     bias = _bias(256, "sigmoid", 4)
-    _, ids = cref.softmax_topk_ref(logits, 8, True, "sigmoid", bias, 8, 4, "top2_sum", 2.5)
+    groups = dict(num_groups=8, topk_groups=4, group_score="top2_sum")
+    _, ids = _cpp_softmax_topk(cref, logits, 8, bias, renormalize=True, score_func="sigmoid", scale=2.5, **groups)
     keys = (torch.sigmoid(logits) + bias).unflatten(-1, (8, 32))
     best = keys.topk(2, dim=-1).values.sum(-1).topk(4, dim=-1).indices.sort(-1).values
     chosen_groups = (ids.long() // 32).sort(-1).values
@@ -176,17 +154,7 @@ def test_ties_lower_id_first(cref, score_func, with_groups):
         torch.tensor([0.0, 1.0] * 8, dtype=torch.float64),  # equal maxima at odd ids
     ]
     logits = torch.stack(rows)
-    c_weights, c_ids = cref.softmax_topk_ref(
-        logits,
-        k,
-        True,
-        score_func,
-        None,
-        groups.get("num_groups", 0),
-        groups.get("topk_groups", 0),
-        groups.get("group_score", "max"),
-        1.0,
-    )
+    c_weights, c_ids = _cpp_softmax_topk(cref, logits, k, renormalize=True, score_func=score_func, **groups)
     r_weights, r_ids = reference.softmax_topk(logits, k, renormalize=True, score_func=score_func, **groups)
     expected = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [1, 3, 5, 7, 9]], dtype=torch.int32)
     if with_groups:
@@ -201,7 +169,7 @@ def test_ties_lower_id_first(cref, score_func, with_groups):
 def test_other_logit_dtypes_are_converted(cref):
     """float32 logits are read as float64 (the oracle always computes in double)."""
     logits = _randn(9, 60, seed=11).float()
-    c_weights, c_ids = cref.softmax_topk_ref(logits, 4, True, "softmax", None, 0, 0, "max", 1.0)
+    c_weights, c_ids = _cpp_softmax_topk(cref, logits, 4, renormalize=True)
     r_weights, r_ids = reference.softmax_topk(logits.double(), 4, renormalize=True)
     assert torch.equal(c_ids, r_ids)
     torch.testing.assert_close(c_weights, r_weights, atol=ATOL, rtol=RTOL)
@@ -248,20 +216,9 @@ def test_kernel_matches_cpp_oracle(cref, kernel_device, num_experts, k, options,
     weights, ids = moe_kernels.softmax_topk(x, k, bias=bias, backend="triton", **options)
     grad_out = torch.randn(weights.shape, device=kernel_device)
     weights.backward(grad_out)
-    flags = (options.get("renormalize", False), options.get("score_func", "softmax"))
-    c_weights, c_ids = cref.softmax_topk_ref(
-        logits.cpu(),
-        k,
-        *flags,
-        None if bias is None else bias.cpu().double(),
-        options.get("num_groups", 0),
-        options.get("topk_groups", 0),
-        options.get("group_score", "top2_sum"),
-        options.get("scale", 1.0),
-    )
-    c_grad = cref.softmax_topk_backward_ref(
-        grad_out.cpu().double(), logits.cpu(), c_ids, *flags, options.get("scale", 1.0)
-    )
+    cpu_bias = None if bias is None else bias.cpu().double()
+    c_weights, c_ids = _cpp_softmax_topk(cref, logits.cpu(), k, cpu_bias, **options)
+    c_grad = cref.softmax_topk_backward_ref(grad_out.cpu().double(), logits.cpu(), c_ids, *_backward_options(options))
     assert torch.equal(ids.cpu(), c_ids)
     assert_close(weights.detach().cpu(), c_weights, dtype=torch.float32)
     assert_close(x.grad.cpu(), c_grad, dtype=torch.float32)

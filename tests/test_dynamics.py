@@ -15,17 +15,6 @@ from moe_kernels.balance import AuxLossFreeBias
 from moe_kernels.dynamics import AdaptiveScoreRouter
 from moe_kernels.testing import tolerance
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors, many steps: intra-op threads only add fork/join overhead (CPU softmax forks
-    even for a few rows), and on a busy shared machine each fork can wait milliseconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --- theory ----------------------------------------------------------------------------------------
 
 

@@ -13,9 +13,11 @@ from cpp_reference import load_cpp_reference
 from experts_cases import (
     SHAPES,
     SMALL,
+    biases_of,
     fused_problem,
     gather_inputs,
     grouped_inputs,
+    inputs_of,
     offsets_of,
     small_tiles,
     to_float64,
@@ -183,28 +185,8 @@ def _fused_kernel_vs_reference(device, dtype, num_tokens, hidden, inter, num_exp
     p = fused_problem(num_tokens, hidden, inter, num_experts, k, dtype=dtype, bias=bias, device=device)
     grad_out = torch.randn(num_tokens, hidden).to(dtype).to(device)
     with small_tiles(device), poisoned_outputs():
-        out, h = ops.launch_fused_experts(
-            p["hidden"],
-            p["gate_up_proj"],
-            p["down_proj"],
-            p["weights"],
-            p["ids"],
-            activation,
-            p["gate_up_bias"],
-            p["down_bias"],
-        )
-        grads = ops.launch_fused_experts_backward(
-            grad_out,
-            p["hidden"],
-            p["gate_up_proj"],
-            p["down_proj"],
-            p["weights"],
-            p["ids"],
-            h,
-            activation,
-            p["gate_up_bias"],
-            p["down_bias"],
-        )
+        out, h = ops.launch_fused_experts(*inputs_of(p), activation, *biases_of(p))
+        grads = ops.launch_fused_experts_backward(grad_out, *inputs_of(p), h, activation, *biases_of(p))
     # 16-bit: the op's own row (intermediates stored in 16 bits); float32 keeps the strict row,
     # which these small problems meet.
     op = None if dtype == torch.float32 else "fused_experts"
@@ -288,23 +270,14 @@ def test_fused_experts_kernel_inference_stores_no_h_and_backward_recomputes_it(k
     no ``h`` recomputes it (same gradients); the public function saves ``h`` exactly when an
     input requires grad."""
     p = fused_problem(9, 16, 8, 4, 2, bias=True, device=kernel_device)
-    args = (
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        "gpt_oss",
-        p["gate_up_bias"],
-        p["down_bias"],
-    )
+    inputs, biases = inputs_of(p), biases_of(p)
     grad_out = torch.randn(9, 16).to(kernel_device)
     with small_tiles(kernel_device):
-        out, h = ops.launch_fused_experts(*args)
-        out_inference, no_h = ops.launch_fused_experts(*args, save_h=False)
+        out, h = ops.launch_fused_experts(*inputs, "gpt_oss", *biases)
+        out_inference, no_h = ops.launch_fused_experts(*inputs, "gpt_oss", *biases, save_h=False)
         assert no_h.shape == (0, 16) and torch.equal(out_inference, out)
-        with_h = ops.launch_fused_experts_backward(grad_out, *args[:5], h, *args[5:])
-        recomputed = ops.launch_fused_experts_backward(grad_out, *args[:5], no_h, *args[5:])
+        with_h = ops.launch_fused_experts_backward(grad_out, *inputs, h, "gpt_oss", *biases)
+        recomputed = ops.launch_fused_experts_backward(grad_out, *inputs, no_h, "gpt_oss", *biases)
         for got, want in zip(recomputed, with_h):
             assert torch.equal(got, want)
         stored = []
@@ -312,17 +285,11 @@ def test_fused_experts_kernel_inference_stores_no_h_and_backward_recomputes_it(k
         monkeypatch.setattr(
             gmm, "launch_grouped_gated_mm", lambda *a, **kw: stored.append(kw["store_h"]) or launch(*a, **kw)
         )
+        options = dict(activation="gpt_oss", gate_up_bias=biases[0], down_bias=biases[1], backend="triton")
         with torch.no_grad():
-            mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
-        mk.fused_experts(*args[:5], activation="gpt_oss", gate_up_bias=args[6], down_bias=args[7], backend="triton")
-        mk.fused_experts(
-            p["hidden"].requires_grad_(),
-            *args[1:5],
-            activation="gpt_oss",
-            gate_up_bias=args[6],
-            down_bias=args[7],
-            backend="triton",
-        )
+            mk.fused_experts(*inputs, **options)
+        mk.fused_experts(*inputs, **options)
+        mk.fused_experts(p["hidden"].requires_grad_(), *inputs[1:], **options)
     assert stored == [False, False, True]
 
 

@@ -14,10 +14,12 @@ from experts_cases import (
     GROUP_IDS,
     SHAPES,
     SMALL,
+    biases_of,
     call,
     fused_problem,
     grouped_inputs,
     grouped_normal_inputs,
+    inputs_of,
     reference_problem,
     small_tiles,
 )
@@ -168,28 +170,16 @@ def test_fused_experts_opcheck(num_tokens):
     p = fused_problem(num_tokens, 8, 4, 3, 2, bias=True)
     for key in ("hidden", "gate_up_proj", "down_proj", "weights"):
         p[key].requires_grad_()
-    args = (
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
-        "silu",
-        p["gate_up_bias"],
-        p["down_bias"],
-        False,
-        True,
-    )
+    args = (*inputs_of(p), "silu", *biases_of(p), False, True)
     torch.library.opcheck(ops.fused_experts_op, args)
 
 
 def test_fused_experts_backward_opcheck():
     p = fused_problem(5, 8, 4, 3, 2, bias=True)
-    args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "gelu")
-    _, h = ops.fused_experts_op(*args, p["gate_up_bias"], p["down_bias"], False, True)
+    _, h = ops.fused_experts_op(*inputs_of(p), "gelu", *biases_of(p), False, True)
     grad = torch.randn(5, 8)
-    for biases in ((p["gate_up_bias"], p["down_bias"]), (None, None)):
-        torch.library.opcheck(ops.fused_experts_backward_op, (grad, *args[:5], h, "gelu", *biases, False))
+    for biases in (biases_of(p), (None, None)):
+        torch.library.opcheck(ops.fused_experts_backward_op, (grad, *inputs_of(p), h, "gelu", *biases, False))
 
 
 def test_eager_function_matches_registered_op():
@@ -198,8 +188,7 @@ def test_eager_function_matches_registered_op():
     p = fused_problem(9, 8, 4, 3, 2, bias=True)
     for key in ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias"):
         p[key].requires_grad_(True)
-    args = (p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "gpt_oss")
-    assert_function_matches_op(FUSED_EXPERTS, (*args, p["gate_up_bias"], p["down_bias"], False, False))
+    assert_function_matches_op(FUSED_EXPERTS, (*inputs_of(p), "gpt_oss", *biases_of(p), False, False))
 
 
 @pytest.mark.kernel

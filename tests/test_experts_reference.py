@@ -23,6 +23,7 @@ from experts_cases import (
     fused_problem,
     grouped_inputs,
     grouped_normal_inputs,
+    inputs_of,
     oracle,
     reference_problem,
     routed_ids,
@@ -178,11 +179,7 @@ def test_fused_experts_bfloat16_dtypes():
     assert_close(out, oracle(p, "silu"))
     grads = reference.fused_experts_backward(
         torch.ones_like(out),
-        p["hidden"],
-        p["gate_up_proj"],
-        p["down_proj"],
-        p["weights"],
-        p["ids"],
+        *inputs_of(p),
         activation="silu",
         gate_up_bias=p["gate_up_bias"],
         down_bias=p["down_bias"],
@@ -208,9 +205,7 @@ def test_public_op_reference_path_matches_oracle(activation):
     "call, message",
     [
         (
-            lambda m, p: m.fused_experts_ref(
-                p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "relu", None, None
-            ),
+            lambda m, p: m.fused_experts_ref(*inputs_of(p), "relu", None, None),
             "activation",
         ),
         (
@@ -236,9 +231,7 @@ def test_cpp_bad_arguments(cref, call, message):
 def test_cpp_empty_biases_mean_none(cref):
     p = reference_problem(7, 5, 2, 16, 12, mode="holes")
     empty = torch.empty(0, dtype=F64)
-    got = cref.fused_experts_ref(
-        p["hidden"], p["gate_up_proj"], p["down_proj"], p["weights"], p["ids"], "silu", empty, empty
-    )
+    got = cref.fused_experts_ref(*inputs_of(p), "silu", empty, empty)
     assert_close(got, oracle(p, "silu"))
 
 

@@ -78,6 +78,15 @@ def _blocks(model, family):
     return [(m, getattr(m, router_attr), m.experts) for m in model.modules() if type(m).__name__ == name]
 
 
+def _first_block(family: str, dtype=torch.float32, *, seed: int):
+    """The family's model in ``dtype``, its first MoE block and that block's router, and
+    ``hidden (256, H)`` random rows of ``dtype`` drawn from ``seed``."""
+    model = _build(family, dtype)
+    block, router, _ = _blocks(model, family)[0]
+    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return model, block, router, hidden
+
+
 def _input_ids(batch=2, seq=12, seed=2):
     return torch.randint(0, TINY_HF_SIZES["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -91,14 +100,7 @@ def _no_instance_forwards(model) -> bool:
     return all("forward" not in m.__dict__ and hf._SAVED not in m.__dict__ for m in model.modules())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add OpenMP spin-waits, which on a loaded
-    2-core runner made this file 7x slower (95 s vs 14 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: see conftest.py
 
 
 @pytest.fixture
@@ -203,9 +205,7 @@ def test_patched_model_matches_hf(family, spy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_matches_hf(family, dtype):
-    model = _build(family, dtype)
-    _, router, _ = _blocks(model, family)[0]
-    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(3)).to(dtype)
+    model, _, router, hidden = _first_block(family, dtype, seed=3)
     with torch.no_grad():
         ref_logits, ref_w, ref_ids = type(router).forward(router, hidden)
         hf.apply_moe_kernels(model)
@@ -224,12 +224,9 @@ def test_router_matches_hf(family, dtype):
 def test_deepseek_v3_group_masking_with_negative_keys():
     """All keys below 0 (bias -1): masking dropped groups with 0.0 (HF <= 5.0, DeepSeek's first
     reference code) would pick experts of dropped groups; -inf (our op, HF >= 5.12) never does."""
-    model = _build("deepseek_v3")
-    _, router, _ = _blocks(model, "deepseek_v3")[0]
+    model, _, router, hidden = _first_block("deepseek_v3", seed=4)
     with torch.no_grad():
         router.e_score_correction_bias.sub_(1.0)
-    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
         _, ref_w, ref_ids = type(router).forward(router, hidden)
         hf.apply_moe_kernels(model)
         logits, weights, ids = router(hidden)
@@ -252,9 +249,7 @@ def test_deepseek_v3_group_masking_with_negative_keys():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_16bit_matches_hf(family, dtype):
-    model = _build(family, dtype)
-    block, router, _ = _blocks(model, family)[0]
-    hidden = torch.randn(256, TINY_HF_SIZES["hidden_size"], generator=torch.Generator().manual_seed(5)).to(dtype)
+    model, block, router, hidden = _first_block(family, dtype, seed=5)
     with torch.no_grad():
         keep = _tie_free(type(router).forward(router, hidden)[0], router.top_k)
         hidden = hidden[keep][None]  # (1, T', H)

@@ -7,24 +7,13 @@ against the float64 oracle."""
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from helpers import assert_routing_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from knn_cases import MIXING_IDS, MIXINGS, ROUTINGS, mix_inputs, mixings, route_inputs, routings, unfused
 from oracles import knn_route_oracle
-from strategies import (
-    eligible_experts,
-    examples,
-    generator,
-    k_for,
-    lay_out,
-    layouts,
-    routing_options,
-    seeds,
-    special_values,
-    with_values,
-)
 
 from moe_kernels import testing
 from moe_kernels.functional.knn import knn_mix
@@ -188,21 +177,22 @@ def test_route_kernel_checks_neighbor_ids_itself(kernel_device, bad_id):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter on inf - inf
-@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@settings(max_examples=strategies.examples(20))  # the interpreter is slow: small cases
 @given(data=st.data())
 def test_route_kernel_property_matches_oracle(kernel_device, data):
     num_tokens, num_neighbors = data.draw(st.sampled_from([0, 1, 7])), data.draw(st.sampled_from([1, 3]))
     num_rows, num_experts = data.draw(st.sampled_from([1, 5])), data.draw(st.sampled_from([2, 8, 60]))
-    options = data.draw(routing_options(num_experts), label="routing")
-    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
+    options, k = strategies.drawn_routing(data.draw, num_experts)
     mixing = dict(weighting=data.draw(st.sampled_from(["similarity", "softmax"])), temperature=0.1)
-    source = generator(data.draw(seeds, label="seed"))
+    source = strategies.drawn_generator(data.draw)
     router = torch.randn(num_tokens, num_experts, generator=source) * 2
     memory = torch.randn(num_rows, num_experts, generator=source) * 2
     ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=source)
     sims = torch.rand(num_tokens, num_neighbors, generator=source) * 0.95 + 0.05
-    sims = with_values(sims, data.draw(special_values(sims.numel()), label="sims specials"))
-    router, ids, sims, memory = (lay_out(x, data.draw(layouts)).to(kernel_device) for x in (router, ids, sims, memory))
+    sims = strategies.with_special_values(data.draw, sims, label="sims specials")
+    router, ids, sims, memory = (
+        strategies.with_drawn_layout(data.draw, x).to(kernel_device) for x in (router, ids, sims, memory)
+    )
     with testing.poisoned_outputs():
         weights, chosen, conf = knn_route(router, ids, sims, memory, k, backend="triton", **options, **mixing)
     _, _, want_conf, want_mixed = knn_route_oracle(

@@ -104,19 +104,29 @@ def test_assignments_gradients_reach_router_and_memory():
 # torch.library: opcheck of every registered op, the eager Function against the registered op
 
 
+def _opcheck_mix(router, neighbors, sims, mixing, use_triton, requires_grad=True):
+    """opcheck of the registered ``knn_mix`` op, the router and neighbour logits requiring grad
+    or not."""
+    router, neighbors = router.clone().requires_grad_(requires_grad), neighbors.clone().requires_grad_(requires_grad)
+    args = mix_op_args(router, neighbors, sims, mixing, use_triton)
+    torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, args)
+
+
+def _opcheck_route(inputs, options, mixing, use_triton, router_grad=True, memory_grad=True):
+    """opcheck of the registered ``knn_route`` op (k = 3) on ``inputs`` = ``route_inputs(...)``,
+    the router and memory logits requiring grad as asked."""
+    router, ids, sims, memory, bias = inputs
+    router, memory = router.clone().requires_grad_(router_grad), memory.clone().requires_grad_(memory_grad)
+    args = route_op_args(router, ids, sims, memory, 3, bias, options, mixing, use_triton)
+    torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
+
+
 @pytest.mark.parametrize("num_tokens", [0, 1, 11])
 def test_mix_opcheck_reference_path(num_tokens):
     for options in MIXINGS:
         router, neighbors, sims = mix_inputs(num_tokens, 12, 3)
         for requires_grad in (False, True):
-            args = mix_op_args(
-                router.clone().requires_grad_(requires_grad),
-                neighbors.clone().requires_grad_(requires_grad),
-                sims,
-                options,
-                False,
-            )
-            torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, args)
+            _opcheck_mix(router, neighbors, sims, options, False, requires_grad)
         grad = torch.randn(num_tokens, 12)
         backward_args = (grad, sims, *mix_op_args(router, neighbors, sims, options, False)[3:6])
         torch.library.opcheck(
@@ -127,20 +137,10 @@ def test_mix_opcheck_reference_path(num_tokens):
 @pytest.mark.parametrize("num_tokens", [0, 1, 13])
 def test_route_opcheck_reference_path(num_tokens):
     for options, mixing, with_bias in ROUTE_OPCHECK_CASES:
-        router, ids, sims, memory, bias = route_inputs(num_tokens, 12, 3, options, with_bias, num_rows=7)
+        inputs = route_inputs(num_tokens, 12, 3, options, with_bias, num_rows=7)
         for router_grad, memory_grad in ((False, False), (True, True), (True, False), (False, True)):
-            args = route_op_args(
-                router.clone().requires_grad_(router_grad),
-                ids,
-                sims,
-                memory.clone().requires_grad_(memory_grad),
-                3,
-                bias,
-                options,
-                mixing,
-                False,
-            )
-            torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
+            _opcheck_route(inputs, options, mixing, False, router_grad, memory_grad)
+        router, ids, sims, memory, bias = inputs
         args = route_op_args(router, ids, sims, memory, 3, bias, options, mixing, False)
         _, chosen, _ = torch.ops.moe_kernels.knn_route(*args)
         for memory_grad in (False, True):
@@ -174,30 +174,14 @@ def test_eager_function_matches_registered_op():
 
 @pytest.mark.kernel
 def test_mix_kernel_opcheck_and_eager_function(kernel_device):
-    router, neighbors, sims = mix_inputs(13, 16, 3, device=kernel_device)
-    args = mix_op_args(
-        router.clone().requires_grad_(True), neighbors.clone().requires_grad_(True), sims, MIXINGS[0], True
-    )
-    torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, args)
+    _opcheck_mix(*mix_inputs(13, 16, 3, device=kernel_device), MIXINGS[0], True)
     _mix_function_matches_op(kernel_device, True)
 
 
 @pytest.mark.kernel
 def test_route_kernel_opcheck_and_eager_function(kernel_device):
     options, mixing, with_bias = ROUTE_OPCHECK_CASES[1]
-    router, ids, sims, memory, bias = route_inputs(13, 16, 3, options, with_bias, device=kernel_device)
-    args = route_op_args(
-        router.clone().requires_grad_(True),
-        ids,
-        sims,
-        memory.clone().requires_grad_(True),
-        3,
-        bias,
-        options,
-        mixing,
-        True,
-    )
-    torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
+    _opcheck_route(route_inputs(13, 16, 3, options, with_bias, device=kernel_device), options, mixing, True)
     _route_function_matches_op(kernel_device, True)
 
 

@@ -6,28 +6,14 @@ dtypes, layouts, options and non-finite values."""
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from helpers import assert_routing_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from knn_cases import MIXINGS, assign_inputs, mix_inputs, mixings, route_inputs, routings, unfused
 from oracles import knn_mix_oracle, knn_route_assignments_oracle, knn_route_oracle, softmax_topk_oracle
-from strategies import (
-    INF,
-    NAN,
-    eligible_experts,
-    examples,
-    generator,
-    k_for,
-    lay_out,
-    layouts,
-    reference_dtypes,
-    routing_options,
-    seeds,
-    special_values,
-    token_counts,
-    with_values,
-)
+from strategies import INF, NAN
 
 import moe_kernels as mk
 from moe_kernels import testing
@@ -233,6 +219,17 @@ def mixing_options(draw):
     )
 
 
+def _route_case(draw, neighbor_counts, row_counts, expert_counts):
+    """``(T, n, N, E, routing options, k, mixing)`` of a kNN route drawn with ``draw``: T from
+    the shared token counts, n, N and E from the given ones."""
+    num_tokens = draw(strategies.token_counts, label="T")
+    num_neighbors = draw(st.sampled_from(neighbor_counts), label="n")
+    num_rows = draw(st.sampled_from(row_counts), label="N")
+    num_experts = draw(st.sampled_from(expert_counts), label="E")
+    options, k = strategies.drawn_routing(draw, num_experts)
+    return num_tokens, num_neighbors, num_rows, num_experts, options, k, draw(mixing_options(), label="mixing")
+
+
 def _similarities(data, source, num_tokens, num_neighbors, signs):
     """``(T, n)`` similarities: ``"positive"`` in (0.05, 1), or ``"mixed"`` in (-0.5, 1) (means
     below 0 too, and similarity weights of either sign); some rows all negative (conf 0)."""
@@ -253,23 +250,24 @@ def _assert_finite_close(got, want, tolerance, what):
     assert not bool((excess > 0).any()), f"{what}: off by {excess.max().item()} past the tolerance"
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=strategies.examples(150))
 @given(data=st.data())
 def test_property_knn_mix_matches_oracle(data):
-    num_tokens = data.draw(token_counts, label="T")
+    num_tokens = data.draw(strategies.token_counts, label="T")
     num_neighbors = data.draw(st.sampled_from([1, 2, 3, 8]), label="n")
     num_experts = data.draw(st.sampled_from([1, 2, 5, 60, 257]), label="E")
-    router_dtype, neighbor_dtype = data.draw(reference_dtypes, label="router"), data.draw(reference_dtypes)
+    router_dtype = data.draw(strategies.reference_dtypes, label="router")
+    neighbor_dtype = data.draw(strategies.reference_dtypes)
     mixing = data.draw(mixing_options(), label="mixing")
-    source = generator(data.draw(seeds, label="seed"))
+    source = strategies.drawn_generator(data.draw)
     router = torch.randn(num_tokens, num_experts, generator=source).to(router_dtype)
     neighbors = torch.randn(num_tokens, num_neighbors, num_experts, generator=source).to(neighbor_dtype)
     sims = _similarities(data, source, num_tokens, num_neighbors, data.draw(st.sampled_from(["positive", "mixed"])))
     sims = sims.to(data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16])))
-    router = with_values(router, data.draw(special_values(router.numel(), (NAN, INF)), label="router specials"))
-    neighbors = with_values(neighbors, data.draw(special_values(neighbors.numel(), (NAN, INF, -INF))))
-    sims = with_values(sims, data.draw(special_values(sims.numel()), label="sims specials"))
-    router, neighbors, sims = (lay_out(x, data.draw(layouts)) for x in (router, neighbors, sims))
+    router = strategies.with_special_values(data.draw, router, (NAN, INF), label="router specials")
+    neighbors = strategies.with_special_values(data.draw, neighbors, (NAN, INF, -INF))
+    sims = strategies.with_special_values(data.draw, sims, label="sims specials")
+    router, neighbors, sims = (strategies.with_drawn_layout(data.draw, x) for x in (router, neighbors, sims))
 
     mixed, conf = knn_mix(router, neighbors, sims, backend="torch", **mixing)
 
@@ -294,18 +292,14 @@ def test_property_knn_mix_matches_oracle(data):
     _assert_finite_close(mixed[~frozen], want_mixed[~frozen], tolerance[~frozen], "mixed")
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=strategies.examples(150))
 @given(data=st.data())
 def test_property_knn_route_matches_oracle(data):
-    num_tokens = data.draw(token_counts, label="T")
-    num_neighbors = data.draw(st.sampled_from([1, 2, 5]), label="n")
-    num_rows = data.draw(st.sampled_from([1, 3, 17]), label="N")
-    num_experts = data.draw(st.sampled_from([1, 2, 5, 8, 60, 160]), label="E")
-    options = data.draw(routing_options(num_experts), label="routing")
-    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
-    mixing = data.draw(mixing_options(), label="mixing")
-    router_dtype, memory_dtype = data.draw(reference_dtypes, label="router"), data.draw(reference_dtypes)
-    source = generator(data.draw(seeds, label="seed"))
+    case = _route_case(data.draw, [1, 2, 5], [1, 3, 17], [1, 2, 5, 8, 60, 160])
+    num_tokens, num_neighbors, num_rows, num_experts, options, k, mixing = case
+    router_dtype = data.draw(strategies.reference_dtypes, label="router")
+    memory_dtype = data.draw(strategies.reference_dtypes)
+    source = strategies.drawn_generator(data.draw)
     router = (torch.randn(num_tokens, num_experts, generator=source) * 2).to(router_dtype)
     memory = (torch.randn(num_rows, num_experts, generator=source) * 2).to(memory_dtype)
     ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=source)
@@ -313,10 +307,10 @@ def test_property_knn_route_matches_oracle(data):
     # Similarities of one sign: the mix is well conditioned, so the float64 keys of the oracle
     # decide the routing up to near-ties (which assert_routing_matches_oracle allows either way).
     sims = _similarities(data, source, num_tokens, num_neighbors, "positive").to(torch.float32)
-    sims = with_values(sims, data.draw(special_values(sims.numel()), label="sims specials"))
-    memory = with_values(memory, data.draw(special_values(memory.numel(), (NAN,)), label="memory specials"))
+    sims = strategies.with_special_values(data.draw, sims, label="sims specials")
+    memory = strategies.with_special_values(data.draw, memory, (NAN,), label="memory specials")
     bias = (torch.randn(num_experts, generator=source) * 0.5) if data.draw(st.booleans(), label="bias") else None
-    router, ids, sims, memory = (lay_out(x, data.draw(layouts)) for x in (router, ids, sims, memory))
+    router, ids, sims, memory = (strategies.with_drawn_layout(data.draw, x) for x in (router, ids, sims, memory))
 
     weights, chosen, conf = knn_route(router, ids, sims, memory, k, bias=bias, backend="torch", **options, **mixing)
 
@@ -333,19 +327,14 @@ def test_property_knn_route_matches_oracle(data):
     torch.testing.assert_close(weights[frozen], want_weights[frozen], atol=0, rtol=0, equal_nan=True)
 
 
-@settings(max_examples=examples(100))
+@settings(max_examples=strategies.examples(100))
 @given(data=st.data())
 def test_property_knn_route_assignments_match_oracle(data):
-    num_tokens = data.draw(token_counts, label="T")
-    num_neighbors = data.draw(st.sampled_from([1, 2, 4]), label="n")
-    num_rows = data.draw(st.sampled_from([1, 3, 11]), label="N")
-    num_experts = data.draw(st.sampled_from([1, 2, 5, 8, 60]), label="E")
-    options = data.draw(routing_options(num_experts), label="routing")
-    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
-    mixing = data.draw(mixing_options(), label="mixing")
+    case = _route_case(data.draw, [1, 2, 4], [1, 3, 11], [1, 2, 5, 8, 60])
+    num_tokens, num_neighbors, num_rows, num_experts, options, k, mixing = case
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
-    seed = data.draw(seeds, label="seed")
-    source = generator(seed)
+    seed = data.draw(strategies.seeds, label="seed")
+    source = strategies.generator(seed)
     bias = testing.make_bias(num_experts, seed=seed) if data.draw(st.booleans(), label="bias") else None
     # Tie-free logits (router rows and memory rows are routed as they are): the ids are defined.
     tie_free = {
@@ -356,8 +345,8 @@ def test_property_knn_route_assignments_match_oracle(data):
     ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=source)
     signs = data.draw(st.sampled_from(["positive", "mixed"]), label="sims")
     sims = _similarities(data, source, num_tokens, num_neighbors, signs).to(dtype)
-    sims = with_values(sims, data.draw(special_values(sims.numel(), (NAN,)), label="NaN sims"))
-    router, ids, sims, memory = (lay_out(x, data.draw(layouts)) for x in (router, ids, sims, memory))
+    sims = strategies.with_special_values(data.draw, sims, (NAN,), label="NaN sims")
+    router, ids, sims, memory = (strategies.with_drawn_layout(data.draw, x) for x in (router, ids, sims, memory))
 
     weights, experts, conf = knn_route_assignments(
         router, ids, sims, memory, k, bias=bias, backend="torch", **options, **mixing

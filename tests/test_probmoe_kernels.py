@@ -7,12 +7,13 @@ test_probmoe_library.py)."""
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from helpers import chi_square_pvalue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import exact_k_marginals_oracle, subset_law_oracle
-from strategies import INF, NAN, examples, lay_out, layouts, special_values, with_values
+from strategies import INF, NAN
 
 import moe_kernels as mk
 from moe_kernels.ops.probmoe import exact_k_backward_op, exact_k_op
@@ -98,16 +99,16 @@ def test_kernel_non_finite_rows(kernel_device):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter (numpy) on inf - inf and log(0)
-@settings(max_examples=examples(20))  # the interpreter is slow: small cases
+@settings(max_examples=strategies.examples(20))  # the interpreter is slow: small cases
 @given(data=st.data())
 def test_kernel_property_marginals_match_oracle(kernel_device, data):
     num_tokens, num_experts = data.draw(st.sampled_from([0, 1, 7])), data.draw(st.sampled_from([1, 3, 13]))
     k = data.draw(st.integers(1, num_experts), label="k")
     k_min = data.draw(st.sampled_from([k, 0, data.draw(st.integers(0, k))]), label="k_min")
-    source = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    source = strategies.drawn_generator(data.draw)
     logits = torch.randn(num_tokens, num_experts, generator=source) * 3
-    logits = with_values(logits, data.draw(special_values(logits.numel(), (-INF, -INF, NAN, INF))))
-    logits = lay_out(logits, data.draw(layouts, label="layout"))
+    logits = strategies.with_special_values(data.draw, logits, (-INF, -INF, NAN, INF))
+    logits = strategies.with_drawn_layout(data.draw, logits, label="layout")
     marginals = mk.exact_k_marginals(logits.to(kernel_device), k, k_min=k_min, backend="triton").cpu()
     want = exact_k_marginals_oracle(logits, k, k_min)
     assert torch.equal(torch.isnan(marginals), torch.isnan(want))

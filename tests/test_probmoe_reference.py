@@ -9,6 +9,7 @@ import itertools
 import math
 
 import pytest
+import strategies
 import torch
 from helpers import chi_square_pvalue
 from hypothesis import given, settings
@@ -20,20 +21,7 @@ from oracles import (
     route_gradient_paths_oracle,
     subset_law_oracle,
 )
-from strategies import (
-    INF,
-    NAN,
-    examples,
-    generator,
-    k_for,
-    lay_out,
-    layouts,
-    reference_dtypes,
-    seeds,
-    special_values,
-    token_counts,
-    with_values,
-)
+from strategies import INF, NAN
 
 import moe_kernels as mk
 from moe_kernels import testing
@@ -247,16 +235,16 @@ def test_band_enumeration_oracle_itself():
 @st.composite
 def probmoe_problem(draw, specials=(-INF, -INF, NAN, INF), max_experts=60):
     """``(logits, k, k_min)``: logits of a drawn dtype, scale and layout, with special values."""
-    num_tokens = draw(token_counts, label="T")
+    num_tokens = draw(strategies.token_counts, label="T")
     num_experts = draw(st.sampled_from([e for e in (1, 2, 3, 5, 8, 13, 60) if e <= max_experts]), label="E")
-    k = draw(k_for(num_experts), label="k")
+    k = draw(strategies.k_for(num_experts), label="k")
     k_min = draw(st.sampled_from([None, 0, draw(st.integers(0, k))]), label="k_min")
-    dtype = draw(reference_dtypes, label="dtype")
+    dtype = draw(strategies.reference_dtypes, label="dtype")
     spread = draw(st.sampled_from([1.0, 4.0, 30.0]), label="logit scale")
-    source = generator(draw(seeds, label="seed"))
+    source = strategies.drawn_generator(draw)
     logits = (torch.randn(num_tokens, num_experts, generator=source, dtype=torch.float64) * spread).to(dtype)
-    logits = with_values(logits, draw(special_values(logits.numel(), specials, max_count=4), label="specials"))
-    logits = lay_out(logits, draw(layouts, label="layout"))
+    logits = strategies.with_special_values(draw, logits, specials, max_count=4, label="specials")
+    logits = strategies.with_drawn_layout(draw, logits, label="layout")
     if draw(st.booleans(), label="leading dim"):
         logits = logits.unsqueeze(0)
     return logits, k, k_min
@@ -267,7 +255,7 @@ def _invalid_rows(logits: torch.Tensor, k_min: int) -> torch.Tensor:
     return torch.isnan(logits).any(-1) | (logits == INF).any(-1) | ((logits > -INF).sum(-1) < k_min)
 
 
-@settings(max_examples=examples(200))
+@settings(max_examples=strategies.examples(200))
 @given(problem=probmoe_problem())
 def test_property_exact_k_marginals_match_oracle(problem):
     logits, k, k_min = problem
@@ -292,8 +280,8 @@ def test_property_exact_k_marginals_match_oracle(problem):
     assert not bool((excess > 0).any()), f"marginals off by {excess.max().item()} past the tolerance"
 
 
-@settings(max_examples=examples(400))
-@given(problem=probmoe_problem(), seed=seeds)
+@settings(max_examples=strategies.examples(400))
+@given(problem=probmoe_problem(), seed=strategies.seeds)
 def test_property_exact_k_sample_is_valid(problem, seed):
     logits, k, k_min = problem
     ids = mk.exact_k_sample(logits, k, k_min=k_min, seed=seed, backend="torch")
@@ -315,8 +303,8 @@ def test_property_exact_k_sample_is_valid(problem, seed):
             assert chosen == possible
 
 
-@settings(max_examples=examples(150))
-@given(problem=probmoe_problem(), seed=seeds, renormalize=st.booleans(), training=st.booleans())
+@settings(max_examples=strategies.examples(150))
+@given(problem=probmoe_problem(), seed=strategies.seeds, renormalize=st.booleans(), training=st.booleans())
 def test_property_probmoe_route_matches_oracle(problem, seed, renormalize, training):
     logits, k, k_min = problem
     band_low = k if k_min is None else k_min

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_names
+from helpers import assert_refused
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import INF, NAN, examples, token_counts
@@ -221,9 +221,7 @@ def bad_softmax_topk_call(draw):
 @given(call=bad_softmax_topk_call())
 def test_property_bad_input_names_the_argument(call):
     kwargs, argument = call
-    with pytest.raises((ValueError, TypeError)) as error:
-        moe_kernels.softmax_topk(**kwargs)
-    assert_names(error.value, "softmax_topk", argument)
+    assert_refused(lambda: moe_kernels.softmax_topk(**kwargs), "softmax_topk", argument)
 
 
 @st.composite
@@ -245,6 +243,4 @@ def bad_routing_config(draw):
 @given(call=bad_routing_config())
 def test_property_bad_routing_config_names_the_field(call):
     fields, field = call
-    with pytest.raises((ValueError, TypeError)) as error:
-        moe_kernels.RoutingConfig(**fields)
-    assert_names(error.value, "RoutingConfig", field)
+    assert_refused(lambda: moe_kernels.RoutingConfig(**fields), "RoutingConfig", field)

@@ -8,24 +8,13 @@ logits.
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from helpers import assert_routing_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import softmax_topk_oracle
 from routing_cases import non_finite_logits, routing_cases, routing_inputs
-from strategies import (
-    eligible_experts,
-    examples,
-    generator,
-    k_for,
-    lay_out,
-    layouts,
-    routing_options,
-    seeds,
-    special_values,
-    with_values,
-)
 
 import moe_kernels
 from moe_kernels import reference, testing
@@ -183,17 +172,16 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter on inf - inf
-@settings(max_examples=examples(40))  # the interpreter is slow: small cases
+@settings(max_examples=strategies.examples(40))  # the interpreter is slow: small cases
 @given(data=st.data())
 def test_property_kernel_matches_oracle(kernel_device, data):
     num_tokens = data.draw(st.sampled_from([0, 1, 5, 13]), label="T")
     num_experts = data.draw(st.sampled_from([1, 3, 8, 60]), label="E")
-    options = data.draw(routing_options(num_experts), label="routing")
-    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
-    source = generator(data.draw(seeds, label="seed"))
+    options, k = strategies.drawn_routing(data.draw, num_experts)
+    source = strategies.drawn_generator(data.draw)
     logits = torch.randn(num_tokens, num_experts, generator=source) * data.draw(st.sampled_from([0.5, 3.0]))
-    logits = with_values(logits, data.draw(special_values(logits.numel()), label="non-finite"))
-    logits = lay_out(logits, data.draw(layouts, label="layout")).to(kernel_device)
+    logits = strategies.with_special_values(data.draw, logits, label="non-finite")
+    logits = strategies.with_drawn_layout(data.draw, logits, label="layout").to(kernel_device)
     bias = (torch.randn(num_experts, generator=source) * 0.5).to(kernel_device) if data.draw(st.booleans()) else None
     with testing.poisoned_outputs():  # unwritten: NaN weights where the oracle has none, ids out of range
         weights, ids = moe_kernels.softmax_topk(logits, k, bias=bias, backend="triton", **options)

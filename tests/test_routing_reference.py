@@ -5,27 +5,13 @@ on random shapes, dtypes, layouts, ties and non-finite logits."""
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from helpers import assert_routing_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import softmax_topk_oracle
 from routing_cases import non_finite_logits, routing_cases, routing_inputs
-from strategies import (
-    duplicated_columns,
-    eligible_experts,
-    examples,
-    generator,
-    k_for,
-    lay_out,
-    layouts,
-    reference_dtypes,
-    routing_options,
-    seeds,
-    special_values,
-    token_counts,
-    with_values,
-)
 
 import moe_kernels
 from moe_kernels import testing
@@ -169,25 +155,24 @@ def test_top_k_router_correction_bias_selects_only():
 # dtypes, layouts, exact ties and NaN / +-inf logits, against the float64 oracle.
 
 
-@settings(max_examples=examples(600))
+@settings(max_examples=strategies.examples(600))
 @given(data=st.data())
 def test_property_softmax_topk_matches_oracle(data):
-    num_tokens = data.draw(token_counts, label="T")
+    num_tokens = data.draw(strategies.token_counts, label="T")
     num_experts = data.draw(st.sampled_from([1, 2, 3, 8, 60, 160, 257]), label="E")
-    options = data.draw(routing_options(num_experts), label="routing")
-    k = data.draw(k_for(eligible_experts(num_experts, options)), label="k")
-    dtype = data.draw(reference_dtypes, label="dtype")
+    options, k = strategies.drawn_routing(data.draw, num_experts)
+    dtype = data.draw(strategies.reference_dtypes, label="dtype")
     spread = data.draw(st.sampled_from([0.5, 3.0, 30.0]), label="logit scale")
-    source = generator(data.draw(seeds, label="seed"))
+    source = strategies.drawn_generator(data.draw)
     logits = (torch.randn(num_tokens, num_experts, generator=source, dtype=torch.float64) * spread).to(dtype)
-    for src, dst in data.draw(duplicated_columns(num_experts), label="ties"):
+    for src, dst in data.draw(strategies.duplicated_columns(num_experts), label="ties"):
         logits[:, dst] = logits[:, src]
-    logits = with_values(logits, data.draw(special_values(logits.numel()), label="non-finite"))
+    logits = strategies.with_special_values(data.draw, logits, label="non-finite")
     bias = None
     if data.draw(st.booleans(), label="bias"):
         bias_dtype = data.draw(st.sampled_from([torch.float32, torch.float64])) if dtype == torch.float64 else None
         bias = (torch.randn(num_experts, generator=source) * 0.5).to(bias_dtype or torch.float32)
-    logits = lay_out(logits, data.draw(layouts, label="layout"))
+    logits = strategies.with_drawn_layout(data.draw, logits, label="layout")
     if data.draw(st.booleans(), label="leading dim"):
         logits = logits.unsqueeze(0)  # (1, T, E): leading dims kept, strides as they are
 

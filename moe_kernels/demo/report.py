@@ -61,15 +61,28 @@ def environment(device: torch.device, seed: int, quick: bool) -> dict:
         name = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)"
     return {
         "device": name,
+        **software_versions(),
+        "commit": _git_commit(),
+        "date_utc": utc_now(),
+        "seed": seed,
+        "mode": "quick" if quick else "full",
+    }
+
+
+def software_versions() -> dict:
+    """``torch``, ``triton`` ("none" when not installed), ``python`` and ``moe_kernels`` versions:
+    what a run's numbers depend on beside the device (the demo's and the benchmarks' records)."""
+    return {
         "torch": torch.__version__,
         "triton": triton_version() or "none",
         "python": platform.python_version(),
         "moe_kernels": moe_kernels.__version__,
-        "commit": _git_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-        "mode": "quick" if quick else "full",
     }
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _git_commit() -> str:
