@@ -28,7 +28,7 @@ sequence-major, NaN for tokens without a loss; :func:`expert_impact` needs one p
 
 from moe_kernels.cor._layers import MoELayer, find_moe_layers, is_counterfactual_routing_applied
 from moe_kernels.cor.budget import allocate_layer_budget
-from moe_kernels.cor.calibrate import calibrate
+from moe_kernels.cor.calibrate import CalibrationSettings, calibrate
 from moe_kernels.cor.evaluate import CoRResult, evaluate_counterfactual_routing, plot_impact_heatmap
 from moe_kernels.cor.impact import ablate_weights, expert_impact
 from moe_kernels.cor.losses import causal_lm_token_losses
@@ -38,6 +38,7 @@ from moe_kernels.cor.sensitivity import LayerSensitivity, layer_sensitivity
 from moe_kernels.cor.toy_lm import TinyMoELM
 
 __all__ = [
+    "CalibrationSettings",
     "CoRPlan",
     "CoRResult",
     "LayerSensitivity",

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from moe_kernels.cor._layers import MoELayer
+from moe_kernels.cor.losses import stratify
 
 
 def as_batch_list(batches, op: str) -> list:
@@ -151,3 +153,45 @@ def clean_pass(model: nn.Module, layers: list[MoELayer], batches: list, token_lo
 def copies_per_forward(rows_per_sequence: int, tokens_per_forward: int) -> int:
     """How many sequence copies one forward holds: ``tokens_per_forward // S``, at least 1."""
     return max(1, tokens_per_forward // rows_per_sequence)
+
+
+class CalibrationRun(NamedTuple):
+    """What the calibration stages share: the ``model``, its MoE ``layers``, the ``batches`` (a
+    list), ``token_losses``, the ``clean`` pass over the batches, the ``hard`` / ``easy`` token
+    masks ``(N,)`` bool over all their clean losses (``easy`` None when no stage asked for it), and
+    how the what-if forwards run (at most ``tokens_per_forward`` tokens each, a progress bar when
+    ``progress``)."""
+
+    model: nn.Module
+    layers: list[MoELayer]
+    batches: list
+    token_losses: Callable
+    clean: CleanPass
+    hard: torch.Tensor
+    easy: torch.Tensor | None
+    tokens_per_forward: int
+    progress: bool
+
+    def copies_per_forward(self, b: int) -> int:
+        """How many sequence copies of batch ``b`` one what-if forward holds: ``tokens_per_forward
+        // S_b``, at least 1."""
+        return copies_per_forward(self.clean.rows[b], self.tokens_per_forward)
+
+    def what_if_losses(self, b: int, sequences: torch.Tensor, hooks, op: str) -> torch.Tensor:
+        """One forward of batch ``b``'s ``sequences (n,)`` int64 (repeats allowed: each copy
+        carries its own intervention) with the forward ``hooks`` in place: ``(n * losses per
+        sequence,)`` float64 on the host (:func:`call_losses`)."""
+        sub = select_rows(self.batches[b], sequences, self.clean.sizes[b])
+        expected = sequences.numel() * self.clean.losses_per_sequence(b)
+        with forward_hooks(hooks):
+            return call_losses(self.model, sub, self.token_losses, expected, op)
+
+
+def calibration_run(
+    op: str, model, layers, batches: list, token_losses, quantiles: tuple, tokens_per_forward: int, progress: bool
+) -> CalibrationRun:
+    """The clean pass over ``batches`` and the tokens split by ``quantiles = (hard_quantile,
+    easy_quantile or None)`` (:func:`~moe_kernels.cor.losses.stratify`), as a :class:`CalibrationRun`."""
+    clean = clean_pass(model, layers, batches, token_losses, op)
+    hard, easy = stratify(clean.all_losses(), *quantiles, op)
+    return CalibrationRun(model, layers, batches, token_losses, clean, hard, easy, tokens_per_forward, progress)

@@ -14,7 +14,7 @@ from torch import nn
 from moe_kernels.cor._batches import as_batch_list, call_losses
 from moe_kernels.cor._layers import find_moe_layers
 from moe_kernels.cor.budget import allocate_layer_budget
-from moe_kernels.cor.calibrate import calibrate_with_sensitivity
+from moe_kernels.cor.calibrate import CalibrationSettings, calibrate_with_sensitivity
 from moe_kernels.cor.losses import check_quantiles, stratify
 from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
@@ -84,14 +84,8 @@ def evaluate_counterfactual_routing(
     eval_batches,
     token_losses: Callable,
     *,
-    total_k: int | None = None,
-    strength: float = 0.1,
-    hard_quantile: float = 0.7,
-    easy_quantile: float = 0.3,
-    delta: float = 0.2,
-    tokens_per_forward: int = 4096,
     plan: CoRPlan | None = None,
-    progress: bool = False,
+    **settings,
 ) -> CoRResult:
     """Calibrate CoR on ``calibration_batches`` (or use ``plan``), then evaluate on
     ``eval_batches``: static top-k, the layer budget alone (``plan.k``, no prior), the prior alone
@@ -99,29 +93,21 @@ def evaluate_counterfactual_routing(
     model's own routing when ``total_k`` is its own total (the default), else the uniform
     largest-remainder split of ``total_k`` without prior.
 
-    ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`). The model is
+    ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`); ``settings``
+    are :func:`calibrate`'s (:class:`~moe_kernels.cor.calibrate.CalibrationSettings`), and
+    ``hard_quantile`` also splits the eval tokens. The model is
     left without a CoR plan (every variant is reverted after its forwards). Cost: :func:`calibrate`'s,
     plus four forwards per eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
     """
     op = "evaluate_counterfactual_routing"
-    check_quantiles(op, hard_quantile, easy_quantile)
+    settings = CalibrationSettings.of(op, settings)
+    check_quantiles(op, settings.hard_quantile, settings.easy_quantile)
     eval_batches = as_batch_list(eval_batches, op)
     layers = find_moe_layers(model, op)
     base_k = torch.tensor([layer.k for layer in layers], dtype=torch.int64)
     sensitivity = None
     if plan is None:
-        plan, sensitivity = calibrate_with_sensitivity(
-            model,
-            calibration_batches,
-            token_losses,
-            total_k=total_k,
-            strength=strength,
-            hard_quantile=hard_quantile,
-            easy_quantile=easy_quantile,
-            delta=delta,
-            tokens_per_forward=tokens_per_forward,
-            progress=progress,
-        )
+        plan, sensitivity = calibrate_with_sensitivity(model, calibration_batches, token_losses, settings)
     else:
         apply_counterfactual_routing(model, plan)  # validates the plan against the model
         revert_counterfactual_routing(model)
@@ -147,7 +133,7 @@ def evaluate_counterfactual_routing(
         "cor": plan,
     }
     per_variant = {name: _eval_losses(model, eval_batches, token_losses, variant) for name, variant in variants.items()}
-    hard, _ = stratify(per_variant["static"], hard_quantile, None, op)
+    hard, _ = stratify(per_variant["static"], settings.hard_quantile, None, op)
     losses = {}
     for name, values in per_variant.items():
         finite = torch.isfinite(values)

@@ -10,17 +10,9 @@ import torch
 from torch import nn
 
 from moe_kernels.config import is_finite_number
-from moe_kernels.cor._batches import (
-    CleanPass,
-    as_batch_list,
-    call_losses,
-    clean_pass,
-    copies_per_forward,
-    forward_hooks,
-    select_rows,
-)
-from moe_kernels.cor._layers import MoELayer, find_moe_layers
-from moe_kernels.cor.losses import check_quantiles, stratify
+from moe_kernels.cor._batches import CalibrationRun, as_batch_list, calibration_run
+from moe_kernels.cor._layers import find_moe_layers
+from moe_kernels.cor.losses import check_quantiles
 from moe_kernels.progress import Progress
 
 RATIO_EPS = 1e-6
@@ -81,11 +73,9 @@ def layer_sensitivity(
     check_tokens_per_forward(op, tokens_per_forward)
     batches = as_batch_list(batches, op)
     layers = find_moe_layers(model, op)
-    clean = clean_pass(model, layers, batches, token_losses, op)
-    hard, easy = stratify(clean.all_losses(), hard_quantile, easy_quantile, op)
-    return sensitivity_from_clean(
-        model, layers, batches, token_losses, clean, hard, easy, delta, tokens_per_forward, progress
-    )
+    quantiles = (hard_quantile, easy_quantile)
+    run = calibration_run(op, model, layers, batches, token_losses, quantiles, tokens_per_forward, progress)
+    return sensitivity_from_clean(run, delta)
 
 
 def _scale_rows_hook(row_scale: torch.Tensor):
@@ -107,22 +97,12 @@ def _scale_rows_hook(row_scale: torch.Tensor):
     return hook
 
 
-def sensitivity_from_clean(
-    model: nn.Module,
-    layers: list[MoELayer],
-    batches: list,
-    token_losses: Callable,
-    clean: CleanPass,
-    hard: torch.Tensor,
-    easy: torch.Tensor,
-    delta: float,
-    tokens_per_forward: int,
-    progress: bool = False,
-) -> LayerSensitivity:
+def sensitivity_from_clean(run: CalibrationRun, delta: float) -> LayerSensitivity:
     """:func:`layer_sensitivity` given the clean pass and the token masks (``calibrate`` shares them)."""
     op = "layer_sensitivity"
+    layers, batches, clean = run.layers, run.batches, run.clean
     num_layers = len(layers)
-    hard, easy = hard.cpu(), easy.cpu()
+    hard, easy = run.hard.cpu(), run.easy.cpu()
     sums = torch.zeros(2, num_layers, dtype=torch.float64)
     work, offset = [], 0
     for b in range(len(batches)):
@@ -132,10 +112,10 @@ def sensitivity_from_clean(
         used = (hard_b | easy_b).any(1).nonzero().squeeze(1)  # offline: one host sync per batch
         seq = used.repeat(num_layers)
         layer_of = torch.arange(num_layers).repeat_interleave(used.numel())
-        chunk = copies_per_forward(clean.rows[b], tokens_per_forward)
+        chunk = run.copies_per_forward(b)
         work += [(b, hard_b, easy_b, seq[i : i + chunk], layer_of[i : i + chunk]) for i in range(0, seq.numel(), chunk)]
         offset += size * per_seq
-    with Progress(len(work), "CoR layer sensitivity", enabled=progress) as bar, torch.no_grad():
+    with Progress(len(work), "CoR layer sensitivity", enabled=run.progress) as bar, torch.no_grad():
         for b, hard_b, easy_b, seq, layer_of in work:
             rows, per_seq = clean.rows[b], clean.losses_per_sequence(b)
             hooks = []
@@ -144,9 +124,7 @@ def sensitivity_from_clean(
                 if perturbed.any():
                     row_scale = torch.where(perturbed, 1.0 - delta, 1.0).double().repeat_interleave(rows)
                     hooks.append((layer.block, _scale_rows_hook(row_scale)))
-            sub = select_rows(batches[b], seq, clean.sizes[b])
-            with forward_hooks(hooks):
-                losses = call_losses(model, sub, token_losses, seq.numel() * per_seq, op)
+            losses = run.what_if_losses(b, seq, hooks, op)
             base = clean.losses[b].view(clean.sizes[b], per_seq)[seq]
             increase = losses.view(-1, per_seq) - base
             for row, mask in enumerate((hard_b[seq], easy_b[seq])):
