@@ -28,13 +28,14 @@ sequence-major, NaN for tokens without a loss; :func:`expert_impact` needs one p
 
 from moe_kernels.cor._layers import MoELayer, find_moe_layers, is_counterfactual_routing_applied
 from moe_kernels.cor.budget import allocate_layer_budget
-from moe_kernels.cor.calibrate import CalibrationSettings, calibrate
+from moe_kernels.cor.calibrate import calibrate
 from moe_kernels.cor.evaluate import CoRResult, evaluate_counterfactual_routing, plot_impact_heatmap
 from moe_kernels.cor.impact import ablate_weights, expert_impact
 from moe_kernels.cor.losses import causal_lm_token_losses
 from moe_kernels.cor.plan import CoRPlan, min_max_normalize
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity, layer_sensitivity
+from moe_kernels.cor.settings import CalibrationSettings
 from moe_kernels.cor.toy_lm import TinyMoELM
 
 __all__ = [

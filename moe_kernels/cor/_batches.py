@@ -21,8 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_kernels.cor._layers import MoELayer
+from moe_kernels.cor._layers import MoELayer, find_moe_layers
 from moe_kernels.cor.losses import stratify
+from moe_kernels.cor.settings import CalibrationSettings
 
 
 def as_batch_list(batches, op: str) -> list:
@@ -157,25 +158,23 @@ def copies_per_forward(rows_per_sequence: int, tokens_per_forward: int) -> int:
 
 class CalibrationRun(NamedTuple):
     """What the calibration stages share: the ``model``, its MoE ``layers``, the ``batches`` (a
-    list), ``token_losses``, the ``clean`` pass over the batches, the ``hard`` / ``easy`` token
-    masks ``(N,)`` bool over all their clean losses (``easy`` None when no stage asked for it), and
-    how the what-if forwards run (at most ``tokens_per_forward`` tokens each, a progress bar when
-    ``progress``)."""
+    list), ``token_losses``, the ``settings``, the ``clean`` pass over the batches and the ``hard``
+    / ``easy`` token masks ``(N,)`` bool over all their clean losses (``easy`` None when the
+    settings have no ``easy_quantile``)."""
 
     model: nn.Module
     layers: list[MoELayer]
     batches: list
     token_losses: Callable
+    settings: CalibrationSettings
     clean: CleanPass
     hard: torch.Tensor
     easy: torch.Tensor | None
-    tokens_per_forward: int
-    progress: bool
 
     def copies_per_forward(self, b: int) -> int:
         """How many sequence copies of batch ``b`` one what-if forward holds: ``tokens_per_forward
         // S_b``, at least 1."""
-        return copies_per_forward(self.clean.rows[b], self.tokens_per_forward)
+        return copies_per_forward(self.clean.rows[b], self.settings.tokens_per_forward)
 
     def what_if_losses(self, b: int, sequences: torch.Tensor, hooks, op: str) -> torch.Tensor:
         """One forward of batch ``b``'s ``sequences (n,)`` int64 (repeats allowed: each copy
@@ -188,10 +187,16 @@ class CalibrationRun(NamedTuple):
 
 
 def calibration_run(
-    op: str, model, layers, batches: list, token_losses, quantiles: tuple, tokens_per_forward: int, progress: bool
+    op: str, model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings, check_layers=None
 ) -> CalibrationRun:
-    """The clean pass over ``batches`` and the tokens split by ``quantiles = (hard_quantile,
-    easy_quantile or None)`` (:func:`~moe_kernels.cor.losses.stratify`), as a :class:`CalibrationRun`."""
+    """The start of every calibration stage: ``batches`` as a list, the model's MoE layers
+    (``check_layers(layers)``, when given, refuses what the stage cannot take before any forward),
+    the clean pass and the token split by the settings' quantiles
+    (:func:`~moe_kernels.cor.losses.stratify`)."""
+    batches = as_batch_list(batches, op)
+    layers = find_moe_layers(model, op)
+    if check_layers is not None:
+        check_layers(layers)
     clean = clean_pass(model, layers, batches, token_losses, op)
-    hard, easy = stratify(clean.all_losses(), *quantiles, op)
-    return CalibrationRun(model, layers, batches, token_losses, clean, hard, easy, tokens_per_forward, progress)
+    hard, easy = stratify(clean.all_losses(), settings.hard_quantile, settings.easy_quantile, op)
+    return CalibrationRun(model, layers, batches, token_losses, settings, clean, hard, easy)

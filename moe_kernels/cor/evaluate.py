@@ -14,11 +14,12 @@ from torch import nn
 from moe_kernels.cor._batches import as_batch_list, call_losses
 from moe_kernels.cor._layers import find_moe_layers
 from moe_kernels.cor.budget import allocate_layer_budget
-from moe_kernels.cor.calibrate import CalibrationSettings, calibrate_with_sensitivity
-from moe_kernels.cor.losses import check_quantiles, stratify
+from moe_kernels.cor.calibrate import calibrate_with_sensitivity
+from moe_kernels.cor.losses import stratify
 from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity
+from moe_kernels.cor.settings import CalibrationSettings
 
 # The routings compared, in report order: static top-k, each half of CoR alone, CoR.
 VARIANTS = ("static", "layer_budget_only", "prior_only", "cor")
@@ -94,14 +95,13 @@ def evaluate_counterfactual_routing(
     largest-remainder split of ``total_k`` without prior.
 
     ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`); ``settings``
-    are :func:`calibrate`'s (:class:`~moe_kernels.cor.calibrate.CalibrationSettings`), and
+    are :func:`calibrate`'s (:class:`~moe_kernels.cor.CalibrationSettings`), and
     ``hard_quantile`` also splits the eval tokens. The model is
     left without a CoR plan (every variant is reverted after its forwards). Cost: :func:`calibrate`'s,
     plus four forwards per eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
     """
     op = "evaluate_counterfactual_routing"
     settings = CalibrationSettings.of(op, settings)
-    check_quantiles(op, settings.hard_quantile, settings.easy_quantile)
     eval_batches = as_batch_list(eval_batches, op)
     layers = find_moe_layers(model, op)
     base_k = torch.tensor([layer.k for layer in layers], dtype=torch.int64)
