@@ -20,6 +20,7 @@ from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity
 from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.figures import new_figure, save_png
 
 # The routings compared, in report order: static top-k, each half of CoR alone, CoR.
 VARIANTS = ("static", "layer_budget_only", "prior_only", "cor")
@@ -168,23 +169,17 @@ def plot_impact_heatmap(
 ) -> Path:
     """Draw ``impact (L, E)`` as a heat map (layers down, experts across; a diverging colour scale
     centred on 0) into the PNG ``path``; ``k (L,)`` labels each layer with its budget. Uses
-    matplotlib's Agg canvas (imported here, so ``moe_kernels.cor`` does not need matplotlib).
+    :mod:`moe_kernels.figures` (matplotlib imported when drawing: ``moe_kernels.cor`` does not need it).
     Returns the path."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
-
     values = torch.as_tensor(impact).detach().double().cpu()
     if values.dim() != 2:
         raise ValueError(f"plot_impact_heatmap: impact must be (L, E), got shape {tuple(values.shape)}")
     num_layers, num_experts = values.shape
     bound = float(values.abs().max()) or 1.0
-    fig = Figure(figsize=(max(5.0, min(2 + 0.25 * num_experts, 16)), max(3.0, min(1.5 + 0.4 * num_layers, 12))))
-    ax = fig.subplots()
+    fig, ax = new_figure(max(5.0, min(2 + 0.25 * num_experts, 16)), max(3.0, min(1.5 + 0.4 * num_layers, 12)))
     image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mean loss increase when ablated")
     labels = [f"{l}" if k is None else f"{l} (k={int(k[l])})" for l in range(num_layers)]
     ax.set_yticks(range(num_layers), labels)
     ax.set(xlabel="expert", ylabel="MoE layer", title=title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_png(fig, path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -11,17 +12,29 @@ from moe_kernels.dynamics.simulate import simulate
 from moe_kernels.dynamics.theory import fixed_points
 
 
+class SweepSettings(NamedTuple):
+    """How a slow sweep runs: ``steps_per_point`` steps at each point, ``replicas`` chains swept
+    together, score step ``eps`` (as for :func:`simulate`), point ``i`` seeded ``seed + i``, on
+    ``device``. The keywords of :func:`adiabatic_sweep` and the sweep plots, with their defaults."""
+
+    steps_per_point: int = 4000
+    replicas: int = 32
+    eps: float = 0.005
+    seed: int = 0
+    device: torch.device | str | None = None
+
+    @classmethod
+    def of(cls, name: str, keywords: dict) -> SweepSettings:
+        """The settings ``keywords`` give (the others at their defaults); ``TypeError`` naming
+        ``name`` for a keyword that is not a setting."""
+        unknown = sorted(set(keywords) - set(cls._fields))
+        if unknown:
+            raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the settings are {list(cls._fields)}")
+        return cls(**keywords)
+
+
 def adiabatic_sweep(
-    feedback,
-    asymmetry=0.0,
-    *,
-    num_experts: int = 2,
-    steps_per_point: int = 4000,
-    replicas: int = 32,
-    eps: float = 0.005,
-    seed: int = 0,
-    initial_scores: torch.Tensor | None = None,
-    device=None,
+    feedback, asymmetry=0.0, *, num_experts: int = 2, initial_scores: torch.Tensor | None = None, **settings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visit parameter points in order, each run starting from the previous point's final scores
     (a slow sweep, as in a hysteresis experiment).
@@ -29,14 +42,16 @@ def adiabatic_sweep(
     Args:
         feedback, asymmetry: numbers or 1-D sequences / tensors of the same length ``n`` (a
             number is held fixed); the ``i``-th point is ``(feedback[i], asymmetry[i])``.
-        steps_per_point, replicas, eps, num_experts: as for :func:`simulate` (``R`` chains swept
-            together; point ``i`` uses seed ``seed + i``).
+        num_experts: as for :func:`simulate`.
         initial_scores: scores at the first point, broadcastable to ``(R, E)``; default ``1/E``.
+        settings: ``steps_per_point``, ``replicas`` (``R`` chains), ``eps``, ``seed``, ``device``
+            (:class:`SweepSettings`, with their defaults).
 
     Returns:
         ``(load (n, R, E), scores (R, E))``: each point's selection fractions over the last half
         of its steps, and the final scores (to continue the sweep).
     """
+    sweep = SweepSettings.of("adiabatic_sweep", settings)
     feedbacks = torch.as_tensor(feedback, dtype=torch.float32).reshape(-1)
     asymmetries = torch.as_tensor(asymmetry, dtype=torch.float32).reshape(-1)
     points = max(len(feedbacks), len(asymmetries))
@@ -44,21 +59,37 @@ def adiabatic_sweep(
     scores = initial_scores
     loads = []
     for index in range(points):
-        start = None if scores is None else scores.reshape(1, replicas, num_experts)
+        start = None if scores is None else scores.reshape(1, sweep.replicas, num_experts)
         sim = simulate(
             float(feedbacks[index]),
             num_experts=num_experts,
             asymmetry=float(asymmetries[index]),
-            steps=steps_per_point,
-            replicas=replicas,
-            eps=eps,
-            seed=seed + index,
+            steps=sweep.steps_per_point,
+            replicas=sweep.replicas,
+            eps=sweep.eps,
+            seed=sweep.seed + index,
             initial_scores=start,
-            device=device,
+            device=sweep.device,
         )
         scores = sim.scores[0]
         loads.append(sim.load[0])
     return torch.stack(loads), scores
+
+
+def sweep_up_and_down(
+    feedback, asymmetry=0.0, *, num_experts: int = 2, settings: SweepSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hysteresis loop: :func:`adiabatic_sweep` over the points, then back over them in reverse
+    order from the way up's final scores (seeded after the way up). Returns ``(load_up (n, R, E),
+    load_down (n, R, E))``, ``load_down`` in the reversed order."""
+    feedbacks, asymmetries = torch.as_tensor(feedback).reshape(-1), torch.as_tensor(asymmetry).reshape(-1)
+    points = max(len(feedbacks), len(asymmetries))
+    load_up, scores = adiabatic_sweep(feedbacks, asymmetries, num_experts=num_experts, **settings._asdict())
+    back = settings._replace(seed=settings.seed + points)._asdict()
+    load_down, _ = adiabatic_sweep(
+        feedbacks.flip(0), asymmetries.flip(0), num_experts=num_experts, initial_scores=scores, **back
+    )
+    return load_up, load_down
 
 
 def relaxation_times(
