@@ -23,14 +23,25 @@ class SweepSettings(NamedTuple):
     seed: int = 0
     device: torch.device | str | None = None
 
-    @classmethod
-    def of(cls, name: str, keywords: dict) -> SweepSettings:
-        """The settings ``keywords`` give (the others at their defaults); ``TypeError`` naming
-        ``name`` for a keyword that is not a setting."""
-        unknown = sorted(set(keywords) - set(cls._fields))
-        if unknown:
-            raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the settings are {list(cls._fields)}")
-        return cls(**keywords)
+
+class ChainSettings(NamedTuple):
+    """How :func:`relaxation_times` runs its chains: ``replicas`` per point, score step ``eps``,
+    ``seed``, on ``device`` (as for :func:`simulate`). Its keywords and those of
+    :func:`~moe_kernels.dynamics.plot_critical_slowing`, with their defaults."""
+
+    replicas: int = 512
+    eps: float = 0.01
+    seed: int = 0
+    device: torch.device | str | None = None
+
+
+def settings_of(kind: type, name: str, keywords: dict):
+    """``kind(**keywords)`` (a settings NamedTuple, the others at their defaults); ``TypeError``
+    naming ``name`` for a keyword that is not one of its fields."""
+    unknown = sorted(set(keywords) - set(kind._fields))
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the settings are {list(kind._fields)}")
+    return kind(**keywords)
 
 
 def adiabatic_sweep(
@@ -51,7 +62,7 @@ def adiabatic_sweep(
         ``(load (n, R, E), scores (R, E))``: each point's selection fractions over the last half
         of its steps, and the final scores (to continue the sweep).
     """
-    sweep = SweepSettings.of("adiabatic_sweep", settings)
+    sweep = settings_of(SweepSettings, "adiabatic_sweep", settings)
     feedbacks = torch.as_tensor(feedback, dtype=torch.float32).reshape(-1)
     asymmetries = torch.as_tensor(asymmetry, dtype=torch.float32).reshape(-1)
     points = max(len(feedbacks), len(asymmetries))
@@ -92,16 +103,7 @@ def sweep_up_and_down(
     return load_up, load_down
 
 
-def relaxation_times(
-    feedbacks,
-    *,
-    perturbation: float = 0.1,
-    replicas: int = 512,
-    eps: float = 0.01,
-    max_time: float = 30.0,
-    seed: int = 0,
-    device=None,
-) -> torch.Tensor:
+def relaxation_times(feedbacks, *, perturbation: float = 0.1, max_time: float = 30.0, **settings) -> torch.Tensor:
     """Measured relaxation time of two experts (``h = 0``) at each ``K``, in units of ``tau =
     eps * steps``, to compare with :func:`moe_kernels.dynamics.theory.relaxation_time`.
 
@@ -111,11 +113,14 @@ def relaxation_times(
     ``delta / e`` (``inf`` if not within ``max_time``). Averaging the signed deviation over many
     replicas cancels the noise, leaving the mean-field decay. Close to ``K = 2`` from above the
     two wells are shallow and chains hop between them, so points there come out too long or
-    ``inf``.
+    ``inf``. ``settings``: ``replicas``, ``eps``, ``seed``, ``device`` (:class:`ChainSettings`,
+    with their defaults).
 
     Returns:
         ``(P,)`` float64 times on the CPU.
     """
+    chains = settings_of(ChainSettings, "relaxation_times", settings)
+    eps = chains.eps
     values = [float(k) for k in torch.as_tensor(feedbacks).reshape(-1).tolist()]
     targets, deltas, starts = [], [], []
     for k in values:
@@ -130,12 +135,9 @@ def relaxation_times(
     sim = simulate(
         torch.tensor(values),
         steps=steps,
-        replicas=replicas,
-        eps=eps,
-        seed=seed,
         initial_scores=initial,
         record_every=record_every,
-        device=device,
+        **chains._asdict(),
     )
     imbalance = (sim.trajectory[..., 0] - sim.trajectory[..., 1]).mean(dim=-1).double().cpu()  # (n, P)
     deviation = imbalance - torch.tensor(targets, dtype=torch.float64)

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from moe_kernels.dynamics.experiments import SweepSettings, relaxation_times, sweep_up_and_down
+from moe_kernels.dynamics.experiments import (
+    ChainSettings,
+    SweepSettings,
+    relaxation_times,
+    settings_of,
+    sweep_up_and_down,
+)
 from moe_kernels.dynamics.simulate import simulate
 from moe_kernels.dynamics.theory import (
     critical_feedback,
@@ -107,7 +113,7 @@ def plot_hysteresis(path, *, feedback: float = 3.0, asymmetry_max: float = 1.0, 
     ``+asymmetry_max`` in ``points`` points and back down at fixed ``feedback > 2``
     (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`), with the theory's branches
     and folds."""
-    sweep = SweepSettings.of("plot_hysteresis", settings)
+    sweep = settings_of(SweepSettings, "plot_hysteresis", settings)
     up = torch.linspace(-asymmetry_max, asymmetry_max, points)
     load_up, load_down = sweep_up_and_down(feedback, up, settings=sweep)
     fig, ax = new_figure()
@@ -134,21 +140,21 @@ def plot_hysteresis(path, *, feedback: float = 3.0, asymmetry_max: float = 1.0, 
     )
 
 
-def plot_critical_slowing(
-    path, *, feedbacks=None, replicas: int = 512, eps: float = 0.01, seed: int = 0, device=None
-) -> Path:
+def plot_critical_slowing(path, *, feedbacks=None, **settings) -> Path:
     """Relaxation time against ``K`` for two experts (``h = 0``): :func:`relaxation_times`
-    (dots) and the theory ``1 / |f'(x*)|``, which diverges at ``K_c = 2``."""
+    (dots; ``settings``: :class:`ChainSettings`) and the theory ``1 / |f'(x*)|``, which diverges
+    at ``K_c = 2``."""
+    chains = settings_of(ChainSettings, "plot_critical_slowing", settings)
     if feedbacks is None:
         feedbacks = [1.0, 1.3, 1.5, 1.65, 1.75, 1.85, 2.3, 2.45, 2.6, 2.8, 3.0, 3.5]
     feedbacks = [float(k) for k in feedbacks]
-    measured = relaxation_times(feedbacks, replicas=replicas, eps=eps, seed=seed, device=device)
+    measured = relaxation_times(feedbacks, **chains._asdict())
     fig, ax = new_figure()
     grid = [k for k in torch.linspace(min(feedbacks), max(feedbacks), 400).tolist() if abs(k - 2) > 0.02]
     theory = [relaxation_time(k) for k in grid]
     for side in ([k for k in grid if k < 2], [k for k in grid if k > 2]):
         ax.plot(side, [theory[grid.index(k)] for k in side], **STABLE)
-    ax.plot(feedbacks, measured.tolist(), "o", color="tab:red", label=f"simulation ({replicas} chains)")
+    ax.plot(feedbacks, measured.tolist(), "o", color="tab:red", label=f"simulation ({chains.replicas} chains)")
     ax.plot([], [], **STABLE, label="theory 1 / |f'(x*)|")
     ax.axvline(2.0, color="gray", linewidth=0.6)
     return _finish(
@@ -168,7 +174,7 @@ def plot_collapse(path, *, num_experts: int = 4, feedbacks=None, **settings) -> 
     scores and back down (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`),
     against the theory (uniform state stable below ``E``, one-winner branch from
     :func:`fold_feedback` on); the window between them is shaded."""
-    sweep = SweepSettings.of("plot_collapse", settings)
+    sweep = settings_of(SweepSettings, "plot_collapse", settings)
     critical, fold = critical_feedback(num_experts), fold_feedback(num_experts)
     if feedbacks is None:
         feedbacks = torch.linspace(max(0.5, fold - 1.5), critical + 1.5, 31)
