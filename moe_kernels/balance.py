@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from moe_kernels.functional import expert_counts
+
 
 class LoadStats(NamedTuple):
     """Load statistics of one routing decision (see :func:`load_stats`); all device tensors.
@@ -44,28 +46,20 @@ class LoadStats(NamedTuple):
     jain: torch.Tensor
 
 
-def _check_num_experts(name: str, num_experts) -> int:
+def check_num_experts(name: str, num_experts, minimum: int = 1) -> int:
+    """``num_experts`` as an int >= ``minimum``, or a ``TypeError`` / ``ValueError`` naming ``name``."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral):
         raise TypeError(f"{name}: num_experts must be an int, got {type(num_experts).__name__}")
-    if num_experts < 1:
-        raise ValueError(f"{name}: num_experts must be >= 1, got {num_experts}")
+    if num_experts < minimum:
+        raise ValueError(f"{name}: num_experts must be >= {minimum}, got {num_experts}")
     return int(num_experts)
 
 
 def _check_ids(name: str, ids) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: ids must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: ids must be an integer tensor (int32 / int64), got {ids.dtype}")
-
-
-def expert_counts_of(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``(E,)`` int64 assignments per expert of ``ids`` (any shape, values in ``[-1, E)``; -1
-    ignored): one scatter-add, no host sync (``torch.bincount`` would read the max back)."""
-    flat = ids.reshape(-1).to(torch.int64)
-    valid = flat >= 0
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(0, flat.clamp_min(0), valid.to(torch.int64))
 
 
 def load_stats(ids: torch.Tensor, num_experts: int) -> LoadStats:
@@ -73,16 +67,17 @@ def load_stats(ids: torch.Tensor, num_experts: int) -> LoadStats:
 
     Args:
         ids: integer tensor of any shape, usually ``(T, k)`` int32 from a router, values in
-            ``[-1, E)``; -1 marks an empty slot and is not counted. Values outside that range are
-            not checked (that would cost a host sync) and give undefined results.
+            ``[-1, E)``; -1 marks an empty slot and is not counted. The counts are
+            :func:`moe_kernels.expert_counts`' (int64 here), and so is the range check: a
+            ``ValueError`` on the CPU, a device-side assert elsewhere (no host sync).
         num_experts: ``E >= 1``.
 
     Returns:
         A :class:`LoadStats` of device tensors on ``ids``' device.
     """
     _check_ids("load_stats", ids)
-    num_experts = _check_num_experts("load_stats", num_experts)
-    counts = expert_counts_of(ids, num_experts)
+    num_experts = check_num_experts("load_stats", num_experts)
+    counts = expert_counts(ids.reshape(-1, 1), num_experts).long()
     values = counts.to(torch.float32)
     total = values.sum()
     fraction = values / total
@@ -130,14 +125,14 @@ def switch_aux_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts:
     name = "switch_aux_loss"
     _check_logits(name, router_logits)
     _check_ids(name, ids)
-    num_experts = _check_num_experts(name, num_experts)
+    num_experts = check_num_experts(name, num_experts)
     if router_logits.shape[1] != num_experts:
         raise ValueError(f"{name}: router_logits has {router_logits.shape[1]} experts, num_experts is {num_experts}")
     if ids.dim() != 2 or ids.shape[0] != router_logits.shape[0]:
         raise ValueError(f"{name}: ids must be (T, k) with T = {router_logits.shape[0]}, got {tuple(ids.shape)}")
     logits = _at_least_float32(router_logits)
     tokens = logits.shape[0]
-    counts = expert_counts_of(ids, num_experts).to(logits.dtype)
+    counts = expert_counts(ids.reshape(-1, 1), num_experts).to(logits.dtype)
     mean_probs = torch.softmax(logits, dim=-1).mean(dim=0)
     return num_experts / tokens * torch.dot(counts, mean_probs)
 
@@ -176,7 +171,7 @@ class AuxLossFreeBias(nn.Module):
 
     def __init__(self, num_experts: int, rate: float = 1e-3, *, device=None):
         super().__init__()
-        num_experts = _check_num_experts("AuxLossFreeBias", num_experts)
+        num_experts = check_num_experts("AuxLossFreeBias", num_experts)
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) < math.inf:
             raise ValueError(f"AuxLossFreeBias: rate must be a finite number >= 0, got {rate!r}")
         self.num_experts = num_experts
@@ -188,7 +183,7 @@ class AuxLossFreeBias(nn.Module):
         """One step of the rule from the expert ids of a batch (any shape, values in ``[-1, E)``,
         -1 ignored), in place on the bias' device, no host sync. Returns ``bias``."""
         _check_ids("AuxLossFreeBias.update", ids)
-        counts = expert_counts_of(ids.to(self.bias.device), self.num_experts).to(torch.float32)
+        counts = expert_counts(ids.to(self.bias.device).reshape(-1, 1), self.num_experts).to(torch.float32)
         self.bias.add_(torch.sign(counts.mean() - counts), alpha=self.rate)
         return self.bias
 

@@ -35,9 +35,11 @@ from moe_kernels.cor.losses import causal_lm_token_losses
 from moe_kernels.cor.plan import CoRPlan, min_max_normalize
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity, layer_sensitivity
+from moe_kernels.cor.settings import CalibrationSettings
 from moe_kernels.cor.toy_lm import TinyMoELM
 
 __all__ = [
+    "CalibrationSettings",
     "CoRPlan",
     "CoRResult",
     "LayerSensitivity",

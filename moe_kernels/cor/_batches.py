@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from moe_kernels.cor._layers import MoELayer
+from moe_kernels.cor._layers import MoELayer, find_moe_layers
+from moe_kernels.cor.losses import stratify
+from moe_kernels.cor.settings import CalibrationSettings
 
 
 def as_batch_list(batches, op: str) -> list:
@@ -151,3 +154,49 @@ def clean_pass(model: nn.Module, layers: list[MoELayer], batches: list, token_lo
 def copies_per_forward(rows_per_sequence: int, tokens_per_forward: int) -> int:
     """How many sequence copies one forward holds: ``tokens_per_forward // S``, at least 1."""
     return max(1, tokens_per_forward // rows_per_sequence)
+
+
+class CalibrationRun(NamedTuple):
+    """What the calibration stages share: the ``model``, its MoE ``layers``, the ``batches`` (a
+    list), ``token_losses``, the ``settings``, the ``clean`` pass over the batches and the ``hard``
+    / ``easy`` token masks ``(N,)`` bool over all their clean losses (``easy`` None when the
+    settings have no ``easy_quantile``)."""
+
+    model: nn.Module
+    layers: list[MoELayer]
+    batches: list
+    token_losses: Callable
+    settings: CalibrationSettings
+    clean: CleanPass
+    hard: torch.Tensor
+    easy: torch.Tensor | None
+
+    def copies_per_forward(self, b: int) -> int:
+        """How many sequence copies of batch ``b`` one what-if forward holds: ``tokens_per_forward
+        // S_b``, at least 1."""
+        return copies_per_forward(self.clean.rows[b], self.settings.tokens_per_forward)
+
+    def what_if_losses(self, b: int, sequences: torch.Tensor, hooks, op: str) -> torch.Tensor:
+        """One forward of batch ``b``'s ``sequences (n,)`` int64 (repeats allowed: each copy
+        carries its own intervention) with the forward ``hooks`` in place: ``(n * losses per
+        sequence,)`` float64 on the host (:func:`call_losses`)."""
+        sub = select_rows(self.batches[b], sequences, self.clean.sizes[b])
+        expected = sequences.numel() * self.clean.losses_per_sequence(b)
+        with forward_hooks(hooks):
+            return call_losses(self.model, sub, self.token_losses, expected, op)
+
+
+def calibration_run(
+    op: str, model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings, check_layers=None
+) -> CalibrationRun:
+    """The start of every calibration stage: ``batches`` as a list, the model's MoE layers
+    (``check_layers(layers)``, when given, refuses what the stage cannot take before any forward),
+    the clean pass and the token split by the settings' quantiles
+    (:func:`~moe_kernels.cor.losses.stratify`)."""
+    batches = as_batch_list(batches, op)
+    layers = find_moe_layers(model, op)
+    if check_layers is not None:
+        check_layers(layers)
+    clean = clean_pass(model, layers, batches, token_losses, op)
+    hard, easy = stratify(clean.all_losses(), settings.hard_quantile, settings.easy_quantile, op)
+    return CalibrationRun(model, layers, batches, token_losses, settings, clean, hard, easy)

@@ -7,34 +7,17 @@ from collections.abc import Callable
 
 from torch import nn
 
-from moe_kernels.config import is_finite_number, is_int
-from moe_kernels.cor._batches import as_batch_list, clean_pass
-from moe_kernels.cor._layers import find_moe_layers, is_counterfactual_routing_applied, uniform_num_experts
+from moe_kernels.config import is_int
+from moe_kernels.cor._batches import calibration_run
+from moe_kernels.cor._layers import MoELayer, is_counterfactual_routing_applied, uniform_num_experts
 from moe_kernels.cor.budget import allocate_layer_budget
 from moe_kernels.cor.impact import impact_from_clean
-from moe_kernels.cor.losses import check_quantiles, stratify
 from moe_kernels.cor.plan import CoRPlan, min_max_normalize
-from moe_kernels.cor.sensitivity import (
-    LayerSensitivity,
-    check_delta,
-    check_tokens_per_forward,
-    sensitivity_from_clean,
-)
+from moe_kernels.cor.sensitivity import LayerSensitivity, sensitivity_from_clean
+from moe_kernels.cor.settings import CalibrationSettings
 
 
-def calibrate(
-    model: nn.Module,
-    batches,
-    token_losses: Callable,
-    *,
-    total_k: int | None = None,
-    strength: float = 0.1,
-    hard_quantile: float = 0.7,
-    easy_quantile: float = 0.3,
-    delta: float = 0.2,
-    tokens_per_forward: int = 4096,
-    progress: bool = False,
-) -> CoRPlan:
+def calibrate(model: nn.Module, batches, token_losses: Callable, **settings) -> CoRPlan:
     """A :class:`CoRPlan` for ``model`` from the calibration ``batches``:
 
     1. clean per-token losses over all batches; hard tokens above ``quantile(l, hard_quantile)``,
@@ -44,77 +27,43 @@ def calibrate(
     4. ``k = allocate_layer_budget(ratio, total_k, k_min=1, k_max=each layer's selectable
        experts)`` (E, or the kept groups' experts under a group limit).
 
+    ``settings``: keywords of :class:`CalibrationSettings` (its fields, with their defaults).
     ``total_k`` defaults to the model's current total (the sum of each layer's k), so the
     activation budget is unchanged. The clean forward is shared by steps 2 and 3; the costs are
     theirs (see their docs). The plan's ``calibration`` holds the settings, token counts, base k
     and the hard / easy sensitivities. Refuses a model with a CoR plan applied (revert first).
     """
-    plan, _ = calibrate_with_sensitivity(
-        model,
-        batches,
-        token_losses,
-        total_k=total_k,
-        strength=strength,
-        hard_quantile=hard_quantile,
-        easy_quantile=easy_quantile,
-        delta=delta,
-        tokens_per_forward=tokens_per_forward,
-        progress=progress,
-    )
+    plan, _ = calibrate_with_sensitivity(model, batches, token_losses, CalibrationSettings.of("calibrate", settings))
     return plan
 
 
 def calibrate_with_sensitivity(
-    model: nn.Module,
-    batches,
-    token_losses: Callable,
-    *,
-    total_k: int | None = None,
-    strength: float = 0.1,
-    hard_quantile: float = 0.7,
-    easy_quantile: float = 0.3,
-    delta: float = 0.2,
-    tokens_per_forward: int = 4096,
-    progress: bool = False,
+    model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings
 ) -> tuple[CoRPlan, LayerSensitivity]:
-    """:func:`calibrate`, also returning the :class:`LayerSensitivity` it computed."""
+    """:func:`calibrate` with its checked ``settings``, also returning the :class:`LayerSensitivity`
+    it computed."""
     op = "calibrate"
-    if not is_finite_number(strength):
-        raise ValueError(f"{op}: strength must be a finite number, got {strength!r}")
-    check_quantiles(op, hard_quantile, easy_quantile)
-    check_delta(op, delta)
-    check_tokens_per_forward(op, tokens_per_forward)
-    batches = as_batch_list(batches, op)
-    layers = find_moe_layers(model, op)
     if is_counterfactual_routing_applied(model):
         raise ValueError(f"{op}: the model has a CoR plan applied; call revert_counterfactual_routing(model) first")
-    num_experts = uniform_num_experts(layers, op)
-    base_k = [layer.k for layer in layers]
+
+    def check_layers(layers: list[MoELayer]) -> None:
+        uniform_num_experts(layers, op)
+        _total_k(op, layers, settings.total_k)
+
+    run = calibration_run(op, model, batches, token_losses, settings, check_layers)
+    layers = run.layers
+    sensitivity = sensitivity_from_clean(run)
+    impact = impact_from_clean(run)
     limits = [layer.eligible_experts for layer in layers]
-    if total_k is None:
-        total_k = sum(base_k)
-    elif not is_int(total_k) or not len(layers) <= total_k <= sum(limits):
-        raise ValueError(
-            f"{op}: total_k must be an int in [L, sum of selectable experts] = [{len(layers)}, {sum(limits)}], "
-            f"got {total_k!r}"
-        )
-    clean = clean_pass(model, layers, batches, token_losses, op)
-    hard, easy = stratify(clean.all_losses(), hard_quantile, easy_quantile, op)
-    sensitivity = sensitivity_from_clean(
-        model, layers, batches, token_losses, clean, hard, easy, delta, tokens_per_forward, progress
-    )
-    impact = impact_from_clean(
-        model, layers, num_experts, batches, token_losses, clean, hard, tokens_per_forward, progress
-    )
-    k = allocate_layer_budget(sensitivity.ratio, total_k, k_min=1, k_max=limits)
+    k = allocate_layer_budget(sensitivity.ratio, _total_k(op, layers, settings.total_k), k_min=1, k_max=limits)
     calibration = {
-        "hard_quantile": hard_quantile,
-        "easy_quantile": easy_quantile,
-        "delta": delta,
-        "tokens": int(clean.all_losses().isfinite().sum()),
-        "hard_tokens": int(hard.sum()),
-        "easy_tokens": int(easy.sum()),
-        "base_k": base_k,
+        "hard_quantile": settings.hard_quantile,
+        "easy_quantile": settings.easy_quantile,
+        "delta": settings.delta,
+        "tokens": int(run.clean.all_losses().isfinite().sum()),
+        "hard_tokens": int(run.hard.sum()),
+        "easy_tokens": int(run.easy.sum()),
+        "base_k": [layer.k for layer in layers],
         "layer_names": [layer.name for layer in layers],
         "hard_sensitivity": sensitivity.hard.tolist(),
         "easy_sensitivity": sensitivity.easy.tolist(),
@@ -122,9 +71,22 @@ def calibrate_with_sensitivity(
     plan = CoRPlan(
         k=k,
         prior=min_max_normalize(impact),
-        strength=strength,
+        strength=settings.strength,
         ratio=sensitivity.ratio,
         impact=impact,
         calibration=calibration,
     )
     return plan, sensitivity
+
+
+def _total_k(op: str, layers: list[MoELayer], total_k: int | None) -> int:
+    """The activation budget: ``total_k`` checked against the layers, or their own total when None."""
+    if total_k is None:
+        return sum(layer.k for layer in layers)
+    limit = sum(layer.eligible_experts for layer in layers)
+    if not is_int(total_k) or not len(layers) <= total_k <= limit:
+        raise ValueError(
+            f"{op}: total_k must be an int in [L, sum of selectable experts] = [{len(layers)}, {limit}], "
+            f"got {total_k!r}"
+        )
+    return total_k

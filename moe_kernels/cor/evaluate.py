@@ -15,10 +15,12 @@ from moe_kernels.cor._batches import as_batch_list, call_losses
 from moe_kernels.cor._layers import find_moe_layers
 from moe_kernels.cor.budget import allocate_layer_budget
 from moe_kernels.cor.calibrate import calibrate_with_sensitivity
-from moe_kernels.cor.losses import check_quantiles, stratify
+from moe_kernels.cor.losses import stratify
 from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity
+from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.figures import new_figure, save_png
 
 # The routings compared, in report order: static top-k, each half of CoR alone, CoR.
 VARIANTS = ("static", "layer_budget_only", "prior_only", "cor")
@@ -84,14 +86,8 @@ def evaluate_counterfactual_routing(
     eval_batches,
     token_losses: Callable,
     *,
-    total_k: int | None = None,
-    strength: float = 0.1,
-    hard_quantile: float = 0.7,
-    easy_quantile: float = 0.3,
-    delta: float = 0.2,
-    tokens_per_forward: int = 4096,
     plan: CoRPlan | None = None,
-    progress: bool = False,
+    **settings,
 ) -> CoRResult:
     """Calibrate CoR on ``calibration_batches`` (or use ``plan``), then evaluate on
     ``eval_batches``: static top-k, the layer budget alone (``plan.k``, no prior), the prior alone
@@ -99,29 +95,20 @@ def evaluate_counterfactual_routing(
     model's own routing when ``total_k`` is its own total (the default), else the uniform
     largest-remainder split of ``total_k`` without prior.
 
-    ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`). The model is
+    ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`); ``settings``
+    are :func:`calibrate`'s (:class:`~moe_kernels.cor.CalibrationSettings`), and
+    ``hard_quantile`` also splits the eval tokens. The model is
     left without a CoR plan (every variant is reverted after its forwards). Cost: :func:`calibrate`'s,
     plus four forwards per eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
     """
     op = "evaluate_counterfactual_routing"
-    check_quantiles(op, hard_quantile, easy_quantile)
+    settings = CalibrationSettings.of(op, settings)
     eval_batches = as_batch_list(eval_batches, op)
     layers = find_moe_layers(model, op)
     base_k = torch.tensor([layer.k for layer in layers], dtype=torch.int64)
     sensitivity = None
     if plan is None:
-        plan, sensitivity = calibrate_with_sensitivity(
-            model,
-            calibration_batches,
-            token_losses,
-            total_k=total_k,
-            strength=strength,
-            hard_quantile=hard_quantile,
-            easy_quantile=easy_quantile,
-            delta=delta,
-            tokens_per_forward=tokens_per_forward,
-            progress=progress,
-        )
+        plan, sensitivity = calibrate_with_sensitivity(model, calibration_batches, token_losses, settings)
     else:
         apply_counterfactual_routing(model, plan)  # validates the plan against the model
         revert_counterfactual_routing(model)
@@ -147,7 +134,7 @@ def evaluate_counterfactual_routing(
         "cor": plan,
     }
     per_variant = {name: _eval_losses(model, eval_batches, token_losses, variant) for name, variant in variants.items()}
-    hard, _ = stratify(per_variant["static"], hard_quantile, None, op)
+    hard, _ = stratify(per_variant["static"], settings.hard_quantile, None, op)
     losses = {}
     for name, values in per_variant.items():
         finite = torch.isfinite(values)
@@ -182,23 +169,17 @@ def plot_impact_heatmap(
 ) -> Path:
     """Draw ``impact (L, E)`` as a heat map (layers down, experts across; a diverging colour scale
     centred on 0) into the PNG ``path``; ``k (L,)`` labels each layer with its budget. Uses
-    matplotlib's Agg canvas (imported here, so ``moe_kernels.cor`` does not need matplotlib).
+    :mod:`moe_kernels.figures` (matplotlib imported when drawing: ``moe_kernels.cor`` does not need it).
     Returns the path."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
-
     values = torch.as_tensor(impact).detach().double().cpu()
     if values.dim() != 2:
         raise ValueError(f"plot_impact_heatmap: impact must be (L, E), got shape {tuple(values.shape)}")
     num_layers, num_experts = values.shape
     bound = float(values.abs().max()) or 1.0
-    fig = Figure(figsize=(max(5.0, min(2 + 0.25 * num_experts, 16)), max(3.0, min(1.5 + 0.4 * num_layers, 12))))
-    ax = fig.subplots()
+    fig, ax = new_figure(max(5.0, min(2 + 0.25 * num_experts, 16)), max(3.0, min(1.5 + 0.4 * num_layers, 12)))
     image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mean loss increase when ablated")
     labels = [f"{l}" if k is None else f"{l} (k={int(k[l])})" for l in range(num_layers)]
     ax.set_yticks(range(num_layers), labels)
     ax.set(xlabel="expert", ylabel="MoE layer", title=title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_png(fig, path)

@@ -8,30 +8,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moe_kernels.cor._batches import (
-    CleanPass,
-    as_batch_list,
-    call_losses,
-    clean_pass,
-    copies_per_forward,
-    forward_hooks,
-    select_rows,
-)
-from moe_kernels.cor._layers import MoELayer, find_moe_layers, uniform_num_experts
-from moe_kernels.cor.losses import check_quantiles, stratify
-from moe_kernels.cor.sensitivity import check_tokens_per_forward
+from moe_kernels.cor._batches import CalibrationRun, calibration_run
+from moe_kernels.cor._layers import MoELayer, uniform_num_experts
+from moe_kernels.cor.settings import CalibrationSettings
 from moe_kernels.progress import Progress
 
+# The settings expert_impact takes (see CalibrationSettings).
+IMPACT_SETTINGS = ("hard_quantile", "tokens_per_forward", "progress")
 
-def expert_impact(
-    model: nn.Module,
-    batches,
-    token_losses: Callable,
-    *,
-    hard_quantile: float = 0.7,
-    tokens_per_forward: int = 4096,
-    progress: bool = False,
-) -> torch.Tensor:
+
+def expert_impact(model: nn.Module, batches, token_losses: Callable, **settings) -> torch.Tensor:
     """The raw counterfactual expert impact ``CEI (L, E)`` float32.
 
     For every hard token ``t`` (``l_t > quantile(l, hard_quantile)`` over all ``batches``), layer
@@ -57,22 +43,13 @@ def expert_impact(
 
     Args:
         model, batches, token_losses: as for :func:`layer_sensitivity` (one loss per routed row).
-        hard_quantile: in (0, 1).
-        tokens_per_forward: the most tokens (routed rows) a what-if forward holds (at least one
-            sequence copy).
-        progress: show a progress bar (stderr).
+        settings: ``hard_quantile``, ``tokens_per_forward``, ``progress``
+            (:class:`~moe_kernels.cor.CalibrationSettings`, with their defaults).
     """
     op = "expert_impact"
-    check_quantiles(op, hard_quantile)
-    check_tokens_per_forward(op, tokens_per_forward)
-    batches = as_batch_list(batches, op)
-    layers = find_moe_layers(model, op)
-    num_experts = uniform_num_experts(layers, op)
-    clean = clean_pass(model, layers, batches, token_losses, op)
-    hard, _ = stratify(clean.all_losses(), hard_quantile, None, op)
-    return impact_from_clean(
-        model, layers, num_experts, batches, token_losses, clean, hard, tokens_per_forward, progress
-    )
+    settings = CalibrationSettings.of(op, settings, IMPACT_SETTINGS)
+    run = calibration_run(op, model, batches, token_losses, settings, lambda layers: uniform_num_experts(layers, op))
+    return impact_from_clean(run)
 
 
 def ablate_weights(weights: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -119,20 +96,12 @@ def _what_ifs(layers: list[MoELayer], ids: list[torch.Tensor], hard_rows: torch.
     return rows[keep], layer_of[keep], experts[keep]
 
 
-def impact_from_clean(
-    model: nn.Module,
-    layers: list[MoELayer],
-    num_experts: int,
-    batches: list,
-    token_losses: Callable,
-    clean: CleanPass,
-    hard: torch.Tensor,
-    tokens_per_forward: int,
-    progress: bool = False,
-) -> torch.Tensor:
+def impact_from_clean(run: CalibrationRun) -> torch.Tensor:
     """:func:`expert_impact` given the clean pass and the hard-token mask (``calibrate`` shares them)."""
     op = "expert_impact"
-    hard = hard.cpu()
+    layers, batches, clean = run.layers, run.batches, run.clean
+    num_experts = uniform_num_experts(layers, op)
+    hard = run.hard.cpu()
     sums = torch.zeros(len(layers), num_experts, dtype=torch.float64)
     counts = torch.zeros(len(layers), num_experts, dtype=torch.float64)
     work, offset = [], 0
@@ -145,11 +114,11 @@ def impact_from_clean(
             )
         hard_rows = hard[offset : offset + size * per_seq].nonzero().squeeze(1)
         rows, layer_of, experts = _what_ifs(layers, clean.ids[b], hard_rows)
-        chunk = copies_per_forward(rows_per_seq, tokens_per_forward)
+        chunk = run.copies_per_forward(b)
         for i in range(0, rows.numel(), chunk):
             work.append((b, rows[i : i + chunk], layer_of[i : i + chunk], experts[i : i + chunk]))
         offset += size * per_seq
-    with Progress(len(work), "CoR expert impact", enabled=progress) as bar, torch.no_grad():
+    with Progress(len(work), "CoR expert impact", enabled=run.settings.progress) as bar, torch.no_grad():
         for b, rows, layer_of, experts in work:
             rows_per_seq = clean.rows[b]
             seq, pos = rows // rows_per_seq, rows % rows_per_seq
@@ -159,9 +128,7 @@ def impact_from_clean(
                 mine = layer_of == layer.index
                 if mine.any():
                     hooks.append((layer.router, _ablation_hook(layer.weights_at, copy_rows[mine], experts[mine])))
-            sub = select_rows(batches[b], seq, clean.sizes[b])
-            with forward_hooks(hooks):
-                losses = call_losses(model, sub, token_losses, rows.numel() * rows_per_seq, op)
+            losses = run.what_if_losses(b, seq, hooks, op)
             increase = losses[copy_rows] - clean.losses[b][rows]
             sums.index_put_((layer_of, experts), increase, accumulate=True)
             counts.index_put_((layer_of, experts), torch.ones_like(increase), accumulate=True)

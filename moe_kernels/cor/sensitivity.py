@@ -9,18 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_kernels.config import is_finite_number
-from moe_kernels.cor._batches import (
-    CleanPass,
-    as_batch_list,
-    call_losses,
-    clean_pass,
-    copies_per_forward,
-    forward_hooks,
-    select_rows,
-)
-from moe_kernels.cor._layers import MoELayer, find_moe_layers
-from moe_kernels.cor.losses import check_quantiles, stratify
+from moe_kernels.cor._batches import CalibrationRun, calibration_run
+from moe_kernels.cor.settings import CalibrationSettings
 from moe_kernels.progress import Progress
 
 RATIO_EPS = 1e-6
@@ -36,27 +26,11 @@ class LayerSensitivity(NamedTuple):
     easy: torch.Tensor
 
 
-def check_delta(op: str, delta) -> None:
-    if not is_finite_number(delta) or not 0 < delta <= 1:
-        raise ValueError(f"{op}: delta must be a number in (0, 1], got {delta!r}")
+# The settings layer_sensitivity takes (see CalibrationSettings).
+SENSITIVITY_SETTINGS = ("hard_quantile", "easy_quantile", "delta", "tokens_per_forward", "progress")
 
 
-def check_tokens_per_forward(op: str, tokens_per_forward) -> None:
-    if isinstance(tokens_per_forward, bool) or not isinstance(tokens_per_forward, int) or tokens_per_forward < 1:
-        raise ValueError(f"{op}: tokens_per_forward must be a positive int, got {tokens_per_forward!r}")
-
-
-def layer_sensitivity(
-    model: nn.Module,
-    batches,
-    token_losses: Callable,
-    *,
-    hard_quantile: float = 0.7,
-    easy_quantile: float = 0.3,
-    delta: float = 0.2,
-    tokens_per_forward: int = 4096,
-    progress: bool = False,
-) -> LayerSensitivity:
+def layer_sensitivity(model: nn.Module, batches, token_losses: Callable, **settings) -> LayerSensitivity:
     """Per MoE layer ``l``: scale its whole block output (shared expert included) by ``1 - delta``
     and measure the mean loss increase over the hard tokens (``l_t > quantile(l, hard_quantile)``)
     and the easy ones (``l_t < quantile(l, easy_quantile)``), clean losses taken over all
@@ -74,18 +48,12 @@ def layer_sensitivity(
         batches: an iterable of batches (one tensor or dict is one batch), see :mod:`moe_kernels.cor`.
         token_losses: ``token_losses(model, batch) -> (N,)`` per-token losses, a fixed number per
             sequence, sequence-major, NaN for tokens without a loss.
+        settings: ``hard_quantile``, ``easy_quantile``, ``delta``, ``tokens_per_forward``,
+            ``progress`` (:class:`~moe_kernels.cor.CalibrationSettings`, with their defaults).
     """
     op = "layer_sensitivity"
-    check_quantiles(op, hard_quantile, easy_quantile)
-    check_delta(op, delta)
-    check_tokens_per_forward(op, tokens_per_forward)
-    batches = as_batch_list(batches, op)
-    layers = find_moe_layers(model, op)
-    clean = clean_pass(model, layers, batches, token_losses, op)
-    hard, easy = stratify(clean.all_losses(), hard_quantile, easy_quantile, op)
-    return sensitivity_from_clean(
-        model, layers, batches, token_losses, clean, hard, easy, delta, tokens_per_forward, progress
-    )
+    settings = CalibrationSettings.of(op, settings, SENSITIVITY_SETTINGS)
+    return sensitivity_from_clean(calibration_run(op, model, batches, token_losses, settings))
 
 
 def _scale_rows_hook(row_scale: torch.Tensor):
@@ -107,22 +75,12 @@ def _scale_rows_hook(row_scale: torch.Tensor):
     return hook
 
 
-def sensitivity_from_clean(
-    model: nn.Module,
-    layers: list[MoELayer],
-    batches: list,
-    token_losses: Callable,
-    clean: CleanPass,
-    hard: torch.Tensor,
-    easy: torch.Tensor,
-    delta: float,
-    tokens_per_forward: int,
-    progress: bool = False,
-) -> LayerSensitivity:
+def sensitivity_from_clean(run: CalibrationRun) -> LayerSensitivity:
     """:func:`layer_sensitivity` given the clean pass and the token masks (``calibrate`` shares them)."""
     op = "layer_sensitivity"
+    layers, batches, clean = run.layers, run.batches, run.clean
     num_layers = len(layers)
-    hard, easy = hard.cpu(), easy.cpu()
+    hard, easy = run.hard.cpu(), run.easy.cpu()
     sums = torch.zeros(2, num_layers, dtype=torch.float64)
     work, offset = [], 0
     for b in range(len(batches)):
@@ -132,21 +90,19 @@ def sensitivity_from_clean(
         used = (hard_b | easy_b).any(1).nonzero().squeeze(1)  # offline: one host sync per batch
         seq = used.repeat(num_layers)
         layer_of = torch.arange(num_layers).repeat_interleave(used.numel())
-        chunk = copies_per_forward(clean.rows[b], tokens_per_forward)
+        chunk = run.copies_per_forward(b)
         work += [(b, hard_b, easy_b, seq[i : i + chunk], layer_of[i : i + chunk]) for i in range(0, seq.numel(), chunk)]
         offset += size * per_seq
-    with Progress(len(work), "CoR layer sensitivity", enabled=progress) as bar, torch.no_grad():
+    with Progress(len(work), "CoR layer sensitivity", enabled=run.settings.progress) as bar, torch.no_grad():
         for b, hard_b, easy_b, seq, layer_of in work:
             rows, per_seq = clean.rows[b], clean.losses_per_sequence(b)
             hooks = []
             for layer in layers:
                 perturbed = layer_of == layer.index
                 if perturbed.any():
-                    row_scale = torch.where(perturbed, 1.0 - delta, 1.0).double().repeat_interleave(rows)
+                    row_scale = torch.where(perturbed, 1.0 - run.settings.delta, 1.0).double().repeat_interleave(rows)
                     hooks.append((layer.block, _scale_rows_hook(row_scale)))
-            sub = select_rows(batches[b], seq, clean.sizes[b])
-            with forward_hooks(hooks):
-                losses = call_losses(model, sub, token_losses, seq.numel() * per_seq, op)
+            losses = run.what_if_losses(b, seq, hooks, op)
             base = clean.losses[b].view(clean.sizes[b], per_seq)[seq]
             increase = losses.view(-1, per_seq) - base
             for row, mask in enumerate((hard_b[seq], easy_b[seq])):

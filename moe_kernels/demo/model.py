@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from moe_kernels.config import RoutingConfig
 from moe_kernels.demo.data import VOCAB
+from moe_kernels.figures import new_figure, save_png
 from moe_kernels.nn import MoE
 from moe_kernels.progress import Progress
 
@@ -164,12 +166,9 @@ def train(
     return Training(losses, time.perf_counter() - start, len(batches))
 
 
-def plot_loss_curve(training: Training, path, title: str):
+def plot_loss_curve(training: Training, path, title: str) -> Path:
     """The training loss per step (and its moving average) as a PNG."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 3.6))
-    ax = fig.subplots()
+    fig, ax = new_figure(6.4, 3.6)
     steps = range(1, len(training.losses) + 1)
     ax.plot(steps, training.losses, lw=0.6, alpha=0.4, label="per step")
     window = max(1, len(training.losses) // 50)
@@ -178,6 +177,4 @@ def plot_loss_curve(training: Training, path, title: str):
     ax.set(xlabel="step", ylabel="next-character loss (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_png(fig, path)

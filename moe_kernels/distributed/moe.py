@@ -65,19 +65,13 @@ class ExpertParallelMoE(nn.Module):
                 f"ExpertParallelMoE: down_proj must have shape (E/W, H, I) = ({num_local}, {hidden}, {width // 2}) "
                 f"to match gate_up_proj {tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}"
             )
-        self.router = router
-        self.gate_up_proj = gate_up_proj
-        self.down_proj = down_proj
-        self.gate_up_bias = gate_up_bias
-        self.down_bias = down_bias
-        self.shared_expert = shared_expert
-        self.shared_gate = shared_gate
-        self.num_experts = num_experts
-        self.activation = activation
-        self.backend = backend
-        self.group = group
-        self.rank = rank
-        self.world_size = world
+        # Replicated on every rank: the router and the shared expert with its gate.
+        self.router, self.shared_expert, self.shared_gate = router, shared_expert, shared_gate
+        # This rank's slice of the routed experts.
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+        self.num_experts, self.activation, self.backend = num_experts, activation, backend
+        self.group, self.rank, self.world_size = group, rank, world
 
     @classmethod
     def from_moe(cls, moe: MoE, group=None) -> ExpertParallelMoE:
@@ -134,8 +128,14 @@ class ExpertParallelMoE(nn.Module):
 
     def extra_repr(self) -> str:
         num_local, width, hidden = self.gate_up_proj.shape
-        return (
-            f"hidden_size={hidden}, intermediate_size={width // 2}, num_experts={self.num_experts}, "
-            f"local_experts=[{self.rank * num_local}, {(self.rank + 1) * num_local}), world_size={self.world_size}, "
-            f"activation={self.activation}, backend={self.backend}"
-        )
+        first = self.rank * num_local
+        fields = {
+            "hidden_size": hidden,
+            "intermediate_size": width // 2,
+            "num_experts": self.num_experts,
+            "local_experts": f"[{first}, {first + num_local})",
+            "world_size": self.world_size,
+            "activation": self.activation,
+            "backend": self.backend,
+        }
+        return ", ".join(f"{name}={value}" for name, value in fields.items())

@@ -15,7 +15,13 @@ logit bias (for two experts, ``h = b_0 - b_1``); scores start at ``1/E``.
   :mod:`moe_kernels.dynamics.digits` (needs scikit-learn, imported when run).
 """
 
-from moe_kernels.dynamics.experiments import adiabatic_sweep, relaxation_times
+from moe_kernels.dynamics.experiments import (
+    ChainSettings,
+    SweepSettings,
+    adiabatic_sweep,
+    relaxation_times,
+    sweep_up_and_down,
+)
 from moe_kernels.dynamics.plots import plot_bifurcation, plot_collapse, plot_critical_slowing, plot_hysteresis
 from moe_kernels.dynamics.router import AdaptiveScoreRouter
 from moe_kernels.dynamics.simulate import Simulation, simulate
@@ -30,7 +36,9 @@ from moe_kernels.dynamics.theory import (
 
 __all__ = [
     "AdaptiveScoreRouter",
+    "ChainSettings",
     "Simulation",
+    "SweepSettings",
     "adiabatic_sweep",
     "critical_feedback",
     "cusp",
@@ -44,4 +52,5 @@ __all__ = [
     "relaxation_time",
     "relaxation_times",
     "simulate",
+    "sweep_up_and_down",
 ]

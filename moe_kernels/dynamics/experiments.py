@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -11,17 +12,40 @@ from moe_kernels.dynamics.simulate import simulate
 from moe_kernels.dynamics.theory import fixed_points
 
 
+class SweepSettings(NamedTuple):
+    """How a slow sweep runs: ``steps_per_point`` steps at each point, ``replicas`` chains swept
+    together, score step ``eps`` (as for :func:`simulate`), point ``i`` seeded ``seed + i``, on
+    ``device``. The keywords of :func:`adiabatic_sweep` and the sweep plots, with their defaults."""
+
+    steps_per_point: int = 4000
+    replicas: int = 32
+    eps: float = 0.005
+    seed: int = 0
+    device: torch.device | str | None = None
+
+
+class ChainSettings(NamedTuple):
+    """How :func:`relaxation_times` runs its chains: ``replicas`` per point, score step ``eps``,
+    ``seed``, on ``device`` (as for :func:`simulate`). Its keywords and those of
+    :func:`~moe_kernels.dynamics.plot_critical_slowing`, with their defaults."""
+
+    replicas: int = 512
+    eps: float = 0.01
+    seed: int = 0
+    device: torch.device | str | None = None
+
+
+def settings_of(kind: type, name: str, keywords: dict):
+    """``kind(**keywords)`` (a settings NamedTuple, the others at their defaults); ``TypeError``
+    naming ``name`` for a keyword that is not one of its fields."""
+    unknown = sorted(set(keywords) - set(kind._fields))
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the settings are {list(kind._fields)}")
+    return kind(**keywords)
+
+
 def adiabatic_sweep(
-    feedback,
-    asymmetry=0.0,
-    *,
-    num_experts: int = 2,
-    steps_per_point: int = 4000,
-    replicas: int = 32,
-    eps: float = 0.005,
-    seed: int = 0,
-    initial_scores: torch.Tensor | None = None,
-    device=None,
+    feedback, asymmetry=0.0, *, num_experts: int = 2, initial_scores: torch.Tensor | None = None, **settings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visit parameter points in order, each run starting from the previous point's final scores
     (a slow sweep, as in a hysteresis experiment).
@@ -29,14 +53,16 @@ def adiabatic_sweep(
     Args:
         feedback, asymmetry: numbers or 1-D sequences / tensors of the same length ``n`` (a
             number is held fixed); the ``i``-th point is ``(feedback[i], asymmetry[i])``.
-        steps_per_point, replicas, eps, num_experts: as for :func:`simulate` (``R`` chains swept
-            together; point ``i`` uses seed ``seed + i``).
+        num_experts: as for :func:`simulate`.
         initial_scores: scores at the first point, broadcastable to ``(R, E)``; default ``1/E``.
+        settings: ``steps_per_point``, ``replicas`` (``R`` chains), ``eps``, ``seed``, ``device``
+            (:class:`SweepSettings`, with their defaults).
 
     Returns:
         ``(load (n, R, E), scores (R, E))``: each point's selection fractions over the last half
         of its steps, and the final scores (to continue the sweep).
     """
+    sweep = settings_of(SweepSettings, "adiabatic_sweep", settings)
     feedbacks = torch.as_tensor(feedback, dtype=torch.float32).reshape(-1)
     asymmetries = torch.as_tensor(asymmetry, dtype=torch.float32).reshape(-1)
     points = max(len(feedbacks), len(asymmetries))
@@ -44,33 +70,40 @@ def adiabatic_sweep(
     scores = initial_scores
     loads = []
     for index in range(points):
-        start = None if scores is None else scores.reshape(1, replicas, num_experts)
+        start = None if scores is None else scores.reshape(1, sweep.replicas, num_experts)
         sim = simulate(
             float(feedbacks[index]),
             num_experts=num_experts,
             asymmetry=float(asymmetries[index]),
-            steps=steps_per_point,
-            replicas=replicas,
-            eps=eps,
-            seed=seed + index,
+            steps=sweep.steps_per_point,
+            replicas=sweep.replicas,
+            eps=sweep.eps,
+            seed=sweep.seed + index,
             initial_scores=start,
-            device=device,
+            device=sweep.device,
         )
         scores = sim.scores[0]
         loads.append(sim.load[0])
     return torch.stack(loads), scores
 
 
-def relaxation_times(
-    feedbacks,
-    *,
-    perturbation: float = 0.1,
-    replicas: int = 512,
-    eps: float = 0.01,
-    max_time: float = 30.0,
-    seed: int = 0,
-    device=None,
-) -> torch.Tensor:
+def sweep_up_and_down(
+    feedback, asymmetry=0.0, *, num_experts: int = 2, settings: SweepSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hysteresis loop: :func:`adiabatic_sweep` over the points, then back over them in reverse
+    order from the way up's final scores (seeded after the way up). Returns ``(load_up (n, R, E),
+    load_down (n, R, E))``, ``load_down`` in the reversed order."""
+    feedbacks, asymmetries = torch.as_tensor(feedback).reshape(-1), torch.as_tensor(asymmetry).reshape(-1)
+    points = max(len(feedbacks), len(asymmetries))
+    load_up, scores = adiabatic_sweep(feedbacks, asymmetries, num_experts=num_experts, **settings._asdict())
+    back = settings._replace(seed=settings.seed + points)._asdict()
+    load_down, _ = adiabatic_sweep(
+        feedbacks.flip(0), asymmetries.flip(0), num_experts=num_experts, initial_scores=scores, **back
+    )
+    return load_up, load_down
+
+
+def relaxation_times(feedbacks, *, perturbation: float = 0.1, max_time: float = 30.0, **settings) -> torch.Tensor:
     """Measured relaxation time of two experts (``h = 0``) at each ``K``, in units of ``tau =
     eps * steps``, to compare with :func:`moe_kernels.dynamics.theory.relaxation_time`.
 
@@ -80,11 +113,14 @@ def relaxation_times(
     ``delta / e`` (``inf`` if not within ``max_time``). Averaging the signed deviation over many
     replicas cancels the noise, leaving the mean-field decay. Close to ``K = 2`` from above the
     two wells are shallow and chains hop between them, so points there come out too long or
-    ``inf``.
+    ``inf``. ``settings``: ``replicas``, ``eps``, ``seed``, ``device`` (:class:`ChainSettings`,
+    with their defaults).
 
     Returns:
         ``(P,)`` float64 times on the CPU.
     """
+    chains = settings_of(ChainSettings, "relaxation_times", settings)
+    eps = chains.eps
     values = [float(k) for k in torch.as_tensor(feedbacks).reshape(-1).tolist()]
     targets, deltas, starts = [], [], []
     for k in values:
@@ -99,12 +135,9 @@ def relaxation_times(
     sim = simulate(
         torch.tensor(values),
         steps=steps,
-        replicas=replicas,
-        eps=eps,
-        seed=seed,
         initial_scores=initial,
         record_every=record_every,
-        device=device,
+        **chains._asdict(),
     )
     imbalance = (sim.trajectory[..., 0] - sim.trajectory[..., 1]).mean(dim=-1).double().cpu()  # (n, P)
     deviation = imbalance - torch.tensor(targets, dtype=torch.float64)

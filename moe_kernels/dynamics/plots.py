@@ -6,12 +6,17 @@ import). Each function runs its simulations, draws theory and simulation togethe
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from moe_kernels.dynamics.experiments import adiabatic_sweep, relaxation_times
+from moe_kernels.dynamics.experiments import (
+    ChainSettings,
+    SweepSettings,
+    relaxation_times,
+    settings_of,
+    sweep_up_and_down,
+)
 from moe_kernels.dynamics.simulate import simulate
 from moe_kernels.dynamics.theory import (
     critical_feedback,
@@ -19,24 +24,26 @@ from moe_kernels.dynamics.theory import (
     one_winner_feedback,
     relaxation_time,
 )
+from moe_kernels.figures import new_figure, save_png
 
 STABLE = dict(color="black", linewidth=1.6)
 UNSTABLE = dict(color="black", linewidth=1.0, linestyle="--")
 
 
-def _figure(width: float = 6.4, height: float = 4.4):
-    from matplotlib.figure import Figure
+def _finish(fig, ax, path, *, small_title: bool = True, **labels) -> Path:
+    """Set the axes' ``labels`` (``ax.set``), a small legend (and title), and write the PNG."""
+    ax.set(**labels)
+    if small_title:
+        ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
 
-    fig = Figure(figsize=(width, height))
-    return fig, fig.add_subplot()
 
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
-    return path
+def _plot_sweeps(ax, up: torch.Tensor, mean_up: torch.Tensor, mean_down: torch.Tensor) -> None:
+    """The two ways of a hysteresis loop: ``mean_up (n,)`` over the points ``up (n,)``, and
+    ``mean_down (n,)`` over them in reverse."""
+    ax.plot(up.tolist(), mean_up.cpu().tolist(), "o-", markersize=3, color="tab:blue", label="sweep up")
+    ax.plot(up.flip(0).tolist(), mean_down.cpu().tolist(), "s-", markersize=3, color="tab:red", label="sweep down")
 
 
 def _two_expert_branches(asymmetry: float, x: torch.Tensor):
@@ -68,7 +75,7 @@ def plot_bifurcation(
     branches (solid stable, dashed unstable) and every replica's simulated load (dots), from
     :func:`simulate` with ``steps``, ``replicas`` and ``eps``."""
     feedbacks = torch.linspace(0.5, 4.0, 15) if feedbacks is None else torch.as_tensor(feedbacks).float()
-    fig, ax = _figure()
+    fig, ax = new_figure()
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
     x = torch.cat([torch.linspace(-0.9999, -1e-4, 4000), torch.linspace(1e-4, 0.9999, 4000)]).double()
     k_max = float(feedbacks.max()) * 1.05
@@ -89,119 +96,91 @@ def plot_bifurcation(
         ks = feedbacks.repeat_interleave(replicas)
         ax.scatter(ks.tolist(), sim.load[..., 0].reshape(-1).cpu().tolist(), s=6, color=color, alpha=0.5)
     ax.axvline(2.0, color="gray", linewidth=0.6)
-    ax.set(
+    return _finish(
+        fig,
+        ax,
+        path,
         xlabel="feedback K",
         ylabel="stationary load of expert 0",
         ylim=(0, 1),
         xlim=(0, k_max),
         title=f"Two experts: pitchfork at K = 2, unfolded by h (dots: {replicas} chains, eps = {eps})",
     )
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
-def plot_hysteresis(
-    path,
-    *,
-    feedback: float = 3.0,
-    asymmetry_max: float = 1.0,
-    points: int = 41,
-    steps_per_point: int = 4000,
-    replicas: int = 32,
-    eps: float = 0.005,
-    seed: int = 0,
-    device=None,
-) -> Path:
+def plot_hysteresis(path, *, feedback: float = 3.0, asymmetry_max: float = 1.0, points: int = 41, **settings) -> Path:
     """Mean load of expert 0 while ``h`` is swept slowly up from ``-asymmetry_max`` to
-    ``+asymmetry_max`` and back down at fixed ``feedback > 2`` (:func:`adiabatic_sweep`), with
-    the theory's branches and folds."""
+    ``+asymmetry_max`` in ``points`` points and back down at fixed ``feedback > 2``
+    (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`), with the theory's branches
+    and folds."""
+    sweep = settings_of(SweepSettings, "plot_hysteresis", settings)
     up = torch.linspace(-asymmetry_max, asymmetry_max, points)
-    common = dict(steps_per_point=steps_per_point, replicas=replicas, eps=eps, device=device)
-    load_up, scores = adiabatic_sweep(feedback, up, seed=seed, **common)
-    load_down, _ = adiabatic_sweep(feedback, up.flip(0), seed=seed + points, initial_scores=scores, **common)
-    fig, ax = _figure()
+    load_up, load_down = sweep_up_and_down(feedback, up, settings=sweep)
+    fig, ax = new_figure()
     x = torch.linspace(-0.9999, 0.9999, 8001).double()
     branch_h = 2 * torch.atanh(x) - feedback * x  # h at which x is a fixed point
     stable = feedback * (1 - x * x) / 2 < 1
     inside = branch_h.abs() <= asymmetry_max * 1.05
     _plot_masked(ax, branch_h, (1 + x) / 2, inside & stable, STABLE, label="theory, stable")
     _plot_masked(ax, branch_h, (1 + x) / 2, inside & ~stable, UNSTABLE, label="theory, unstable")
-    ax.plot(
-        up.tolist(), load_up[..., 0].mean(dim=1).cpu().tolist(), "o-", markersize=3, color="tab:blue", label="sweep up"
-    )
-    ax.plot(
-        up.flip(0).tolist(),
-        load_down[..., 0].mean(dim=1).cpu().tolist(),
-        "s-",
-        markersize=3,
-        color="tab:red",
-        label="sweep down",
-    )
+    _plot_sweeps(ax, up, load_up[..., 0].mean(dim=1), load_down[..., 0].mean(dim=1))
     if feedback > 2:
         fold = abs(math.acosh(feedback - 1) - math.sinh(math.acosh(feedback - 1)))
         for h in (-fold, fold):
             ax.axvline(h, color="gray", linewidth=0.6)
-    ax.set(
+    return _finish(
+        fig,
+        ax,
+        path,
         xlabel="asymmetry h = b0 - b1",
         ylabel="load of expert 0",
         ylim=(0, 1),
-        title=f"Hysteresis at K = {feedback:g} ({replicas} chains, {steps_per_point} steps per point, eps = {eps})",
+        title=f"Hysteresis at K = {feedback:g} ({sweep.replicas} chains, {sweep.steps_per_point} steps per point, "
+        f"eps = {sweep.eps})",
     )
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
-def plot_critical_slowing(
-    path, *, feedbacks=None, replicas: int = 512, eps: float = 0.01, seed: int = 0, device=None
-) -> Path:
+def plot_critical_slowing(path, *, feedbacks=None, **settings) -> Path:
     """Relaxation time against ``K`` for two experts (``h = 0``): :func:`relaxation_times`
-    (dots) and the theory ``1 / |f'(x*)|``, which diverges at ``K_c = 2``."""
+    (dots; ``settings``: :class:`ChainSettings`) and the theory ``1 / |f'(x*)|``, which diverges
+    at ``K_c = 2``."""
+    chains = settings_of(ChainSettings, "plot_critical_slowing", settings)
     if feedbacks is None:
         feedbacks = [1.0, 1.3, 1.5, 1.65, 1.75, 1.85, 2.3, 2.45, 2.6, 2.8, 3.0, 3.5]
     feedbacks = [float(k) for k in feedbacks]
-    measured = relaxation_times(feedbacks, replicas=replicas, eps=eps, seed=seed, device=device)
-    fig, ax = _figure()
+    measured = relaxation_times(feedbacks, **chains._asdict())
+    fig, ax = new_figure()
     grid = [k for k in torch.linspace(min(feedbacks), max(feedbacks), 400).tolist() if abs(k - 2) > 0.02]
     theory = [relaxation_time(k) for k in grid]
     for side in ([k for k in grid if k < 2], [k for k in grid if k > 2]):
         ax.plot(side, [theory[grid.index(k)] for k in side], **STABLE)
-    ax.plot(feedbacks, measured.tolist(), "o", color="tab:red", label=f"simulation ({replicas} chains)")
+    ax.plot(feedbacks, measured.tolist(), "o", color="tab:red", label=f"simulation ({chains.replicas} chains)")
     ax.plot([], [], **STABLE, label="theory 1 / |f'(x*)|")
     ax.axvline(2.0, color="gray", linewidth=0.6)
-    ax.set(
+    return _finish(
+        fig,
+        ax,
+        path,
+        small_title=False,
         xlabel="feedback K",
         ylabel="relaxation time (units of 1/eps steps)",
         yscale="log",
         title="Critical slowing down near K_c = 2 (two experts, h = 0)",
     )
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
-def plot_collapse(
-    path,
-    *,
-    num_experts: int = 4,
-    feedbacks=None,
-    steps_per_point: int = 4000,
-    replicas: int = 32,
-    eps: float = 0.005,
-    seed: int = 0,
-    device=None,
-) -> Path:
+def plot_collapse(path, *, num_experts: int = 4, feedbacks=None, **settings) -> Path:
     """The E-expert collapse: mean winner load while ``K`` is swept slowly up from uniform
-    scores and back down, against the theory (uniform state stable below ``E``, one-winner
-    branch from :func:`fold_feedback` on); the window between them is shaded."""
+    scores and back down (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`),
+    against the theory (uniform state stable below ``E``, one-winner branch from
+    :func:`fold_feedback` on); the window between them is shaded."""
+    sweep = settings_of(SweepSettings, "plot_collapse", settings)
     critical, fold = critical_feedback(num_experts), fold_feedback(num_experts)
     if feedbacks is None:
         feedbacks = torch.linspace(max(0.5, fold - 1.5), critical + 1.5, 31)
     up = torch.as_tensor(feedbacks, dtype=torch.float32)
-    common = dict(num_experts=num_experts, steps_per_point=steps_per_point, replicas=replicas, eps=eps, device=device)
-    load_up, scores = adiabatic_sweep(up, seed=seed, **common)
-    load_down, _ = adiabatic_sweep(up.flip(0), seed=seed + len(up), initial_scores=scores, **common)
-    fig, ax = _figure()
+    load_up, load_down = sweep_up_and_down(up, num_experts=num_experts, settings=sweep)
+    fig, ax = new_figure()
     k_lo, k_hi = float(up.min()), float(up.max())
     ax.axvspan(fold, critical, color="gold", alpha=0.25, label=f"window [{fold:.2f}, {critical:g}]")
     uniform = 1 / num_experts
@@ -214,33 +193,18 @@ def plot_collapse(
     upper = torch.arange(len(m)) >= turning
     _plot_masked(ax, branch_k, m, inside & upper, STABLE)
     _plot_masked(ax, branch_k, m, inside & ~upper, UNSTABLE)
-    ax.plot(
-        up.tolist(),
-        load_up.amax(dim=-1).mean(dim=1).cpu().tolist(),
-        "o-",
-        markersize=3,
-        color="tab:blue",
-        label="sweep up",
-    )
-    ax.plot(
-        up.flip(0).tolist(),
-        load_down.amax(dim=-1).mean(dim=1).cpu().tolist(),
-        "s-",
-        markersize=3,
-        color="tab:red",
-        label="sweep down",
-    )
-    ax.set(
+    _plot_sweeps(ax, up, load_up.amax(dim=-1).mean(dim=1), load_down.amax(dim=-1).mean(dim=1))
+    return _finish(
+        fig,
+        ax,
+        path,
         xlabel="feedback K",
         ylabel="largest expert load",
         ylim=(0, 1),
         xlim=(k_lo, k_hi),
-        title=f"{num_experts} experts: first-order collapse ({replicas} chains, {steps_per_point} steps "
-        f"per point, eps = {eps})",
+        title=f"{num_experts} experts: first-order collapse ({sweep.replicas} chains, {sweep.steps_per_point} "
+        f"steps per point, eps = {sweep.eps})",
     )
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def draw_all(out_dir, *, device=None) -> list[Path]:

@@ -8,9 +8,9 @@ import numbers
 import torch
 from torch import nn
 
-from moe_kernels.balance import AuxLossFreeBias, expert_counts_of
-from moe_kernels.dynamics.theory import check_feedback, check_num_experts
-from moe_kernels.functional import softmax_topk
+from moe_kernels.balance import AuxLossFreeBias, check_num_experts
+from moe_kernels.dynamics.theory import MIN_EXPERTS, check_feedback
+from moe_kernels.functional import expert_counts, softmax_topk
 
 
 class AdaptiveScoreRouter(nn.Module):
@@ -63,7 +63,7 @@ class AdaptiveScoreRouter(nn.Module):
     ):
         super().__init__()
         name = "AdaptiveScoreRouter"
-        num_experts = check_num_experts(name, num_experts)
+        num_experts = check_num_experts(name, num_experts, MIN_EXPERTS)
         self.feedback = check_feedback(name, feedback)
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < float(eps) <= 1:
             raise ValueError(f"{name}: eps must be in (0, 1], got {eps!r}")
@@ -101,7 +101,7 @@ class AdaptiveScoreRouter(nn.Module):
     def update(self, ids: torch.Tensor) -> torch.Tensor:
         """One score step from a batch's ids (any shape, values in ``[-1, E)``): ``s <- (1 -
         eps) s + eps f``, then the balancer's step; in place, no host sync. Returns ``scores``."""
-        counts = expert_counts_of(ids, self.num_experts).to(torch.float32)
+        counts = expert_counts(ids.reshape(-1, 1), self.num_experts).to(torch.float32)
         # clamp: a batch with no valid id leaves the fractions at 0 instead of NaN.
         self.scores.lerp_(counts / counts.sum().clamp_min(1), self.eps)
         if self.balancer is not None:

@@ -9,7 +9,8 @@ import numbers
 
 import torch
 
-from moe_kernels.dynamics.theory import SELECTIONS, check_num_experts
+from moe_kernels.balance import check_num_experts
+from moe_kernels.dynamics.theory import MIN_EXPERTS, SELECTIONS
 
 # Random numbers are drawn this many at a time (E per chain and step): large draws are cheaper per
 # number, and the chunk size depends only on the problem, so a seed fixes the result.
@@ -141,7 +142,7 @@ def simulate(
         A :class:`Simulation`.
     """
     name = "simulate"
-    num_experts = check_num_experts(name, num_experts)
+    num_experts = check_num_experts(name, num_experts, MIN_EXPERTS)
     steps = _check_int(name, "steps", steps, 2)
     replicas = _check_int(name, "replicas", replicas, 1)
     seed = _check_int(name, "seed", seed, 0)

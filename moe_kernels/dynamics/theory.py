@@ -17,7 +17,11 @@ import numbers
 
 import torch
 
+from moe_kernels.balance import check_num_experts
+
 SELECTIONS = ("sample", "top1_gaussian")
+# The dynamics compare experts: one alone has nothing to collapse onto.
+MIN_EXPERTS = 2
 # Bisection to float64 resolution: the bracket [-1, 1] halves 200 times.
 _BISECTION_STEPS = 200
 # Grid for the minimum over the winner's load m in fold_feedback: m = 1/E + (1 - 1/E) * u, u on a
@@ -37,15 +41,6 @@ def check_feedback(name: str, feedback) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name}: feedback must be finite, got {value}")
     return value
-
-
-def check_num_experts(name: str, num_experts) -> int:
-    """``num_experts`` as an int >= 2, or a ``TypeError`` / ``ValueError`` naming ``name``."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral):
-        raise TypeError(f"{name}: num_experts must be an int, got {type(num_experts).__name__}")
-    if num_experts < 2:
-        raise ValueError(f"{name}: num_experts must be >= 2, got {num_experts}")
-    return int(num_experts)
 
 
 def _check_real(name: str, argument: str, value) -> float:
@@ -168,7 +163,7 @@ def critical_feedback(num_experts, *, selection: str = "sample", noise: float = 
     (the per-token logit difference has spread ``sigma = noise * sqrt(2)``, and ``K_c =
     sigma * sqrt(pi / 2)``).
     """
-    num_experts = check_num_experts("critical_feedback", num_experts)
+    num_experts = check_num_experts("critical_feedback", num_experts, MIN_EXPERTS)
     if selection == "sample":
         return float(num_experts)
     if selection != "top1_gaussian":
@@ -185,7 +180,7 @@ def one_winner_feedback(num_experts, load):
     ``K = ln((E - 1) m / (1 - m)) / (m - (1 - m) / (E - 1))``. ``load`` is a float (float back) or
     a tensor (tensor back, same shape). The branch's minimum over ``m`` is :func:`fold_feedback`;
     above it the larger-``m`` solution is the stable (collapsed) state."""
-    num_experts = check_num_experts("one_winner_feedback", num_experts)
+    num_experts = check_num_experts("one_winner_feedback", num_experts, MIN_EXPERTS)
     rest = num_experts - 1
     if isinstance(load, torch.Tensor):
         return torch.log(rest * load / (1 - load)) / (load - (1 - load) / rest)
@@ -201,7 +196,7 @@ def fold_feedback(num_experts) -> float:
     E = 4, 4.250 for E = 8; the limit ``m -> 1/2`` gives exactly 2 for E = 2, where the collapse
     is the pitchfork itself). For ``E > 2`` it lies below :func:`critical_feedback` ``= E``: the
     interval between them is the hysteresis window of a first-order collapse."""
-    num_experts = check_num_experts("fold_feedback", num_experts)
+    num_experts = check_num_experts("fold_feedback", num_experts, MIN_EXPERTS)
     if num_experts == 2:
         return 2.0
     low = 1 / num_experts
