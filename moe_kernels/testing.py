@@ -146,14 +146,10 @@ def make_routing_logits(
     num_experts: int,
     dtype: torch.dtype = torch.float32,
     *,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
     seed: int = 0,
     min_gap: float = 2e-6,
     device="cpu",
+    **routing,
 ) -> torch.Tensor:
     """``(T, E)`` random logits of ``dtype`` whose routing has no near-ties.
 
@@ -161,7 +157,11 @@ def make_routing_logits(
     pairwise by more than ``min_gap`` relative (about 17 float32 ulps, several times the error
     of a float32 computation of the keys), so every correct
     implementation must choose the same ids in the same order. Rows with a near-tie are redrawn.
+    ``routing``: keyword arguments of :func:`moe_kernels.reference.routing.softmax_topk`; those that
+    choose the ids (``score_func``, ``bias``, ``num_groups``, ``group_score``) shape the draw.
     """
+    options = routing_ref.RoutingOptions(**routing)
+    score_func, bias, num_groups = options.score_func, options.bias, options.num_groups
     generator = torch.Generator().manual_seed(seed)
     logits = _draw_logits(num_tokens, num_experts, dtype, score_func, generator)
     bias64 = None if bias is None else bias.detach().double().cpu()
@@ -171,7 +171,7 @@ def make_routing_logits(
         bad = _has_near_ties(keys, min_gap)
         if num_groups:
             grouped = keys.unflatten(-1, (num_groups, num_experts // num_groups))
-            per_group = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+            per_group = grouped.amax(-1) if options.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
             bad |= _has_near_ties(per_group, min_gap)
         if not bad.any():
             return logits.to(device)

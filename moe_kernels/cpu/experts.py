@@ -207,53 +207,24 @@ def fused_experts_forward(
     return out, saved
 
 
-def fused_experts(
-    hidden: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`moe_kernels.reference.experts.fused_experts` on the CPU (no autograd): ``(T, H)`` in
-    hidden's dtype, fresh and contiguous."""
-    args = (hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias)
+def fused_experts(hidden, gate_up_proj, down_proj, weights, ids, **options):
+    """:func:`moe_kernels.reference.experts.fused_experts` on the CPU (no autograd; ``options`` its
+    keyword arguments): ``(T, H)`` in hidden's dtype, fresh and contiguous."""
+    opts = reference.ExpertOptions(**options)
+    args = (hidden, gate_up_proj, down_proj, weights, ids, opts.activation, opts.gate_up_bias, opts.down_bias)
     return fused_experts_forward(*args, save_h=False)[0]
 
 
-def fused_experts_backward(
-    grad_out: torch.Tensor,
-    hidden: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    h: torch.Tensor | None = None,
-):
-    """:func:`moe_kernels.reference.experts.fused_experts_backward` on the CPU: the six gradients
-    (None for an absent bias), each in its input's dtype, empty experts' weight gradients zero.
-    ``h``: the forward's saved pre-activations (``T*k`` rows, see :func:`fused_experts_forward`),
-    else recomputed."""
+def fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, *, h=None, **options):
+    """:func:`moe_kernels.reference.experts.fused_experts_backward` on the CPU (``options`` its
+    keyword arguments): the six gradients (None for an absent bias), each in its input's dtype,
+    empty experts' weight gradients zero. ``h``: the forward's saved pre-activations (``T*k``
+    rows, see :func:`fused_experts_forward`), else recomputed."""
+    opts = reference.ExpertOptions(**options)
+    activation, gate_up_bias, down_bias = opts.activation, opts.gate_up_bias, opts.down_bias
     Activation.parse(activation)
     if not _can_use(hidden, gate_up_proj, down_proj):
-        return reference.fused_experts_backward(
-            grad_out,
-            hidden,
-            gate_up_proj,
-            down_proj,
-            weights,
-            ids,
-            activation=activation,
-            gate_up_bias=gate_up_bias,
-            down_bias=down_bias,
-        )
+        return reference.fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, **options)
     if experts_small.applies(gate_up_proj, down_proj, ids):
         return experts_small.backward(
             grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias

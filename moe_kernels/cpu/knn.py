@@ -19,27 +19,29 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels.cpu import routing as cpu_routing
+from moe_kernels.reference.knn import KnnOptions
+from moe_kernels.reference.options import split_options
 from moe_kernels.reference.routing import compute_dtype
 
 # Gathered rows (T * n) above which the memory rows are summed by embedding_bag.
 EMBEDDING_BAG_MIN_ROWS = 64
 
 
-def confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype):
+def confidence_and_weights(neighbor_sims, knn, dtype):
     """``(conf (T,), live (T, 1) bool, w (T, n))``: the reference's confidence (0 where NaN,
     non-positive or below ``min_confidence``), the rows where it is positive, and the neighbour
     weights, 0 on rows that are not live (where the reference's may be NaN, e.g. sims summing
-    to 0)."""
+    to 0). ``knn``: a :class:`~moe_kernels.reference.knn.KnnOptions`."""
     sims = neighbor_sims.to(dtype)
     total = sims.sum(dim=-1, keepdim=True)
     conf = (total / sims.shape[-1]).clamp_(0.0, 1.0)  # NaN stays NaN: not live below
-    live = conf > 0.0 if min_confidence <= 0.0 else conf >= min_confidence
-    if weighting == "similarity":
+    live = conf > 0.0 if knn.min_confidence <= 0.0 else conf >= knn.min_confidence
+    if knn.weighting == "similarity":
         weights = sims / total
-    elif weighting == "softmax":
-        weights = torch.softmax(sims / temperature, dim=-1)
+    elif knn.weighting == "softmax":
+        weights = torch.softmax(sims / knn.temperature, dim=-1)
     else:
-        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {weighting!r}")
+        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {knn.weighting!r}")
     weights = torch.where(live, weights, 0.0)
     return torch.where(live, conf, 0.0).squeeze(-1), live, weights
 
@@ -52,37 +54,20 @@ def _mix(frozen: torch.Tensor, retrieved: torch.Tensor, conf: torch.Tensor, live
     return torch.where(live, torch.addcmul(frozen * (1.0 - c), retrieved, c), frozen)
 
 
-def knn_mix(
-    router_logits: torch.Tensor,
-    neighbor_logits: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    *,
-    weighting: str = "similarity",
-    temperature: float = 0.1,
-    min_confidence: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`moe_kernels.reference.knn.knn_mix` on the CPU (no autograd): ``mixed (T, E)`` and
-    ``conf (T,)`` in the compute dtype, fresh and contiguous."""
+def knn_mix(router_logits, neighbor_logits, neighbor_sims, **options):
+    """:func:`moe_kernels.reference.knn.knn_mix` on the CPU (no autograd; ``options`` its keyword
+    arguments): ``mixed (T, E)`` and ``conf (T,)`` in the compute dtype, fresh and contiguous."""
     dtype = compute_dtype(router_logits.dtype)
-    conf, live, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, KnnOptions(**options), dtype)
     retrieved = torch.bmm(weights.unsqueeze(1), neighbor_logits.to(dtype)).squeeze(1)
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf
 
 
-def knn_mix_backward(
-    grad_mixed: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    *,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
-    router_dtype: torch.dtype,
-    neighbor_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_mix_backward(grad_mixed, neighbor_sims, *, router_dtype, neighbor_dtype, **options):
     """:func:`moe_kernels.reference.knn.knn_mix_backward` on the CPU: ``grad_router (T, E)`` and
     ``grad_neighbors (T, n, E)``."""
     dtype = compute_dtype(router_dtype)
-    conf, _, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    conf, _, weights = confidence_and_weights(neighbor_sims, KnnOptions(**options), dtype)
     grad = grad_mixed.to(dtype)
     grad_router = grad * (1.0 - conf)[:, None]
     grad_neighbors = (weights * conf[:, None]).unsqueeze(-1) * grad.unsqueeze(1)
@@ -99,76 +84,32 @@ def _retrieved(memory_logits, neighbor_ids, weights, dtype):
     return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
 
 
-def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence):
-    """``(mixed (T, E), conf (T,), weights (T, n))`` of the fused route, in the compute dtype."""
+def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn):
+    """``(mixed (T, E), conf (T,), weights (T, n))`` of the fused route, in the compute dtype
+    (``knn``: a :class:`~moe_kernels.reference.knn.KnnOptions`)."""
     dtype = compute_dtype(router_logits.dtype)
-    conf, live, weights = confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, knn, dtype)
     retrieved = _retrieved(memory_logits, neighbor_ids, weights, dtype)
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf, weights
 
 
-def knn_route(
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    k: int,
-    *,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-    scale: float = 1.0,
-    weighting: str = "similarity",
-    temperature: float = 0.1,
-    min_confidence: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd): ``weights (T, k)``,
-    ``ids (T, k)`` int32 and ``conf (T,)``."""
-    mixed, conf, _ = mixed_logits(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
-    )
-    weights, ids = cpu_routing.softmax_topk(
-        mixed,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-    )
+def knn_route(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, **options):
+    """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd; ``options`` its keyword
+    arguments): ``weights (T, k)``, ``ids (T, k)`` int32 and ``conf (T,)``."""
+    knn, routing = split_options(options, KnnOptions)
+    mixed, conf, _ = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn)
+    weights, ids = cpu_routing.softmax_topk(mixed, k, **routing)
     return weights, ids, conf
 
 
-def knn_route_backward(
-    grad_weights: torch.Tensor,
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
-    memory_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU: ``grad_router (T, E)`` in
-    the router's dtype and ``grad_memory (N, E)`` in the memory's (None unless ``memory_grad``),
-    accumulated in the compute dtype by one ``index_add_``."""
-    mixed, conf, weights = mixed_logits(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
-    )
-    grad_mixed = cpu_routing.softmax_topk_backward(
-        grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func, scale=scale
-    )
+def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, **options):
+    """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU (``options`` its keyword
+    arguments): ``grad_router (T, E)`` in the router's dtype and ``grad_memory (N, E)`` in the
+    memory's (None unless ``memory_grad``), accumulated in the compute dtype by one ``index_add_``."""
+    knn, routing = split_options(options, KnnOptions)
+    memory_grad = routing.pop("memory_grad", True)
+    mixed, conf, weights = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn)
+    grad_mixed = cpu_routing.softmax_topk_backward(grad_weights, mixed, ids, **routing)
     grad_router = (grad_mixed * (1.0 - conf)[:, None]).to(router_logits.dtype)
     if not memory_grad:
         return grad_router, None

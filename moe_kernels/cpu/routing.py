@@ -29,27 +29,19 @@ NEG_INF = float("-inf")
 TOP2_BY_MAXIMA_MIN_ROWS = 2048
 
 
-def softmax_topk(
-    logits: torch.Tensor,
-    k: int,
-    *,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(logits: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moe_kernels.reference.routing.softmax_topk` for ``logits (T, E)`` on the CPU
-    (arguments assumed valid; no autograd). Returns fresh contiguous ``weights (T, k)`` float32
-    (float64 for float64 logits) and ``ids (T, k)`` int32."""
+    (arguments assumed valid; no autograd), ``options`` its keyword arguments (same names and
+    defaults). Returns fresh contiguous ``weights (T, k)`` float32 (float64 for float64 logits) and
+    ``ids (T, k)`` int32."""
+    opts = reference.RoutingOptions(**options)
+    bias, num_groups, score_func = opts.bias, opts.num_groups, opts.score_func
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
     if num_tokens == 0:
         return logits.new_empty((0, k), dtype=dtype), logits.new_empty((0, k), dtype=torch.int32)
     plain = bias is None and not num_groups
-    if plain and renormalize and score_func == "softmax":
+    if plain and opts.renormalize and score_func == "softmax":
         values, ids, bad = select.top_k(logits.to(dtype), k, finite_first=True)
         weights = torch.softmax(values, dim=-1)
     else:
@@ -61,32 +53,22 @@ def softmax_topk(
         )
         keys = scores if bias is None else scores + bias.to(dtype)
         group_bad = None
-        if num_groups and topk_groups < num_groups:
-            keys, group_bad = limit_to_best_groups(keys, num_groups, topk_groups, group_score)
+        if num_groups and opts.topk_groups < num_groups:
+            keys, group_bad = limit_to_best_groups(keys, num_groups, opts.topk_groups, opts.group_score)
         values, ids, bad = select.top_k(keys, k)
         if group_bad is not None:
             bad = group_bad if bad is None else bad | group_bad
         # Without a bias the selected keys are the selected scores.
         weights = values if bias is None else scores.gather(1, ids)
-        if renormalize:
+        if opts.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
-    if scale != 1.0:
-        weights = weights * scale
+    if opts.scale != 1.0:
+        weights = weights * opts.scale
     weights = weights.contiguous()
     ids = ids.to(torch.int32)
     if bad is not None:
         rows = bad.nonzero().squeeze(1)
-        exact_weights, exact_ids = reference.softmax_topk(
-            logits[rows],
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            group_score=group_score,
-            scale=scale,
-        )
+        exact_weights, exact_ids = reference.softmax_topk(logits[rows], k, **options)
         weights[rows] = exact_weights
         ids[rows] = exact_ids
     return weights, ids
@@ -114,15 +96,7 @@ def limit_to_best_groups(keys: torch.Tensor, num_groups: int, topk_groups: int, 
     return grouped.masked_fill(dropped[:, :, None], NEG_INF).view(num_tokens, num_experts), bad
 
 
-def softmax_topk_backward(
-    grad_weights: torch.Tensor,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-) -> torch.Tensor:
+def softmax_topk_backward(grad_weights, logits, ids, *, renormalize, score_func, scale):
     """:func:`moe_kernels.reference.routing.softmax_topk_backward` for ``(T, E)`` logits on the
     CPU: ``grad_weights (T, k)``, ``ids (T, k)`` int32 -> ``grad_logits (T, E)`` in logits'
     dtype, contiguous. The score gradient is non-zero at the ``k`` selected experts only, so the

@@ -20,42 +20,40 @@ import triton
 import triton.language as tl
 
 from moe_kernels.kernels._knn import confidence_and_weights
-from moe_kernels.kernels._routing import route_tile
+from moe_kernels.kernels._routing import route_columns, route_tile
 
 
 @triton.jit
 def _mixed_tile(
-    router_ptr,
-    memory_ptr,
-    nbr_ids_ptr,
-    sims_ptr,
-    rows64,
-    row_ok,
-    expert,
-    col_ok,
-    M_rows,
-    stride_rt,
-    stride_mn,
-    stride_it,
-    stride_in,
-    stride_st,
-    stride_sn,
+    tile,
+    sources,
+    strides,
     inv_temperature,
     min_confidence,
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     SIMILARITY: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_W: tl.constexpr,
 ):
     """``mixed [BLOCK_T, BLOCK_W]`` float32 (0 where masked), ``conf [BLOCK_T]``, the weights
-    ``[BLOCK_T, N_PAD]`` of ``BLOCK_T`` tokens, and how many of their neighbour ids lie outside
-    the ``M_rows`` rows of the memory; column ``c`` of the tile is expert ``expert[c]``.
+    ``[BLOCK_T, N_PAD]`` of the tokens of ``tile``, and how many of their neighbour ids lie
+    outside the ``M_rows`` rows of the memory.
+
+    ``tile`` is ``(rows, row_ok, expert, col_ok)`` from :func:`route_columns` (column ``c`` of the
+    tile is expert ``expert[c]``); ``sources`` is ``(router_ptr, memory_ptr, M_rows, nbr_ids_ptr,
+    sims_ptr)`` and ``strides`` is ``(stride_rt, stride_mn, stride_it, stride_in, stride_st,
+    stride_sn)``, the kernels' arguments of those names (tuples, so that both kernels pass them in
+    two short lines).
 
     Same arithmetic as ``_knn_mix_fwd_kernel`` on the gathered rows: ``mixed = conf * sum_j w_j *
     memory[ids_j] + (1 - conf) * router``, exactly ``router`` where ``conf == 0``. An id outside
     the memory gathers nothing (no access out of bounds; the launcher asserts on the count).
     """
+    router_ptr, memory_ptr, M_rows, nbr_ids_ptr, sims_ptr = sources
+    stride_rt, stride_mn, stride_it, stride_in, stride_st, stride_sn = strides
+    rows, row_ok, expert, col_ok = tile
+    rows64 = rows.to(tl.int64)
+    BLOCK_T: tl.constexpr = rows.shape[0]
+    BLOCK_W: tl.constexpr = expert.shape[0]
     ncols = tl.arange(0, N_PAD)
     tile_mask = row_ok[:, None] & col_ok[None, :]
     conf, weights = confidence_and_weights(
@@ -123,72 +121,18 @@ def _knn_route_fwd_kernel(
 ):
     """Grid ``(cdiv(T, BLOCK_T),)``: gather, mix and route ``BLOCK_T`` tokens; the column layout
     and the routing constexprs are those of ``_softmax_topk_fwd_kernel``."""
-    BLOCK_W: tl.constexpr = G_PAD * GS_PAD
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_W)
-    if CONTIGUOUS:
-        expert = cols
-        col_ok = cols < E
-    else:
-        member = cols % GS_PAD
-        expert = (cols // GS_PAD) * group_size + member
-        col_ok = (member < group_size) & (expert < E)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    mixed, conf, _, bad = _mixed_tile(
-        router_ptr,
-        memory_ptr,
-        nbr_ids_ptr,
-        sims_ptr,
-        rows64,
-        row_ok,
-        expert,
-        col_ok,
-        M_rows,
-        stride_rt,
-        stride_mn,
-        stride_it,
-        stride_in,
-        stride_st,
-        stride_sn,
-        inv_temperature,
-        min_confidence,
-        N,
-        N_PAD,
-        SIMILARITY,
-        BLOCK_T,
-        BLOCK_W,
-    )
+    tile = route_columns(T, E, group_size, BLOCK_T, G_PAD, GS_PAD, CONTIGUOUS)
+    sources = (router_ptr, memory_ptr, M_rows, nbr_ids_ptr, sims_ptr)
+    strides = (stride_rt, stride_mn, stride_it, stride_in, stride_st, stride_sn)
+    mixed, conf, _, bad = _mixed_tile(tile, sources, strides, inv_temperature, min_confidence, N, N_PAD, SIMILARITY)
     if bad > 0:
         tl.atomic_min(valid_ptr, 0)
-    tl.store(conf_ptr + rows64, conf, mask=row_ok)
+    rows, row_ok, _, _ = tile
+    tl.store(conf_ptr + rows.to(tl.int64), conf, mask=row_ok)
     # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
-    # memory, so router_ptr / rows64 only fill the unused reload arguments.
-    route_tile(
-        mixed,
-        rows,
-        row_ok,
-        expert,
-        col_ok,
-        bias_ptr,
-        weights_ptr,
-        ids_ptr,
-        router_ptr,
-        rows64,
-        scale,
-        K,
-        K_PAD,
-        BLOCK_T,
-        G_PAD,
-        GS_PAD,
-        SOFTMAX,
-        RENORMALIZE,
-        HAS_BIAS,
-        GROUPED,
-        TOPK_GROUPS,
-        GROUP_TOP2,
-        False,
-    )
+    # memory, so router_ptr only fills the unused reload argument.
+    ROUTING: tl.constexpr = (K, K_PAD, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)
+    route_tile(mixed, tile, bias_ptr, weights_ptr, ids_ptr, router_ptr, scale, ROUTING, False)
 
 
 @triton.jit
@@ -219,36 +163,13 @@ def _knn_route_mixed_kernel(
 ):
     """Grid ``(cdiv(T, BLOCK_T),)``: the backward's recompute of the mixed logits (bit-identical
     to the forward's tile), the confidences and the neighbour shares ``conf * w_j``."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    ncols = tl.arange(0, N_PAD)
+    tile = route_columns(T, E, E, BLOCK_T, 1, BLOCK_E, True)  # column c is expert c
+    sources = (router_ptr, memory_ptr, M_rows, nbr_ids_ptr, sims_ptr)
+    strides = (stride_rt, stride_mn, stride_it, stride_in, stride_st, stride_sn)
+    mixed, conf, weights, _ = _mixed_tile(tile, sources, strides, inv_temperature, min_confidence, N, N_PAD, SIMILARITY)
+    rows, row_ok, cols, col_ok = tile
     rows64 = rows.to(tl.int64)
-    row_ok = rows < T
-    col_ok = cols < E
-    mixed, conf, weights, _ = _mixed_tile(  # the forward checked the ids
-        router_ptr,
-        memory_ptr,
-        nbr_ids_ptr,
-        sims_ptr,
-        rows64,
-        row_ok,
-        cols,
-        col_ok,
-        M_rows,
-        stride_rt,
-        stride_mn,
-        stride_it,
-        stride_in,
-        stride_st,
-        stride_sn,
-        inv_temperature,
-        min_confidence,
-        N,
-        N_PAD,
-        SIMILARITY,
-        BLOCK_T,
-        BLOCK_E,
-    )
+    ncols = tl.arange(0, N_PAD)
     tl.store(mixed_ptr + rows64[:, None] * E + cols[None, :], mixed, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(conf_ptr + rows64, conf, mask=row_ok)
     share = tl.where(conf[:, None] > 0, conf[:, None] * weights, 0.0)

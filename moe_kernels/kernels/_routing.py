@@ -81,42 +81,53 @@ def _limit_to_best_groups(
 
 
 @triton.jit
-def route_tile(
-    x,
-    rows,
-    row_ok,
-    expert,
-    col_ok,
-    bias_ptr,
-    weights_ptr,
-    ids_ptr,
-    logits_ptr,
-    row_off,
-    scale,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    G_PAD: tl.constexpr,
-    GS_PAD: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    GROUP_TOP2: tl.constexpr,
-    RELOAD: tl.constexpr,
+def route_columns(
+    T, E, group_size, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr, CONTIGUOUS: tl.constexpr
 ):
+    """The tile of this program in the group-major column layout of
+    :func:`_softmax_topk_fwd_kernel`: ``(rows, row_ok, expert, col_ok)``, the ``[BLOCK_T]`` token
+    rows (valid where ``row_ok``) and, for each of the ``G_PAD * GS_PAD`` columns, the expert it
+    holds (valid where ``col_ok``). ``G_PAD = 1, GS_PAD = BLOCK_E, group_size = E`` with
+    ``CONTIGUOUS`` gives the plain layout (column ``c`` is expert ``c``).
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, G_PAD * GS_PAD)
+    if CONTIGUOUS:
+        expert = cols
+        col_ok = cols < E
+    else:
+        member = cols % GS_PAD
+        expert = (cols // GS_PAD) * group_size + member
+        col_ok = (member < group_size) & (expert < E)
+    return rows, rows < T, expert, col_ok
+
+
+@triton.jit
+def route_tile(x, tile, bias_ptr, weights_ptr, ids_ptr, logit_rows, scale, ROUTING, RELOAD: tl.constexpr):
     """Route a tile of logits: scores, selection and the ``weights`` / ``ids`` stores.
 
-    ``x`` is a ``[BLOCK_T, G_PAD * GS_PAD]`` float32 tile of logits in the group-major column
-    order of :func:`_softmax_topk_fwd_kernel` (column ``c`` holds expert ``expert[c]``, valid
-    where ``col_ok[c]``; rows ``rows`` valid where ``row_ok``; anything finite in masked places).
-    ``RELOAD``: recompute the K chosen scores from the logits reloaded from ``logits_ptr +
-    row_off + id`` (cache hits, cheaper than K more reductions when the logits are in memory);
-    otherwise take them out of the score tile (``logits_ptr`` / ``row_off`` are then unused).
-    Both give bit-identical weights: the same float32 arithmetic on the same values.
+    ``x`` is a ``[BLOCK_T, G_PAD * GS_PAD]`` float32 tile of logits laid out as ``tile`` (from
+    :func:`route_columns`; anything finite in masked places). ``ROUTING`` holds the routing
+    constexprs of the calling kernel, in this order: ``(K, K_PAD, G_PAD, GS_PAD, SOFTMAX,
+    RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)`` (one tuple so that the kernels do
+    not repeat the list). ``RELOAD``: recompute the K chosen scores from the logits reloaded from
+    ``logit_rows + id`` (``[BLOCK_T]`` row pointers; cache hits, cheaper than K more reductions
+    when the logits are in memory); otherwise take them out of the score tile (``logit_rows`` is
+    then unused). Both give bit-identical weights: the same float32 arithmetic on the same values.
     """
+    BLOCK_T: tl.constexpr = x.shape[0]
+    K: tl.constexpr = ROUTING[0]
+    K_PAD: tl.constexpr = ROUTING[1]
+    G_PAD: tl.constexpr = ROUTING[2]
+    GS_PAD: tl.constexpr = ROUTING[3]
+    SOFTMAX: tl.constexpr = ROUTING[4]
+    RENORMALIZE: tl.constexpr = ROUTING[5]
+    HAS_BIAS: tl.constexpr = ROUTING[6]
+    GROUPED: tl.constexpr = ROUTING[7]
+    TOPK_GROUPS: tl.constexpr = ROUTING[8]
+    GROUP_TOP2: tl.constexpr = ROUTING[9]
     BLOCK_W: tl.constexpr = G_PAD * GS_PAD
+    rows, row_ok, expert, col_ok = tile
     kcols = tl.arange(0, K_PAD)
     # Padding columns score 0; rows past T stay finite so they compute no NaN.
     x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -155,7 +166,7 @@ def route_tile(
     if RELOAD:
         # Weights come from the unbiased scores; reloading the K chosen logits (cache hits) is
         # cheaper than K more reductions over the tile, and recomputes the scores bit-identically.
-        x_chosen = tl.load(logits_ptr + row_off[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
+        x_chosen = tl.load(logit_rows[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
         weights = tl.where(out_mask, _score_of(x_chosen, row_max, inv_sum, SOFTMAX), 0.0)
     else:
         weights = tl.where(out_mask, weights, 0.0)
@@ -200,48 +211,12 @@ def _softmax_topk_fwd_kernel(
     consecutive addresses and issue vector loads. The routing itself is :func:`route_tile`,
     shared with the fused kNN route (``_knn_route.py``).
     """
-    BLOCK_W: tl.constexpr = G_PAD * GS_PAD
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_W)
-    if CONTIGUOUS:
-        expert = cols
-        col_ok = cols < E
-    else:
-        member = cols % GS_PAD
-        expert = (cols // GS_PAD) * group_size + member
-        col_ok = (member < group_size) & (expert < E)
-    row_ok = rows < T
-    row_off = rows.to(tl.int64) * stride_lt
-    x = tl.load(
-        logits_ptr + row_off[:, None] + expert[None, :],
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    route_tile(
-        x,
-        rows,
-        row_ok,
-        expert,
-        col_ok,
-        bias_ptr,
-        weights_ptr,
-        ids_ptr,
-        logits_ptr,
-        row_off,
-        scale,
-        K,
-        K_PAD,
-        BLOCK_T,
-        G_PAD,
-        GS_PAD,
-        SOFTMAX,
-        RENORMALIZE,
-        HAS_BIAS,
-        GROUPED,
-        TOPK_GROUPS,
-        GROUP_TOP2,
-        True,
-    )
+    tile = route_columns(T, E, group_size, BLOCK_T, G_PAD, GS_PAD, CONTIGUOUS)
+    rows, row_ok, expert, col_ok = tile
+    logit_rows = logits_ptr + rows.to(tl.int64) * stride_lt
+    x = tl.load(logit_rows[:, None] + expert[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    ROUTING: tl.constexpr = (K, K_PAD, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)
+    route_tile(x.to(tl.float32), tile, bias_ptr, weights_ptr, ids_ptr, logit_rows, scale, ROUTING, True)
 
 
 @triton.jit

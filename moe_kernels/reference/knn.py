@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.reference.routing import (
-    compute_dtype,
-    softmax_topk,
-    softmax_topk_backward,
-)
+from moe_kernels.reference.options import keyword_options, split_options
+from moe_kernels.reference.routing import compute_dtype, softmax_topk, softmax_topk_backward
 
 
 def knn_confidence_and_weights(
@@ -54,6 +51,11 @@ def knn_mix(
     return mixed, conf
 
 
+# knn_mix's keyword arguments and defaults as a record (the kNN routes and the CPU path take them
+# as ``**options`` with the routing ones, instead of restating them).
+KnnOptions = keyword_options(knn_mix, "KnnOptions")
+
+
 def knn_mix_backward(
     grad_mixed: torch.Tensor,
     neighbor_sims: torch.Tensor,
@@ -81,82 +83,43 @@ def gather_neighbors(memory_logits: torch.Tensor, neighbor_ids: torch.Tensor) ->
     return memory_logits[neighbor_ids.long()]
 
 
-def knn_route(
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    k: int,
-    *,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-    scale: float = 1.0,
-    weighting: str = "similarity",
-    temperature: float = 0.1,
-    min_confidence: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def knn_route(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, **options):
     """Reference of the fused kNN route (arguments assumed valid): the gather of the retrieved
     rows, :func:`knn_mix` and :func:`moe_kernels.reference.routing.softmax_topk`.
+
+    ``router_logits (T, E)`` float, ``neighbor_ids (T, n)`` int rows of ``memory_logits (N, E)``,
+    ``neighbor_sims (T, n)`` float, ``k`` int; ``options``: the keyword arguments of
+    :func:`knn_mix` (:data:`KnnOptions`: ``weighting``, ``temperature``, ``min_confidence``) and
+    of ``softmax_topk`` (``RoutingOptions``: ``renormalize``, ``score_func``, ``bias``,
+    ``num_groups``, ``topk_groups``, ``group_score``, ``scale``), with their defaults.
 
     Returns ``weights (T, k)``, ``ids (T, k)`` int32 and ``conf (T,)`` (float32, float64 for
     float64 router logits); ``weights`` is differentiable with respect to ``router_logits`` and
     ``memory_logits``."""
-    mixed, conf = knn_mix(
-        router_logits,
-        gather_neighbors(memory_logits, neighbor_ids),
-        neighbor_sims,
-        weighting=weighting,
-        temperature=temperature,
-        min_confidence=min_confidence,
-    )
-    weights, ids = softmax_topk(
-        mixed,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        num_groups=num_groups or None,
-        topk_groups=topk_groups or None,
-        group_score=group_score,
-        scale=scale,
-    )
+    knn, routing = split_options(options, KnnOptions)
+    mixed, conf = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **knn._asdict())
+    weights, ids = softmax_topk(mixed, k, **routing)
     return weights, ids, conf
 
 
-def knn_route_backward(
-    grad_weights: torch.Tensor,
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
-    memory_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, **options):
     """Gradients of ``knn_route``'s weights written out: the mixed logits are recomputed, the
     routing backward gives ``grad_mixed``, then ``grad_router = (1 - conf) * grad_mixed`` (in
     ``router_logits.dtype``) and, when ``memory_grad``, ``grad_memory (N, E)`` (in
     ``memory_logits.dtype``, accumulated in the compute dtype) = the index-add over
     ``neighbor_ids`` of ``conf * w_j * grad_mixed`` (``None`` otherwise). The similarities, the
-    bias and the group settings get no gradient."""
-    options = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
+    bias and the group settings get no gradient.
+
+    ``grad_weights (T, k)``, ``ids (T, k)`` int32 and the forward's inputs; ``options``: the
+    keyword arguments of :func:`knn_mix` (:data:`KnnOptions`), of ``softmax_topk_backward``
+    (``renormalize``, ``score_func``, ``scale``: required) and ``memory_grad`` (default True)."""
+    knn, routing = split_options(options, KnnOptions)
+    memory_grad = routing.pop("memory_grad", True)
     with torch.no_grad():
-        mixed, _ = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **options)
-    grad_mixed = softmax_topk_backward(
-        grad_weights, mixed, ids, renormalize=renormalize, score_func=score_func, scale=scale
-    )
+        mixed, _ = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **knn._asdict())
+    grad_mixed = softmax_topk_backward(grad_weights, mixed, ids, **routing)
     grad_router, grad_neighbors = knn_mix_backward(
-        grad_mixed, neighbor_sims, **options, router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
+        grad_mixed, neighbor_sims, **knn._asdict(), router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
     )
     if not memory_grad:
         return grad_router, None

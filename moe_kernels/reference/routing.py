@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.reference.options import keyword_options
+
 RENORM_EPS = 1e-20
 
 
@@ -111,6 +113,11 @@ def softmax_topk(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     return weights * scale, ids.to(torch.int32)
+
+
+# softmax_topk's keyword arguments and defaults as a record: the functions that route like it (the
+# CPU path, the kNN routes, the test logits) take them as ``**options`` instead of restating them.
+RoutingOptions = keyword_options(softmax_topk, "RoutingOptions")
 
 
 def softmax_topk_backward(
