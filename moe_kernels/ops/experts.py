@@ -291,22 +291,16 @@ def fused_experts_backward(
     return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
-def _fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h):
-    saved_rows = ids.shape[0] * ids.shape[1] if save_h else 0
-    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
+def _fake(inputs):
+    saved_rows = inputs.ids.numel() if inputs.save_h else 0
+    hidden = inputs.hidden
+    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, inputs.gate_up_proj.shape[1]))
 
 
-def _backward_fake(
-    grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias, use_triton
-):
-    return (
-        hidden.new_empty(hidden.shape),
-        gate_up_proj.new_empty(gate_up_proj.shape),
-        down_proj.new_empty(down_proj.shape),
-        weights.new_empty(weights.shape),
-        hidden.new_empty(0) if gate_up_bias is None else gate_up_bias.new_empty(gate_up_bias.shape),
-        hidden.new_empty(0) if down_bias is None else down_bias.new_empty(down_bias.shape),
-    )
+def _backward_fake(inputs):
+    """Each gradient like its input (an empty tensor for an absent bias)."""
+    like = (inputs.hidden, inputs.gate_up_proj, inputs.down_proj, inputs.weights, inputs.gate_up_bias, inputs.down_bias)
+    return tuple(inputs.hidden.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
 
 def _save(ctx, inputs, outputs):
@@ -344,18 +338,7 @@ def _grads(ctx, backward, grad_out, _grad_h):
     return {name: grad for name, grad in zip(names, grads) if present.get(name, True)}
 
 
-FUSED_EXPERTS = define_op(
-    name="fused_experts",
-    forward=fused_experts_forward,
-    fake=_fake,
-    backward=fused_experts_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-fused_experts_op = FUSED_EXPERTS.op
-fused_experts_backward_op = FUSED_EXPERTS.backward_op
-FusedExpertsFunction = FUSED_EXPERTS.function
+FUSED_EXPERTS = define_op(fused_experts_forward, _fake, fused_experts_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------

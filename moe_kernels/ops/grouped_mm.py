@@ -264,12 +264,12 @@ def grouped_mm_backward(
     return grad_a.contiguous(), grad_b.contiguous()
 
 
-def _fake(a, b, offsets, use_triton):
-    return a.new_empty((a.shape[0], b.shape[2]))
+def _fake(inputs):
+    return inputs.a.new_empty((inputs.a.shape[0], inputs.b.shape[2]))
 
 
-def _backward_fake(grad_out, a, b, offsets, use_triton):
-    return a.new_empty(a.shape), b.new_empty(b.shape)
+def _backward_fake(inputs):
+    return inputs.a.new_empty(inputs.a.shape), inputs.b.new_empty(inputs.b.shape)
 
 
 def _save(ctx, inputs, outputs):
@@ -283,18 +283,7 @@ def _grads(ctx, backward, grad_out):
     return {"a": grad_a, "b": grad_b}
 
 
-GROUPED_MM = define_op(
-    name="grouped_mm",
-    forward=grouped_mm_forward,
-    fake=_fake,
-    backward=grouped_mm_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-grouped_mm_op = GROUPED_MM.op
-grouped_mm_backward_op = GROUPED_MM.backward_op
-GroupedMMFunction = GROUPED_MM.function
+GROUPED_MM = define_op(grouped_mm_forward, _fake, grouped_mm_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -156,20 +156,19 @@ def knn_mix_backward(
     return grad_router.contiguous(), grad_neighbors.contiguous()
 
 
-def _fake(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
+def _fake(inputs):
+    router_logits = inputs.router_logits
     dtype = compute_dtype(router_logits.dtype)
     return router_logits.new_empty(router_logits.shape, dtype=dtype), router_logits.new_empty(
         router_logits.shape[:1], dtype=dtype
     )
 
 
-def _backward_fake(
-    grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton
-):
-    num_tokens, num_experts = grad_mixed.shape
-    grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=router_dtype)
-    grad_neighbors = grad_mixed.new_empty((num_tokens, neighbor_sims.shape[1], num_experts), dtype=neighbor_dtype)
-    return grad_router, grad_neighbors
+def _backward_fake(inputs):
+    grad_mixed, (num_tokens, num_experts) = inputs.grad_mixed, inputs.grad_mixed.shape
+    grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=inputs.router_dtype)
+    grad_neighbors_shape = (num_tokens, inputs.neighbor_sims.shape[1], num_experts)
+    return grad_router, grad_mixed.new_empty(grad_neighbors_shape, dtype=inputs.neighbor_dtype)
 
 
 def _save(ctx, inputs, outputs):
@@ -192,18 +191,7 @@ def _grads(ctx, backward, grad_mixed, _grad_conf):
     return {"router_logits": grad_router, "neighbor_logits": grad_neighbors}
 
 
-KNN_MIX = define_op(
-    name="knn_mix",
-    forward=knn_mix_forward,
-    fake=_fake,
-    backward=knn_mix_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-knn_mix_op = KNN_MIX.op
-knn_mix_backward_op = KNN_MIX.backward_op
-KnnMixFunction = KNN_MIX.function
+KNN_MIX = define_op(knn_mix_forward, _fake, knn_mix_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -351,49 +351,18 @@ def knn_route_backward(
     return grad_router.contiguous(), grad_memory.contiguous()
 
 
-def _fake(
-    router_logits,
-    neighbor_ids,
-    neighbor_sims,
-    memory_logits,
-    k,
-    renormalize,
-    score_func,
-    bias,
-    num_groups,
-    topk_groups,
-    group_score,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
-    use_triton,
-):
-    num_tokens = router_logits.shape[0]
+def _fake(inputs):
+    router_logits, num_tokens = inputs.router_logits, inputs.router_logits.shape[0]
     dtype = compute_dtype(router_logits.dtype)
-    weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
-    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
+    weights = router_logits.new_empty((num_tokens, inputs.k), dtype=dtype)
+    ids = router_logits.new_empty((num_tokens, inputs.k), dtype=torch.int32)
     return weights, ids, router_logits.new_empty((num_tokens,), dtype=dtype)
 
 
-def _backward_fake(
-    grad_weights,
-    router_logits,
-    neighbor_ids,
-    neighbor_sims,
-    memory_logits,
-    ids,
-    renormalize,
-    score_func,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
-    memory_grad,
-    use_triton,
-):
-    grad_router = router_logits.new_empty(router_logits.shape)
-    return grad_router, memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
+def _backward_fake(inputs):
+    grad_router = inputs.router_logits.new_empty(inputs.router_logits.shape)
+    memory_logits = inputs.memory_logits
+    return grad_router, memory_logits.new_empty(memory_logits.shape if inputs.memory_grad else (0,))
 
 
 def _save(ctx, inputs, outputs):
@@ -420,18 +389,7 @@ def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
     return {"router_logits": grad_router, "memory_logits": grad_memory if memory_grad else None}
 
 
-KNN_ROUTE = define_op(
-    name="knn_route",
-    forward=knn_route_forward,
-    fake=_fake,
-    backward=knn_route_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-knn_route_op = KNN_ROUTE.op
-knn_route_backward_op = KNN_ROUTE.backward_op
-KnnRouteFunction = KNN_ROUTE.function
+KNN_ROUTE = define_op(knn_route_forward, _fake, knn_route_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -203,18 +203,18 @@ def exact_k_backward(
     return path.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
 
 
-def _fake(logits, k, k_min, seed, sample, use_triton):
-    num_tokens, num_experts = logits.shape
+def _fake(inputs):
+    logits, (num_tokens, num_experts) = inputs.logits, inputs.logits.shape
     dtype = compute_dtype(logits.dtype)
     return (
         logits.new_empty((num_tokens, num_experts), dtype=dtype),
         logits.new_empty((num_tokens,), dtype=dtype),
-        logits.new_empty((num_tokens, k if sample else 0), dtype=torch.int32),
+        logits.new_empty((num_tokens, inputs.k if inputs.sample else 0), dtype=torch.int32),
     )
 
 
-def _backward_fake(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _backward_fake(inputs):
+    return torch.empty_like(inputs.logits, memory_format=torch.contiguous_format)
 
 
 def _save(ctx, inputs, outputs):
@@ -232,18 +232,7 @@ def _grads(ctx, backward, grad_marginals, grad_log_z, _grad_ids):
     return {"logits": backward(logits, grad_marginals, grad_log_z, *ctx.options)}
 
 
-EXACT_K = define_op(
-    name="exact_k",
-    forward=exact_k_forward,
-    fake=_fake,
-    backward=exact_k_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-exact_k_op = EXACT_K.op
-exact_k_backward_op = EXACT_K.backward_op
-ExactKFunction = EXACT_K.function
+EXACT_K = define_op(exact_k_forward, _fake, exact_k_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -204,14 +204,13 @@ def softmax_topk_backward(
     return grad.contiguous()
 
 
-def _fake(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton):
-    num_tokens = logits.shape[0]
-    weights = logits.new_empty((num_tokens, k), dtype=compute_dtype(logits.dtype))
-    return weights, logits.new_empty((num_tokens, k), dtype=torch.int32)
+def _fake(inputs):
+    logits, shape = inputs.logits, (inputs.logits.shape[0], inputs.k)
+    return logits.new_empty(shape, dtype=compute_dtype(logits.dtype)), logits.new_empty(shape, dtype=torch.int32)
 
 
-def _backward_fake(grad_weights, logits, ids, renormalize, score_func, scale, use_triton):
-    return logits.new_empty(logits.shape)
+def _backward_fake(inputs):
+    return inputs.logits.new_empty(inputs.logits.shape)
 
 
 def _save(ctx, inputs, outputs):
@@ -226,18 +225,7 @@ def _grads(ctx, backward, grad_weights, _grad_ids):
     return {"logits": backward(grad_weights, logits, ids, *ctx.options)}
 
 
-SOFTMAX_TOPK = define_op(
-    name="softmax_topk",
-    forward=softmax_topk_forward,
-    fake=_fake,
-    backward=softmax_topk_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-softmax_topk_op = SOFTMAX_TOPK.op
-softmax_topk_backward_op = SOFTMAX_TOPK.backward_op
-SoftmaxTopkFunction = SOFTMAX_TOPK.function
+SOFTMAX_TOPK = define_op(softmax_topk_forward, _fake, softmax_topk_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
