@@ -196,15 +196,17 @@ def routing_args(op: str, logits, k, bias, routing, **options) -> RoutingConfig:
     return routing
 
 
-def routing_keywords(
-    op: str, logits, k, bias, routing, renormalize, score_func, num_groups, topk_groups, group_score, scale
-) -> RoutingConfig:
+# The RoutingConfig fields the public routing ops also take as keywords, in their signatures' order.
+KEYWORD_OPTIONS = ("renormalize", "score_func", "num_groups", "topk_groups", "group_score", "scale")
+_NO_OPTIONS = (None,) * len(KEYWORD_OPTIONS)
+
+
+def routing_keywords(op: str, logits, k, bias, routing, *options) -> RoutingConfig:
     """:func:`routing_args` for an op that takes :class:`RoutingConfig`'s fields as keywords
-    (``softmax_topk``, ``knn_route``: passed on here positionally, in their signatures' order)."""
-    groups = dict(num_groups=num_groups, topk_groups=topk_groups, group_score=group_score)
-    return routing_args(
-        op, logits, k, bias, routing, renormalize=renormalize, score_func=score_func, scale=scale, **groups
-    )
+    (``softmax_topk``, ``knn_route``), passed on here positionally in :data:`KEYWORD_OPTIONS`' order."""
+    if options == _NO_OPTIONS:  # the common call (the config as given): no keyword dict to build
+        return routing_args(op, logits, k, bias, routing)
+    return routing_args(op, logits, k, bias, routing, **dict(zip(KEYWORD_OPTIONS, options, strict=True)))
 
 
 def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig, triton_path: bool = True) -> None:

@@ -98,8 +98,9 @@ def flatten_routing(routing: RoutingConfig, bias: torch.Tensor | None) -> tuple:
 def reference_options(renormalize, score_func, bias, num_groups, topk_groups, group_score, scale) -> dict:
     """The reference's (and the CPU path's) routing keywords from the ops' seven routing
     arguments (0 groups back to None)."""
-    groups = dict(num_groups=num_groups or None, topk_groups=topk_groups or None, group_score=group_score)
-    return dict(renormalize=renormalize, score_func=score_func, bias=bias, scale=scale, **groups)
+    options = dict(renormalize=renormalize, score_func=score_func, bias=bias, group_score=group_score, scale=scale)
+    options["num_groups"], options["topk_groups"] = num_groups or None, topk_groups or None
+    return options
 
 
 def config_meta_args(routing: RoutingConfig, has_bias: bool) -> tuple:
