@@ -146,28 +146,16 @@ class RoutingConfig:
     ) -> RoutingConfig:
         """DeepSeek-V3 / R1 / Kimi-K2 (noaux_tc): sigmoid scores, groups ranked by their top-2 key
         sum, renormalised, scaled. Pass the correction bias as ``bias=`` next to it."""
-        return cls(
-            score_func="sigmoid",
-            renormalize=renormalize,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            group_score="top2_sum",
-            scale=scale,
-        )
+        groups = dict(num_groups=num_groups, topk_groups=topk_groups, group_score="top2_sum")
+        return cls(score_func="sigmoid", renormalize=renormalize, scale=scale, **groups)
 
     @classmethod
     def deepseek_v2(
         cls, *, num_groups: int | None = 8, topk_groups: int | None = 3, scale: float = 16.0, renormalize: bool = False
     ) -> RoutingConfig:
         """DeepSeek-V2 group-limited greedy: softmax scores, groups ranked by their best expert."""
-        return cls(
-            score_func="softmax",
-            renormalize=renormalize,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            group_score="max",
-            scale=scale,
-        )
+        groups = dict(num_groups=num_groups, topk_groups=topk_groups, group_score="max")
+        return cls(score_func="softmax", renormalize=renormalize, scale=scale, **groups)
 
     @classmethod
     def llama4(cls) -> RoutingConfig:

@@ -12,7 +12,31 @@ from moe_kernels.reference.experts import gated_activation
 from moe_kernels.routing_override import resolve_selection
 
 
-class TopKRouter(nn.Module):
+class _LinearGate(nn.Module):
+    """What both routers hold: the gate ``weight (E, H)`` (initialised as ``nn.Linear``'s), ``k``
+    and the ops' ``backend``."""
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, backend: str, device, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.k = k
+        self.backend = backend
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (..., H)`` -> router logits ``(..., E)`` in the weight's dtype."""
+        return nn.functional.linear(hidden, self.weight)
+
+    def extra_repr(self) -> str:
+        num_experts, hidden = self.weight.shape
+        return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, {self._options()}backend={self.backend}"
+
+    def _options(self) -> str:
+        """The subclass's options for :meth:`extra_repr`, each followed by ``", "``."""
+        return ""
+
+
+class TopKRouter(_LinearGate):
     """Linear gate + fused :func:`moe_kernels.softmax_topk`.
 
     ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``.
@@ -36,30 +60,22 @@ class TopKRouter(nn.Module):
         dtype=None,
         **routing_options,
     ):
-        super().__init__()
-        self.routing = resolve_routing("TopKRouter", routing, num_experts, **routing_options)
-        self.routing.check(num_experts, k, "TopKRouter")
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        routing = resolve_routing("TopKRouter", routing, num_experts, **routing_options)
+        routing.check(num_experts, k, "TopKRouter")
+        super().__init__(hidden_size, num_experts, k, backend, device, dtype)
+        self.routing = routing
         bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
-        self.k = k
-        self.backend = backend
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = nn.functional.linear(hidden, self.weight)
         k, bias = resolve_selection(self, self.k, self.e_score_correction_bias)  # Counterfactual Routing's k, prior
-        return softmax_topk(logits, k, routing=self.routing, bias=bias, backend=self.backend)
+        return softmax_topk(self.logits(hidden), k, routing=self.routing, bias=bias, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        num_experts, hidden = self.weight.shape
-        return (
-            f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, routing={self.routing}, "
-            f"backend={self.backend}"
-        )
+    def _options(self) -> str:
+        return f"routing={self.routing}, "
 
 
-class ProbMoERouter(nn.Module):
+class ProbMoERouter(_LinearGate):
     """Linear gate + ProbMoE routing (:func:`moe_kernels.probmoe_route`): exact-k (or, with
     ``k_min``, dynamic-k) subsets sampled from the conditional-Bernoulli law in training, with
     gradients through the exact marginals; the most probable subset in eval mode.
@@ -82,13 +98,9 @@ class ProbMoERouter(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self.k = k
+        super().__init__(hidden_size, num_experts, k, backend, device, dtype)
         self.k_min = k_min
         self.renormalize = renormalize
-        self.backend = backend
 
     @classmethod
     def from_gate(cls, gate: nn.Module, k: int, **options) -> ProbMoERouter:
@@ -105,22 +117,11 @@ class ProbMoERouter(nn.Module):
         return router
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = nn.functional.linear(hidden, self.weight)
-        return probmoe_route(
-            logits,
-            self.k,
-            k_min=self.k_min,
-            renormalize=self.renormalize,
-            training=self.training,
-            backend=self.backend,
-        )
+        options = dict(k_min=self.k_min, renormalize=self.renormalize, training=self.training, backend=self.backend)
+        return probmoe_route(self.logits(hidden), self.k, **options)
 
-    def extra_repr(self) -> str:
-        num_experts, hidden = self.weight.shape
-        return (
-            f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, k_min={self.k_min}, "
-            f"renormalize={self.renormalize}, backend={self.backend}"
-        )
+    def _options(self) -> str:
+        return f"k_min={self.k_min}, renormalize={self.renormalize}, "
 
 
 class GatedMLP(nn.Module):
@@ -246,17 +247,9 @@ class MoE(nn.Module):
         weights, ids = self.router(flat)
         if self.track_load:
             self.last_load = load_stats(ids.detach(), self.gate_up_proj.shape[0])
-        out = fused_experts(
-            flat,
-            self.gate_up_proj,
-            self.down_proj,
-            weights,
-            ids,
-            activation=self.activation,
-            gate_up_bias=self.gate_up_bias,
-            down_bias=self.down_bias,
-            backend=self.backend,
-        )
+        biases = dict(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
+        options = dict(activation=self.activation, backend=self.backend, **biases)
+        out = fused_experts(flat, self.gate_up_proj, self.down_proj, weights, ids, **options)
         return add_shared_expert(out, flat, self.shared_expert, self.shared_gate).reshape(*lead, hidden_size)
 
     def extra_repr(self) -> str:

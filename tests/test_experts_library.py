@@ -28,7 +28,6 @@ from helpers import assert_compile_matches_eager, assert_function_matches_op
 import moe_kernels as mk
 from moe_kernels import reference, testing
 from moe_kernels.functional.grouped_mm import grouped_mm
-from moe_kernels.ops import experts as ops
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.ops.grouped_mm import GROUPED_MM
@@ -171,15 +170,15 @@ def test_fused_experts_opcheck(num_tokens):
     for key in ("hidden", "gate_up_proj", "down_proj", "weights"):
         p[key].requires_grad_()
     args = (*inputs_of(p), "silu", *biases_of(p), False, True)
-    torch.library.opcheck(ops.fused_experts_op, args)
+    torch.library.opcheck(FUSED_EXPERTS.op, args)
 
 
 def test_fused_experts_backward_opcheck():
     p = fused_problem(5, 8, 4, 3, 2, bias=True)
-    _, h = ops.fused_experts_op(*inputs_of(p), "gelu", *biases_of(p), False, True)
+    _, h = FUSED_EXPERTS.op(*inputs_of(p), "gelu", *biases_of(p), False, True)
     grad = torch.randn(5, 8)
     for biases in (biases_of(p), (None, None)):
-        torch.library.opcheck(ops.fused_experts_backward_op, (grad, *inputs_of(p), h, "gelu", *biases, False))
+        torch.library.opcheck(FUSED_EXPERTS.backward_op, (grad, *inputs_of(p), h, "gelu", *biases, False))
 
 
 def test_eager_function_matches_registered_op():

@@ -16,7 +16,7 @@ from oracles import exact_k_marginals_oracle, subset_law_oracle
 from strategies import INF, NAN
 
 import moe_kernels as mk
-from moe_kernels.ops.probmoe import exact_k_backward_op, exact_k_op
+from moe_kernels.ops.probmoe import EXACT_K
 from moe_kernels.reference import probmoe as ref
 from moe_kernels.testing import assert_close, assert_written, poisoned_outputs
 
@@ -39,9 +39,9 @@ def _check(device, dtype, num_tokens, num_experts, k, k_min):
     logits = (torch.randn(num_tokens, num_experts) * 3).to(dtype).to(device)
     seed = torch.full((1,), 99, dtype=torch.int64, device=device)
     with poisoned_outputs():
-        marginals, log_z, ids = exact_k_op(logits, k, k_min, seed, True, True)
+        marginals, log_z, ids = EXACT_K.op(logits, k, k_min, seed, True, True)
         grad_m, grad_log_z = torch.randn_like(marginals), torch.randn_like(log_z)
-        grad = exact_k_backward_op(logits, grad_m, grad_log_z, k, k_min, True)
+        grad = EXACT_K.backward_op(logits, grad_m, grad_log_z, k, k_min, True)
     for name, tensor in (("marginals", marginals), ("log_z", log_z), ("ids", ids), ("grad", grad)):
         assert_written(tensor, name)
     want_m, want_log_z, _ = ref.exact_k_forward(logits.double().cpu(), k, k_min)

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_compile_matches_eager, assert_function_matches_op
 
 import moe_kernels as mk
-from moe_kernels.ops.probmoe import EXACT_K, exact_k_backward_op, exact_k_op
+from moe_kernels.ops.probmoe import EXACT_K
 
 
 @pytest.mark.parametrize("k,k_min", [(2, None), (4, 1)])
@@ -23,9 +23,9 @@ def test_gradcheck_float64(k, k_min):
 def test_opcheck(num_tokens, sample):
     logits = torch.randn(num_tokens, 9, requires_grad=True)
     seed = torch.full((1,), 4, dtype=torch.int64)
-    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, sample, False))
+    torch.library.opcheck(EXACT_K.op, (logits, 3, 1, seed, sample, False))
     grad_m, grad_log_z = torch.randn(num_tokens, 9), torch.randn(num_tokens)
-    torch.library.opcheck(exact_k_backward_op, (logits.detach(), grad_m, grad_log_z, 3, 1, False))
+    torch.library.opcheck(EXACT_K.backward_op, (logits.detach(), grad_m, grad_log_z, 3, 1, False))
 
 
 @pytest.mark.parametrize("k,k_min", [(3, 3), (4, 0)])
@@ -49,7 +49,7 @@ def test_compile_fullgraph_matches_eager():
 def test_kernel_opcheck_and_compile(kernel_device):
     logits = torch.randn(13, 9, device=kernel_device, requires_grad=True)
     seed = torch.full((1,), 4, dtype=torch.int64, device=kernel_device)
-    torch.library.opcheck(exact_k_op, (logits, 3, 1, seed, True, True))
+    torch.library.opcheck(EXACT_K.op, (logits, 3, 1, seed, True, True))
     assert_function_matches_op(EXACT_K, (logits, 3, 1, seed, True, True))
 
     def route(x):

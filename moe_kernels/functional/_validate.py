@@ -196,13 +196,50 @@ def routing_args(op: str, logits, k, bias, routing, **options) -> RoutingConfig:
     return routing
 
 
-def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig) -> None:
-    """What only the Triton kernels refuse: float64 logits, E or the group count past their tiles."""
+# The RoutingConfig fields the public routing ops also take as keywords, in their signatures' order.
+KEYWORD_OPTIONS = ("renormalize", "score_func", "num_groups", "topk_groups", "group_score", "scale")
+_NO_OPTIONS = (None,) * len(KEYWORD_OPTIONS)
+
+
+def routing_keywords(op: str, logits, k, bias, routing, *options) -> RoutingConfig:
+    """:func:`routing_args` for an op that takes :class:`RoutingConfig`'s fields as keywords
+    (``softmax_topk``, ``knn_route``), passed on here positionally in :data:`KEYWORD_OPTIONS`' order."""
+    if options == _NO_OPTIONS:  # the common call (the config as given): no keyword dict to build
+        return routing_args(op, logits, k, bias, routing)
+    return routing_args(op, logits, k, bias, routing, **dict(zip(KEYWORD_OPTIONS, options, strict=True)))
+
+
+def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig, triton_path: bool = True) -> None:
+    """What only the Triton kernels refuse (nothing off the Triton path): float64 logits, E or the
+    group count past their tiles."""
+    if not triton_path:
+        return
     not_float64_on_triton(op, "logits", logits, True)
     if logits.shape[-1] > MAX_TRITON_EXPERTS:
         raise ValueError(f"{op}: backend='triton' takes E <= {MAX_TRITON_EXPERTS}, got E={logits.shape[-1]}")
     if routing.num_groups is not None and routing.num_groups > MAX_TRITON_GROUPS:
         raise ValueError(f"{op}: backend='triton' takes num_groups <= {MAX_TRITON_GROUPS}, got {routing.num_groups}")
+
+
+def on_router_device(op: str, name: str, value, router_logits: torch.Tensor, **checks) -> torch.Tensor:
+    """:func:`tensor` (``checks``: its ``dtypes``, ``dims``, ``shape``) on ``router_logits``' device:
+    the kNN ops' other tensors."""
+    return tensor(op, name, value, device=router_logits.device, device_of="router_logits", **checks)
+
+
+def neighbor_ids(op: str, ids, router_logits: torch.Tensor, neighbor_sims: torch.Tensor) -> None:
+    """``ids (T, n)`` int32 / int64 on ``router_logits``' device, shaped as ``neighbor_sims``."""
+    on_router_device(op, "neighbor_ids", ids, router_logits, dtypes=ID_DTYPES)
+    expected = neighbor_sims.shape
+    shape_is(op, "neighbor_ids", ids, expected, lambda: f"(T, n) = {tuple(expected)} as neighbor_sims")
+
+
+def memory_rows(op: str, ids: torch.Tensor, memory_logits: torch.Tensor, *, assert_on_device: bool = True) -> None:
+    """Every neighbour id a row of ``memory_logits (N, E)`` (:func:`ids_in_range`)."""
+    rows = memory_logits.shape[0]
+    ids_in_range(
+        op, "neighbor_ids", ids, 0, rows, "N", what="the rows of memory_logits", assert_on_device=assert_on_device
+    )
 
 
 def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_confidence):
@@ -212,9 +249,7 @@ def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_
     num_tokens, num_experts = router_logits.shape
     if num_experts < 1:
         raise ValueError(f"{op}: router_logits must have E >= 1 experts, got shape {tuple(router_logits.shape)}")
-    tensor(
-        op, "neighbor_sims", neighbor_sims, dtypes=FLOAT_DTYPES, device=router_logits.device, device_of="router_logits"
-    )
+    on_router_device(op, "neighbor_sims", neighbor_sims, router_logits, dtypes=FLOAT_DTYPES)
     if neighbor_sims.dim() != 2 or neighbor_sims.shape[1] < 1 or neighbor_sims.shape[0] != num_tokens:
         raise ValueError(
             f"{op}: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got "

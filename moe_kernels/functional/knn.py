@@ -46,15 +46,14 @@ def knn_mix(
     Saved for backward: ``neighbor_sims`` only.
     """
     check.mix_args("knn_mix", router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor(
+    check.on_router_device(
         "knn_mix",
         "neighbor_logits",
         neighbor_logits,
+        router_logits,
         dtypes=check.FLOAT_DTYPES,
         dims=3,
         shape="(T, n, E)",
-        device=router_logits.device,
-        device_of="router_logits",
     )
     num_tokens, num_experts = router_logits.shape
     check.shape_is(

@@ -50,15 +50,8 @@ def knn_route_assignments(
     """
     op = "knn_route_assignments"
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor(
-        op,
-        "memory_logits",
-        memory_logits,
-        dtypes=check.FLOAT_DTYPES,
-        dims=2,
-        shape="(N, E)",
-        device=router_logits.device,
-        device_of="router_logits",
+    check.on_router_device(
+        op, "memory_logits", memory_logits, router_logits, dtypes=check.FLOAT_DTYPES, dims=2, shape="(N, E)"
     )
     num_experts = router_logits.shape[1]
     if memory_logits.shape[1] != num_experts:
@@ -66,19 +59,8 @@ def knn_route_assignments(
             f"{op}: memory_logits must have shape (N, E) = (N, {num_experts}) as router_logits, got "
             f"{tuple(memory_logits.shape)}"
         )
-    check.tensor(
-        op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
-    )
-    check.shape_is(
-        op,
-        "neighbor_ids",
-        neighbor_ids,
-        neighbor_sims.shape,
-        lambda: f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims",
-    )
-    check.ids_in_range(
-        op, "neighbor_ids", neighbor_ids, 0, memory_logits.shape[0], "N", what="the rows of memory_logits"
-    )
+    check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
+    check.memory_rows(op, neighbor_ids, memory_logits)
     # The gate's arguments are checked here, so that their errors name this op, not softmax_topk.
     options = dict(routing_options)
     check.routing_args(op, router_logits, k, options.pop("bias", None), routing, **options)

@@ -7,6 +7,7 @@ import torch
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import _validate as check
 from moe_kernels.ops.knn_route import KNN_ROUTE
+from moe_kernels.ops.routing import flatten_routing
 from moe_kernels.utils import use_triton
 
 
@@ -90,59 +91,14 @@ def knn_route(
             f"{tuple(router_logits.shape)}, got {tuple(memory_logits.shape)}"
         )
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
-    check.tensor(
-        op, "neighbor_ids", neighbor_ids, dtypes=check.ID_DTYPES, device=router_logits.device, device_of="router_logits"
-    )
-    check.shape_is(
-        op,
-        "neighbor_ids",
-        neighbor_ids,
-        neighbor_sims.shape,
-        lambda: f"(T, n) = {tuple(neighbor_sims.shape)} as neighbor_sims",
-    )
-    routing = check.routing_args(
-        op,
-        router_logits,
-        k,
-        bias,
-        routing,
-        renormalize=renormalize,
-        score_func=score_func,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-    )
+    check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
+    options = (renormalize, score_func, num_groups, topk_groups, group_score, scale)
+    routing = check.routing_keywords(op, router_logits, k, bias, routing, *options)
     triton_path = use_triton(backend, router_logits.device, op)
-    if triton_path:
-        check.triton_routing(op, router_logits, routing)
+    check.triton_routing(op, router_logits, routing, triton_path)
     # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
     # device check is queued for it.
-    check.ids_in_range(
-        op,
-        "neighbor_ids",
-        neighbor_ids,
-        0,
-        memory_logits.shape[0],
-        "N",
-        what="the rows of memory_logits",
-        assert_on_device=not triton_path,
-    )
-    return KNN_ROUTE(
-        router_logits,
-        neighbor_ids,
-        neighbor_sims,
-        memory_logits,
-        k,
-        routing.renormalize,
-        routing.score_func,
-        bias,
-        routing.num_groups or 0,
-        routing.topk_groups or 0,
-        routing.group_score,
-        routing.scale,
-        weighting,
-        float(temperature),
-        float(min_confidence),
-        triton_path,
-    )
+    check.memory_rows(op, neighbor_ids, memory_logits, assert_on_device=not triton_path)
+    inputs = (router_logits, neighbor_ids, neighbor_sims, memory_logits, k)
+    mixing = (weighting, float(temperature), float(min_confidence))
+    return KNN_ROUTE(*inputs, *flatten_routing(routing, bias), *mixing, triton_path)

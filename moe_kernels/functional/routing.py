@@ -6,7 +6,7 @@ import torch
 
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import _validate as check
-from moe_kernels.ops.routing import SOFTMAX_TOPK
+from moe_kernels.ops.routing import SOFTMAX_TOPK, flatten_routing
 from moe_kernels.utils import use_triton
 
 
@@ -82,36 +82,13 @@ def softmax_topk(
     kernel); the bias gets no gradient and ``ids`` is not differentiable. Saved for backward:
     ``logits`` (no copy) and ``ids``.
     """
-    routing = check.routing_args(
-        "softmax_topk",
-        logits,
-        k,
-        bias,
-        routing,
-        renormalize=renormalize,
-        score_func=score_func,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-    )
+    options = (renormalize, score_func, num_groups, topk_groups, group_score, scale)
+    routing = check.routing_keywords("softmax_topk", logits, k, bias, routing, *options)
     triton_path = use_triton(backend, logits.device, "softmax_topk")
-    if triton_path:
-        check.triton_routing("softmax_topk", logits, routing)
+    check.triton_routing("softmax_topk", logits, routing, triton_path)
     flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
-    renormalize, score_func, num_groups, topk_groups, group_score, scale = routing.op_args()
-    weights, ids = SOFTMAX_TOPK(
-        logits if flat else logits.reshape(-1, logits.shape[-1]),
-        k,
-        renormalize,
-        score_func,
-        bias,
-        num_groups,
-        topk_groups,
-        group_score,
-        scale,
-        triton_path,
-    )
+    rows = logits if flat else logits.reshape(-1, logits.shape[-1])
+    weights, ids = SOFTMAX_TOPK(rows, k, *flatten_routing(routing, bias), triton_path)
     if flat:
         return weights, ids
     lead = logits.shape[:-1]

@@ -6,15 +6,17 @@ Each op states once:
 - ``forward(*inputs) -> outputs`` and ``backward(*...) -> grads``: plain functions with type
   annotations (the schemas are inferred from them), that run the Triton launcher or the PyTorch
   reference; neither records autograd;
-- ``fake`` / ``backward_fake``: the output shapes and dtypes, for ``torch.compile``;
+- ``fake(inputs)`` / ``backward_fake(inputs)``: the output shapes and dtypes, for ``torch.compile``
+  (``inputs``: the forward's / the backward's arguments as a named tuple);
 - ``save(ctx, inputs, outputs)``: what the backward needs (``inputs`` is a named tuple of the
   forward's arguments, so fields are read by name), and which outputs are not differentiable;
 - ``grads(ctx, backward, *grad_outputs) -> {input name: gradient}``: calls ``backward`` (the
   registered backward op under ``torch.compile``, the plain function in eager mode) and names the
   gradient of each differentiable input; every other input gets None.
 
-:func:`define_op` registers ``moe_kernels::<name>`` and ``moe_kernels::<name>_backward`` and
-returns an :class:`Op` whose call picks the cheapest correct entry point:
+:func:`define_op` ``(forward, fake, backward, backward_fake, save, grads)`` registers
+``moe_kernels::<name>`` and ``moe_kernels::<name>_backward`` (``<name>_forward`` being the forward's
+name) and returns an :class:`Op` whose call picks the cheapest correct entry point:
 
 - under ``torch.compile``: the registered op (opaque to the compiler, traced through its fake);
 - eager, with an input that requires grad: the ``autograd.Function``, which has the registered
@@ -64,14 +66,8 @@ class Op:
         self.backward = spec.backward
         self.names = tuple(inspect.signature(spec.forward).parameters)
         self.inputs = collections.namedtuple(f"{spec.name}_inputs", self.names)
-        self.op = torch.library.custom_op(
-            f"moe_kernels::{spec.name}", self._trampoline(spec.forward, "forward"), mutates_args=()
-        )
-        self.op.register_fake(spec.fake)
-        self.backward_op = torch.library.custom_op(
-            f"moe_kernels::{spec.name}_backward", self._trampoline(spec.backward, "backward"), mutates_args=()
-        )
-        self.backward_op.register_fake(spec.backward_fake)
+        self.op = self._register(spec.name, spec.forward, "forward", spec.fake)
+        self.backward_op = self._register(f"{spec.name}_backward", spec.backward, "backward", spec.backward_fake)
         self.op.register_autograd(self._registered_backward, setup_context=self._setup_context)
         self.function = self._make_function()
         # The positions of the forward's tensor arguments (from its annotations): the eager call
@@ -84,15 +80,26 @@ class Op:
         # unwraps functorch's dead wrappers): used when no functorch transform is active.
         self._apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, self.function)
 
-    def _trampoline(self, function: Callable, attribute: str) -> Callable:
-        """A function with ``function``'s signature (the schema is inferred from it) that calls
-        ``self.<attribute>``."""
+    def _register(self, name: str, function: Callable, attribute: str, fake: Callable):
+        """The custom op ``moe_kernels::<name>``: a function with ``function``'s signature (the
+        schema is inferred from it) that calls ``self.<attribute>``, and ``fake`` called with the
+        arguments as a named tuple."""
 
         @functools.wraps(function)
         def call(*args):
             return getattr(self, attribute)(*args)
 
-        return call
+        signature = inspect.signature(function)
+        named = collections.namedtuple(f"{name}_inputs", tuple(signature.parameters))
+
+        def named_fake(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return fake(named(**bound.arguments))
+
+        op = torch.library.custom_op(f"moe_kernels::{name}", call, mutates_args=())
+        op.register_fake(named_fake)
+        return op
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
@@ -136,6 +143,12 @@ class Op:
         return Function
 
 
-def define_op(**spec) -> Op:
-    """Register one op from the fields of :class:`OpSpec` (keywords); returns its :class:`Op`."""
-    return Op(OpSpec(**spec))
+def define_op(
+    forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable, save: Callable, grads: Callable
+) -> Op:
+    """Register one op from the fields of :class:`OpSpec` but its name, which is the forward's
+    (``<name>_forward``); returns its :class:`Op`."""
+    name = forward.__name__.removesuffix("_forward")
+    if name == forward.__name__:
+        raise ValueError(f"define_op: the forward must be named <op name>_forward, got {forward.__name__!r}")
+    return Op(OpSpec(name, forward, fake, backward, backward_fake, save, grads))

@@ -28,6 +28,7 @@ from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops import grouped_mm as gmm
+from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.align import MoEAlignment, launch_moe_align
 from moe_kernels.reference import experts as reference
@@ -129,6 +130,21 @@ def _bias_rows(bias: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return padded[experts.long()]
 
 
+def _up_projection(hidden, gate_up_proj, align: MoEAlignment, activation, gate_up_bias, store_h=True):
+    """``(act, h)`` of every sorted slot (:func:`~moe_kernels.ops.grouped_mm.launch_grouped_gated_mm`
+    gathering each slot's token row); ``h`` None without ``store_h``."""
+    return gmm.launch_grouped_gated_mm(
+        hidden,
+        gate_up_proj.transpose(1, 2),
+        align.offsets,
+        activation,
+        a_rows=align.tokens,
+        bias=gate_up_bias,
+        out_rows=align.tokens.shape[0],
+        store_h=store_h,
+    )
+
+
 def launch_fused_experts(
     hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h=True
 ):
@@ -138,17 +154,7 @@ def launch_fused_experts(
     num_tokens, k = ids.shape
     align, row_weight, valid = launch_moe_align(ids, gate_up_proj.shape[0], weights)
     torch._assert_async(valid, f"fused_experts: ids must be in [-1, {gate_up_proj.shape[0]})")
-    num_slots = num_tokens * k
-    act, h = gmm.launch_grouped_gated_mm(
-        hidden,
-        gate_up_proj.transpose(1, 2),
-        align.offsets,
-        activation,
-        a_rows=align.tokens,
-        bias=gate_up_bias,
-        out_rows=num_slots,
-        store_h=save_h,
-    )
+    act, h = _up_projection(hidden, gate_up_proj, align, activation, gate_up_bias, store_h=save_h)
     if h is None:
         h = hidden.new_empty((0, gate_up_proj.shape[1]))
     if down_bias is None:
@@ -168,15 +174,7 @@ def launch_fused_experts_backward(
     align, row_weight, _ = launch_moe_align(ids, num_experts, weights)  # the forward checked the ids
     num_slots = num_tokens * k
     if h.shape[0] != num_slots:  # a forward that did not save h (a direct call of the op): recompute it
-        _, h = gmm.launch_grouped_gated_mm(
-            hidden,
-            gate_up_proj.transpose(1, 2),
-            align.offsets,
-            activation,
-            a_rows=align.tokens,
-            bias=gate_up_bias,
-            out_rows=num_slots,
-        )
+        _, h = _up_projection(hidden, gate_up_proj, align, activation, gate_up_bias)
     grad_out = grad_out.to(hidden.dtype).contiguous()
     # d(out)/d(act) before the routing weight: grad_out of each slot's token through down_proj.
     grad_act = gmm.launch_grouped_mm(grad_out, down_proj, align.offsets, a_rows=align.tokens, out_rows=num_slots)
@@ -238,24 +236,12 @@ def fused_experts_forward(
     """The kernels, or the reference; ``(out (T, H), h)`` with ``h (T*k, 2I)`` the pre-activation
     the Triton and CPU backwards read when ``save_h`` (the public function sets it on those paths
     when an input requires grad), else ``(0, 2I)``. The reference recomputes what it needs."""
+    args = (hidden, gate_up_proj, down_proj, weights, ids)
     if use_triton:
-        return launch_fused_experts(
-            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
-        )
+        return launch_fused_experts(*args, activation, gate_up_bias, down_bias, save_h)
     if hidden.is_cpu:  # the fast CPU path (same semantics), which saves h for its backward too
-        return cpu_experts.fused_experts_forward(
-            hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
-        )
-    out = reference.fused_experts(
-        hidden,
-        gate_up_proj,
-        down_proj,
-        weights,
-        ids,
-        activation=activation,
-        gate_up_bias=gate_up_bias,
-        down_bias=down_bias,
-    )
+        return cpu_experts.fused_experts_forward(*args, activation, gate_up_bias, down_bias, save_h)
+    out = reference.fused_experts(*args, activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias)
     if not save_h:
         return out.contiguous(), hidden.new_empty((0, gate_up_proj.shape[1]))
     # A direct call of the op asking for h on the reference path: the same rows the kernels save
@@ -291,71 +277,34 @@ def fused_experts_backward(
     return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
-def _fake(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, use_triton, save_h):
-    saved_rows = ids.shape[0] * ids.shape[1] if save_h else 0
-    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, gate_up_proj.shape[1]))
+def _fake(inputs):
+    saved_rows = inputs.ids.numel() if inputs.save_h else 0
+    hidden = inputs.hidden
+    return hidden.new_empty(hidden.shape), hidden.new_empty((saved_rows, inputs.gate_up_proj.shape[1]))
 
 
-def _backward_fake(
-    grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias, use_triton
-):
-    return (
-        hidden.new_empty(hidden.shape),
-        gate_up_proj.new_empty(gate_up_proj.shape),
-        down_proj.new_empty(down_proj.shape),
-        weights.new_empty(weights.shape),
-        hidden.new_empty(0) if gate_up_bias is None else gate_up_bias.new_empty(gate_up_bias.shape),
-        hidden.new_empty(0) if down_bias is None else down_bias.new_empty(down_bias.shape),
-    )
+def _backward_fake(inputs):
+    """Each gradient like its input (an empty tensor for an absent bias)."""
+    like = (inputs.hidden, inputs.gate_up_proj, inputs.down_proj, inputs.weights, inputs.gate_up_bias, inputs.down_bias)
+    return tuple(inputs.hidden.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
 
 def _save(ctx, inputs, outputs):
-    ctx.save_for_backward(
-        inputs.hidden,
-        inputs.gate_up_proj,
-        inputs.down_proj,
-        inputs.weights,
-        inputs.ids,
-        outputs[1],
-        inputs.gate_up_bias,
-        inputs.down_bias,
-    )
+    tensors = (inputs.hidden, inputs.gate_up_proj, inputs.down_proj, inputs.weights, inputs.ids, outputs[1])
+    ctx.save_for_backward(*tensors, inputs.gate_up_bias, inputs.down_bias)
     ctx.mark_non_differentiable(outputs[1])
     ctx.activation, ctx.use_triton = inputs.activation, inputs.use_triton
 
 
 def _grads(ctx, backward, grad_out, _grad_h):
-    hidden, gate_up_proj, down_proj, weights, ids, h, gate_up_bias, down_bias = ctx.saved_tensors
-    grads = backward(
-        grad_out,
-        hidden,
-        gate_up_proj,
-        down_proj,
-        weights,
-        ids,
-        h,
-        ctx.activation,
-        gate_up_bias,
-        down_bias,
-        ctx.use_triton,
-    )
+    *tensors, gate_up_bias, down_bias = ctx.saved_tensors  # hidden, both projections, weights, ids, h
+    grads = backward(grad_out, *tensors, ctx.activation, gate_up_bias, down_bias, ctx.use_triton)
     names = ("hidden", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias")
     present = {"gate_up_bias": gate_up_bias is not None, "down_bias": down_bias is not None}
     return {name: grad for name, grad in zip(names, grads) if present.get(name, True)}
 
 
-FUSED_EXPERTS = define_op(
-    name="fused_experts",
-    forward=fused_experts_forward,
-    fake=_fake,
-    backward=fused_experts_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-fused_experts_op = FUSED_EXPERTS.op
-fused_experts_backward_op = FUSED_EXPERTS.backward_op
-FusedExpertsFunction = FUSED_EXPERTS.function
+FUSED_EXPERTS = define_op(fused_experts_forward, _fake, fused_experts_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,32 +321,19 @@ def _activation_cases(kernel_name: str, backward: bool) -> Iterator[KernelCase]:
     fn = _experts._gated_act_bwd_kernel if backward else _experts._gated_act_fwd_kernel
     for inter in sorted({shape.intermediate for shape in EXPERT_SHAPES}):
         for dtype in _EXPERT_DTYPES:
+            if backward:
+                pointers = {"grad_act_ptr": pointer(dtype), "h_ptr": pointer(dtype), "row_weight_ptr": "*fp32"}
+                pointers.update(grad_h_ptr=pointer(dtype), grad_weight_ptr="*fp32")
+            else:
+                pointers = {"h_ptr": pointer(dtype), "act_ptr": pointer(dtype)}
+            signature = runtime_signature(pointers, ("R", "I", "stride_h"), ("limit", "alpha"))
             for activation in Activation:
                 meta = _elementwise_meta(inter)
                 if backward:
                     meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
-                num_warps = meta.pop("num_warps")
                 meta["ACTIVATION"] = int(activation)
-                if backward:
-                    signature = {
-                        "grad_act_ptr": pointer(dtype),
-                        "h_ptr": pointer(dtype),
-                        "row_weight_ptr": "*fp32",
-                        "grad_h_ptr": pointer(dtype),
-                        "grad_weight_ptr": "*fp32",
-                    }
-                else:
-                    signature = {"h_ptr": pointer(dtype), "act_ptr": pointer(dtype)}
-                signature.update({"R": "i32", "I": "i32", "stride_h": "i32", "limit": "fp32", "alpha": "fp32"})
-                yield KernelCase(
-                    kernel_name,
-                    fn,
-                    signature,
-                    meta,
-                    num_warps,
-                    label=f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} BI{meta['BLOCK_I']}",
-                    divisible=("I", "stride_h") if inter % 16 == 0 else (),
-                )
+                label = f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} BI{meta['BLOCK_I']}"
+                yield kernel_case(kernel_name, fn, signature, meta, label, ("I", "stride_h") if inter % 16 == 0 else ())
 
 
 @register_kernel("gated_act_fwd")
@@ -418,20 +354,9 @@ def _combine_cases() -> Iterator[KernelCase]:
     for shape in EXPERT_SHAPES:
         for dtype in _EXPERT_DTYPES:
             meta = combine_meta(shape.hidden, shape.k)
-            num_warps = meta.pop("num_warps")
-            signature = {
-                "rows_ptr": pointer(dtype),
-                "position_ptr": "*i32",
-                "out_ptr": pointer(dtype),
-                "T": "i32",
-                "H": "i32",
-            }
-            yield KernelCase(
-                "combine",
-                _combine_kernel,
-                signature,
-                meta,
-                num_warps,
-                label=f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}",
-                divisible=("H",) if shape.hidden % 16 == 0 else (),
+            pointers = {"rows_ptr": pointer(dtype), "position_ptr": "*i32", "out_ptr": pointer(dtype)}
+            label = f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}"
+            divisible = ("H",) if shape.hidden % 16 == 0 else ()
+            yield kernel_case(
+                "combine", _combine_kernel, runtime_signature(pointers, ("T", "H")), meta, label, divisible
             )

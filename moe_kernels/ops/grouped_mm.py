@@ -26,6 +26,7 @@ import torch
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, register_kernel
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
+from moe_kernels.ops._aot import runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta, pinned_config  # noqa: F401 (re-exported)
 from moe_kernels.reference import experts as reference
@@ -50,6 +51,13 @@ def _check_offsets(offsets: torch.Tensor, num_groups: int, device) -> torch.Tens
             f"{offsets.dtype} shape {tuple(offsets.shape)} on {offsets.device}"
         )
     return offsets.contiguous()
+
+
+def _check_rows(a_rows, row_scale, offsets, num_rows: int, num_groups: int, device) -> tuple:
+    """Both kernels' row gather, row scale and group ends, checked and contiguous."""
+    a_rows = _check_index("a_rows", a_rows, torch.int32, num_rows, device)
+    row_scale = _check_index("row_scale", row_scale, torch.float32, num_rows, device)
+    return a_rows, row_scale, _check_offsets(offsets, num_groups, device)
 
 
 def _unit_stride_inner(b: torch.Tensor) -> torch.Tensor:
@@ -128,9 +136,7 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
         out_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     if a_rows is None and out_rows > a.shape[0]:
         raise ValueError(f"grouped_mm launcher: out_rows={out_rows} > a.shape[0]={a.shape[0]} without a_rows")
-    a_rows = _check_index("a_rows", a_rows, torch.int32, out_rows, device)
-    row_scale = _check_index("row_scale", row_scale, torch.float32, out_rows, device)
-    offsets = _check_offsets(offsets, num_groups, device)
+    a_rows, row_scale, offsets = _check_rows(a_rows, row_scale, offsets, out_rows, num_groups, device)
     out = new_output((out_rows, n_cols), a.dtype, device)
     store_h = bool(gated and gated["store_h"])
     h = new_output((out_rows, b_cols), a.dtype, device) if store_h else None
@@ -205,9 +211,7 @@ def launch_grouped_mm_weight_grad(
         )
     if a_rows is None and a.shape[0] < num_rows:
         raise ValueError(f"grouped_mm launcher: a has {a.shape[0]} rows < grad_out's {num_rows} without a_rows")
-    a_rows = _check_index("a_rows", a_rows, torch.int32, num_rows, device)
-    row_scale = _check_index("row_scale", row_scale, torch.float32, num_rows, device)
-    offsets = _check_offsets(offsets, num_groups, device)
+    a_rows, row_scale, offsets = _check_rows(a_rows, row_scale, offsets, num_rows, num_groups, device)
     grad_b = new_output((num_groups, k_dim, n_cols), a.dtype, device)
     if grad_b.numel() == 0:
         return grad_b
@@ -264,12 +268,12 @@ def grouped_mm_backward(
     return grad_a.contiguous(), grad_b.contiguous()
 
 
-def _fake(a, b, offsets, use_triton):
-    return a.new_empty((a.shape[0], b.shape[2]))
+def _fake(inputs):
+    return inputs.a.new_empty((inputs.a.shape[0], inputs.b.shape[2]))
 
 
-def _backward_fake(grad_out, a, b, offsets, use_triton):
-    return a.new_empty(a.shape), b.new_empty(b.shape)
+def _backward_fake(inputs):
+    return inputs.a.new_empty(inputs.a.shape), inputs.b.new_empty(inputs.b.shape)
 
 
 def _save(ctx, inputs, outputs):
@@ -283,18 +287,7 @@ def _grads(ctx, backward, grad_out):
     return {"a": grad_a, "b": grad_b}
 
 
-GROUPED_MM = define_op(
-    name="grouped_mm",
-    forward=grouped_mm_forward,
-    fake=_fake,
-    backward=grouped_mm_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-grouped_mm_op = GROUPED_MM.op
-grouped_mm_backward_op = GROUPED_MM.backward_op
-GroupedMMFunction = GROUPED_MM.function
+GROUPED_MM = define_op(grouped_mm_forward, _fake, grouped_mm_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,42 +298,17 @@ def _aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
     """Runtime-argument signatures of the forward and weight-gradient kernels for the AOT cases,
     ``dtype`` a Triton pointer type (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
     ptr = "*" + dtype
-    scalars = (
-        "M_out",
-        "N",
-        "K",
-        "G",
-        "stride_am",
-        "stride_ak",
-        "stride_bg",
-        "stride_bk",
-        "stride_bn",
-        "stride_cm",
-        "stride_cn",
+    rows = {"group_end_ptr": "*i32", "a_rows_ptr": "*i32", "row_scale_ptr": "*fp32"}
+    strides_a, strides_b = ("stride_am", "stride_ak"), ("stride_bg", "stride_bk", "stride_bn")
+    forward = runtime_signature(
+        {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, **rows, "h_ptr": ptr, "bias_ptr": ptr},
+        ("M_out", "N", "K", "G", *strides_a, *strides_b, "stride_cm", "stride_cn"),
+        ("limit", "alpha"),
     )
-    forward = {
-        "a_ptr": ptr,
-        "b_ptr": ptr,
-        "c_ptr": ptr,
-        "group_end_ptr": "*i32",
-        "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32",
-        "h_ptr": ptr,
-        "bias_ptr": ptr,
-        **{name: "i32" for name in scalars},
-        "limit": "fp32",
-        "alpha": "fp32",
-    }
-    scalars = ("M", "N", "K", "stride_am", "stride_ak", "stride_dm", "stride_dn", "stride_bg", "stride_bk", "stride_bn")
-    weight_grad = {
-        "a_ptr": ptr,
-        "dc_ptr": ptr,
-        "db_ptr": ptr,
-        "group_end_ptr": "*i32",
-        "a_rows_ptr": "*i32",
-        "row_scale_ptr": "*fp32",
-        **{name: "i32" for name in scalars},
-    }
+    weight_grad = runtime_signature(
+        {"a_ptr": ptr, "dc_ptr": ptr, "db_ptr": ptr, **rows},
+        ("M", "N", "K", *strides_a, "stride_dm", "stride_dn", *strides_b),
+    )
     return forward, weight_grad
 
 

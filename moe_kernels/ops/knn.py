@@ -19,54 +19,51 @@ import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.cpu import knn as cpu_knn
+from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
 
 
-def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
-    """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases below)."""
+def neighbor_meta(num_neighbors: int, weighting: str) -> dict:
+    """The neighbour constexprs every kNN kernel takes: ``N``, ``N_PAD`` and ``SIMILARITY``."""
+    return dict(N=num_neighbors, N_PAD=next_power_of_2(num_neighbors), SIMILARITY=weighting == "similarity")
+
+
+def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str, tiling=row_tiling) -> dict:
+    """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases below); ``tiling``
+    maps the padded row width to ``(BLOCK_T, num_warps)``."""
     block_e = next_power_of_2(num_experts)
-    block_t, num_warps = row_tiling(block_e)
-    return dict(
-        N=num_neighbors,
-        N_PAD=next_power_of_2(num_neighbors),
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        SIMILARITY=weighting == "similarity",
-        num_warps=num_warps,
-    )
+    block_t, num_warps = tiling(block_e)
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps, **neighbor_meta(num_neighbors, weighting))
+
+
+def _launch_mix(kernel, tensors: tuple, strides: tuple, neighbor_sims, num_experts: int, mixing: tuple) -> None:
+    """Launch one of the mixing kernels, which take ``(*tensors, T, E, *strides, inv_temperature,
+    min_confidence)`` (``mixing``: ``(weighting, temperature, min_confidence)``); nothing for T = 0."""
+    num_tokens, num_neighbors = neighbor_sims.shape
+    if num_tokens == 0:
+        return
+    weighting, temperature, min_confidence = mixing
+    meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+    grid = (cdiv(num_tokens, meta["BLOCK_T"]),)
+    kernel[grid](*tensors, num_tokens, num_experts, *strides, 1.0 / temperature, float(min_confidence), **meta)
 
 
 def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence):
     """Run the forward kernel; returns fresh ``mixed (T, E)`` and ``conf (T,)`` float32."""
     from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
 
-    num_tokens, num_neighbors, num_experts = neighbor_logits.shape
+    num_tokens, _, num_experts = neighbor_logits.shape
     router_logits = unit_stride_last(router_logits)
     neighbor_logits = unit_stride_last(neighbor_logits)
     mixed = new_output((num_tokens, num_experts), torch.float32, router_logits.device)
     conf = new_output((num_tokens,), torch.float32, router_logits.device)
-    if num_tokens == 0:
-        return mixed, conf
-    meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
-    _knn_mix_fwd_kernel[(cdiv(num_tokens, meta["BLOCK_T"]),)](
-        router_logits,
-        neighbor_logits,
-        neighbor_sims,
-        mixed,
-        conf,
-        num_tokens,
-        num_experts,
-        router_logits.stride(0),
-        neighbor_logits.stride(0),
-        neighbor_logits.stride(1),
-        neighbor_sims.stride(0),
-        neighbor_sims.stride(1),
-        1.0 / temperature,
-        float(min_confidence),
-        **meta,
+    tensors = (router_logits, neighbor_logits, neighbor_sims, mixed, conf)
+    strides = (router_logits.stride(0), *neighbor_logits.stride()[:2], *neighbor_sims.stride())
+    _launch_mix(
+        _knn_mix_fwd_kernel, tensors, strides, neighbor_sims, num_experts, (weighting, temperature, min_confidence)
     )
     return mixed, conf
 
@@ -78,27 +75,14 @@ def launch_knn_mix_backward(
     from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
 
     num_tokens, num_experts = grad_mixed.shape
-    num_neighbors = neighbor_sims.shape[1]
     grad_mixed = unit_stride_last(grad_mixed)
     device = grad_mixed.device
     grad_router = new_output((num_tokens, num_experts), router_dtype, device)
-    grad_neighbors = new_output((num_tokens, num_neighbors, num_experts), neighbor_dtype, device)
-    if num_tokens == 0:
-        return grad_router, grad_neighbors
-    meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
-    _knn_mix_bwd_kernel[(cdiv(num_tokens, meta["BLOCK_T"]),)](
-        grad_mixed,
-        neighbor_sims,
-        grad_router,
-        grad_neighbors,
-        num_tokens,
-        num_experts,
-        grad_mixed.stride(0),
-        neighbor_sims.stride(0),
-        neighbor_sims.stride(1),
-        1.0 / temperature,
-        float(min_confidence),
-        **meta,
+    grad_neighbors = new_output((num_tokens, neighbor_sims.shape[1], num_experts), neighbor_dtype, device)
+    tensors = (grad_mixed, neighbor_sims, grad_router, grad_neighbors)
+    strides = (grad_mixed.stride(0), *neighbor_sims.stride())
+    _launch_mix(
+        _knn_mix_bwd_kernel, tensors, strides, neighbor_sims, num_experts, (weighting, temperature, min_confidence)
     )
     return grad_router, grad_neighbors
 
@@ -113,18 +97,12 @@ def knn_mix_forward(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel, or the reference without autograd."""
+    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     if use_triton:
-        return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence)
+        return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, **mixing)
     path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
     with torch.no_grad():
-        mixed, conf = path.knn_mix(
-            router_logits,
-            neighbor_logits,
-            neighbor_sims,
-            weighting=weighting,
-            temperature=temperature,
-            min_confidence=min_confidence,
-        )
+        mixed, conf = path.knn_mix(router_logits, neighbor_logits, neighbor_sims, **mixing)
     return mixed.contiguous(), conf.contiguous()
 
 
@@ -139,37 +117,28 @@ def knn_mix_backward(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel, or the reference's explicit formula."""
+    options = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
+    options.update(router_dtype=router_dtype, neighbor_dtype=neighbor_dtype)
     if use_triton:
-        return launch_knn_mix_backward(
-            grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype
-        )
+        return launch_knn_mix_backward(grad_mixed, neighbor_sims, **options)
     path = cpu_knn if grad_mixed.is_cpu else reference
-    grad_router, grad_neighbors = path.knn_mix_backward(
-        grad_mixed,
-        neighbor_sims,
-        weighting=weighting,
-        temperature=temperature,
-        min_confidence=min_confidence,
-        router_dtype=router_dtype,
-        neighbor_dtype=neighbor_dtype,
-    )
+    grad_router, grad_neighbors = path.knn_mix_backward(grad_mixed, neighbor_sims, **options)
     return grad_router.contiguous(), grad_neighbors.contiguous()
 
 
-def _fake(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence, use_triton):
+def _fake(inputs):
+    router_logits = inputs.router_logits
     dtype = compute_dtype(router_logits.dtype)
     return router_logits.new_empty(router_logits.shape, dtype=dtype), router_logits.new_empty(
         router_logits.shape[:1], dtype=dtype
     )
 
 
-def _backward_fake(
-    grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype, use_triton
-):
-    num_tokens, num_experts = grad_mixed.shape
-    grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=router_dtype)
-    grad_neighbors = grad_mixed.new_empty((num_tokens, neighbor_sims.shape[1], num_experts), dtype=neighbor_dtype)
-    return grad_router, grad_neighbors
+def _backward_fake(inputs):
+    grad_mixed, (num_tokens, num_experts) = inputs.grad_mixed, inputs.grad_mixed.shape
+    grad_router = grad_mixed.new_empty((num_tokens, num_experts), dtype=inputs.router_dtype)
+    grad_neighbors_shape = (num_tokens, inputs.neighbor_sims.shape[1], num_experts)
+    return grad_router, grad_mixed.new_empty(grad_neighbors_shape, dtype=inputs.neighbor_dtype)
 
 
 def _save(ctx, inputs, outputs):
@@ -192,18 +161,7 @@ def _grads(ctx, backward, grad_mixed, _grad_conf):
     return {"router_logits": grad_router, "neighbor_logits": grad_neighbors}
 
 
-KNN_MIX = define_op(
-    name="knn_mix",
-    forward=knn_mix_forward,
-    fake=_fake,
-    backward=knn_mix_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-knn_mix_op = KNN_MIX.op
-knn_mix_backward_op = KNN_MIX.backward_op
-KnnMixFunction = KNN_MIX.function
+KNN_MIX = define_op(knn_mix_forward, _fake, knn_mix_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,40 +188,22 @@ def knn_label(dtype: str, meta: dict) -> str:
     return f"{dtype} W{meta['BLOCK_E']} n{meta['N']} BT{meta['BLOCK_T']} {weighting}"
 
 
-_MIX_SCALARS = {"inv_temperature": "fp32", "min_confidence": "fp32"}
+# The scalars both mixing kernels take last.
+MIX_SCALARS = ("inv_temperature", "min_confidence")
 
 
 @register_kernel("knn_mix_fwd")
 def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
 
+    ints = ("T", "E", "stride_rt", "stride_nt", "stride_nn", "stride_st", "stride_sn")
     for num_experts, num_neighbors, dtype, weighting in _knn_problems():
         meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
-        num_warps = meta.pop("num_warps")
-        signature = {
-            "router_ptr": pointer(dtype),
-            "neighbors_ptr": pointer(dtype),
-            "sims_ptr": "*fp32",
-            "mixed_ptr": "*fp32",
-            "conf_ptr": "*fp32",
-            "T": "i32",
-            "E": "i32",
-            "stride_rt": "i32",
-            "stride_nt": "i32",
-            "stride_nn": "i32",
-            "stride_st": "i32",
-            "stride_sn": "i32",
-            **_MIX_SCALARS,
-        }
-        yield KernelCase(
-            "knn_mix_fwd",
-            _knn_mix_fwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=knn_label(TRITON_DTYPES[dtype], meta),
-            divisible=("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else (),
-        )
+        pointers = {"router_ptr": pointer(dtype), "neighbors_ptr": pointer(dtype), "sims_ptr": "*fp32"}
+        pointers.update(mixed_ptr="*fp32", conf_ptr="*fp32")
+        divisible = ("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else ()
+        signature, label = runtime_signature(pointers, ints, MIX_SCALARS), knn_label(TRITON_DTYPES[dtype], meta)
+        yield kernel_case("knn_mix_fwd", _knn_mix_fwd_kernel, signature, meta, label, divisible)
 
 
 @register_kernel("knn_mix_bwd")
@@ -272,25 +212,10 @@ def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
 
     for num_experts, num_neighbors, dtype, weighting in _knn_problems():
         meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
-        num_warps = meta.pop("num_warps")
-        signature = {
-            "grad_mixed_ptr": "*fp32",
-            "sims_ptr": "*fp32",
-            "grad_router_ptr": pointer(dtype),
-            "grad_neighbors_ptr": pointer(dtype),
-            "T": "i32",
-            "E": "i32",
-            "stride_gt": "i32",
-            "stride_st": "i32",
-            "stride_sn": "i32",
-            **_MIX_SCALARS,
-        }
-        yield KernelCase(
-            "knn_mix_bwd",
-            _knn_mix_bwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=knn_label(TRITON_DTYPES[dtype], meta),
-            divisible=("E", "stride_gt") if num_experts % 16 == 0 else (),
+        pointers = {"grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": pointer(dtype)}
+        pointers["grad_neighbors_ptr"] = pointer(dtype)
+        signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_st", "stride_sn"), MIX_SCALARS)
+        divisible = ("E", "stride_gt") if num_experts % 16 == 0 else ()
+        yield kernel_case(
+            "knn_mix_bwd", _knn_mix_bwd_kernel, signature, meta, knn_label(TRITON_DTYPES[dtype], meta), divisible
         )

@@ -33,9 +33,16 @@ import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.cpu import knn as cpu_knn
+from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops.knn import KNN_NEIGHBORS, knn_label
-from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward, routing_label
+from moe_kernels.ops.knn import KNN_NEIGHBORS, MIX_SCALARS, knn_label, knn_meta, neighbor_meta
+from moe_kernels.ops.routing import (
+    config_meta_args,
+    forward_meta,
+    launch_softmax_topk_backward,
+    reference_options,
+    routing_label,
+)
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import MIN_PROGRAMS, cdiv, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
@@ -52,57 +59,31 @@ def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: i
     return row_tiling(2 * max(width, next_power_of_2(num_neighbors)), num_tokens, min_programs)
 
 
-def knn_route_meta(
-    num_tokens: int,
-    num_experts: int,
-    k: int,
-    num_neighbors: int,
-    *,
-    renormalize: bool,
-    score_func: str,
-    has_bias: bool,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-    weighting: str,
-) -> dict:
+def knn_route_meta(num_tokens: int, num_experts: int, k: int, num_neighbors: int, weighting: str, *routing) -> dict:
     """Constexprs and ``num_warps`` of the fused forward kernel: the routing forward kernel's
-    (same column layout; rows per program from :func:`_tiling`) plus the neighbour count and
-    weighting (shared with the AOT registry)."""
-    meta = forward_meta(
-        num_tokens,
-        num_experts,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        has_bias=has_bias,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-    )
+    (``routing``: :func:`~moe_kernels.ops.routing.forward_meta`'s routing arguments; same column
+    layout; rows per program from :func:`_tiling`) plus the neighbour count and weighting (shared
+    with the AOT registry)."""
+    meta = forward_meta(num_tokens, num_experts, k, *routing)
     block_t, num_warps = _tiling(meta["G_PAD"] * meta["GS_PAD"], num_neighbors, num_tokens, MIN_PROGRAMS)
-    meta.update(
-        N=num_neighbors,
-        N_PAD=next_power_of_2(num_neighbors),
-        SIMILARITY=weighting == "similarity",
-        BLOCK_T=block_t,
-        num_warps=num_warps,
-    )
+    meta.update(BLOCK_T=block_t, num_warps=num_warps, **neighbor_meta(num_neighbors, weighting))
     return meta
 
 
 def knn_route_mixed_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
-    """Constexprs and ``num_warps`` of the backward's recompute kernel."""
-    block_e = next_power_of_2(num_experts)
-    block_t, num_warps = _tiling(block_e, num_neighbors)
-    return dict(
-        N=num_neighbors,
-        N_PAD=next_power_of_2(num_neighbors),
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        SIMILARITY=weighting == "similarity",
-        num_warps=num_warps,
-    )
+    """Constexprs and ``num_warps`` of the backward's recompute kernel: :func:`knn_meta`'s with
+    :func:`_tiling`."""
+    return knn_meta(num_experts, num_neighbors, weighting=weighting, tiling=lambda width: _tiling(width, num_neighbors))
+
+
+def _gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence):
+    """What both gather kernels take first and in the middle: ``(router_ptr, memory_ptr,
+    nbr_ids_ptr, sims_ptr)`` (the logits made unit-stride in their rows) and ``(stride_rt, ...,
+    min_confidence)`` (:data:`_GATHER_SIGNATURE`)."""
+    router_logits, memory_logits = unit_stride_last(router_logits), unit_stride_last(memory_logits)
+    pointers = (router_logits, memory_logits, neighbor_ids, neighbor_sims)
+    strides = (router_logits.stride(0), memory_logits.stride(0), *neighbor_ids.stride(), *neighbor_sims.stride())
+    return pointers, (*strides, 1.0 / temperature, float(min_confidence))
 
 
 def launch_knn_route(
@@ -128,55 +109,23 @@ def launch_knn_route(
     from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
 
     num_tokens, num_experts = router_logits.shape
-    num_neighbors = neighbor_sims.shape[1]
-    device = router_logits.device
-    router_logits = unit_stride_last(router_logits)
-    memory_logits = unit_stride_last(memory_logits)
+    device, num_rows = router_logits.device, memory_logits.shape[0]
     weights = new_output((num_tokens, k), torch.float32, device)
     ids = new_output((num_tokens, k), torch.int32, device)
     conf = new_output((num_tokens,), torch.float32, device)
     if num_tokens == 0:
         return weights, ids, conf
+    pointers, gather = _gather_args(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence
+    )
     valid = torch.ones((), dtype=torch.int32, device=device)
-    meta = knn_route_meta(
-        num_tokens,
-        num_experts,
-        k,
-        num_neighbors,
-        renormalize=renormalize,
-        score_func=score_func,
-        has_bias=bias is not None,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        weighting=weighting,
-    )
-    _knn_route_fwd_kernel[token_grid(meta, num_tokens)](
-        router_logits,
-        memory_logits,
-        neighbor_ids,
-        neighbor_sims,
-        router_logits if bias is None else bias,  # never read without HAS_BIAS
-        weights,
-        ids,
-        conf,
-        valid,
-        num_tokens,
-        num_experts,
-        memory_logits.shape[0],
-        num_experts // max(num_groups, 1),  # group_size
-        router_logits.stride(0),
-        memory_logits.stride(0),
-        neighbor_ids.stride(0),
-        neighbor_ids.stride(1),
-        neighbor_sims.stride(0),
-        neighbor_sims.stride(1),
-        1.0 / temperature,
-        float(min_confidence),
-        float(scale),
-        **meta,
-    )
-    torch._assert_async(valid, f"knn_route: neighbor_ids must lie in [0, N) = [0, {memory_logits.shape[0]})")
+    routing = (renormalize, score_func, bias is not None, num_groups, topk_groups, group_score)
+    meta = knn_route_meta(num_tokens, num_experts, k, neighbor_sims.shape[1], weighting, *routing)
+    bias_ptr = pointers[0] if bias is None else bias  # never read without HAS_BIAS
+    outputs = (bias_ptr, weights, ids, conf, valid)
+    sizes = (num_tokens, num_experts, num_rows, num_experts // max(num_groups, 1))  # T, E, M_rows, group_size
+    _knn_route_fwd_kernel[token_grid(meta, num_tokens)](*pointers, *outputs, *sizes, *gather, float(scale), **meta)
+    torch._assert_async(valid, f"knn_route: neighbor_ids must lie in [0, N) = [0, {num_rows})")
     return weights, ids, conf
 
 
@@ -190,34 +139,18 @@ def launch_knn_route_mixed(
     num_tokens, num_experts = router_logits.shape
     num_neighbors = neighbor_sims.shape[1]
     device = router_logits.device
-    router_logits = unit_stride_last(router_logits)
-    memory_logits = unit_stride_last(memory_logits)
     mixed = new_output((num_tokens, num_experts), torch.float32, device)
     conf = new_output((num_tokens,), torch.float32, device)
     share = new_output((num_tokens, num_neighbors), torch.float32, device)
     if num_tokens == 0:
         return mixed, conf, share
+    pointers, gather = _gather_args(
+        router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence
+    )
     meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
+    sizes = (num_tokens, num_experts, memory_logits.shape[0])  # T, E, M_rows
     _knn_route_mixed_kernel[(cdiv(num_tokens, meta["BLOCK_T"]),)](
-        router_logits,
-        memory_logits,
-        neighbor_ids,
-        neighbor_sims,
-        mixed,
-        conf,
-        share,
-        num_tokens,
-        num_experts,
-        memory_logits.shape[0],
-        router_logits.stride(0),
-        memory_logits.stride(0),
-        neighbor_ids.stride(0),
-        neighbor_ids.stride(1),
-        neighbor_sims.stride(0),
-        neighbor_sims.stride(1),
-        1.0 / temperature,
-        float(min_confidence),
-        **meta,
+        *pointers, mixed, conf, share, *sizes, *gather, **meta
     )
     return mixed, conf, share
 
@@ -229,6 +162,7 @@ def launch_knn_route_backward(
     neighbor_sims,
     memory_logits,
     ids,
+    *,
     renormalize,
     score_func,
     scale,
@@ -239,9 +173,8 @@ def launch_knn_route_backward(
 ):
     """The backward on the kernels: returns ``grad_router`` (router dtype) and ``grad_memory``
     (memory dtype; ``None`` unless ``memory_grad``)."""
-    mixed, conf, share = launch_knn_route_mixed(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
-    )
+    mixing = (weighting, temperature, min_confidence)
+    mixed, conf, share = launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, *mixing)
     grad_mixed = launch_softmax_topk_backward(grad_weights, mixed, ids, renormalize, score_func, scale)
     grad_router = ((1.0 - conf)[:, None] * grad_mixed).to(router_logits.dtype)
     if not memory_grad:
@@ -272,43 +205,14 @@ def knn_route_forward(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused kernel, or the reference without autograd."""
+    inputs = (router_logits, neighbor_ids, neighbor_sims, memory_logits, k)
+    routing = (renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)
+    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     if use_triton:
-        return launch_knn_route(
-            router_logits,
-            neighbor_ids,
-            neighbor_sims,
-            memory_logits,
-            k,
-            renormalize,
-            score_func,
-            bias,
-            num_groups,
-            topk_groups,
-            group_score,
-            scale,
-            weighting,
-            temperature,
-            min_confidence,
-        )
+        return launch_knn_route(*inputs, *routing, **mixing)
     path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
     with torch.no_grad():
-        weights, ids, conf = path.knn_route(
-            router_logits,
-            neighbor_ids,
-            neighbor_sims,
-            memory_logits,
-            k,
-            renormalize=renormalize,
-            score_func=score_func,
-            bias=bias,
-            num_groups=num_groups or None,
-            topk_groups=topk_groups or None,
-            group_score=group_score,
-            scale=scale,
-            weighting=weighting,
-            temperature=temperature,
-            min_confidence=min_confidence,
-        )
+        weights, ids, conf = path.knn_route(*inputs, **reference_options(*routing), **mixing)
     return weights.contiguous(), ids.contiguous(), conf.contiguous()
 
 
@@ -331,69 +235,30 @@ def knn_route_backward(
     """``(grad_router, grad_memory)``, ``grad_memory`` an empty ``(0,)`` tensor unless
     ``memory_grad`` (a registered op cannot return None)."""
     args = (grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
-    options = (renormalize, score_func, scale, weighting, temperature, min_confidence, memory_grad)
+    routing = dict(renormalize=renormalize, score_func=score_func, scale=scale)
+    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     if use_triton:
-        grad_router, grad_memory = launch_knn_route_backward(*args, *options)
+        backward = launch_knn_route_backward
     else:
-        path = cpu_knn if router_logits.is_cpu else reference
-        grad_router, grad_memory = path.knn_route_backward(
-            *args,
-            renormalize=renormalize,
-            score_func=score_func,
-            scale=scale,
-            weighting=weighting,
-            temperature=temperature,
-            min_confidence=min_confidence,
-            memory_grad=memory_grad,
-        )
+        backward = (cpu_knn if router_logits.is_cpu else reference).knn_route_backward
+    grad_router, grad_memory = backward(*args, **routing, **mixing, memory_grad=memory_grad)
     if grad_memory is None:
         grad_memory = memory_logits.new_empty((0,))
     return grad_router.contiguous(), grad_memory.contiguous()
 
 
-def _fake(
-    router_logits,
-    neighbor_ids,
-    neighbor_sims,
-    memory_logits,
-    k,
-    renormalize,
-    score_func,
-    bias,
-    num_groups,
-    topk_groups,
-    group_score,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
-    use_triton,
-):
-    num_tokens = router_logits.shape[0]
+def _fake(inputs):
+    router_logits, num_tokens = inputs.router_logits, inputs.router_logits.shape[0]
     dtype = compute_dtype(router_logits.dtype)
-    weights = router_logits.new_empty((num_tokens, k), dtype=dtype)
-    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
+    weights = router_logits.new_empty((num_tokens, inputs.k), dtype=dtype)
+    ids = router_logits.new_empty((num_tokens, inputs.k), dtype=torch.int32)
     return weights, ids, router_logits.new_empty((num_tokens,), dtype=dtype)
 
 
-def _backward_fake(
-    grad_weights,
-    router_logits,
-    neighbor_ids,
-    neighbor_sims,
-    memory_logits,
-    ids,
-    renormalize,
-    score_func,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
-    memory_grad,
-    use_triton,
-):
-    grad_router = router_logits.new_empty(router_logits.shape)
-    return grad_router, memory_logits.new_empty(memory_logits.shape if memory_grad else (0,))
+def _backward_fake(inputs):
+    grad_router = inputs.router_logits.new_empty(inputs.router_logits.shape)
+    memory_logits = inputs.memory_logits
+    return grad_router, memory_logits.new_empty(memory_logits.shape if inputs.memory_grad else (0,))
 
 
 def _save(ctx, inputs, outputs):
@@ -420,18 +285,7 @@ def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
     return {"router_logits": grad_router, "memory_logits": grad_memory if memory_grad else None}
 
 
-KNN_ROUTE = define_op(
-    name="knn_route",
-    forward=knn_route_forward,
-    fake=_fake,
-    backward=knn_route_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-knn_route_op = KNN_ROUTE.op
-knn_route_backward_op = KNN_ROUTE.backward_op
-KnnRouteFunction = KNN_ROUTE.function
+KNN_ROUTE = define_op(knn_route_forward, _fake, knn_route_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,15 +315,18 @@ def _divisible(num_experts: int, num_neighbors: int) -> tuple[str, ...]:
     return out + (("stride_it", "stride_st") if num_neighbors % 16 == 0 else ())
 
 
-_GATHER_SIGNATURE = {
-    "stride_mn": "i32",
-    "stride_it": "i32",
-    "stride_in": "i32",
-    "stride_st": "i32",
-    "stride_sn": "i32",
-    "inv_temperature": "fp32",
-    "min_confidence": "fp32",
-}
+# The strides the gather kernels take after their sizes (then :data:`~moe_kernels.ops.knn.MIX_SCALARS`).
+_GATHER_STRIDES = ("stride_rt", "stride_mn", "stride_it", "stride_in", "stride_st", "stride_sn")
+
+
+def _gather_pointers(dtype: torch.dtype, id_type: str) -> dict[str, str]:
+    """The pointers both gather kernels take first: router and memory logits, ids, sims."""
+    return {
+        "router_ptr": pointer(dtype),
+        "memory_ptr": pointer(dtype),
+        "nbr_ids_ptr": "*" + id_type,
+        "sims_ptr": "*fp32",
+    }
 
 
 @register_kernel("knn_route_fwd")
@@ -479,57 +336,22 @@ def _knn_route_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
     from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 
+    ints, floats = ("T", "E", "M_rows", "group_size", *_GATHER_STRIDES), (*MIX_SCALARS, "scale")
+    outputs = {"weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32"}
     for shape in ROUTING_SHAPES:
-        routing = shape.routing
         for num_tokens in ROUTING_TOKENS:
             for dtype, num_neighbors, weighting in _knn_route_variants():
-                meta = knn_route_meta(
-                    num_tokens,
-                    shape.num_experts,
-                    shape.k,
-                    num_neighbors,
-                    renormalize=routing.renormalize,
-                    score_func=routing.score_func,
-                    has_bias=shape.has_bias,
-                    num_groups=routing.num_groups or 0,
-                    topk_groups=routing.topk_groups or 0,
-                    group_score=routing.group_score,
-                    weighting=weighting,
-                )
-                num_warps = meta.pop("num_warps")
+                meta_args = (num_tokens, shape.num_experts, shape.k, num_neighbors, weighting)
+                meta = knn_route_meta(*meta_args, *config_meta_args(shape.routing, shape.has_bias))
+                # Without a bias the launcher passes the router logits as the bias pointer.
+                bias = {"bias_ptr": "*fp32" if shape.has_bias else pointer(dtype)}
+                prefix = f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors}"
+                prefix += " sim" if meta["SIMILARITY"] else " softmax"
+                divisible = _divisible(shape.num_experts, num_neighbors)
                 for id_type in _id_types(dtype, num_neighbors, weighting):
-                    signature = {
-                        "router_ptr": pointer(dtype),
-                        "memory_ptr": pointer(dtype),
-                        "nbr_ids_ptr": "*" + id_type,
-                        "sims_ptr": "*fp32",
-                        # Without a bias the launcher passes the router logits as the bias pointer.
-                        "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
-                        "weights_ptr": "*fp32",
-                        "ids_ptr": "*i32",
-                        "conf_ptr": "*fp32",
-                        "valid_ptr": "*i32",
-                        "T": "i32",
-                        "E": "i32",
-                        "M_rows": "i32",
-                        "group_size": "i32",
-                        "stride_rt": "i32",
-                        **_GATHER_SIGNATURE,
-                        "scale": "fp32",
-                    }
-                    label = (
-                        f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors} "
-                        f"{'sim' if meta['SIMILARITY'] else 'softmax'} ids-{id_type}"
-                    )
-                    yield KernelCase(
-                        "knn_route_fwd",
-                        _knn_route_fwd_kernel,
-                        signature,
-                        meta,
-                        num_warps,
-                        label=label,
-                        divisible=_divisible(shape.num_experts, num_neighbors),
-                    )
+                    pointers = {**_gather_pointers(dtype, id_type), **bias, **outputs}
+                    signature, label = runtime_signature(pointers, ints, floats), f"{prefix} ids-{id_type}"
+                    yield kernel_case("knn_route_fwd", _knn_route_fwd_kernel, signature, meta, label, divisible)
 
 
 @register_kernel("knn_route_mixed")
@@ -537,31 +359,13 @@ def _knn_route_mixed_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
     from moe_kernels.shapes import ROUTING_SHAPES
 
+    outputs = {"mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32"}
     for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
         for dtype, num_neighbors, weighting in _knn_route_variants():
             meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
-            num_warps = meta.pop("num_warps")
+            prefix, divisible = knn_label(TRITON_DTYPES[dtype], meta), _divisible(num_experts, num_neighbors)
             for id_type in _id_types(dtype, num_neighbors, weighting):
-                signature = {
-                    "router_ptr": pointer(dtype),
-                    "memory_ptr": pointer(dtype),
-                    "nbr_ids_ptr": "*" + id_type,
-                    "sims_ptr": "*fp32",
-                    "mixed_ptr": "*fp32",
-                    "conf_ptr": "*fp32",
-                    "share_ptr": "*fp32",
-                    "T": "i32",
-                    "E": "i32",
-                    "M_rows": "i32",
-                    "stride_rt": "i32",
-                    **_GATHER_SIGNATURE,
-                }
-                yield KernelCase(
-                    "knn_route_mixed",
-                    _knn_route_mixed_kernel,
-                    signature,
-                    meta,
-                    num_warps,
-                    label=f"{knn_label(TRITON_DTYPES[dtype], meta)} ids-{id_type}",
-                    divisible=_divisible(num_experts, num_neighbors),
-                )
+                pointers = {**_gather_pointers(dtype, id_type), **outputs}
+                signature = runtime_signature(pointers, ("T", "E", "M_rows", *_GATHER_STRIDES), MIX_SCALARS)
+                label = f"{prefix} ids-{id_type}"
+                yield kernel_case("knn_route_mixed", _knn_route_mixed_kernel, signature, meta, label, divisible)

@@ -24,6 +24,7 @@ import torch
 from moe_kernels._compat import interpreter_enabled
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.cpu import probmoe as cpu_probmoe
+from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -101,6 +102,19 @@ def _grid_and_scratch(device: torch.device, num_tiles: int, num_experts: int, me
     return programs, scratch, chunk, num_checkpoints
 
 
+def _launch_dp(kernel, logits: torch.Tensor, tensors: tuple, k: int, k_min: int, *, backward: bool, **flags) -> None:
+    """Launch one of the DP kernels, which take ``(logits, *tensors, scratch, T, E, stride_lt, k,
+    k_min, chunk, num_checkpoints, **flags)``; nothing for T = 0."""
+    num_tokens, num_experts = logits.shape
+    if num_tokens == 0:
+        return
+    meta = exact_k_meta(num_tokens, num_experts, k, backward=backward)
+    num_tiles, planes = cdiv(num_tokens, meta["BLOCK_T"]), 2 if backward else 1
+    programs, scratch, chunk, num_checkpoints = _grid_and_scratch(logits.device, num_tiles, num_experts, meta, planes)
+    sizes = (num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints)
+    kernel[(programs,)](logits, *tensors, scratch, *sizes, **flags, **meta)
+
+
 def launch_exact_k(logits, k, k_min, seed, sample):
     """Run the forward kernel; returns fresh ``marginals``, ``log_z`` and ``ids``."""
     from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
@@ -111,29 +125,7 @@ def launch_exact_k(logits, k, k_min, seed, sample):
     marginals = new_output((num_tokens, num_experts), torch.float32, device)
     log_z = new_output((num_tokens,), torch.float32, device)
     ids = new_output((num_tokens, k if sample else 0), torch.int32, device)
-    if num_tokens == 0:
-        return marginals, log_z, ids
-    meta = exact_k_meta(num_tokens, num_experts, k)
-    programs, scratch, chunk, num_checkpoints = _grid_and_scratch(
-        device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=1
-    )
-    _exact_k_fwd_kernel[(programs,)](
-        logits,
-        seed,
-        marginals,
-        log_z,
-        ids,
-        scratch,
-        num_tokens,
-        num_experts,
-        logits.stride(0),
-        k,
-        k_min,
-        chunk,
-        num_checkpoints,
-        SAMPLE=sample,
-        **meta,
-    )
+    _launch_dp(_exact_k_fwd_kernel, logits, (seed, marginals, log_z, ids), k, k_min, backward=False, SAMPLE=sample)
     return marginals, log_z, ids
 
 
@@ -141,33 +133,11 @@ def launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
     """Run the backward kernel; returns a fresh ``grad_logits`` in the logits' dtype."""
     from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
 
-    num_tokens, num_experts = logits.shape
-    device = logits.device
     logits = unit_stride_last(logits)
     grad_marginals = grad_marginals.to(torch.float32).contiguous()
     grad_log_z = grad_log_z.to(torch.float32).contiguous()
-    grad = new_output((num_tokens, num_experts), logits.dtype, device)
-    if num_tokens == 0:
-        return grad
-    meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
-    programs, scratch, chunk, num_checkpoints = _grid_and_scratch(
-        device, cdiv(num_tokens, meta["BLOCK_T"]), num_experts, meta, planes=2
-    )
-    _exact_k_bwd_kernel[(programs,)](
-        logits,
-        grad_marginals,
-        grad_log_z,
-        grad,
-        scratch,
-        num_tokens,
-        num_experts,
-        logits.stride(0),
-        k,
-        k_min,
-        chunk,
-        num_checkpoints,
-        **meta,
-    )
+    grad = new_output(logits.shape, logits.dtype, logits.device)
+    _launch_dp(_exact_k_bwd_kernel, logits, (grad_marginals, grad_log_z, grad), k, k_min, backward=True)
     return grad
 
 
@@ -203,18 +173,18 @@ def exact_k_backward(
     return path.exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min).contiguous()
 
 
-def _fake(logits, k, k_min, seed, sample, use_triton):
-    num_tokens, num_experts = logits.shape
+def _fake(inputs):
+    logits, (num_tokens, num_experts) = inputs.logits, inputs.logits.shape
     dtype = compute_dtype(logits.dtype)
     return (
         logits.new_empty((num_tokens, num_experts), dtype=dtype),
         logits.new_empty((num_tokens,), dtype=dtype),
-        logits.new_empty((num_tokens, k if sample else 0), dtype=torch.int32),
+        logits.new_empty((num_tokens, inputs.k if inputs.sample else 0), dtype=torch.int32),
     )
 
 
-def _backward_fake(logits, grad_marginals, grad_log_z, k, k_min, use_triton):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _backward_fake(inputs):
+    return torch.empty_like(inputs.logits, memory_format=torch.contiguous_format)
 
 
 def _save(ctx, inputs, outputs):
@@ -232,18 +202,7 @@ def _grads(ctx, backward, grad_marginals, grad_log_z, _grad_ids):
     return {"logits": backward(logits, grad_marginals, grad_log_z, *ctx.options)}
 
 
-EXACT_K = define_op(
-    name="exact_k",
-    forward=exact_k_forward,
-    fake=_fake,
-    backward=exact_k_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-exact_k_op = EXACT_K.op
-exact_k_backward_op = EXACT_K.backward_op
-ExactKFunction = EXACT_K.function
+EXACT_K = define_op(exact_k_forward, _fake, exact_k_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,20 +225,13 @@ def _probmoe_problems() -> Iterator[tuple[int, int, int, torch.dtype, bool]]:
         yield large, num_experts, k, torch.float32, False
 
 
-def _label(dtype: str, meta: dict, num_warps: int) -> str:
+def _label(dtype: str, meta: dict) -> str:
     sample = " sample" if meta.get("SAMPLE") else ""
-    return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{num_warps}{sample}"
+    return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{meta['num_warps']}{sample}"
 
 
-_SCALARS = {
-    "T": "i32",
-    "E": "i32",
-    "stride_lt": "i32",
-    "k": "i32",
-    "k_min": "i32",
-    "chunk": "i32",
-    "num_checkpoints": "i32",
-}
+# The scalars both DP kernels take after their pointers.
+_SCALARS = ("T", "E", "stride_lt", "k", "k_min", "chunk", "num_checkpoints")
 
 
 @register_kernel("exact_k_fwd")
@@ -287,26 +239,11 @@ def _exact_k_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
 
     for num_tokens, num_experts, k, dtype, sample in _probmoe_problems():
-        meta = exact_k_meta(num_tokens, num_experts, k)
-        num_warps = meta.pop("num_warps")
-        meta["SAMPLE"] = sample
-        signature = {
-            "logits_ptr": pointer(dtype),
-            "seed_ptr": "*i64",
-            "marginals_ptr": "*fp32",
-            "log_z_ptr": "*fp32",
-            "ids_ptr": "*i32",
-            "scratch_ptr": "*fp32",
-            **_SCALARS,
-        }
-        yield KernelCase(
-            "exact_k_fwd",
-            _exact_k_fwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=_label(TRITON_DTYPES[dtype], meta, num_warps),
-        )
+        meta = dict(exact_k_meta(num_tokens, num_experts, k), SAMPLE=sample)
+        pointers = {"logits_ptr": pointer(dtype), "seed_ptr": "*i64", "marginals_ptr": "*fp32", "log_z_ptr": "*fp32"}
+        pointers.update(ids_ptr="*i32", scratch_ptr="*fp32")
+        signature = runtime_signature(pointers, _SCALARS)
+        yield kernel_case("exact_k_fwd", _exact_k_fwd_kernel, signature, meta, _label(TRITON_DTYPES[dtype], meta))
 
 
 @register_kernel("exact_k_bwd")
@@ -317,20 +254,7 @@ def _exact_k_bwd_cases() -> Iterator[KernelCase]:
         if sample:  # the backward has no sampling variant
             continue
         meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
-        num_warps = meta.pop("num_warps")
-        signature = {
-            "logits_ptr": pointer(dtype),
-            "grad_m_ptr": "*fp32",
-            "grad_log_z_ptr": "*fp32",
-            "grad_ptr": pointer(dtype),
-            "scratch_ptr": "*fp32",
-            **_SCALARS,
-        }
-        yield KernelCase(
-            "exact_k_bwd",
-            _exact_k_bwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=_label(TRITON_DTYPES[dtype], meta, num_warps),
-        )
+        pointers = {"logits_ptr": pointer(dtype), "grad_m_ptr": "*fp32", "grad_log_z_ptr": "*fp32"}
+        pointers.update(grad_ptr=pointer(dtype), scratch_ptr="*fp32")
+        signature = runtime_signature(pointers, _SCALARS)
+        yield kernel_case("exact_k_bwd", _exact_k_bwd_kernel, signature, meta, _label(TRITON_DTYPES[dtype], meta))

@@ -20,7 +20,9 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
+from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import routing as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -36,7 +38,6 @@ def forward_meta(
     num_tokens: int,
     num_experts: int,
     k: int,
-    *,
     renormalize: bool,
     score_func: str,
     has_bias: bool,
@@ -45,7 +46,8 @@ def forward_meta(
     group_score: str,
 ) -> dict:
     """Constexprs and ``num_warps`` of the forward kernel for a problem (a pure function of the
-    sizes and flags, shared with the AOT cases below).
+    sizes and flags, shared with the AOT cases below); the routing options in the ops' order
+    (:func:`config_meta_args` gives them for a ``RoutingConfig``).
 
     With groups the row tile is group-major, ``G_PAD * GS_PAD`` wide (each group padded to a
     power of two), so the kernel can score all groups with one reshape.
@@ -85,6 +87,28 @@ def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: boo
     )
 
 
+def flatten_routing(routing: RoutingConfig, bias: torch.Tensor | None) -> tuple:
+    """The seven routing arguments of the registered routing ops, in their schemas' order:
+    ``(renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)``, 0 for "no
+    groups" (a schema int cannot be None)."""
+    renormalize, score_func, num_groups, topk_groups, group_score, scale = routing.op_args()
+    return renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
+
+
+def reference_options(renormalize, score_func, bias, num_groups, topk_groups, group_score, scale) -> dict:
+    """The reference's (and the CPU path's) routing keywords from the ops' seven routing
+    arguments (0 groups back to None)."""
+    options = dict(renormalize=renormalize, score_func=score_func, bias=bias, group_score=group_score, scale=scale)
+    options["num_groups"], options["topk_groups"] = num_groups or None, topk_groups or None
+    return options
+
+
+def config_meta_args(routing: RoutingConfig, has_bias: bool) -> tuple:
+    """:func:`forward_meta`'s routing arguments for a ``RoutingConfig`` (the AOT cases')."""
+    renormalize, score_func, num_groups, topk_groups, group_score, _ = routing.op_args()
+    return renormalize, score_func, has_bias, num_groups, topk_groups, group_score
+
+
 def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale):
     """Run the forward kernel on ``logits (T, E)``; returns fresh ``(T, k)`` float32 / int32."""
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
@@ -95,28 +119,14 @@ def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, to
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
         return weights, ids
+    has_bias = bias is not None
     meta = forward_meta(
-        num_tokens,
-        num_experts,
-        k,
-        renormalize=renormalize,
-        score_func=score_func,
-        has_bias=bias is not None,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
+        num_tokens, num_experts, k, renormalize, score_func, has_bias, num_groups, topk_groups, group_score
     )
+    group_size = num_experts // max(num_groups, 1)
+    bias_ptr = bias if has_bias else logits  # never read without HAS_BIAS
     _softmax_topk_fwd_kernel[token_grid(meta, num_tokens)](
-        logits,
-        logits if bias is None else bias,  # never read without HAS_BIAS
-        weights,
-        ids,
-        num_tokens,
-        num_experts,
-        num_experts // max(num_groups, 1),  # group_size
-        logits.stride(0),
-        float(scale),
-        **meta,
+        logits, bias_ptr, weights, ids, num_tokens, num_experts, group_size, logits.stride(0), float(scale), **meta
     )
     return weights, ids
 
@@ -165,19 +175,10 @@ def softmax_topk_forward(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel, or the reference (without autograd: the op owns the gradient)."""
+    routing = (renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)
     if use_triton:
-        return launch_softmax_topk(
-            logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
-        )
-    options = dict(
-        renormalize=renormalize,
-        score_func=score_func,
-        bias=bias,
-        num_groups=num_groups or None,
-        topk_groups=topk_groups or None,
-        group_score=group_score,
-        scale=scale,
-    )
+        return launch_softmax_topk(logits, k, *routing)
+    options = reference_options(*routing)
     if logits.is_cpu:  # the fast CPU path, same semantics; fresh contiguous outputs, no graph
         return cpu_routing.softmax_topk(logits, k, **options)
     with torch.no_grad():
@@ -204,14 +205,13 @@ def softmax_topk_backward(
     return grad.contiguous()
 
 
-def _fake(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale, use_triton):
-    num_tokens = logits.shape[0]
-    weights = logits.new_empty((num_tokens, k), dtype=compute_dtype(logits.dtype))
-    return weights, logits.new_empty((num_tokens, k), dtype=torch.int32)
+def _fake(inputs):
+    logits, shape = inputs.logits, (inputs.logits.shape[0], inputs.k)
+    return logits.new_empty(shape, dtype=compute_dtype(logits.dtype)), logits.new_empty(shape, dtype=torch.int32)
 
 
-def _backward_fake(grad_weights, logits, ids, renormalize, score_func, scale, use_triton):
-    return logits.new_empty(logits.shape)
+def _backward_fake(inputs):
+    return inputs.logits.new_empty(inputs.logits.shape)
 
 
 def _save(ctx, inputs, outputs):
@@ -226,18 +226,7 @@ def _grads(ctx, backward, grad_weights, _grad_ids):
     return {"logits": backward(grad_weights, logits, ids, *ctx.options)}
 
 
-SOFTMAX_TOPK = define_op(
-    name="softmax_topk",
-    forward=softmax_topk_forward,
-    fake=_fake,
-    backward=softmax_topk_backward,
-    backward_fake=_backward_fake,
-    save=_save,
-    grads=_grads,
-)
-softmax_topk_op = SOFTMAX_TOPK.op
-softmax_topk_backward_op = SOFTMAX_TOPK.backward_op
-SoftmaxTopkFunction = SOFTMAX_TOPK.function
+SOFTMAX_TOPK = define_op(softmax_topk_forward, _fake, softmax_topk_backward, _backward_fake, _save, _grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,39 +269,13 @@ def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        meta = forward_meta(
-            num_tokens,
-            shape.num_experts,
-            shape.k,
-            renormalize=routing.renormalize,
-            score_func=routing.score_func,
-            has_bias=shape.has_bias,
-            num_groups=routing.num_groups or 0,
-            topk_groups=routing.topk_groups or 0,
-            group_score=routing.group_score,
-        )
-        num_warps = meta.pop("num_warps")
-        signature = {
-            "logits_ptr": pointer(dtype),
-            # Without a bias the launcher passes the logits as the (never read) bias pointer.
-            "bias_ptr": "*fp32" if shape.has_bias else pointer(dtype),
-            "weights_ptr": "*fp32",
-            "ids_ptr": "*i32",
-            "T": "i32",
-            "E": "i32",
-            "group_size": "i32",
-            "stride_lt": "i32",
-            "scale": "fp32",
-        }
-        yield KernelCase(
-            "softmax_topk_fwd",
-            _softmax_topk_fwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=routing_label(TRITON_DTYPES[dtype], meta),
-            divisible=_row_stride_divisibility(shape.num_experts),
-        )
+        meta = forward_meta(num_tokens, shape.num_experts, shape.k, *config_meta_args(routing, shape.has_bias))
+        # Without a bias the launcher passes the logits as the (never read) bias pointer.
+        bias = "*fp32" if shape.has_bias else pointer(dtype)
+        pointers = {"logits_ptr": pointer(dtype), "bias_ptr": bias, "weights_ptr": "*fp32", "ids_ptr": "*i32"}
+        signature = runtime_signature(pointers, ("T", "E", "group_size", "stride_lt"), ("scale",))
+        label, divisible = routing_label(TRITON_DTYPES[dtype], meta), _row_stride_divisibility(shape.num_experts)
+        yield kernel_case("softmax_topk_fwd", _softmax_topk_fwd_kernel, signature, meta, label, divisible)
 
 
 @register_kernel("softmax_topk_bwd")
@@ -320,28 +283,10 @@ def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        meta = backward_meta(
-            num_tokens, shape.num_experts, shape.k, renormalize=routing.renormalize, score_func=routing.score_func
-        )
-        num_warps = meta.pop("num_warps")
-        signature = {
-            "grad_weights_ptr": "*fp32",
-            "logits_ptr": pointer(dtype),
-            "ids_ptr": "*i32",
-            "grad_logits_ptr": pointer(dtype),
-            "T": "i32",
-            "E": "i32",
-            "stride_gt": "i32",
-            "stride_gk": "i32",
-            "stride_lt": "i32",
-            "scale": "fp32",
-        }
-        yield KernelCase(
-            "softmax_topk_bwd",
-            _softmax_topk_bwd_kernel,
-            signature,
-            meta,
-            num_warps,
-            label=routing_label(TRITON_DTYPES[dtype], meta),
-            divisible=_row_stride_divisibility(shape.num_experts),
-        )
+        options = dict(renormalize=routing.renormalize, score_func=routing.score_func)
+        meta = backward_meta(num_tokens, shape.num_experts, shape.k, **options)
+        pointers = {"grad_weights_ptr": "*fp32", "logits_ptr": pointer(dtype), "ids_ptr": "*i32"}
+        pointers["grad_logits_ptr"] = pointer(dtype)
+        signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_gk", "stride_lt"), ("scale",))
+        label, divisible = routing_label(TRITON_DTYPES[dtype], meta), _row_stride_divisibility(shape.num_experts)
+        yield kernel_case("softmax_topk_bwd", _softmax_topk_bwd_kernel, signature, meta, label, divisible)

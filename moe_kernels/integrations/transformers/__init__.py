@@ -80,6 +80,7 @@ from __future__ import annotations
 import importlib
 import types
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -139,19 +140,35 @@ def _bind(module: nn.Module, function: Callable, backend: str, routing: RoutingC
 _ROUTER_ATTRS = ("top_k", "weight")
 
 
-def _patch_blocks(
-    model,
-    backend,
-    routing,
-    *,
-    modeling: str,
-    block: str,
-    router_attr: str,
-    router_forward,
-    family_routing,
-    router_attrs=("hidden_dim",),
-) -> int:
-    module = importlib.import_module(f"transformers.models.{modeling}")
+class _Family(NamedTuple):
+    """Where a model family's MoE blocks are and how their routers are patched."""
+
+    block: str  # the MoE block class, in transformers.models.<model_type>.modeling_<model_type>
+    router_attr: str  # the block's router attribute
+    router_forward: Callable  # the router's patched forward
+    routing: Callable  # router -> the family's RoutingConfig, read from the model's config
+    router_attrs: tuple[str, ...] = ("hidden_dim",)  # what that forward reads besides _ROUTER_ATTRS
+
+
+_SOFTMAX_ATTRS = ("hidden_dim", "norm_topk_prob")
+_DEEPSEEK_ATTRS = ("hidden_dim", "e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob")
+_DEEPSEEK_ATTRS += ("routed_scaling_factor",)
+_FAMILIES = {
+    "mixtral": _Family("MixtralSparseMoeBlock", "gate", _mixtral_router_forward, _renormalized_routing),
+    "qwen2_moe": _Family("Qwen2MoeSparseMoeBlock", "gate", _softmax_router_forward, _softmax_routing, _SOFTMAX_ATTRS),
+    "qwen3_moe": _Family("Qwen3MoeSparseMoeBlock", "gate", _softmax_router_forward, _softmax_routing, _SOFTMAX_ATTRS),
+    "olmoe": _Family("OlmoeSparseMoeBlock", "gate", _softmax_router_forward, _softmax_routing, _SOFTMAX_ATTRS),
+    "deepseek_v3": _Family("DeepseekV3MoE", "gate", _deepseek_v3_router_forward, _deepseek_v3_routing, _DEEPSEEK_ATTRS),
+    "gpt_oss": _Family("GptOssMLP", "router", _gpt_oss_router_forward, _renormalized_routing, ("bias",)),
+}
+
+
+def _patch_blocks(model, backend: str, routing: RoutingConfig | None, model_type: str) -> int:
+    """Patch the router and the experts of every MoE block of ``model_type``'s family in ``model``
+    (all validated before any is patched); returns how many blocks."""
+    family = _FAMILIES[model_type]
+    block = family.block
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     block_class = getattr(module, block)
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
     if not blocks:
@@ -161,131 +178,43 @@ def _patch_blocks(
         )
     patches = []
     for moe in blocks:  # validate every block before patching any
-        block_experts, router = getattr(moe, "experts", None), getattr(moe, router_attr, None)
+        block_experts, router = getattr(moe, "experts", None), getattr(moe, family.router_attr, None)
         if block_experts is None or not isinstance(getattr(block_experts, "gate_up_proj", None), torch.Tensor):
             raise ImportError(_layout_message(f"{block}.experts is {type(block_experts).__name__}"))
-        missing = [a for a in _ROUTER_ATTRS + tuple(router_attrs) if not hasattr(router, a)]
+        missing = [a for a in _ROUTER_ATTRS + family.router_attrs if not hasattr(router, a)]
         if missing:
-            raise ImportError(_layout_message(f"{block}.{router_attr} ({type(router).__name__}) has no {missing}"))
+            where = f"{block}.{family.router_attr} ({type(router).__name__})"
+            raise ImportError(_layout_message(f"{where} has no {missing}"))
         if _experts_activation(block_experts) is None:
             raise ValueError(
                 f"apply_moe_kernels: {type(block_experts).__name__} cannot be computed by fused_experts (activation "
                 f"{type(getattr(block_experts, 'act_fn', None)).__name__}, GPT-OSS limit/alpha other than "
                 f"{GPT_OSS_LIMIT}/{GPT_OSS_ALPHA}, or a custom gate); supported: silu, gelu, gelu_tanh, gpt_oss"
             )
-        router_routing = routing or family_routing(router)
+        router_routing = routing or family.routing(router)
         router_routing.check(router.weight.shape[0], int(router.top_k), "apply_moe_kernels")
-        patches += [(router, router_forward, router_routing), (block_experts, moe_kernels_experts_forward, None)]
+        patches += [(router, family.router_forward, router_routing), (block_experts, moe_kernels_experts_forward, None)]
     for target, function, target_routing in patches:
         _bind(target, function, backend, target_routing)
     return len(blocks)
 
 
-def patch_mixtral(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``MixtralSparseMoeBlock``; returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="mixtral.modeling_mixtral",
-        block="MixtralSparseMoeBlock",
-        router_attr="gate",
-        router_forward=_mixtral_router_forward,
-        family_routing=_renormalized_routing,
-    )
+def _family_patcher(model_type: str) -> Callable[..., int]:
+    """``patch_<model_type>(model, *, backend="auto", routing=None) -> int``."""
+
+    def patch(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
+        return _patch_blocks(model, backend, routing, model_type)
+
+    patch.__name__ = patch.__qualname__ = f"patch_{model_type}"
+    patch.__doc__ = f"Patch every ``{_FAMILIES[model_type].block}`` of ``model``; returns how many."
+    return patch
 
 
-def patch_qwen2_moe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``Qwen2MoeSparseMoeBlock`` (its shared expert and gate stay HF's); returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="qwen2_moe.modeling_qwen2_moe",
-        block="Qwen2MoeSparseMoeBlock",
-        router_attr="gate",
-        router_forward=_softmax_router_forward,
-        family_routing=_softmax_routing,
-        router_attrs=("hidden_dim", "norm_topk_prob"),
-    )
-
-
-def patch_qwen3_moe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``Qwen3MoeSparseMoeBlock``; returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="qwen3_moe.modeling_qwen3_moe",
-        block="Qwen3MoeSparseMoeBlock",
-        router_attr="gate",
-        router_forward=_softmax_router_forward,
-        family_routing=_softmax_routing,
-        router_attrs=("hidden_dim", "norm_topk_prob"),
-    )
-
-
-def patch_olmoe(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``OlmoeSparseMoeBlock``; returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="olmoe.modeling_olmoe",
-        block="OlmoeSparseMoeBlock",
-        router_attr="gate",
-        router_forward=_softmax_router_forward,
-        family_routing=_softmax_routing,
-        router_attrs=("hidden_dim", "norm_topk_prob"),
-    )
-
-
-def patch_deepseek_v3(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``DeepseekV3MoE`` (dense layers and shared experts stay HF's); returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="deepseek_v3.modeling_deepseek_v3",
-        block="DeepseekV3MoE",
-        router_attr="gate",
-        router_forward=_deepseek_v3_router_forward,
-        family_routing=_deepseek_v3_routing,
-        router_attrs=(
-            "hidden_dim",
-            "e_score_correction_bias",
-            "num_group",
-            "topk_group",
-            "norm_topk_prob",
-            "routed_scaling_factor",
-        ),
-    )
-
-
-def patch_gpt_oss(model, *, backend: str = "auto", routing: RoutingConfig | None = None) -> int:
-    """Patch every ``GptOssMLP``; returns how many."""
-    return _patch_blocks(
-        model,
-        backend,
-        routing,
-        modeling="gpt_oss.modeling_gpt_oss",
-        block="GptOssMLP",
-        router_attr="router",
-        router_forward=_gpt_oss_router_forward,
-        family_routing=_renormalized_routing,
-        router_attrs=("bias",),
-    )
-
-
-MODEL_TYPE_TO_APPLY_FN: dict[str, Callable[..., int]] = {
-    "mixtral": patch_mixtral,
-    "qwen2_moe": patch_qwen2_moe,
-    "qwen3_moe": patch_qwen3_moe,
-    "olmoe": patch_olmoe,
-    "deepseek_v3": patch_deepseek_v3,
-    "gpt_oss": patch_gpt_oss,
-}
+MODEL_TYPE_TO_APPLY_FN: dict[str, Callable[..., int]] = {name: _family_patcher(name) for name in _FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPE_TO_APPLY_FN)
+patch_mixtral, patch_qwen2_moe, patch_qwen3_moe, patch_olmoe, patch_deepseek_v3, patch_gpt_oss = (
+    MODEL_TYPE_TO_APPLY_FN.values()
+)
 
 
 def apply_moe_kernels(model: nn.Module, *, backend: str = "auto", routing: RoutingConfig | None = None) -> nn.Module:

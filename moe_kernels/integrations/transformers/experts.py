@@ -92,18 +92,9 @@ def _run_fused_experts(experts, hidden_states, top_k_index, top_k_weights, activ
         weights = weights.gather(-1, ids.clamp_min(0).long())
     dtype = gate_up_proj.dtype
     weights = weights.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    out = fused_experts(
-        hidden_states.to(dtype),  # HF's grouped_mm path casts to the weights' dtype too (autocast)
-        gate_up_proj,
-        down_proj,
-        weights,
-        ids,
-        activation=activation,
-        gate_up_bias=gate_up_bias,
-        down_bias=down_bias,
-        backend=backend,
-    )
-    return out.to(hidden_states.dtype)
+    hidden = hidden_states.to(dtype)  # HF's grouped_mm path casts to the weights' dtype too (autocast)
+    options = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias, backend=backend)
+    return fused_experts(hidden, gate_up_proj, down_proj, weights, ids, **options).to(hidden_states.dtype)
 
 
 def moe_kernels_experts_forward(
