@@ -43,7 +43,11 @@ def softmax_topk(logits: torch.Tensor, k: int, **options) -> tuple[torch.Tensor,
     plain = bias is None and not num_groups
     if plain and opts.renormalize and score_func == "softmax":
         values, ids, bad = select.top_k(logits.to(dtype), k, finite_first=True)
-        weights = torch.softmax(values, dim=-1)
+        # softmax(values) written out: values descend, so the first is the row max. torch.softmax
+        # over a short last dim costs per row (51 us at T = 1024, k = 2, one thread, against 12
+        # for these three ops). Rows with a NaN or +inf first value are bad: recomputed below.
+        weights = (values - values[:, :1]).exp_()
+        weights /= weights.sum(dim=-1, keepdim=True)
     else:
         # The sigmoid as the reference computes it (ties between equal logits stay exact).
         scores = (

@@ -9,8 +9,8 @@ mask of the other rows, which the caller recomputes with the reference's exact r
 order-preserving int64 packing of key and id). On random float32 keys the mask is empty; on 16-bit
 logits (few distinct values) it holds a few rows.
 
-The check costs two vectorised passes (a count of the keys at or above the ``k``-th, a comparison
-of neighbours among the ``k``); for a few rows it runs on the host, from one ``tolist`` of the
+The check selects ``k + 1`` keys and compares neighbours, a ``(T, k + 1)`` pass; for a few rows it
+runs on the host, from one ``tolist`` of the
 keys (cheaper than the tensor ops' dispatch). ``torch.topk`` itself (a branchy ``nth_element`` per
 row, ~0.75 us per row of 64 keys on one core) is the floor of this and of every plain chain: a
 vectorised selection by ``k`` rounds of row maxima measured 2x slower here, so none is used.
@@ -34,8 +34,8 @@ def top_k(keys: torch.Tensor, k: int, *, finite_first: bool = False):
     first key), or None when there is none. Values and ids of bad rows are unspecified.
     """
     num_tokens, num_experts = keys.shape
-    values, ids = torch.topk(keys, k)
     if num_tokens * num_experts <= HOST_CHECK_KEYS:
+        values, ids = torch.topk(keys, k)
         bad_rows = [
             t
             for t, (row, top) in enumerate(zip(keys.tolist(), values.tolist()))
@@ -46,14 +46,15 @@ def top_k(keys: torch.Tensor, k: int, *, finite_first: bool = False):
         bad = torch.zeros(num_tokens, dtype=torch.bool)
         bad[bad_rows] = True
         return values, ids, bad
-    # Exactly k keys at or above the k-th (NaN compares false: a NaN row, whose first value topk
-    # makes NaN, counts 0 or fails the neighbour test), strictly decreasing neighbours.
-    ok = (keys >= values.narrow(1, k - 1, 1)).sum(-1) == k
-    if k > 1:
-        ok &= (values.narrow(1, 0, k - 1) > values.narrow(1, 1, k - 1)).all(-1)
+    # The k + 1 largest (as a multiset topk is exact; only the order of equal keys is not): the
+    # answer is exact when they strictly decrease - no tie among the k, none at the k-th (the
+    # (k+1)-th is smaller), no NaN (topk ranks NaN first and NaN fails every comparison). One
+    # (T, k + 1) comparison, where counting the keys at or above the k-th is a (T, E) pass.
+    wide, wide_ids = torch.topk(keys, min(k + 1, num_experts))
+    ok = (wide[:, :-1] > wide[:, 1:]).all(-1)
     if finite_first:
-        ok &= values.select(1, 0) < POS_INF
-    return values, ids, None if bool(ok.all()) else ~ok
+        ok &= wide[:, 0] < POS_INF
+    return wide[:, :k], wide_ids[:, :k], None if bool(ok.all()) else ~ok
 
 
 def _exact(row: list, top: list, k: int, finite_first: bool) -> bool:
