@@ -7,9 +7,9 @@ pass). Each function has its reference's signature and semantics (ids exactly, f
 :data:`moe_kernels.testing.TOLERANCES`), and is tested against the float64 oracles like the
 kernels are (``tests/test_cpu_path.py``).
 
-- :mod:`~moe_kernels.cpu.select`: exact top-k selection (``torch.topk`` plus a tie check at small
-  sizes, vectorised max rounds at large ones; rows with ties or NaN keys go to the reference's
-  exact ranking);
+- :mod:`~moe_kernels.cpu.select`: exact top-k selection (``torch.topk`` plus a tie check, on the
+  host for a few keys, from the ``k + 1`` largest otherwise; rows with ties or NaN keys go to the
+  reference's exact ranking);
 - :mod:`~moe_kernels.cpu.routing`: ``softmax_topk`` forward and backward;
 - :mod:`~moe_kernels.cpu.knn`: ``knn_mix`` and ``knn_route``;
 - :mod:`~moe_kernels.cpu.probmoe`: the exact-k DP, vectorised over tokens, in preallocated tables;
