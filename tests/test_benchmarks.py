@@ -261,3 +261,21 @@ def test_liger_baseline_computes_the_same_experts(kernel_device, monkeypatch):
     got = bench_experts.liger_experts(*args)
     want = reference.fused_experts(hidden.double(), gate_up.double(), down.double(), weights.double(), ids)
     testing.assert_close(got.cpu(), want, op="fused_experts")
+
+
+def test_cpu_goal_benchmark_rows():
+    # The CPU goal table (moe-kernels bench --op cpu): one section at one thread, every row a
+    # finite ratio of a baseline measured in the same run, judged against its target.
+    import math
+
+    from benchmarks import bench_cpu
+
+    rows = bench_cpu.run(quick=True, threads_list=[1], sections=["knn"])
+    assert {(row["goal"], row["T"]) for row in rows} == {
+        (goal, t) for goal in ("knn_mix", "knn_route") for t in bench_cpu.QUICK["knn_tokens"]
+    }
+    for row in rows:
+        assert row["threads"] == 1 and row["target"] == ">= 1.0x"
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["met"] == (row["ratio"] >= 1.0)
+        assert row["baseline_us"] > 0 and row["ours_us"] > 0
