@@ -80,7 +80,8 @@ def use_triton(backend: str, device: torch.device, op_name: str) -> bool:
     """Resolve ``backend`` ("auto" | "triton" | "torch") for tensors on ``device``.
 
     "auto": CUDA tensors run the Triton kernels (falling back to the PyTorch reference, with a
-    one-time warning, when Triton is not installed); every other device runs the reference.
+    one-time warning, when Triton is not installed); every other device runs the PyTorch path
+    (``moe_kernels.cpu`` on CPU).
     "triton" on CPU runs the kernels through the Triton interpreter, which needs
     ``TRITON_INTERPRET=1`` in the environment before Python starts.
     """
