@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import softmax_topk_oracle
+from oracles import grouped_mm_oracle, knn_mix_oracle, softmax_topk_oracle
 from routing_cases import ROUTING_CASES, non_finite_logits, routing_inputs
 
 import moe_kernels
@@ -284,5 +284,55 @@ def test_public_ops_run_the_cpu_path(monkeypatch):
     calls = []
     real = cpu_routing.softmax_topk
     monkeypatch.setattr(cpu_routing, "softmax_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    weights, ids = moe_kernels.softmax_topk(torch.randn(3, 16), 2)
-    assert calls and weights.shape == ids.shape == (3, 2)
+    logits = testing.make_routing_logits(3, 16)
+    weights, ids = moe_kernels.softmax_topk(logits, 2)
+    assert calls
+    want_weights, want_ids = softmax_topk_oracle(logits, 2)
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    testing.assert_close(weights, want_weights, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Regressions the property tests found in the CPU path
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (5, 2)])
+def test_grouped_mm_operands_torch_grouped_mm_rejects_go_to_the_reference(shape):
+    # ATen takes a (1, 1) matrix of strides (1, 1) as column-major and then requires its
+    # leading stride to be a multiple of 16 bytes: such operands must not reach it.
+    rows, inner = shape
+    a = torch.randn(rows, inner)
+    b = torch.randn(2, inner, 1)
+    offsets = torch.tensor([rows // 2, rows], dtype=torch.int32)
+    out = cpu_experts.grouped_mm(a, b, offsets)
+    testing.assert_close(out, grouped_mm_oracle(a, b, offsets), dtype=torch.float32)
+    grad_out = torch.randn(rows, 1)
+    grad_a, grad_b = cpu_experts.grouped_mm_backward(grad_out, a, b, offsets)
+    want_a, want_b = ref_experts.grouped_mm_backward(grad_out.double(), a.double(), b.double(), offsets)
+    testing.assert_close(grad_a, want_a, dtype=torch.float32)
+    testing.assert_close(grad_b, want_b, dtype=torch.float32)
+
+
+def test_knn_mix_infinite_memory_logit_at_full_confidence_is_infinite():
+    # lerp(router, retrieved, 1) is NaN for an infinite retrieved logit; the mix is +inf.
+    router = torch.randn(1, 2)
+    neighbors = torch.tensor([[[float("inf"), 0.5]]])
+    sims = torch.tensor([[1.0]])
+    mixed, conf = cpu_knn.knn_mix(router, neighbors, sims)
+    want_mixed, want_conf = knn_mix_oracle(router, neighbors, sims)
+    assert conf.item() == 1.0 and want_conf.item() == 1.0
+    assert mixed[0, 0].item() == float("inf") == want_mixed[0, 0].item()
+    testing.assert_close(mixed[:, 1:], want_mixed[:, 1:], dtype=torch.float32)
+
+
+def test_sigmoid_equal_logits_tie_to_the_lower_id_on_the_cpu_path(tie_check):
+    # torch.sigmoid's vectorised and scalar paths round equal logits 1 ulp apart at some positions.
+    logits = (torch.randn(31, 3, generator=torch.Generator().manual_seed(5894), dtype=torch.float64) * 30).float()
+    logits[:, 1] = logits[:, 0]
+    weights, ids = cpu_routing.softmax_topk(logits, 3, score_func="sigmoid")
+    assert ids[21].tolist() == [2, 0, 1]  # torch.sigmoid's keys gave [2, 1, 0]
+    # Against the reference (float32 keys: the float64 oracle separates saturated scores that
+    # float32 ties), ids exactly.
+    want_weights, want_ids = ref_routing.softmax_topk(logits, 3, score_func="sigmoid")
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    testing.assert_close(weights, want_weights)

@@ -136,8 +136,10 @@ def _expert_blocks(offsets: torch.Tensor, num_valid: int, block_rows: int):
     (sorted by expert) add up to about ``block_rows`` (an expert with more rows is a block of
     its own): the layer runs block by block so that each block's rows, pre-activations and
     outputs stay in cache between its two GEMMs, as a per-expert loop's do (one pass over all
-    ``T*k`` rows spills them to memory: 25% slower at 16k rows of H = 512, I = 256). A Python loop
-    over a few blocks, not over experts; one block up to ``block_rows`` rows."""
+    ``T*k`` rows spills them to memory: 25% slower at 16k rows of H = 512, I = 256). The blocks
+    come from one pass over the ``E`` offsets as host ints (no tensor op per expert, only past
+    ``block_rows`` rows, where the GEMMs take milliseconds); the layer then loops over the few
+    blocks. One block up to ``block_rows`` rows."""
     num_experts = offsets.numel()
     if num_valid == 0:
         return []
