@@ -279,3 +279,35 @@ def test_cpu_goal_benchmark_rows():
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert row["met"] == (row["ratio"] >= 1.0)
         assert row["baseline_us"] > 0 and row["ours_us"] > 0
+
+
+def test_cpu_goal_baselines_compute_the_ops_result():
+    # A ratio means something only if the baseline computes what the op does: every provider of
+    # every CPU goal point (T = 7, the quick shapes) against ours, ids exactly.
+    from benchmarks import cpu_points
+    from benchmarks.bench_cpu import QUICK
+
+    shapes = [s for s in ROUTING_SHAPES if s.model in QUICK["routing_shapes"]]
+    points = [
+        *cpu_points.routing_points(shapes, (7,)),
+        *cpu_points.knn_points((7,)),
+        *cpu_points.probmoe_points(((16, 4),), (7,), (7,)),
+        *cpu_points.expert_points(QUICK["expert_shapes"], (7,)),
+    ]
+    assert {p.goal for p in points} == {
+        "softmax_topk", "knn_mix", "knn_route", "exact_k fwd", "exact_k fwd+bwd", "fused_experts fwd",
+        "fused_experts fwd+bwd",
+    }  # fmt: skip
+    for point in points:
+        ours = point.calls[cpu_points.OURS]()
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        for name, call in point.calls.items():
+            theirs = call()
+            theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+            assert len(theirs) == len(ours), (point.case, name)
+            for mine, other in zip(ours, theirs):
+                message = f"{point.goal} {point.case}: {name}"
+                if mine.dtype in (torch.int32, torch.int64):
+                    assert torch.equal(mine.long(), other.long()), message
+                else:
+                    torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-5, msg=message)
