@@ -19,10 +19,11 @@ from benchmarks.command import add_dtype_flag, bench_parser, main_for
 from benchmarks.common import resolve_device
 from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
+from moe_kernels.config import KnnMixing
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 
 OP_NAME = "knn_mix"
-OPTIONS = dict(weighting="similarity", temperature=0.1, min_confidence=0.0)
+MIXING = KnnMixing(weighting="similarity", temperature=0.1, min_confidence=0.0)
 NEIGHBORS = (8, 32)
 QUICK_CPU = dict(experts=(64, 256), tokens=(1, 64, 1024), neighbors=(8,))
 CUDA_GRAPH_MAX_TOKENS = 512
@@ -37,13 +38,14 @@ def mix_bytes(num_tokens: int, num_experts: int, num_neighbors: int, dtype: torc
 
 
 def _providers(device: torch.device, quick_cpu: bool) -> dict:
+    options = dict(weighting=MIXING.weighting, temperature=MIXING.temperature, min_confidence=MIXING.min_confidence)
     providers = {
-        "moe_kernels": functools.partial(moe_kernels.knn_mix, **OPTIONS),
-        "torch_eager": functools.partial(reference.knn_mix, **OPTIONS),
+        "moe_kernels": functools.partial(moe_kernels.knn_mix, **options),
+        "torch_eager": functools.partial(reference.knn_mix, mixing=MIXING),
     }
     if not quick_cpu:  # inductor's C++ build takes minutes on a small CPU
         torch._dynamo.reset()
-        providers["torch_compile"] = torch.compile(functools.partial(reference.knn_mix, **OPTIONS))
+        providers["torch_compile"] = torch.compile(functools.partial(reference.knn_mix, mixing=MIXING))
     return providers
 
 

@@ -19,6 +19,7 @@ from benchmarks.command import bench_parser, main_for
 from benchmarks.common import resolve_device
 from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
+from moe_kernels.config import RoutingConfig
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 from moe_kernels.testing import make_bias
 
@@ -36,10 +37,10 @@ def route_bytes(num_tokens: int, num_experts: int, num_neighbors: int, k: int, d
     return reads + num_tokens * (k * 8 + 4)
 
 
-def torch_chain(router, ids, sims, memory, k, **routing):
+def torch_chain(router, ids, sims, memory, k, *, routing: RoutingConfig, bias: torch.Tensor | None):
     """What the fused op replaces: gather, mix, route (the references)."""
     mixed, conf = reference.knn_mix(router, memory[ids], sims)
-    weights, chosen = reference.softmax_topk(mixed, k, **routing)
+    weights, chosen = reference.softmax_topk(mixed, k, routing=routing, bias=bias)
     return weights, chosen, conf
 
 
@@ -59,7 +60,7 @@ def run(
     rows = []
     for shape in shapes:
         bias = make_bias(shape.num_experts, device=device) if shape.has_bias else None
-        routing = dict(shape.options, bias=bias)
+        routing = dict(routing=shape.routing, bias=bias)
         for num_entries in entries:
             generator = torch.Generator(device=device).manual_seed(num_entries)
             memory = torch.randn(num_entries, shape.num_experts, generator=generator, device=device)

@@ -6,9 +6,10 @@ work itself is negligible, through four doors:
 - ``public``: ``moe_kernels.<op>`` as users call it in eager mode (checks, backend choice, the
   eager ``autograd.Function`` that bypasses the dispatcher), under ``torch.no_grad``;
 - ``public_autograd``: the same with inputs that require grad (it records the backward);
-- ``registered_op``: ``torch.ops.moe_kernels.<op>`` through the dispatcher, which is what
-  ``torch.compile`` traces and what eager calls would cost without the bypass;
-  ``registered_op_autograd`` with its first input requiring grad (the registered autograd).
+- ``registered_op``: ``torch.ops.moe_kernels.<op>`` through the dispatcher (the option records
+  flattened into its schema and rebuilt), which is what ``torch.compile`` traces and what eager
+  calls would cost without the bypass; ``registered_op_autograd`` with its first input requiring
+  grad (the registered autograd).
 
 ``overhead_us`` is a row's time minus ``bare_forward``'s. ``boundary_us`` is the same door timed
 with the op's forward replaced by a stub that returns its precomputed outputs: the cost of the
@@ -32,6 +33,7 @@ import torch
 import moe_kernels
 from benchmarks.command import bench_parser, main_for
 from benchmarks.common import cpu_samples, resolve_device
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.ops.grouped_mm import GROUPED_MM
 from moe_kernels.ops.knn import KNN_MIX
@@ -94,8 +96,7 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
     offsets = torch.tensor([2, 4, 6, 8], dtype=torch.int32, device=device)
     b = rand(4, HIDDEN, HIDDEN)
     ids8 = ids.to(torch.int32) % 8
-    route_options = (False, "softmax", None, 0, 0, "max", 1.0)
-    mix_options = ("similarity", 0.1, 0.0)
+    routing, mixing = RoutingConfig(), KnnMixing()
 
     def grad(t, on):
         return t.detach().requires_grad_(on)
@@ -104,17 +105,17 @@ def _cases(device: torch.device, use_triton: bool) -> dict:
         "softmax_topk": (
             lambda g: moe_kernels.softmax_topk(grad(logits, g), K),
             SOFTMAX_TOPK,
-            (logits, K, *route_options, use_triton),
+            (logits, K, None, routing, use_triton),
         ),
         "knn_mix": (
             lambda g: moe_kernels.knn_mix(grad(logits, g), neighbor_logits, sims),
             KNN_MIX,
-            (logits, neighbor_logits, sims, *mix_options, use_triton),
+            (logits, neighbor_logits, sims, mixing, use_triton),
         ),
         "knn_route": (
             lambda g: moe_kernels.knn_route(grad(logits, g), neighbor_ids, sims, memory, K),
             KNN_ROUTE,
-            (logits, neighbor_ids, sims, memory, K, *route_options, *mix_options, use_triton),
+            (logits, neighbor_ids, sims, memory, K, None, routing, mixing, use_triton),
         ),
         "exact_k": (
             lambda g: moe_kernels.exact_k_marginals(grad(logits.float(), g), K),
@@ -174,11 +175,11 @@ def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
     for op, (public, definition, args) in _cases(device, use_triton).items():
         if ops and op not in ops:
             continue
-        times = _door_times(public, definition.op, definition.forward, args, device)
+        times = _door_times(public, definition.registered, definition.forward, args, device)
         with torch.no_grad():
             outputs = definition.forward(*args)
         with stubbed_forward(definition, outputs) as stub:
-            boundary = _door_times(public, definition.op, stub, args, device)
+            boundary = _door_times(public, definition.registered, stub, args, device)
         for provider in PROVIDERS:
             rows.append(
                 {

@@ -4,7 +4,7 @@ on every model shape of :data:`moe_kernels.shapes.ROUTING_SHAPES`.
 Providers, all timed in one run on the same inputs:
 
 ==================  ==============================================================================
-moe_kernels         the public op, ``backend="auto"`` (Triton on CUDA; the PyTorch reference on CPU)
+moe_kernels         the public op, ``backend="auto"`` (Triton on CUDA; the fast CPU path on CPU)
 torch_eager         :func:`moe_kernels.reference.softmax_topk`, the same semantics in eager PyTorch
 torch_compile       that reference through ``torch.compile``, compiled once per shape and dtype
 torch_topk_chain    the eager chain model code runs today: float32 softmax | sigmoid (+ bias) ->
@@ -31,8 +31,10 @@ import torch
 import moe_kernels
 from benchmarks.command import DTYPE_CHOICES, add_dtype_flag, bench_parser, main_for, run_options
 from benchmarks.common import measured_bandwidth_gbs, resolve_device
+from benchmarks.cpu_baselines import topk_chain
 from benchmarks.points import bandwidth_columns, bandwidth_rows, dtype_name
 from moe_kernels import reference
+from moe_kernels.config import RoutingConfig
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS, RoutingShape
 
 OP_NAME = "softmax_topk"
@@ -100,10 +102,10 @@ def _providers(
 ) -> dict[str, Provider]:
     """The providers of ``wanted`` that apply to ``shape`` on ``device``, by name, in
     :data:`PROVIDERS` order; prints why a wanted one is left out (except a missing vLLM)."""
-    options = shape.options
+    routing = shape.routing
     found: dict[str, Provider] = {
-        "moe_kernels": functools.partial(moe_kernels.softmax_topk, k=shape.k, backend="auto", **options),
-        "torch_eager": functools.partial(reference.softmax_topk, k=shape.k, **options),
+        "moe_kernels": functools.partial(moe_kernels.softmax_topk, k=shape.k, routing=routing, backend="auto"),
+        "torch_eager": functools.partial(reference.softmax_topk, k=shape.k, routing=routing),
     }
     if "torch_compile" in wanted:
         if quick_cpu and shape.num_experts > QUICK_CPU_COMPILE_MAX_EXPERTS:
@@ -114,15 +116,15 @@ def _providers(
         else:
             found["torch_compile"] = _compiled_reference(shape)
     if "torch_topk_chain" in wanted:
-        if _group_limited(options):
+        if _group_limited(routing):
             print(f"torch_topk_chain skipped for {shape.label}: torch.topk has no group limit")
         else:
-            kept = {key: options[key] for key in ("renormalize", "score_func", "scale") if key in options}
-            found["torch_topk_chain"] = functools.partial(topk_chain, k=shape.k, **kept)
+            options = dict(renormalize=routing.renormalize, score_func=routing.score_func, scale=routing.scale)
+            found["torch_topk_chain"] = functools.partial(topk_chain, k=shape.k, **options)
     if "vllm" in wanted and device.type == "cuda" and _plain_softmax(shape):
         ops = _vllm_ops()
         if ops is not None:
-            renormalize = options.get("renormalize", False)
+            renormalize = routing.renormalize
             found["vllm"] = functools.partial(_vllm_topk_softmax, ops, k=shape.k, renormalize=renormalize)
     return {name: found[name] for name in PROVIDERS if name in wanted and name in found}
 
@@ -134,44 +136,20 @@ def _compiled_reference(shape: RoutingShape) -> Provider:
     # shape from an empty cache keeps the recompile limit from silently sending later shapes to
     # eager mode.
     torch._dynamo.reset()
-    return torch.compile(functools.partial(reference.softmax_topk, k=shape.k, **shape.options))
+    return torch.compile(functools.partial(reference.softmax_topk, k=shape.k, routing=shape.routing))
 
 
-def _group_limited(options: dict) -> bool:
-    """True when the options drop experts by group (one group, or keeping all, limits nothing)."""
-    num_groups = options.get("num_groups")
-    return bool(num_groups) and options.get("topk_groups", num_groups) < num_groups
+def _group_limited(routing: RoutingConfig) -> bool:
+    """True when the routing drops experts by group (one group, or keeping all, limits nothing)."""
+    return routing.num_groups is not None and routing.topk_groups < routing.num_groups
 
 
 def _plain_softmax(shape: RoutingShape) -> bool:
     """True for softmax -> top-k (-> renormalise) routing: what vLLM's ``topk_softmax`` computes."""
-    options = shape.options
+    routing = shape.routing
     return (
-        not shape.has_bias
-        and options.get("score_func", "softmax") == "softmax"
-        and not _group_limited(options)
-        and options.get("scale", 1.0) == 1.0
+        not shape.has_bias and routing.score_func == "softmax" and not _group_limited(routing) and routing.scale == 1.0
     )
-
-
-def topk_chain(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    k: int,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eager routing of HF Mixtral / Qwen-MoE / DeepSeek-V3 model code; returns
-    ``(weights (T, k) float32, ids (T, k) int64)``, as those models use them."""
-    scores = logits.float().softmax(dim=-1) if score_func == "softmax" else logits.float().sigmoid()
-    keys = scores if bias is None else scores + bias
-    ids = torch.topk(keys, k, dim=-1).indices
-    weights = scores.gather(-1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * scale, ids
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-"""The plain-PyTorch code the CPU path of each op replaces: the baselines of ``bench_cpu`` and of
-the pytest-benchmark groups (``benchmarks/test_cpu_benchmarks.py``).
+"""The plain-PyTorch code each op replaces: the baselines of ``bench_cpu``, of the pytest-benchmark
+groups (``benchmarks/test_cpu_benchmarks.py``) and ``bench_routing``'s ``torch_topk_chain``.
 
 Each baseline computes the same result as the op on the inputs the benchmarks draw (tie-free
 random floats; no NaN handling, no tie rule, int64 ids): what model code writes today.

@@ -1,12 +1,15 @@
-"""Options as values: :class:`RoutingConfig` (routing, with its presets) and :class:`Activation`
-(the experts' gated activation).
+"""Options as values: :class:`RoutingConfig` (routing, with its presets), :class:`KnnMixing`
+(kNN-MoE's mixing) and :class:`Activation` (the experts' gated activation).
 
 Every routing op and module (``softmax_topk``, ``knn_route``, ``knn_route_assignments``,
 ``TopKRouter``, ``knn.KNNRouter``, ``MoE``, the HF integration) takes ``routing=`` a
-:class:`RoutingConfig`; the options are validated once, when the value is built, and flattened
-into primitive arguments only at the ``torch.library`` boundary (:meth:`RoutingConfig.op_args`).
-The selection ``bias`` is not part of it: it is state (DeepSeek-V3's correction bias, trained by
-an update rule), passed as a tensor next to the config.
+:class:`RoutingConfig`; the options are validated once, when the value is built. Below the public
+functions the records are the one currency: the op forwards, the launchers, the kernels' meta
+functions, the CPU path and the reference all take them. Only the ``torch.library`` schema needs
+primitives: the op boundary (``moe_kernels.ops._boundary``) flattens a record there with
+``op_args()`` and rebuilds it with the cached ``from_op_args()``, both described by the record's
+``OP_FIELDS``. The selection ``bias`` is not part of the routing: it is state (DeepSeek-V3's
+correction bias, trained by an update rule), passed as a tensor next to the config.
 
 This module is the bottom layer of the package: it imports nothing of ours.
 """
@@ -18,11 +21,13 @@ import enum
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
+KNN_WEIGHTINGS = ("similarity", "softmax")
 
 
 def is_int(value) -> bool:
@@ -119,9 +124,12 @@ class RoutingConfig:
         )
         if not isinstance(self.scale, float):  # 2 and 2.0 are one config (equal and of one hash)
             object.__setattr__(self, "scale", float(self.scale))
-        # The (E, k) problems this config was checked for: an op call's check is one set lookup
-        # (not a field, so neither equality, hashing, repr nor dataclasses.fields see it).
+        # The (E, k) problems this config was checked for: an op call's check is one set lookup;
+        # and the flat fields (neither is a field, so equality, hashing, repr and
+        # dataclasses.fields do not see them).
         object.__setattr__(self, "_checked", set())
+        flat = (self.score_func, self.renormalize, self.num_groups or 0, self.topk_groups or 0, self.group_score)
+        object.__setattr__(self, "_op_args", (*flat, self.scale))
 
     def __reduce__(self):
         # Rebuilt through __init__ (validated, with a fresh problem cache), never from a __dict__.
@@ -173,17 +181,29 @@ class RoutingConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
-    def op_args(self) -> tuple[bool, str, int, int, str, float]:
-        """``(renormalize, score_func, num_groups, topk_groups, group_score, scale)`` in the order of
-        the registered ops' schemas, with 0 for "no groups" (a schema int cannot be None)."""
-        return (
-            self.renormalize,
-            self.score_func,
-            self.num_groups or 0,
-            self.topk_groups or 0,
-            self.group_score,
-            self.scale,
-        )
+    # The fields as the registered ops' schemas take them, in field order (0 for "no groups": a
+    # schema int cannot be None); see the module doc.
+    OP_FIELDS: ClassVar = (
+        ("score_func", str),
+        ("renormalize", bool),
+        ("num_groups", int),
+        ("topk_groups", int),
+        ("group_score", str),
+        ("scale", float),
+    )
+
+    def op_args(self) -> tuple[str, bool, int, int, str, float]:
+        """The fields in order, as primitives for a ``torch.library`` schema (:attr:`OP_FIELDS`)."""
+        return self._op_args
+
+    @classmethod
+    def from_op_args(
+        cls, score_func: str, renormalize: bool, num_groups: int, topk_groups: int, group_score: str, scale: float
+    ) -> RoutingConfig:
+        """The config :meth:`op_args` flattened (cached: an op call rebuilds it with one lookup;
+        built afresh while ``torch.compile`` traces, which cannot trace the cache)."""
+        args = (score_func, renormalize, num_groups or None, topk_groups or None, group_score, scale)
+        return cls(*args) if torch.compiler.is_compiling() else _cached_record(cls, args)
 
     def eligible_experts(self, num_experts: int) -> int:
         """How many of ``num_experts`` experts the group limit leaves selectable."""
@@ -231,16 +251,24 @@ def _check_problem(config: RoutingConfig, num_experts: int, k, op: str) -> None:
 
 DEFAULT_ROUTING = RoutingConfig()
 
-# The keyword options every routing op and module still accepts as sugar for ``routing=``.
-ROUTING_OPTIONS = ("score_func", "renormalize", "num_groups", "topk_groups", "group_score", "scale")
-_OPTION_NAMES = frozenset(ROUTING_OPTIONS)
+# The options (RoutingConfig's fields, in order) the routing ops also take as keywords.
+ROUTING_OPTIONS = tuple(name for name, _ in RoutingConfig.OP_FIELDS)
 
 
 def resolve_routing(
-    op: str, routing: RoutingConfig | None = None, num_experts: int | None = None, **options
+    op: str,
+    routing: RoutingConfig | None = None,
+    *,
+    score_func: str | None = None,
+    renormalize: bool | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str | None = None,
+    scale: float | None = None,
+    num_experts: int | None = None,
 ) -> RoutingConfig:
-    """The :class:`RoutingConfig` of a call: ``routing`` (default :data:`DEFAULT_ROUTING`) with
-    every keyword option that is not None applied on top, validated with errors naming ``op``.
+    """The :class:`RoutingConfig` of a public call: ``routing`` (default :data:`DEFAULT_ROUTING`)
+    with every option given (not None) applied on top, validated with errors naming ``op``.
 
     ``resolve_routing("softmax_topk", renormalize=True)`` is ``RoutingConfig(renormalize=True)``;
     ``resolve_routing("x", RoutingConfig.deepseek_v3(), scale=1.0)`` overrides one field. An option
@@ -254,16 +282,10 @@ def resolve_routing(
         base = routing
     else:
         raise TypeError(f"{op}: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}")
-    if not options.keys() <= _OPTION_NAMES:
-        unknown = sorted(set(options) - _OPTION_NAMES)
-        raise TypeError(f"{op}: unexpected routing option(s) {unknown}; the options are {ROUTING_OPTIONS}")
-    # Every op passes all six options, mostly None: this loop is the whole cost of the common call.
-    given = ()
-    for name, value in options.items():
-        if value is not None:
-            given += ((name, value),)
-    if not given:
+    options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
+    if options == _NO_OPTIONS:  # the common call: the config as given
         return base
+    given = tuple((name, value) for name, value in zip(ROUTING_OPTIONS, options) if value is not None)
     if torch.compiler.is_compiling():
         return _build(op, base, given, num_experts)
     try:
@@ -272,6 +294,9 @@ def resolve_routing(
         if "unhashable" not in str(error):
             raise
         return _build(op, base, given, num_experts)
+
+
+_NO_OPTIONS = (None,) * len(ROUTING_OPTIONS)
 
 
 def _build(op: str, base: RoutingConfig, given: tuple, num_experts: int | None) -> RoutingConfig:
@@ -288,6 +313,63 @@ def _build_keyed(op: str, base: RoutingConfig, given: tuple, num_experts: int | 
 
 
 _build_cached = functools.lru_cache(maxsize=256)(_build_keyed)
+
+
+def check_mixing(owner: str, weighting, temperature, min_confidence) -> None:
+    """Raise a ``ValueError`` naming ``owner`` and the option for a bad kNN mixing option."""
+    if weighting not in KNN_WEIGHTINGS:
+        raise ValueError(f"{owner}: weighting must be one of {KNN_WEIGHTINGS}, got {weighting!r}")
+    if not is_finite_number(temperature) or temperature <= 0:
+        raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature!r}")
+    if not is_finite_number(min_confidence) or not 0 <= min_confidence <= 1:
+        raise ValueError(f"{owner}: min_confidence must be a number in [0, 1], got {min_confidence!r}")
+
+
+@dataclass(frozen=True)
+class KnnMixing:
+    """How kNN-MoE mixes the routing logits retrieved for a token into its router's, as one
+    frozen, hashable value (the semantics are :func:`moe_kernels.knn_mix`'s).
+
+    Fields:
+        weighting: the neighbour weights ``w``: ``"similarity"`` (``sims / sum(sims)``) or
+            ``"softmax"`` (``softmax(sims / temperature)``).
+        temperature: of the ``"softmax"`` weighting, > 0.
+        min_confidence: confidences below it fall back to the router (confidence 0), in [0, 1].
+    """
+
+    weighting: str = "similarity"
+    temperature: float = 0.1
+    min_confidence: float = 0.0
+
+    # The fields as the registered ops' schemas take them (see the module doc).
+    OP_FIELDS: ClassVar = (("weighting", str), ("temperature", float), ("min_confidence", float))
+
+    def __post_init__(self):
+        check_mixing("KnnMixing", self.weighting, self.temperature, self.min_confidence)
+        for name in ("temperature", "min_confidence"):  # 1 and 1.0 are one value (equal and of one hash)
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def op_args(self) -> tuple[str, float, float]:
+        """The fields in order, as primitives for a ``torch.library`` schema (:attr:`OP_FIELDS`)."""
+        return self.weighting, self.temperature, self.min_confidence
+
+    @classmethod
+    def from_op_args(cls, weighting: str, temperature: float, min_confidence: float) -> KnnMixing:
+        """The value :meth:`op_args` flattened, or of these validated fields (cached, as
+        :meth:`RoutingConfig.from_op_args`)."""
+        args = (weighting, temperature, min_confidence)
+        return cls(*args) if torch.compiler.is_compiling() else _cached_record(cls, args)
+
+
+DEFAULT_MIXING = KnnMixing()
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_record(cls: type, args: tuple):
+    """``cls(*args)``, built once per distinct value (the records are frozen and hashable). The
+    schema types the flat fields, so equal values never differ in type here (``True`` is never
+    served for ``1``)."""
+    return cls(*args)
 
 
 class Activation(enum.IntEnum):

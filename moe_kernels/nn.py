@@ -41,8 +41,8 @@ class TopKRouter(_LinearGate):
 
     ``forward(hidden (..., H)) -> (weights (..., k) float32, ids (..., k) int32)``.
     ``weight (E, H)`` is the gate (the HF ``*TopKRouter.weight`` layout); ``routing`` a
-    :class:`~moe_kernels.RoutingConfig` (its fields may also be given as keywords,
-    ``TopKRouter(H, E, k, renormalize=True)``); with ``correction_bias=True`` a float32 ``(E,)``
+    :class:`~moe_kernels.RoutingConfig` (``TopKRouter(H, E, k, routing=RoutingConfig.renormalize())``,
+    default ``RoutingConfig()``); with ``correction_bias=True`` a float32 ``(E,)``
     buffer ``e_score_correction_bias`` biases selection only (DeepSeek-V3), and is not trained by
     gradients.
     """
@@ -58,9 +58,8 @@ class TopKRouter(_LinearGate):
         backend: str = "auto",
         device=None,
         dtype=None,
-        **routing_options,
     ):
-        routing = resolve_routing("TopKRouter", routing, num_experts, **routing_options)
+        routing = resolve_routing("TopKRouter", routing)
         routing.check(num_experts, k, "TopKRouter")
         super().__init__(hidden_size, num_experts, k, backend, device, dtype)
         self.routing = routing
@@ -103,8 +102,11 @@ class ProbMoERouter(_LinearGate):
         self.renormalize = renormalize
 
     @classmethod
-    def from_gate(cls, gate: nn.Module, k: int, **options) -> ProbMoERouter:
-        """A router sharing ``gate.weight`` (no copy): its gradients update the same tensor."""
+    def from_gate(
+        cls, gate: nn.Module, k: int, *, k_min: int | None = None, renormalize: bool = False, backend: str = "auto"
+    ) -> ProbMoERouter:
+        """A router sharing ``gate.weight`` (no copy): its gradients update the same tensor; the
+        other arguments as for the constructor."""
         weight = getattr(gate, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(
@@ -112,7 +114,9 @@ class ProbMoERouter(_LinearGate):
             )
         if getattr(gate, "bias", None) is not None:
             raise ValueError("ProbMoERouter.from_gate: the gate has a bias, which this router does not apply")
-        router = cls(weight.shape[1], weight.shape[0], k, device="meta", **options)
+        router = cls(
+            weight.shape[1], weight.shape[0], k, k_min=k_min, renormalize=renormalize, backend=backend, device="meta"
+        )
         router.weight = weight
         return router
 
@@ -172,8 +176,8 @@ class MoE(nn.Module):
         router: any module mapping ``hidden (T, H)`` to ``(weights (T, k) float32, ids (T, k)
             int32)`` (:class:`TopKRouter`, :class:`ProbMoERouter`,
             :class:`moe_kernels.knn.KNNRouter`); default a :class:`TopKRouter` with ``routing``.
-        routing: the default router's :class:`~moe_kernels.RoutingConfig`; its fields may also be
-            given as keywords (``routing_options``: ``MoE(H, I, E, k, renormalize=True)``).
+        routing: the default router's :class:`~moe_kernels.RoutingConfig` (default
+            ``RoutingConfig()``; ``MoE(H, I, E, k, routing=RoutingConfig.renormalize())``).
         activation: as for :func:`moe_kernels.fused_experts`.
         expert_bias: give the experts both biases (GPT-OSS).
         shared_intermediate_size: add a shared expert of this width, gated by
@@ -203,21 +207,12 @@ class MoE(nn.Module):
         track_load: bool = False,
         device=None,
         dtype=None,
-        **routing_options,
     ):
         super().__init__()
-        if router is not None and (routing is not None or routing_options):
-            given = sorted(routing_options) + (["routing"] if routing is not None else [])
-            raise ValueError(f"MoE: routing options {given} apply to the default router only, got a router")
+        if router is not None and routing is not None:
+            raise ValueError("MoE: routing applies to the default router only, got a router as well")
         self.router = router or TopKRouter(
-            hidden_size,
-            num_experts,
-            k,
-            routing=routing,
-            backend=backend,
-            device=device,
-            dtype=dtype,
-            **routing_options,
+            hidden_size, num_experts, k, routing=routing, backend=backend, device=device, dtype=dtype
         )
         factory = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(

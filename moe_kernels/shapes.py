@@ -6,7 +6,6 @@ Routing settings follow each model's released config and HF modelling code.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from moe_kernels.config import DEFAULT_ROUTING, RoutingConfig
@@ -27,17 +26,6 @@ class RoutingShape:
     @property
     def label(self) -> str:
         return f"{self.model} E={self.num_experts} k={self.k}"
-
-    @property
-    def options(self) -> dict:
-        """The routing's fields that differ from the defaults, as keyword arguments of
-        :func:`moe_kernels.softmax_topk` (``softmax_topk(l, k, **shape.options)`` equals
-        ``softmax_topk(l, k, routing=shape.routing)``)."""
-        return {
-            f.name: getattr(self.routing, f.name)
-            for f in dataclasses.fields(RoutingConfig)
-            if getattr(self.routing, f.name) != f.default
-        }
 
 
 ROUTING_SHAPES: tuple[RoutingShape, ...] = (

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from moe_kernels import utils
+from moe_kernels.config import DEFAULT_ROUTING, RoutingConfig
 from moe_kernels.reference import routing as routing_ref
 
 # (atol, rtol) by the dtype of the tensor being checked. Routing weights are float32 computed
@@ -146,10 +147,11 @@ def make_routing_logits(
     num_experts: int,
     dtype: torch.dtype = torch.float32,
     *,
+    routing: RoutingConfig = DEFAULT_ROUTING,
+    bias: torch.Tensor | None = None,
     seed: int = 0,
     min_gap: float = 2e-6,
     device="cpu",
-    **routing,
 ) -> torch.Tensor:
     """``(T, E)`` random logits of ``dtype`` whose routing has no near-ties.
 
@@ -157,11 +159,10 @@ def make_routing_logits(
     pairwise by more than ``min_gap`` relative (about 17 float32 ulps, several times the error
     of a float32 computation of the keys), so every correct
     implementation must choose the same ids in the same order. Rows with a near-tie are redrawn.
-    ``routing``: keyword arguments of :func:`moe_kernels.reference.routing.softmax_topk`; those that
-    choose the ids (``score_func``, ``bias``, ``num_groups``, ``group_score``) shape the draw.
+    ``routing`` and ``bias``: as for :func:`moe_kernels.softmax_topk`; what chooses the ids
+    (``score_func``, ``bias``, ``num_groups``, ``group_score``) shapes the draw.
     """
-    options = routing_ref.RoutingOptions(**routing)
-    score_func, bias, num_groups = options.score_func, options.bias, options.num_groups
+    score_func, num_groups = routing.score_func, routing.num_groups
     generator = torch.Generator().manual_seed(seed)
     logits = _draw_logits(num_tokens, num_experts, dtype, score_func, generator)
     bias64 = None if bias is None else bias.detach().double().cpu()
@@ -171,7 +172,7 @@ def make_routing_logits(
         bad = _has_near_ties(keys, min_gap)
         if num_groups:
             grouped = keys.unflatten(-1, (num_groups, num_experts // num_groups))
-            per_group = grouped.amax(-1) if options.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+            per_group = grouped.amax(-1) if routing.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
             bad |= _has_near_ties(per_group, min_gap)
         if not bad.any():
             return logits.to(device)

@@ -8,6 +8,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import reference, testing
+from moe_kernels.config import KnnMixing
 from moe_kernels.shapes import ROUTING_SHAPES
 
 VALIDATE_TOKENS = {"cuda": (1, 7, 256, 4099), "cpu": (1, 7, 256)}
@@ -17,30 +18,18 @@ VALIDATE_DTYPES = {"cuda": ("float32", "float16", "bfloat16"), "cpu": ("float32"
 def _validate_routing_case(shape, num_tokens, dtype, device, backend) -> dict:
     """One row of ``validate``: the op against the float64 reference, forward and backward."""
     bias = testing.make_bias(shape.num_experts, seed=1, device=device) if shape.has_bias else None
-    group_keys = ("score_func", "num_groups", "topk_groups", "group_score")
-    logits = testing.make_routing_logits(
-        num_tokens,
-        shape.num_experts,
-        dtype,
-        bias=None if bias is None else bias.cpu(),
-        **{key: shape.options[key] for key in group_keys if key in shape.options},
-    ).to(device)
-    logits.requires_grad_(True)
-    weights, ids = moe_kernels.softmax_topk(logits, shape.k, bias=bias, backend=backend, **shape.options)
+    routing = shape.routing
+    cpu_bias = None if bias is None else bias.cpu()
+    logits = testing.make_routing_logits(num_tokens, shape.num_experts, dtype, routing=routing, bias=cpu_bias)
+    logits = logits.to(device).requires_grad_(True)
+    weights, ids = moe_kernels.softmax_topk(logits, shape.k, routing=routing, bias=bias, backend=backend)
     grad_out = torch.randn(weights.shape, device=device)
     weights.backward(grad_out)
 
     logits64 = logits.detach().double()
     bias64 = None if bias is None else bias.double()
-    ref_weights, ref_ids = reference.softmax_topk(logits64, shape.k, bias=bias64, **shape.options)
-    ref_grad = reference.softmax_topk_backward(
-        grad_out.double(),
-        logits64,
-        ref_ids,
-        renormalize=shape.options.get("renormalize", False),
-        score_func=shape.options.get("score_func", "softmax"),
-        scale=shape.options.get("scale", 1.0),
-    )
+    ref_weights, ref_ids = reference.softmax_topk(logits64, shape.k, routing=routing, bias=bias64)
+    ref_grad = reference.softmax_topk_backward(grad_out.double(), logits64, ref_ids, routing=routing)
     ids_match = torch.equal(ids.cpu(), ref_ids.cpu())
     weight_err = testing.max_errors(weights, ref_weights)[0]
     grad_err = testing.max_errors(logits.grad, ref_grad)[0]
@@ -64,16 +53,24 @@ def _validate_knn_case(shape, num_tokens, dtype, device, backend, num_neighbors=
     router = torch.randn(num_tokens, shape.num_experts, generator=generator).to(dtype).to(device)
     neighbors = torch.randn(num_tokens, num_neighbors, shape.num_experts, generator=generator).to(dtype).to(device)
     sims = (torch.rand(num_tokens, num_neighbors, generator=generator) * 1.2 - 0.2).to(device)
-    options = dict(weighting="softmax", temperature=0.1, min_confidence=0.3)
+    mixing = KnnMixing(weighting="softmax", temperature=0.1, min_confidence=0.3)
     router.requires_grad_(True)
     neighbors.requires_grad_(True)
-    mixed, conf = moe_kernels.knn_mix(router, neighbors, sims, backend=backend, **options)
+    mixed, conf = moe_kernels.knn_mix(
+        router,
+        neighbors,
+        sims,
+        weighting=mixing.weighting,
+        temperature=mixing.temperature,
+        min_confidence=mixing.min_confidence,
+        backend=backend,
+    )
     grad_out = torch.randn(mixed.shape, device=device)
     mixed.backward(grad_out)
 
     router64 = router.detach().double().requires_grad_(True)
     neighbors64 = neighbors.detach().double().requires_grad_(True)
-    ref_mixed, ref_conf = reference.knn_mix(router64, neighbors64, sims.double(), **options)
+    ref_mixed, ref_conf = reference.knn_mix(router64, neighbors64, sims.double(), mixing=mixing)
     ref_mixed.backward(grad_out.double())
     mixed_err = max(testing.max_errors(mixed, ref_mixed)[0], testing.max_errors(conf, ref_conf)[0])
     grad_err = max(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moe_kernels import MoE, TopKRouter, testing
+from moe_kernels.config import RoutingConfig
 from moe_kernels.distributed import ExpertParallelMoE, combine, dispatch
 
 HIDDEN, INTER = 16, 8
@@ -64,7 +65,10 @@ class Case:
 
 CASES = {
     "f64-topk-bias-shared-gate": Case(
-        torch.float64, options=dict(expert_bias=True, shared_intermediate_size=8, shared_gate=True, renormalize=True)
+        torch.float64,
+        options=dict(
+            expert_bias=True, shared_intermediate_size=8, shared_gate=True, routing=RoutingConfig.renormalize()
+        ),
     ),
     "f64-first-rank-no-tokens-gelu-tanh": Case(
         torch.float64, tokens="first_empty", options=dict(activation="gelu_tanh", shared_intermediate_size=8), seed=1

@@ -8,6 +8,7 @@ import torch
 from routing_cases import ROUTING_CASES
 
 from moe_kernels import testing
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.functional.knn import knn_mix
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.reference import knn as knn_ref
@@ -48,16 +49,8 @@ def mix_inputs(num_tokens, num_experts, num_neighbors, dtype=torch.float32, devi
 
 
 def mix_op_args(router, neighbors, sims, options, use_triton):
-    """The registered ``knn_mix`` op's arguments."""
-    return (
-        router,
-        neighbors,
-        sims,
-        options.get("weighting", "similarity"),
-        float(options.get("temperature", 0.1)),
-        float(options.get("min_confidence", 0.0)),
-        use_triton,
-    )
+    """The ``knn_mix`` op's forward arguments (``KNN_MIX.flat_args`` gives the registered op's)."""
+    return (router, neighbors, sims, KnnMixing(**options), use_triton)
 
 
 def _near_ties(mixed64, options, bias):
@@ -100,15 +93,13 @@ def route_inputs(
     num_rows = num_rows or max(2 * num_neighbors, num_tokens // 2, 1)
     generator = torch.Generator().manual_seed(seed)
     bias = testing.make_bias(num_experts, seed=seed + 1) if with_bias else None
-    group_options = {
-        key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options
-    }
-    router = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
-    memory = testing.make_routing_logits(num_rows, num_experts, dtype, bias=bias, seed=seed + 7, **group_options)
+    routing = RoutingConfig(**options)
+    router = testing.make_routing_logits(num_tokens, num_experts, dtype, routing=routing, bias=bias, seed=seed)
+    memory = testing.make_routing_logits(num_rows, num_experts, dtype, routing=routing, bias=bias, seed=seed + 7)
     ids = torch.randint(0, num_rows, (num_tokens, num_neighbors), generator=generator)
     sims = torch.rand(num_tokens, num_neighbors, generator=generator) * 1.2 - 0.2
     for _ in range(100):
-        mixed, conf = knn_ref.knn_mix(router.double(), memory.double()[ids], sims.double(), **mixing)
+        mixed, conf = knn_ref.knn_mix(router.double(), memory.double()[ids], sims.double(), mixing=KnnMixing(**mixing))
         bad = _near_ties(mixed, options, bias) & (conf > 0)
         if not bad.any():
             break
@@ -129,25 +120,8 @@ def unfused(router, ids, sims, memory, k, bias, options, mixing, backend="torch"
 
 
 def route_op_args(router, ids, sims, memory, k, bias, options, mixing, use_triton):
-    """The registered ``knn_route`` op's arguments."""
-    return (
-        router,
-        ids,
-        sims,
-        memory,
-        k,
-        options.get("renormalize", False),
-        options.get("score_func", "softmax"),
-        bias,
-        options.get("num_groups") or 0,
-        options.get("topk_groups") or 0,
-        options.get("group_score", "top2_sum"),
-        float(options.get("scale", 1.0)),
-        mixing.get("weighting", "similarity"),
-        float(mixing.get("temperature", 0.1)),
-        float(mixing.get("min_confidence", 0.0)),
-        use_triton,
-    )
+    """The ``knn_route`` op's forward arguments (``KNN_ROUTE.flat_args`` gives the registered op's)."""
+    return (router, ids, sims, memory, k, bias, RoutingConfig(**options), KnnMixing(**mixing), use_triton)
 
 
 # (routing options, mixing, with bias) of the registration checks.

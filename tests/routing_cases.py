@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_kernels import testing
+from moe_kernels.config import RoutingConfig
 
 # (id, E, k, options, with_bias): every routing style, groups and bias, odd E.
 ROUTING_CASES = [
@@ -38,17 +39,15 @@ routing_cases = pytest.mark.parametrize(
 def routing_inputs(num_tokens, num_experts, options, with_bias, dtype=torch.float32, device="cpu", seed=0):
     """Tie-free logits and the bias (or None) for one case."""
     bias = testing.make_bias(num_experts, seed=seed + 1) if with_bias else None
-    group_options = {
-        key: options[key] for key in ("score_func", "num_groups", "topk_groups", "group_score") if key in options
-    }
-    logits = testing.make_routing_logits(num_tokens, num_experts, dtype, bias=bias, seed=seed, **group_options)
+    routing = RoutingConfig(**options)
+    logits = testing.make_routing_logits(num_tokens, num_experts, dtype, routing=routing, bias=bias, seed=seed)
     return logits.to(device), None if bias is None else bias.to(device)
 
 
 def non_finite_logits(score_func: str, device="cpu") -> torch.Tensor:
     """(6, 12) logits with a NaN (row 0), all NaN (1), a +inf (2), all -inf (3), a -inf (4) and
     every other entry NaN (5)."""
-    logits = testing.make_routing_logits(6, 12, score_func=score_func, device=device)
+    logits = testing.make_routing_logits(6, 12, routing=RoutingConfig(score_func=score_func), device=device)
     logits[0, 3] = float("nan")
     logits[1, :] = float("nan")
     logits[2, 7] = float("inf")

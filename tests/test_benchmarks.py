@@ -237,7 +237,7 @@ def test_overhead_benchmark_rows_and_stub():
         weights, ids = moe_kernels.softmax_topk(logits, 8)
         assert torch.equal(weights, stub_outputs[0]) and torch.equal(ids, stub_outputs[1])
         with torch.no_grad():
-            weights, _ = torch.ops.moe_kernels.softmax_topk(logits, 8, False, "softmax", None, 0, 0, "max", 1.0, False)
+            weights, _ = torch.ops.moe_kernels.softmax_topk(logits, 8, None, "softmax", False, 0, 0, "max", 1.0, False)
         assert torch.equal(weights, stub_outputs[0])
     assert routing.SOFTMAX_TOPK.forward is real
     assert not torch.equal(moe_kernels.softmax_topk(logits, 8)[0], stub_outputs[0])

@@ -10,7 +10,7 @@ import torch
 from oracles import softmax_topk_oracle
 
 import moe_kernels as mk
-from moe_kernels.config import ACTIVATIONS, Activation, RoutingConfig, resolve_routing
+from moe_kernels.config import ACTIVATIONS, Activation, KnnMixing, RoutingConfig, resolve_routing
 from moe_kernels.shapes import ROUTING_SHAPES
 
 PRESETS = {
@@ -95,14 +95,40 @@ def test_keyword_options_override_the_config():
     via_keywords = mk.softmax_topk(logits, 8, bias=bias, **{**PRESETS["deepseek_v3"][1], "scale": 1.0})
     via_config = mk.softmax_topk(logits, 8, bias=bias, routing=base, scale=1.0)
     assert all(torch.equal(a, b) for a, b in zip(via_keywords, via_config))
-    with pytest.raises(TypeError, match=r"unexpected routing option\(s\) \['renorm'\]"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'renorm'"):
         resolve_routing("x", renorm=True)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_op_args_round_trip(name):
+    routing = PRESETS[name][0]
+    flat = routing.op_args()
+    assert [type(value) for value in flat] == [kind for _, kind in RoutingConfig.OP_FIELDS]
+    assert RoutingConfig.from_op_args(*flat) == routing
+    assert RoutingConfig.from_op_args(*flat) is RoutingConfig.from_op_args(*flat)  # cached: one rebuild
+    mixing = KnnMixing("softmax", 0.3, 0.5)
+    assert KnnMixing.from_op_args(*mixing.op_args()) == mixing
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(weighting="mean"), r"KnnMixing: weighting must be one of \('similarity', 'softmax'\), got 'mean'"),
+        (dict(temperature=0), r"KnnMixing: temperature must be a finite number > 0, got 0"),
+        (dict(min_confidence=float("nan")), r"KnnMixing: min_confidence must be a number in \[0, 1\], got nan"),
+    ],
+)
+def test_knn_mixing_validates_each_option(fields, match):
+    with pytest.raises(ValueError, match=match):
+        KnnMixing(**fields)
+    assert KnnMixing(temperature=1) == KnnMixing(temperature=1.0) and isinstance(
+        KnnMixing(temperature=1).temperature, float
+    )
 
 
 def test_registry_shapes_hold_configs():
     for shape in ROUTING_SHAPES:
         assert isinstance(shape.routing, RoutingConfig)
-        assert RoutingConfig(**shape.options) == shape.routing
         shape.routing.check(shape.num_experts, shape.k)
 
 
@@ -112,7 +138,6 @@ def test_modules_take_the_config():
     routing = RoutingConfig.deepseek_v2(num_groups=4, topk_groups=2)
     router = mk.TopKRouter(32, 16, 3, routing=routing)
     assert router.routing == routing
-    assert mk.TopKRouter(32, 16, 3, routing=routing.replace(scale=1.0), scale=16.0).routing == routing
     weights, ids = router(hidden)
     want_weights, want_ids = softmax_topk_oracle(
         hidden.double() @ router.weight.double().T, 3, num_groups=4, topk_groups=2, group_score="max", scale=16.0
@@ -120,10 +145,11 @@ def test_modules_take_the_config():
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights.double(), want_weights, atol=1e-5, rtol=1e-5)
     moe = mk.MoE(32, 8, 16, 3, routing=routing)
-    assert moe.router.routing == routing
-    assert mk.MoE(32, 8, 16, 3, renormalize=True).router.routing == RoutingConfig.renormalize()
-    with pytest.raises(ValueError, match=r"MoE: routing options \['routing'\] apply to the default router only"):
+    assert moe.router.routing == routing and mk.MoE(32, 8, 16, 3).router.routing == RoutingConfig()
+    with pytest.raises(ValueError, match=r"MoE: routing applies to the default router only"):
         mk.MoE(32, 8, 16, 3, router=router, routing=routing)
+    with pytest.raises(TypeError, match=r"TopKRouter: routing must be a moe_kernels.RoutingConfig or None, got dict"):
+        mk.TopKRouter(32, 16, 3, routing={"renormalize": True})
     with pytest.raises(
         ValueError, match=r"TopKRouter: k must be an int in \[1, 8\] \(the 8 experts of the kept groups\)"
     ):

@@ -14,6 +14,7 @@ from routing_cases import ROUTING_CASES, non_finite_logits, routing_inputs
 
 import moe_kernels
 from moe_kernels import testing
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.cpu import experts_small, select
 from moe_kernels.cpu import knn as cpu_knn
@@ -50,7 +51,7 @@ def tie_check(request, monkeypatch):
 def test_routing_matches_oracle(case, num_tokens, tie_check):
     _, num_experts, k, options, with_bias = case
     logits, bias = routing_inputs(num_tokens, num_experts, options, with_bias)
-    weights, ids = cpu_routing.softmax_topk(logits, k, bias=bias, **options)
+    weights, ids = cpu_routing.softmax_topk(logits, k, RoutingConfig(**options), bias)
     want_weights, want_ids = softmax_topk_oracle(logits, k, bias=bias, **options)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert weights.is_contiguous() and ids.is_contiguous()
@@ -66,8 +67,8 @@ def test_routing_ties_rank_like_the_reference(dtype, options, tie_check):
     # Random 16-bit logits (and small integers) tie often: those rows take the reference's exact
     # ranking (equal keys, lower id first), the others the fast selection.
     for logits in (torch.randn(300, 64).to(dtype), torch.randint(-3, 3, (300, 64)).to(dtype)):
-        weights, ids = cpu_routing.softmax_topk(logits, 8, **options)
-        want_weights, want_ids = ref_routing.softmax_topk(logits, 8, **options)
+        weights, ids = cpu_routing.softmax_topk(logits, 8, RoutingConfig(**options), None)
+        want_weights, want_ids = ref_routing.softmax_topk(logits, 8, routing=RoutingConfig(**options))
         torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
         testing.assert_close(weights, want_weights)
 
@@ -76,8 +77,9 @@ def test_routing_ties_rank_like_the_reference(dtype, options, tie_check):
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, tie_check):
     logits = non_finite_logits(score_func)
-    weights, ids = cpu_routing.softmax_topk(logits, 5, score_func=score_func, renormalize=renormalize)
-    want_weights, want_ids = ref_routing.softmax_topk(logits, 5, score_func=score_func, renormalize=renormalize)
+    routing = RoutingConfig(score_func=score_func, renormalize=renormalize)
+    weights, ids = cpu_routing.softmax_topk(logits, 5, routing, None)
+    want_weights, want_ids = ref_routing.softmax_topk(logits, 5, routing=routing)
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
     torch.testing.assert_close(weights, want_weights, equal_nan=True)
 
@@ -86,12 +88,11 @@ def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, tie_
 def test_routing_backward_matches_float64(case):
     _, num_experts, k, options, with_bias = case
     logits, bias = routing_inputs(29, num_experts, options, with_bias)
-    _, ids = cpu_routing.softmax_topk(logits, k, bias=bias, **options)
+    routing = RoutingConfig(**options)
+    _, ids = cpu_routing.softmax_topk(logits, k, routing, bias)
     grad = torch.randn(29, k)
-    kept = dict(renormalize=options.get("renormalize", False), score_func=options.get("score_func", "softmax"))
-    kept["scale"] = options.get("scale", 1.0)
-    got = cpu_routing.softmax_topk_backward(grad, logits, ids, **kept)
-    want = ref_routing.softmax_topk_backward(grad.double(), logits.double(), ids, **kept)
+    got = cpu_routing.softmax_topk_backward(grad, logits, ids, routing=routing)
+    want = ref_routing.softmax_topk_backward(grad.double(), logits.double(), ids, routing=routing)
     testing.assert_close(got, want, dtype=torch.float32)
 
 
@@ -156,27 +157,25 @@ def test_knn_matches_float64(weighting, num_tokens):
     sims = torch.rand(num_tokens, num_neighbors) * 2 - 0.5  # some rows have conf 0
     if num_tokens:
         sims[0] = float("nan")
-    options = dict(weighting=weighting, temperature=0.3, min_confidence=0.1)
-    mixed, conf = cpu_knn.knn_mix(router, memory[ids], sims, **options)
-    want_mixed, want_conf = ref_knn.knn_mix(router.double(), memory[ids].double(), sims.double(), **options)
+    mixing = KnnMixing(weighting=weighting, temperature=0.3, min_confidence=0.1)
+    mixed, conf = cpu_knn.knn_mix(router, memory[ids], sims, mixing)
+    want_mixed, want_conf = ref_knn.knn_mix(router.double(), memory[ids].double(), sims.double(), mixing=mixing)
     testing.assert_close(mixed, want_mixed, dtype=torch.float32)
     testing.assert_close(conf, want_conf, dtype=torch.float32)
     dead = conf == 0
     assert torch.equal(mixed[dead], router[dead])  # the router's logits, bit for bit
-    weights, expert_ids, _ = cpu_knn.knn_route(router, ids, sims, memory, 4, renormalize=True, **options)
+    routing = RoutingConfig.renormalize()
+    weights, expert_ids, _ = cpu_knn.knn_route(router, ids, sims, memory, 4, routing, None, mixing)
     want_w, want_ids, _ = ref_knn.knn_route(
-        router.double(), ids, sims.double(), memory.double(), 4, renormalize=True, **options
+        router.double(), ids, sims.double(), memory.double(), 4, routing=routing, mixing=mixing
     )
     torch.testing.assert_close(expert_ids, want_ids, atol=0, rtol=0)
     testing.assert_close(weights, want_w, dtype=torch.float32)
     grad = torch.randn(num_tokens, 4)
-    got = cpu_knn.knn_route_backward(
-        grad, router, ids, sims, memory, expert_ids, renormalize=True, score_func="softmax", scale=1.0, **options
-    )
+    got = cpu_knn.knn_route_backward(grad, router, ids, sims, memory, expert_ids, routing=routing, mixing=mixing)
     want = ref_knn.knn_route_backward(
-        grad.double(), router.double(), ids, sims.double(), memory.double(), expert_ids,
-        renormalize=True, score_func="softmax", scale=1.0, **options,
-    )  # fmt: skip
+        grad.double(), router.double(), ids, sims.double(), memory.double(), expert_ids, routing=routing, mixing=mixing
+    )
     for a, b in zip(got, want):
         testing.assert_close(a, b, dtype=torch.float32)
 
@@ -217,9 +216,7 @@ def test_fused_experts_matches_float64(case, activation, bias, monkeypatch):
     with testing.poisoned_outputs():
         out, saved = cpu_experts.fused_experts_forward(x, gate_up, down, weights, ids, activation, b1, b2, True)
         grad_out = torch.randn(num_tokens, hidden)
-        grads = cpu_experts.fused_experts_backward(
-            grad_out, x, gate_up, down, weights, ids, activation=activation, gate_up_bias=b1, down_bias=b2, h=saved
-        )
+        grads = cpu_experts.fused_experts_backward(grad_out, x, gate_up, down, weights, ids, activation, b1, b2, saved)
     want = ref_experts.fused_experts(
         x.double(), gate_up.double(), down.double(), weights.double(), ids, activation=activation,
         gate_up_bias=_d(b1), down_bias=_d(b2),
@@ -318,7 +315,7 @@ def test_knn_mix_infinite_memory_logit_at_full_confidence_is_infinite():
     router = torch.randn(1, 2)
     neighbors = torch.tensor([[[float("inf"), 0.5]]])
     sims = torch.tensor([[1.0]])
-    mixed, conf = cpu_knn.knn_mix(router, neighbors, sims)
+    mixed, conf = cpu_knn.knn_mix(router, neighbors, sims, KnnMixing())
     want_mixed, want_conf = knn_mix_oracle(router, neighbors, sims)
     assert conf.item() == 1.0 and want_conf.item() == 1.0
     assert mixed[0, 0].item() == float("inf") == want_mixed[0, 0].item()
@@ -329,10 +326,11 @@ def test_sigmoid_equal_logits_tie_to_the_lower_id_on_the_cpu_path(tie_check):
     # torch.sigmoid's vectorised and scalar paths round equal logits 1 ulp apart at some positions.
     logits = (torch.randn(31, 3, generator=torch.Generator().manual_seed(5894), dtype=torch.float64) * 30).float()
     logits[:, 1] = logits[:, 0]
-    weights, ids = cpu_routing.softmax_topk(logits, 3, score_func="sigmoid")
+    routing = RoutingConfig.llama4()
+    weights, ids = cpu_routing.softmax_topk(logits, 3, routing, None)
     assert ids[21].tolist() == [2, 0, 1]  # torch.sigmoid's keys gave [2, 1, 0]
     # Against the reference (float32 keys: the float64 oracle separates saturated scores that
     # float32 ties), ids exactly.
-    want_weights, want_ids = ref_routing.softmax_topk(logits, 3, score_func="sigmoid")
+    want_weights, want_ids = ref_routing.softmax_topk(logits, 3, routing=routing)
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
     testing.assert_close(weights, want_weights)

@@ -15,6 +15,7 @@ from routing_cases import routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import reference
+from moe_kernels.config import RoutingConfig
 from moe_kernels.testing import assert_close, tolerance
 
 ATOL, RTOL = tolerance(torch.float64)
@@ -58,7 +59,7 @@ def _check(cref, logits, k, routing, bias=None, grad_seed=None):
     assert c_weights.dtype == torch.float64 and c_ids.dtype == torch.int32
     assert c_weights.shape == c_ids.shape == (logits.shape[0], k)
 
-    r_weights, r_ids = reference.softmax_topk(logits, k, bias=bias, **routing)
+    r_weights, r_ids = reference.softmax_topk(logits, k, routing=RoutingConfig(**routing), bias=bias)
     x = logits.clone().requires_grad_(grad_seed is not None)
     o_weights, o_ids = moe_kernels.softmax_topk(x, k, bias=bias, backend="torch", **routing)
 
@@ -72,9 +73,7 @@ def _check(cref, logits, k, routing, bias=None, grad_seed=None):
     grad_weights = _randn(logits.shape[0], k, seed=grad_seed)
     renormalize, score_func, scale = _backward_options(routing)
     c_grad = cref.softmax_topk_backward_ref(grad_weights, logits, c_ids, renormalize, score_func, scale)
-    r_grad = reference.softmax_topk_backward(
-        grad_weights, logits, r_ids, renormalize=renormalize, score_func=score_func, scale=scale
-    )
+    r_grad = reference.softmax_topk_backward(grad_weights, logits, r_ids, routing=RoutingConfig(**routing))
     assert c_grad.dtype == torch.float64 and c_grad.shape == logits.shape
     torch.testing.assert_close(c_grad, r_grad, atol=ATOL, rtol=RTOL)
     if logits.shape[0]:
@@ -155,7 +154,9 @@ def test_ties_lower_id_first(cref, score_func, with_groups):
     ]
     logits = torch.stack(rows)
     c_weights, c_ids = _cpp_softmax_topk(cref, logits, k, renormalize=True, score_func=score_func, **groups)
-    r_weights, r_ids = reference.softmax_topk(logits, k, renormalize=True, score_func=score_func, **groups)
+    r_weights, r_ids = reference.softmax_topk(
+        logits, k, routing=RoutingConfig(renormalize=True, score_func=score_func, **groups)
+    )
     expected = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [1, 3, 5, 7, 9]], dtype=torch.int32)
     if with_groups:
         # Groups of 4, all with equal scores: groups 0 and 1 stay, experts 0..7 are eligible.
@@ -170,7 +171,7 @@ def test_other_logit_dtypes_are_converted(cref):
     """float32 logits are read as float64 (the oracle always computes in double)."""
     logits = _randn(9, 60, seed=11).float()
     c_weights, c_ids = _cpp_softmax_topk(cref, logits, 4, renormalize=True)
-    r_weights, r_ids = reference.softmax_topk(logits.double(), 4, renormalize=True)
+    r_weights, r_ids = reference.softmax_topk(logits.double(), 4, routing=RoutingConfig.renormalize())
     assert torch.equal(c_ids, r_ids)
     torch.testing.assert_close(c_weights, r_weights, atol=ATOL, rtol=RTOL)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import moe_kernels as mk
 from moe_kernels import testing
+from moe_kernels.config import RoutingConfig
 from moe_kernels.knn import KNNRouter
 from moe_kernels.knn.build import build_routing_memory, routed_layers
 
@@ -17,7 +18,7 @@ class TwoBlockModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(6, 16)
-        self.blocks = nn.ModuleList([mk.MoE(16, 8, 4, 2, renormalize=True) for _ in range(2)])
+        self.blocks = nn.ModuleList([mk.MoE(16, 8, 4, 2, routing=RoutingConfig.renormalize()) for _ in range(2)])
         self.out = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -79,7 +80,7 @@ def test_built_memory_drives_a_knn_router():
     built = build_routing_memory(model, batches, _loss, steps=10, lr=0.2, progress=False)
     memory = built.memories["blocks.0"]
     frozen = model.blocks[0].router
-    model.blocks[0].router = KNNRouter(frozen.weight, memory, 2, n_neighbors=1, renormalize=True)
+    model.blocks[0].router = KNNRouter(frozen.weight, memory, 2, n_neighbors=1, routing=RoutingConfig.renormalize())
     with torch.no_grad():
         hidden = model.inp(batches[0][0])
         weights, ids = model.blocks[0].router(hidden)

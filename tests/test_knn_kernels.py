@@ -16,6 +16,7 @@ from knn_cases import MIXING_IDS, MIXINGS, ROUTINGS, mix_inputs, mixings, route_
 from oracles import knn_route_oracle
 
 from moe_kernels import testing
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.functional.knn import knn_mix
 from moe_kernels.functional.knn_route import knn_route
 from moe_kernels.functional.routing import softmax_topk
@@ -37,7 +38,7 @@ def _mix_kernel_vs_reference(device, dtype, options, num_tokens=67, num_experts=
     for name, t in (("mixed", mixed), ("conf", conf), ("grad_router", r_k.grad), ("grad_neighbors", n_k.grad)):
         testing.assert_written(t, name)
     r64, n64 = router.double().requires_grad_(True), neighbors.double().requires_grad_(True)
-    want_mixed, want_conf = knn_ref.knn_mix(r64, n64, sims.double(), **options)
+    want_mixed, want_conf = knn_ref.knn_mix(r64, n64, sims.double(), mixing=KnnMixing(**options))
     want_mixed.backward(grad.double())
     testing.assert_close(conf, want_conf)
     testing.assert_close(mixed, want_mixed)
@@ -93,8 +94,10 @@ def _route_kernel_vs_reference(
     assert weights.dtype == conf.dtype == torch.float32 and chosen.dtype == torch.int32
     assert weights.shape == chosen.shape == (num_tokens, k) and conf.shape == (num_tokens,)
     r64, m64 = router.double().requires_grad_(True), memory.double().requires_grad_(True)
+    bias64 = None if bias is None else bias.double()
+    routing, knn_mixing = RoutingConfig(**options), KnnMixing(**mixing)
     want_weights, want_ids, want_conf = knn_ref.knn_route(
-        r64, ids, sims.double(), m64, k, bias=None if bias is None else bias.double(), **options, **mixing
+        r64, ids, sims.double(), m64, k, routing=routing, bias=bias64, mixing=knn_mixing
     )
     want_weights.backward(grad.double())
     torch.testing.assert_close(chosen, want_ids, atol=0, rtol=0)
@@ -166,12 +169,12 @@ def test_route_kernel_checks_neighbor_ids_itself(kernel_device, bad_id):
 
     router, ids, sims, memory, _ = route_inputs(5, 8, 2, num_rows=4)
     args = [t.to(kernel_device) for t in (router, ids, sims, memory)]
-    routing = (False, "softmax", None, 0, 0, "max", 1.0, "similarity", 0.1, 0.0)
-    launch_knn_route(*args, 2, *routing)
+    options = (RoutingConfig(), None, KnnMixing())  # routing, bias, mixing
+    launch_knn_route(*args, 2, *options)
     bad = args[1].clone()
     bad[3, 1] = bad_id
     with pytest.raises(RuntimeError, match=r"neighbor_ids must lie in \[0, N\) = \[0, 4\)"):
-        launch_knn_route(args[0], bad, *args[2:], 2, *routing)
+        launch_knn_route(args[0], bad, *args[2:], 2, *options)
         if kernel_device == "cuda":
             torch.cuda.synchronize()
 

@@ -20,6 +20,7 @@ from knn_cases import (
 )
 
 from moe_kernels import reference, testing
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.functional.knn import knn_mix
 from moe_kernels.functional.knn_assign import knn_route_assignments
 from moe_kernels.functional.knn_route import knn_route
@@ -41,7 +42,7 @@ def test_mix_gradcheck_float64(mixing):
         return knn_mix(r, n, sims, backend="torch", **mixing)[0]
 
     def through_autograd(r, n):
-        return reference.knn_mix(r, n, sims, **mixing)[0]
+        return reference.knn_mix(r, n, sims, mixing=KnnMixing(**mixing))[0]
 
     assert torch.autograd.gradcheck(through_op, (router, neighbors))
     assert torch.autograd.gradcheck(through_autograd, (router, neighbors))
@@ -68,7 +69,8 @@ def test_route_gradcheck_float64(options, mixing):
         return knn_route(r, ids, sims, m, 3, bias=bias, backend="torch", **options, **mixing)[0]
 
     def through_autograd(r, m):
-        return knn_ref.knn_route(r, ids, sims, m, 3, bias=bias, **options, **mixing)[0]
+        routing = RoutingConfig(**options)
+        return knn_ref.knn_route(r, ids, sims, m, 3, routing=routing, bias=bias, mixing=KnnMixing(**mixing))[0]
 
     assert torch.autograd.gradcheck(through_op, (router, memory))
     assert torch.autograd.gradcheck(through_autograd, (router, memory))
@@ -79,7 +81,7 @@ def test_route_explicit_backward_matches_autograd_and_memory_without_grad():
     options = dict(renormalize=True, score_func="sigmoid", scale=2.0)
     grad = torch.randn(6, 3, dtype=torch.float64)
     r_auto, m_auto = router.clone().requires_grad_(True), memory.clone().requires_grad_(True)
-    knn_ref.knn_route(r_auto, ids, sims, m_auto, 3, bias=bias, **options)[0].backward(grad)
+    knn_ref.knn_route(r_auto, ids, sims, m_auto, 3, routing=RoutingConfig(**options), bias=bias)[0].backward(grad)
     r_op, m_op = router.clone().requires_grad_(True), memory.clone().requires_grad_(True)
     knn_route(r_op, ids, sims, m_op, 3, bias=bias, backend="torch", **options)[0].backward(grad)
     testing.assert_close(r_op.grad, r_auto.grad)
@@ -109,7 +111,7 @@ def _opcheck_mix(router, neighbors, sims, mixing, use_triton, requires_grad=True
     or not."""
     router, neighbors = router.clone().requires_grad_(requires_grad), neighbors.clone().requires_grad_(requires_grad)
     args = mix_op_args(router, neighbors, sims, mixing, use_triton)
-    torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, args)
+    torch.library.opcheck(torch.ops.moe_kernels.knn_mix.default, KNN_MIX.flat_args(args))
 
 
 def _opcheck_route(inputs, options, mixing, use_triton, router_grad=True, memory_grad=True):
@@ -118,7 +120,7 @@ def _opcheck_route(inputs, options, mixing, use_triton, router_grad=True, memory
     router, ids, sims, memory, bias = inputs
     router, memory = router.clone().requires_grad_(router_grad), memory.clone().requires_grad_(memory_grad)
     args = route_op_args(router, ids, sims, memory, 3, bias, options, mixing, use_triton)
-    torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, args)
+    torch.library.opcheck(torch.ops.moe_kernels.knn_route.default, KNN_ROUTE.flat_args(args))
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 11])
@@ -128,10 +130,9 @@ def test_mix_opcheck_reference_path(num_tokens):
         for requires_grad in (False, True):
             _opcheck_mix(router, neighbors, sims, options, False, requires_grad)
         grad = torch.randn(num_tokens, 12)
-        backward_args = (grad, sims, *mix_op_args(router, neighbors, sims, options, False)[3:6])
-        torch.library.opcheck(
-            torch.ops.moe_kernels.knn_mix_backward.default, (*backward_args, torch.float32, torch.float32, False)
-        )
+        mixing = mix_op_args(router, neighbors, sims, options, False)[3]
+        backward_args = KNN_MIX.flat_backward_args((grad, sims, mixing, torch.float32, torch.float32, False))
+        torch.library.opcheck(torch.ops.moe_kernels.knn_mix_backward.default, backward_args)
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 13])
@@ -142,11 +143,14 @@ def test_route_opcheck_reference_path(num_tokens):
             _opcheck_route(inputs, options, mixing, False, router_grad, memory_grad)
         router, ids, sims, memory, bias = inputs
         args = route_op_args(router, ids, sims, memory, 3, bias, options, mixing, False)
-        _, chosen, _ = torch.ops.moe_kernels.knn_route(*args)
+        _, chosen, _ = torch.ops.moe_kernels.knn_route(*KNN_ROUTE.flat_args(args))
+        routing, knn_mixing = args[6:8]
         for memory_grad in (False, True):
-            backward_args = (torch.randn(num_tokens, 3), router, ids, sims, memory, chosen, *args[5:7], args[11])
-            backward_args += (*args[12:15], memory_grad, False)
-            torch.library.opcheck(torch.ops.moe_kernels.knn_route_backward.default, backward_args)
+            grad = torch.randn(num_tokens, 3)
+            backward_args = (grad, router, ids, sims, memory, chosen, routing, knn_mixing, memory_grad, False)
+            torch.library.opcheck(
+                torch.ops.moe_kernels.knn_route_backward.default, KNN_ROUTE.flat_backward_args(backward_args)
+            )
 
 
 def _mix_function_matches_op(device, use_triton):

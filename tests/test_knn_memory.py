@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_kernels import softmax_topk
+from moe_kernels.config import RoutingConfig
 from moe_kernels.knn import KNNRouter, RoutingMemory, faiss_available
 from moe_kernels.knn import memory as memory_module
 
@@ -186,7 +187,7 @@ def _router_and_memory(num_experts=16, hidden=32, entries=400, seed=0):
 
 def test_knn_router_follows_a_confident_memory():
     weight, memory = _router_and_memory()
-    router = KNNRouter(weight, memory, 2, n_neighbors=1, renormalize=True, backend="torch")
+    router = KNNRouter(weight, memory, 2, n_neighbors=1, routing=RoutingConfig.renormalize(), backend="torch")
     weights, ids = router(memory.keys[:7].reshape(7, 1, 32) * 3.0)  # cosine similarity 1
     assert weights.shape == ids.shape == (7, 1, 2)
     assert (ids.sort(-1).values == torch.tensor([0, 1], dtype=torch.int32)).all()

@@ -10,6 +10,7 @@ import torch
 from helpers import assert_compile_matches_eager
 
 import moe_kernels as mk
+from moe_kernels.config import RoutingConfig
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.reference.experts import gated_activation
 from moe_kernels.testing import assert_close
@@ -42,10 +43,10 @@ def _loop(block: mk.MoE, hidden: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "options",
     [
-        dict(renormalize=True),
+        dict(routing=RoutingConfig.renormalize()),
         dict(shared_intermediate_size=12, shared_gate=True),
         dict(shared_intermediate_size=12),
-        dict(activation="gpt_oss", expert_bias=True, renormalize=True),
+        dict(activation="gpt_oss", expert_bias=True, routing=RoutingConfig.renormalize()),
     ],
     ids=["mixtral-like", "qwen2-moe-like", "deepseek-like", "gpt-oss-like"],
 )
@@ -69,8 +70,8 @@ def test_block_trains_every_parameter():
 def test_block_with_probmoe_router_and_compile():
     block = mk.MoE(16, 8, 4, 2, router=mk.ProbMoERouter(16, 4, 2)).eval()
     assert_compile_matches_eager(block, (torch.randn(9, 16),))
-    with pytest.raises(ValueError, match="routing options"):
-        mk.MoE(16, 8, 4, 2, router=mk.ProbMoERouter(16, 4, 2), renormalize=True)
+    with pytest.raises(ValueError, match="routing applies to the default router only"):
+        mk.MoE(16, 8, 4, 2, router=mk.ProbMoERouter(16, 4, 2), routing=RoutingConfig.renormalize())
 
 
 @pytest.mark.kernel

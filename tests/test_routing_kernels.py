@@ -18,6 +18,7 @@ from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import reference, testing
+from moe_kernels.config import RoutingConfig
 from moe_kernels.ops import routing as routing_ops
 
 pytestmark = pytest.mark.kernel
@@ -67,20 +68,7 @@ def test_kernel_one_row_per_program(kernel_device, monkeypatch):
     monkeypatch.setattr(routing_ops, "MIN_PROGRAMS", 128)
     logits, bias = routing_inputs(9, 256, dict(score_func="sigmoid"), True, torch.float32, kernel_device)
     options = dict(score_func="sigmoid", num_groups=8, topk_groups=4, renormalize=True, scale=2.5)
-    assert (
-        routing_ops.forward_meta(
-            9,
-            256,
-            8,
-            renormalize=True,
-            score_func="sigmoid",
-            has_bias=True,
-            num_groups=8,
-            topk_groups=4,
-            group_score="top2_sum",
-        )["BLOCK_T"]
-        == 1
-    )
+    assert routing_ops.forward_meta(9, 256, 8, RoutingConfig(**options), True)["BLOCK_T"] == 1
     weights, ids = _run(logits, 8, bias, options)
     want_weights, want_ids = softmax_topk_oracle(logits.cpu(), 8, bias=bias.cpu(), **options)
     torch.testing.assert_close(ids.cpu(), want_ids, atol=0, rtol=0)
@@ -92,7 +80,7 @@ def test_kernel_non_contiguous_and_leading_dims(kernel_device):
     transposed = logits.t().contiguous().t()
     assert not transposed.is_contiguous()
     weights, ids = _run(transposed, 6, None, dict(renormalize=True))
-    want_weights, want_ids = reference.softmax_topk(logits, 6, renormalize=True)
+    want_weights, want_ids = reference.softmax_topk(logits, 6, routing=RoutingConfig.renormalize())
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
     testing.assert_close(weights, want_weights)
     weights3, ids3 = _run(logits.reshape(3, 4, 5, 72), 6, None, dict(renormalize=True))
@@ -107,7 +95,7 @@ def test_kernel_non_finite_rows_match_reference(kernel_device, score_func):
     logits = non_finite_logits(score_func, device=kernel_device)
     options = dict(score_func=score_func, renormalize=True)
     weights, ids = moe_kernels.softmax_topk(logits, k, backend="triton", **options)
-    want_weights, want_ids = reference.softmax_topk(logits, k, **options)
+    want_weights, want_ids = reference.softmax_topk(logits, k, routing=RoutingConfig(**options))
     assert ((ids >= 0) & (ids < num_experts)).all()
     assert all(len(set(row)) == k for row in ids.tolist())
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
@@ -131,7 +119,8 @@ def test_kernel_backward_matches_reference(kernel_device, num_experts, k, option
         weights.backward(grad_out)
     assert x_kernel.grad.dtype == dtype
     x_ref = logits.double().requires_grad_(True)
-    ref_weights, _ = reference.softmax_topk(x_ref, k, bias=None if bias is None else bias.double(), **options)
+    bias64 = None if bias is None else bias.double()
+    ref_weights, _ = reference.softmax_topk(x_ref, k, routing=RoutingConfig(**options), bias=bias64)
     ref_weights.backward(grad_out.double())
     testing.assert_written(x_kernel.grad, "grad_logits")
     testing.assert_close(x_kernel.grad, x_ref.grad, msg="kernel gradient vs float64 reference")
@@ -151,9 +140,8 @@ def test_cuda_graph_capture_and_replay():
     bias = testing.make_bias(256)
 
     def fresh_logits(seed):
-        return testing.make_routing_logits(
-            64, 256, torch.bfloat16, score_func="sigmoid", bias=bias, num_groups=8, topk_groups=4, seed=seed
-        ).cuda()
+        routing = RoutingConfig(**options)
+        return testing.make_routing_logits(64, 256, torch.bfloat16, routing=routing, bias=bias, seed=seed).cuda()
 
     bias = bias.cuda()
     static_logits = fresh_logits(0)
@@ -166,7 +154,7 @@ def test_cuda_graph_capture_and_replay():
         fresh = fresh_logits(seed)
         static_logits.copy_(fresh)
         graph.replay()
-        want_weights, want_ids = reference.softmax_topk(fresh, 8, bias=bias, **options)
+        want_weights, want_ids = reference.softmax_topk(fresh, 8, routing=RoutingConfig(**options), bias=bias)
         torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
         testing.assert_close(weights, want_weights)
 

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels
 from moe_kernels import reference, testing
+from moe_kernels.config import RoutingConfig
 from moe_kernels.ops.routing import SOFTMAX_TOPK
 
 OPCHECK_CASES = [
@@ -32,18 +33,8 @@ OPCHECK_CASES = [
 
 
 def _op_args(logits, k, bias, options, use_triton):
-    return (
-        logits,
-        k,
-        options.get("renormalize", False),
-        options.get("score_func", "softmax"),
-        bias,
-        options.get("num_groups", 0),
-        options.get("topk_groups", 0),
-        options.get("group_score", "top2_sum"),
-        float(options.get("scale", 1.0)),
-        use_triton,
-    )
+    """The op's forward arguments (``SOFTMAX_TOPK.flat_args`` gives the registered op's)."""
+    return (logits, k, bias, RoutingConfig(**options), use_triton)
 
 
 def _opcheck(device, use_triton, num_tokens):
@@ -51,18 +42,10 @@ def _opcheck(device, use_triton, num_tokens):
         logits, bias = routing_inputs(num_tokens, num_experts, options, with_bias, device=device)
         for requires_grad in (False, True):
             args = _op_args(logits.clone().requires_grad_(requires_grad), k, bias, options, use_triton)
-            torch.library.opcheck(torch.ops.moe_kernels.softmax_topk.default, args)
-        weights, ids = torch.ops.moe_kernels.softmax_topk(*_op_args(logits, k, bias, options, use_triton))
+            torch.library.opcheck(torch.ops.moe_kernels.softmax_topk.default, SOFTMAX_TOPK.flat_args(args))
+        weights, ids = SOFTMAX_TOPK.registered(*_op_args(logits, k, bias, options, use_triton))
         grad = torch.randn_like(weights)
-        bwd_args = (
-            grad,
-            logits,
-            ids,
-            options.get("renormalize", False),
-            options.get("score_func", "softmax"),
-            float(options.get("scale", 1.0)),
-            use_triton,
-        )
+        bwd_args = SOFTMAX_TOPK.flat_backward_args((grad, logits, ids, RoutingConfig(**options), use_triton))
         torch.library.opcheck(torch.ops.moe_kernels.softmax_topk_backward.default, bwd_args)
 
 
@@ -95,7 +78,7 @@ def test_eager_function_matches_registered_op_kernel_path(kernel_device):
 def test_fake_kernel_shapes_without_running():
     with FakeTensorMode():
         logits = torch.empty(11, 48, dtype=torch.bfloat16)
-        weights, ids = torch.ops.moe_kernels.softmax_topk(logits, 5, True, "softmax", None, 0, 0, "top2_sum", 1.0, True)
+        weights, ids = torch.ops.moe_kernels.softmax_topk(logits, 5, None, "softmax", True, 0, 0, "top2_sum", 1.0, True)
     assert weights.shape == ids.shape == (11, 5)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
 
@@ -109,9 +92,8 @@ def _compile_matches_eager(device, backend):
         return weights * 2, ids
 
     def logits(num_tokens):
-        return testing.make_routing_logits(
-            num_tokens, 32, score_func="sigmoid", bias=bias.cpu(), num_groups=4, topk_groups=2, seed=num_tokens
-        ).to(device)
+        routing = RoutingConfig(**options)
+        return testing.make_routing_logits(num_tokens, 32, routing=routing, bias=bias.cpu(), seed=num_tokens).to(device)
 
     # Two token counts: one dynamic graph, no recompile per T; the forward is bit-exact.
     assert_compile_matches_eager(route, (logits(7),), (logits(19),), dynamic=True, forward_exact=True)
@@ -143,7 +125,7 @@ def test_compile_fullgraph_kernel_path(kernel_device):
     ids=["softmax", "softmax-renorm", "sigmoid", "sigmoid-renorm-groups"],
 )
 def test_gradcheck_float64(options):
-    logits = testing.make_routing_logits(5, 16, torch.float64, score_func=options.get("score_func", "softmax"))
+    logits = testing.make_routing_logits(5, 16, torch.float64, routing=RoutingConfig(**options))
     bias = testing.make_bias(16).double()
     logits.requires_grad_(True)
 
@@ -151,7 +133,7 @@ def test_gradcheck_float64(options):
         return moe_kernels.softmax_topk(x, 4, bias=bias, backend="torch", **options)[0]
 
     def through_autograd(x):  # the reference differentiated by autograd
-        return reference.softmax_topk(x, 4, bias=bias, **options)[0]
+        return reference.softmax_topk(x, 4, routing=RoutingConfig(**options), bias=bias)[0]
 
     assert torch.autograd.gradcheck(through_op, (logits,))
     assert torch.autograd.gradcheck(through_autograd, (logits,))
@@ -170,14 +152,8 @@ def test_explicit_backward_matches_autograd(num_experts, k, options, with_bias):
     logits, bias = routing_inputs(33, num_experts, options, with_bias, torch.float64)
     logits.requires_grad_(True)
     grad_out = torch.randn(33, k, dtype=torch.float64)
-    weights, ids = reference.softmax_topk(logits, k, bias=bias, **options)
+    routing = RoutingConfig(**options)
+    weights, ids = reference.softmax_topk(logits, k, routing=routing, bias=bias)
     (want,) = torch.autograd.grad(weights, logits, grad_out)
-    got = reference.softmax_topk_backward(
-        grad_out,
-        logits.detach(),
-        ids,
-        renormalize=options.get("renormalize", False),
-        score_func=options.get("score_func", "softmax"),
-        scale=options.get("scale", 1.0),
-    )
+    got = reference.softmax_topk_backward(grad_out, logits.detach(), ids, routing=routing)
     testing.assert_close(got, want)

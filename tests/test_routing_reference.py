@@ -15,6 +15,7 @@ from routing_cases import non_finite_logits, routing_cases, routing_inputs
 
 import moe_kernels
 from moe_kernels import testing
+from moe_kernels.config import RoutingConfig
 
 
 @routing_cases
@@ -118,7 +119,7 @@ def test_top_k_router_module_against_float64_oracle():
     # The gate and the routing against float64 computed here, not through the reference the
     # module calls: the logits of an independent float64 linear, the oracle's ids and weights,
     # and the gradients of the weights by autograd through plain torch.softmax in float64.
-    router = moe_kernels.TopKRouter(24, 16, 4, renormalize=True, backend="torch")
+    router = moe_kernels.TopKRouter(24, 16, 4, routing=RoutingConfig.renormalize(), backend="torch")
     hidden = torch.randn(3, 5, 24, requires_grad=True)
     weights, ids = router(hidden)
     assert weights.shape == ids.shape == (3, 5, 4)
@@ -139,7 +140,7 @@ def test_top_k_router_module_against_float64_oracle():
 
 
 def test_top_k_router_correction_bias_selects_only():
-    router = moe_kernels.TopKRouter(8, 6, 2, score_func="sigmoid", correction_bias=True, backend="torch")
+    router = moe_kernels.TopKRouter(8, 6, 2, routing=RoutingConfig.llama4(), correction_bias=True, backend="torch")
     with torch.no_grad():
         router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0, 4.0]))
     hidden = torch.randn(7, 8)

@@ -209,24 +209,26 @@ def fused_experts_forward(
     return out, saved
 
 
-def fused_experts(hidden, gate_up_proj, down_proj, weights, ids, **options):
-    """:func:`moe_kernels.reference.experts.fused_experts` on the CPU (no autograd; ``options`` its
-    keyword arguments): ``(T, H)`` in hidden's dtype, fresh and contiguous."""
-    opts = reference.ExpertOptions(**options)
-    args = (hidden, gate_up_proj, down_proj, weights, ids, opts.activation, opts.gate_up_bias, opts.down_bias)
-    return fused_experts_forward(*args, save_h=False)[0]
-
-
-def fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, *, h=None, **options):
-    """:func:`moe_kernels.reference.experts.fused_experts_backward` on the CPU (``options`` its
-    keyword arguments): the six gradients (None for an absent bias), each in its input's dtype,
-    empty experts' weight gradients zero. ``h``: the forward's saved pre-activations (``T*k``
-    rows, see :func:`fused_experts_forward`), else recomputed."""
-    opts = reference.ExpertOptions(**options)
-    activation, gate_up_bias, down_bias = opts.activation, opts.gate_up_bias, opts.down_bias
+def fused_experts_backward(
+    grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, h
+) -> tuple:
+    """:func:`moe_kernels.reference.experts.fused_experts_backward` on the CPU: the six gradients
+    (None for an absent bias), each in its input's dtype, empty experts' weight gradients zero.
+    ``h``: the forward's saved pre-activations (``T*k`` rows, see :func:`fused_experts_forward`),
+    else (fewer rows) recomputed."""
     Activation.parse(activation)
     if not _can_use(hidden, gate_up_proj, down_proj):
-        return reference.fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, **options)
+        return reference.fused_experts_backward(
+            grad_out,
+            hidden,
+            gate_up_proj,
+            down_proj,
+            weights,
+            ids,
+            activation=activation,
+            gate_up_bias=gate_up_bias,
+            down_bias=down_bias,
+        )
     if experts_small.applies(gate_up_proj, down_proj, ids):
         return experts_small.backward(
             grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias
@@ -246,7 +248,7 @@ def fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, i
         grad_gate_up, grad_down = alloc(gate_up_proj), alloc(down_proj)
     grad_gate_up_bias = None if gate_up_bias is None else torch.zeros_like(gate_up_bias)
     grad_down_bias = None if down_bias is None else torch.zeros_like(down_bias)
-    saved_h = h is not None and h.shape[0] == ids.numel()
+    saved_h = h.shape[0] == ids.numel()
     w1 = gate_up_proj.transpose(1, 2)
     all_weights = weights.reshape(-1)[slots][:, None]
     for e0, e1, r0, r1 in blocks:

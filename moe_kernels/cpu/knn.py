@@ -18,30 +18,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
-from moe_kernels.reference.knn import KnnOptions
-from moe_kernels.reference.options import split_options
 from moe_kernels.reference.routing import compute_dtype
 
 # Gathered rows (T * n) above which the memory rows are summed by embedding_bag.
 EMBEDDING_BAG_MIN_ROWS = 64
 
 
-def confidence_and_weights(neighbor_sims, knn, dtype):
+def confidence_and_weights(neighbor_sims: torch.Tensor, mixing: KnnMixing, dtype: torch.dtype):
     """``(conf (T,), live (T, 1) bool, w (T, n))``: the reference's confidence (0 where NaN,
     non-positive or below ``min_confidence``), the rows where it is positive, and the neighbour
     weights, 0 on rows that are not live (where the reference's may be NaN, e.g. sims summing
-    to 0). ``knn``: a :class:`~moe_kernels.reference.knn.KnnOptions`."""
+    to 0). Plain tensor ops on ``neighbor_sims``' device (``knn_route_assignments`` uses it on
+    every device)."""
     sims = neighbor_sims.to(dtype)
     total = sims.sum(dim=-1, keepdim=True)
     conf = (total / sims.shape[-1]).clamp_(0.0, 1.0)  # NaN stays NaN: not live below
-    live = conf > 0.0 if knn.min_confidence <= 0.0 else conf >= knn.min_confidence
-    if knn.weighting == "similarity":
+    live = conf > 0.0 if mixing.min_confidence <= 0.0 else conf >= mixing.min_confidence
+    if mixing.weighting == "similarity":
         weights = sims / total
-    elif knn.weighting == "softmax":
-        weights = torch.softmax(sims / knn.temperature, dim=-1)
     else:
-        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {knn.weighting!r}")
+        weights = torch.softmax(sims / mixing.temperature, dim=-1)
     weights = torch.where(live, weights, 0.0)
     return torch.where(live, conf, 0.0).squeeze(-1), live, weights
 
@@ -54,20 +52,29 @@ def _mix(frozen: torch.Tensor, retrieved: torch.Tensor, conf: torch.Tensor, live
     return torch.where(live, torch.addcmul(frozen * (1.0 - c), retrieved, c), frozen)
 
 
-def knn_mix(router_logits, neighbor_logits, neighbor_sims, **options):
-    """:func:`moe_kernels.reference.knn.knn_mix` on the CPU (no autograd; ``options`` its keyword
-    arguments): ``mixed (T, E)`` and ``conf (T,)`` in the compute dtype, fresh and contiguous."""
+def knn_mix(
+    router_logits: torch.Tensor, neighbor_logits: torch.Tensor, neighbor_sims: torch.Tensor, mixing: KnnMixing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.knn.knn_mix` on the CPU (no autograd): ``mixed (T, E)`` and
+    ``conf (T,)`` in the compute dtype, fresh and contiguous."""
     dtype = compute_dtype(router_logits.dtype)
-    conf, live, weights = confidence_and_weights(neighbor_sims, KnnOptions(**options), dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, mixing, dtype)
     retrieved = torch.bmm(weights.unsqueeze(1), neighbor_logits.to(dtype)).squeeze(1)
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf
 
 
-def knn_mix_backward(grad_mixed, neighbor_sims, *, router_dtype, neighbor_dtype, **options):
+def knn_mix_backward(
+    grad_mixed: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    *,
+    mixing: KnnMixing,
+    router_dtype: torch.dtype,
+    neighbor_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moe_kernels.reference.knn.knn_mix_backward` on the CPU: ``grad_router (T, E)`` and
     ``grad_neighbors (T, n, E)``."""
     dtype = compute_dtype(router_dtype)
-    conf, _, weights = confidence_and_weights(neighbor_sims, KnnOptions(**options), dtype)
+    conf, _, weights = confidence_and_weights(neighbor_sims, mixing, dtype)
     grad = grad_mixed.to(dtype)
     grad_router = grad * (1.0 - conf)[:, None]
     grad_neighbors = (weights * conf[:, None]).unsqueeze(-1) * grad.unsqueeze(1)
@@ -84,32 +91,48 @@ def _retrieved(memory_logits, neighbor_ids, weights, dtype):
     return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
 
 
-def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn):
-    """``(mixed (T, E), conf (T,), weights (T, n))`` of the fused route, in the compute dtype
-    (``knn``: a :class:`~moe_kernels.reference.knn.KnnOptions`)."""
+def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing: KnnMixing):
+    """``(mixed (T, E), conf (T,), weights (T, n))`` of the fused route, in the compute dtype."""
     dtype = compute_dtype(router_logits.dtype)
-    conf, live, weights = confidence_and_weights(neighbor_sims, knn, dtype)
+    conf, live, weights = confidence_and_weights(neighbor_sims, mixing, dtype)
     retrieved = _retrieved(memory_logits, neighbor_ids, weights, dtype)
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf, weights
 
 
-def knn_route(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, **options):
-    """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd; ``options`` its keyword
-    arguments): ``weights (T, k)``, ``ids (T, k)`` int32 and ``conf (T,)``."""
-    knn, routing = split_options(options, KnnOptions)
-    mixed, conf, _ = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn)
-    weights, ids = cpu_routing.softmax_topk(mixed, k, **routing)
+def knn_route(
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    k: int,
+    routing: RoutingConfig,
+    bias: torch.Tensor | None,
+    mixing: KnnMixing,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd): ``weights (T, k)``,
+    ``ids (T, k)`` int32 and ``conf (T,)``."""
+    mixed, conf, _ = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
+    weights, ids = cpu_routing.softmax_topk(mixed, k, routing, bias)
     return weights, ids, conf
 
 
-def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, **options):
-    """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU (``options`` its keyword
-    arguments): ``grad_router (T, E)`` in the router's dtype and ``grad_memory (N, E)`` in the
-    memory's (None unless ``memory_grad``), accumulated in the compute dtype by one ``index_add_``."""
-    knn, routing = split_options(options, KnnOptions)
-    memory_grad = routing.pop("memory_grad", True)
-    mixed, conf, weights = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, knn)
-    grad_mixed = cpu_routing.softmax_topk_backward(grad_weights, mixed, ids, **routing)
+def knn_route_backward(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    routing: RoutingConfig,
+    mixing: KnnMixing,
+    memory_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU: ``grad_router (T, E)`` in
+    the router's dtype and ``grad_memory (N, E)`` in the memory's (None unless ``memory_grad``),
+    accumulated in the compute dtype by one ``index_add_``."""
+    mixed, conf, weights = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
+    grad_mixed = cpu_routing.softmax_topk_backward(grad_weights, mixed, ids, routing=routing)
     grad_router = (grad_mixed * (1.0 - conf)[:, None]).to(router_logits.dtype)
     if not memory_grad:
         return grad_router, None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import select
 from moe_kernels.reference import routing as reference
 from moe_kernels.reference.routing import RENORM_EPS, compute_dtype
@@ -44,19 +45,19 @@ def _softmax_of_descending(values: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def softmax_topk(logits: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(
+    logits: torch.Tensor, k: int, routing: RoutingConfig, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moe_kernels.reference.routing.softmax_topk` for ``logits (T, E)`` on the CPU
-    (arguments assumed valid; no autograd), ``options`` its keyword arguments (same names and
-    defaults). Returns fresh contiguous ``weights (T, k)`` float32 (float64 for float64 logits) and
-    ``ids (T, k)`` int32."""
-    opts = reference.RoutingOptions(**options)
-    bias, num_groups, score_func = opts.bias, opts.num_groups, opts.score_func
+    (arguments assumed valid; no autograd). Returns fresh contiguous ``weights (T, k)`` float32
+    (float64 for float64 logits) and ``ids (T, k)`` int32."""
+    num_groups, score_func = routing.num_groups, routing.score_func
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
     if num_tokens == 0:
         return logits.new_empty((0, k), dtype=dtype), logits.new_empty((0, k), dtype=torch.int32)
     plain = bias is None and not num_groups
-    if plain and opts.renormalize and score_func == "softmax":
+    if plain and routing.renormalize and score_func == "softmax":
         values, ids, bad = select.top_k(logits.to(dtype), k, finite_first=True)
         weights = _softmax_of_descending(values)
     else:
@@ -68,22 +69,22 @@ def softmax_topk(logits: torch.Tensor, k: int, **options) -> tuple[torch.Tensor,
         )
         keys = scores if bias is None else scores + bias.to(dtype)
         group_bad = None
-        if num_groups and opts.topk_groups < num_groups:
-            keys, group_bad = limit_to_best_groups(keys, num_groups, opts.topk_groups, opts.group_score)
+        if num_groups and routing.topk_groups < num_groups:
+            keys, group_bad = limit_to_best_groups(keys, num_groups, routing.topk_groups, routing.group_score)
         values, ids, bad = select.top_k(keys, k)
         if group_bad is not None:
             bad = group_bad if bad is None else bad | group_bad
         # Without a bias the selected keys are the selected scores.
         weights = values if bias is None else scores.gather(1, ids)
-        if opts.renormalize:
+        if routing.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
-    if opts.scale != 1.0:
-        weights = weights * opts.scale
+    if routing.scale != 1.0:
+        weights = weights * routing.scale
     weights = weights.contiguous()
     ids = ids.to(torch.int32)
     if bad is not None:
         rows = bad.nonzero().squeeze(1)
-        exact_weights, exact_ids = reference.softmax_topk(logits[rows], k, **options)
+        exact_weights, exact_ids = reference.softmax_topk(logits[rows], k, routing=routing, bias=bias)
         weights[rows] = exact_weights
         ids[rows] = exact_ids
     return weights, ids
@@ -111,11 +112,14 @@ def limit_to_best_groups(keys: torch.Tensor, num_groups: int, topk_groups: int, 
     return grouped.masked_fill(dropped[:, :, None], NEG_INF).view(num_tokens, num_experts), bad
 
 
-def softmax_topk_backward(grad_weights, logits, ids, *, renormalize, score_func, scale):
+def softmax_topk_backward(
+    grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, *, routing: RoutingConfig
+) -> torch.Tensor:
     """:func:`moe_kernels.reference.routing.softmax_topk_backward` for ``(T, E)`` logits on the
     CPU: ``grad_weights (T, k)``, ``ids (T, k)`` int32 -> ``grad_logits (T, E)`` in logits'
     dtype, contiguous. The score gradient is non-zero at the ``k`` selected experts only, so the
     softmax's ``sum_j g_j s_j`` is a ``(T, k)`` sum."""
+    score_func, scale = routing.score_func, routing.scale
     dtype = compute_dtype(logits.dtype)
     index = ids.long()
     if score_func == "softmax":
@@ -126,7 +130,7 @@ def softmax_topk_backward(grad_weights, logits, ids, *, renormalize, score_func,
     grad = grad_weights.to(dtype)
     if scale != 1.0:
         grad = grad * scale
-    if renormalize:
+    if routing.renormalize:
         denom = picked.sum(dim=-1, keepdim=True) + RENORM_EPS
         grad = grad / denom - (grad * picked).sum(dim=-1, keepdim=True) / (denom * denom)
     if score_func == "softmax":

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moe_kernels.balance import AuxLossFreeBias, check_num_experts
+from moe_kernels.config import resolve_routing
 from moe_kernels.dynamics.theory import MIN_EXPERTS, check_feedback
 from moe_kernels.functional import expert_counts, softmax_topk
 
@@ -78,7 +79,8 @@ class AdaptiveScoreRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.register_buffer("scores", torch.full((num_experts,), 1 / num_experts, device=device))
-        self.routing = dict(renormalize=renormalize, score_func=score_func, backend=backend)
+        self.routing = resolve_routing(name, score_func=score_func, renormalize=renormalize)
+        self.backend = backend
 
     @property
     def num_experts(self) -> int:
@@ -92,7 +94,7 @@ class AdaptiveScoreRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bias = None if self.balancer is None else self.balancer.bias
-        weights, ids = softmax_topk(self.logits(hidden), self.k, bias=bias, **self.routing)
+        weights, ids = softmax_topk(self.logits(hidden), self.k, routing=self.routing, bias=bias, backend=self.backend)
         if self.training and self.adapt:
             self.update(ids)
         return weights, ids
@@ -112,5 +114,5 @@ class AdaptiveScoreRouter(nn.Module):
         num_experts, hidden = self.weight.shape
         return (
             f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, feedback={self.feedback}, "
-            f"eps={self.eps}, adapt={self.adapt}, " + ", ".join(f"{k}={v}" for k, v in self.routing.items())
+            f"eps={self.eps}, adapt={self.adapt}, routing={self.routing}, backend={self.backend}"
         )

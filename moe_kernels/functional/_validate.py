@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_kernels.config import RoutingConfig, is_finite_number, is_int, resolve_routing  # noqa: F401 (is_int: re-exported)
+from moe_kernels.config import RoutingConfig, check_mixing, resolve_routing
 from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -21,7 +21,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # reduction op and two scalar reads).
 HOST_READ_MAX = 256
 ID_DTYPES = (torch.int32, torch.int64)
-KNN_WEIGHTINGS = ("similarity", "softmax")
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -64,11 +63,6 @@ def tensor(
     return value
 
 
-def optional_tensor(op: str, name: str, value, **checks) -> torch.Tensor | None:
-    """None, or a tensor passing :func:`tensor`."""
-    return None if value is None else tensor(op, name, value, **checks)
-
-
 def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described) -> None:
     """``value.shape == expected``; ``described`` is the expected shape in symbols, e.g.
     ``"(T, k) = (5, 2)"``, or a function returning it (called only to raise: the per-call cost of
@@ -77,42 +71,6 @@ def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described
         if callable(described):
             described = described()
         raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
-
-
-def integer(
-    op: str, name: str, value, low: int | None = None, high: int | None = None, *, optional: bool = False
-) -> None:
-    """An int (not a bool) in ``[low, high]`` (either bound may be None), or None if ``optional``."""
-    if optional and value is None:
-        return
-    if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = (
-            f"in [{low}, {high}]"
-            if low is not None and high is not None
-            else (f">= {low}" if low is not None else f"<= {high}" if high is not None else "")
-        )
-        prefix = "None or " if optional else ""
-        raise ValueError(f"{op}: {name} must be {prefix}an int {bounds}".rstrip() + f", got {value!r}")
-
-
-def number(
-    op: str, name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False
-) -> None:
-    """A finite int or float (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    ok = is_finite_number(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if ok:
-        return
-    if low is not None and high is not None:
-        expected = f"a number in {'(' if low_open else '['}{low}, {high}]"
-    elif low is not None:
-        expected = f"a finite number {'>' if low_open else '>='} {low}"
-    else:
-        expected = "a finite number"
-    raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
 
 
 def boolean(op: str, name: str, value) -> None:
@@ -176,14 +134,27 @@ def _ids_expected(name, low, high, symbol, what) -> str:
 # Checks several ops share
 
 
-def routing_args(op: str, logits, k, bias, routing, **options) -> RoutingConfig:
-    """Check the routing arguments every routing op shares; returns the call's
-    :class:`RoutingConfig` (``routing`` with the keyword ``options`` applied)."""
+def routing_args(
+    op: str, logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
+) -> RoutingConfig:
+    """Check the routing arguments every routing op shares (the logits ``(..., E)``, ``k``, the
+    selection ``bias``, ``routing`` and its fields given as keywords, None where not given);
+    returns the call's :class:`RoutingConfig` (``routing`` with the keyword options applied)."""
     tensor(op, "logits", logits, dtypes=FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{op}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
-    routing = resolve_routing(op, routing, num_experts, **options)
+    routing = resolve_routing(
+        op,
+        routing,
+        score_func=score_func,
+        renormalize=renormalize,
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        group_score=group_score,
+        scale=scale,
+        num_experts=num_experts,
+    )
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -194,19 +165,6 @@ def routing_args(op: str, logits, k, bias, routing, **options) -> RoutingConfig:
         tensor(op, "bias", bias, device=logits.device, device_of="logits")
     routing.check(num_experts, k, op)
     return routing
-
-
-# The RoutingConfig fields the public routing ops also take as keywords, in their signatures' order.
-KEYWORD_OPTIONS = ("renormalize", "score_func", "num_groups", "topk_groups", "group_score", "scale")
-_NO_OPTIONS = (None,) * len(KEYWORD_OPTIONS)
-
-
-def routing_keywords(op: str, logits, k, bias, routing, *options) -> RoutingConfig:
-    """:func:`routing_args` for an op that takes :class:`RoutingConfig`'s fields as keywords
-    (``softmax_topk``, ``knn_route``), passed on here positionally in :data:`KEYWORD_OPTIONS`' order."""
-    if options == _NO_OPTIONS:  # the common call (the config as given): no keyword dict to build
-        return routing_args(op, logits, k, bias, routing)
-    return routing_args(op, logits, k, bias, routing, **dict(zip(KEYWORD_OPTIONS, options, strict=True)))
 
 
 def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig, triton_path: bool = True) -> None:
@@ -221,10 +179,13 @@ def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig, triton
         raise ValueError(f"{op}: backend='triton' takes num_groups <= {MAX_TRITON_GROUPS}, got {routing.num_groups}")
 
 
-def on_router_device(op: str, name: str, value, router_logits: torch.Tensor, **checks) -> torch.Tensor:
-    """:func:`tensor` (``checks``: its ``dtypes``, ``dims``, ``shape``) on ``router_logits``' device:
-    the kNN ops' other tensors."""
-    return tensor(op, name, value, device=router_logits.device, device_of="router_logits", **checks)
+def on_router_device(
+    op: str, name: str, value, router_logits: torch.Tensor, dtypes=None, dims=None, shape=None
+) -> torch.Tensor:
+    """:func:`tensor` on ``router_logits``' device: the kNN ops' other tensors."""
+    return tensor(
+        op, name, value, dtypes=dtypes, dims=dims, shape=shape, device=router_logits.device, device_of="router_logits"
+    )
 
 
 def neighbor_ids(op: str, ids, router_logits: torch.Tensor, neighbor_sims: torch.Tensor) -> None:
@@ -244,7 +205,7 @@ def memory_rows(op: str, ids: torch.Tensor, memory_logits: torch.Tensor, *, asse
 
 def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_confidence):
     """The checks every kNN op shares: ``router_logits (T, E)`` with E >= 1, ``neighbor_sims (T, n)``
-    with n >= 1, and the mixing options."""
+    with n >= 1, and the mixing options (:class:`~moe_kernels.config.KnnMixing`'s fields)."""
     tensor(op, "router_logits", router_logits, dtypes=FLOAT_DTYPES, dims=2, shape="(T, E)")
     num_tokens, num_experts = router_logits.shape
     if num_experts < 1:
@@ -255,6 +216,4 @@ def mix_args(op: str, router_logits, neighbor_sims, weighting, temperature, min_
             f"{op}: neighbor_sims must have shape (T, n) = ({num_tokens}, n) with n >= 1, got "
             f"{tuple(neighbor_sims.shape)}"
         )
-    choice(op, "weighting", weighting, KNN_WEIGHTINGS)
-    number(op, "temperature", temperature, low=0, low_open=True)
-    number(op, "min_confidence", min_confidence, low=0, high=1)
+    check_mixing(op, weighting, temperature, min_confidence)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import ACTIVATIONS
+from moe_kernels.config import ACTIVATIONS, is_int
 from moe_kernels.functional import _validate as check
 from moe_kernels.ops import align
 from moe_kernels.ops.align import MoEAlignment
@@ -115,7 +115,7 @@ def _check_ids(ids, num_experts, op_name, assert_on_device=True):
     if not isinstance(ids, torch.Tensor) or ids.dtype not in check.ID_DTYPES or ids.dim() != 2:
         got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{op_name}: ids must be a (T, k) int32 or int64 tensor, got {got}")
-    if not check.is_int(num_experts) or num_experts < 1:
+    if not is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op_name}: num_experts must be an int >= 1, got {num_experts!r}")
     check.ids_in_range(
         op_name, "ids", ids, -1, num_experts, "E", what="-1 marks an empty slot", assert_on_device=assert_on_device

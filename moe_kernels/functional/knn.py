@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.config import KnnMixing
 from moe_kernels.functional import _validate as check
 from moe_kernels.ops.knn import KNN_MIX
 from moe_kernels.utils import use_triton
@@ -65,6 +66,5 @@ def knn_mix(
     )
     triton_path = use_triton(backend, router_logits.device, "knn_mix")
     check.not_float64_on_triton("knn_mix", "router_logits", router_logits, triton_path)
-    return KNN_MIX(
-        router_logits, neighbor_logits, neighbor_sims, weighting, float(temperature), float(min_confidence), triton_path
-    )
+    mixing = KnnMixing.from_op_args(weighting, float(temperature), float(min_confidence))
+    return KNN_MIX(router_logits, neighbor_logits, neighbor_sims, mixing, triton_path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import RoutingConfig
+from moe_kernels.config import KnnMixing, RoutingConfig
+from moe_kernels.cpu.knn import confidence_and_weights
 from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
-from moe_kernels.reference.knn import gather_neighbors, knn_confidence_and_weights
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import use_triton
 
@@ -20,11 +20,17 @@ def knn_route_assignments(
     k: int,
     *,
     routing: RoutingConfig | None = None,
+    bias: torch.Tensor | None = None,
     weighting: str = "similarity",
     temperature: float = 0.1,
     min_confidence: float = 0.0,
     backend: str = "auto",
-    **routing_options,
+    score_func: str | None = None,
+    renormalize: bool | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    group_score: str | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kNN-MoE routing mixed in assignment space (mode A of seed_algorithms.md §2.2).
 
@@ -38,9 +44,12 @@ def knn_route_assignments(
 
     Args:
         router_logits: ``(T, E)``; neighbor_ids: ``(T, n)`` int into ``memory_logits (N, E)``;
-            neighbor_sims: ``(T, n)``; k, ``routing`` (a :class:`~moe_kernels.RoutingConfig`) and
-            ``routing_options`` (its fields as keywords, bias included): the native gate's
-            :func:`softmax_topk` arguments; weighting, temperature, min_confidence, backend: as for ``knn_mix``.
+            neighbor_sims: ``(T, n)``.
+        k, routing, bias: the native gate's :func:`~moe_kernels.softmax_topk` arguments
+            (``score_func``, ``renormalize``, ``num_groups``, ``topk_groups``, ``group_score``,
+            ``scale``: :class:`~moe_kernels.RoutingConfig`'s fields as keywords, each overriding
+            ``routing``'s).
+        weighting, temperature, min_confidence, backend: as for :func:`~moe_kernels.knn_mix`.
 
     Returns:
         ``weights (T, k*(n+1))`` float32, ``ids (T, k*(n+1))`` int32 (at most E columns): the
@@ -62,16 +71,17 @@ def knn_route_assignments(
     check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
     check.memory_rows(op, neighbor_ids, memory_logits)
     # The gate's arguments are checked here, so that their errors name this op, not softmax_topk.
-    options = dict(routing_options)
-    check.routing_args(op, router_logits, k, options.pop("bias", None), routing, **options)
+    routing = check.routing_args(
+        op, router_logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
+    )
     use_triton(backend, router_logits.device, op)
     num_tokens, num_neighbors = neighbor_sims.shape
-    neighbor_logits = gather_neighbors(memory_logits, neighbor_ids)
+    neighbor_logits = memory_logits[neighbor_ids.long()]  # (T, n, E), differentiable
     dtype = compute_dtype(router_logits.dtype)
-    conf, mix = knn_confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
-    # Where conf = 0 the neighbours get no weight (their weights may be NaN, e.g. sims summing to 0).
-    mix = torch.where(conf[:, None] > 0, mix, torch.zeros_like(mix))
-    gate = dict(routing=routing, backend=backend, **routing_options)
+    mixing = KnnMixing(weighting, temperature, min_confidence)
+    # Where conf = 0 the neighbours get no weight (w is 0 there).
+    conf, _, mix = confidence_and_weights(neighbor_sims, mixing, dtype)
+    gate = dict(routing=routing, bias=bias, backend=backend)
     router_weights, router_ids = softmax_topk(router_logits, k, **gate)
     neighbor_weights, neighbor_expert_ids = softmax_topk(neighbor_logits, k, **gate)
     dense = torch.zeros(num_tokens, num_experts, dtype=dtype, device=router_logits.device)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import RoutingConfig
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.functional import _validate as check
 from moe_kernels.ops.knn_route import KNN_ROUTE
-from moe_kernels.ops.routing import flatten_routing
 from moe_kernels.utils import use_triton
 
 
@@ -24,8 +23,8 @@ def knn_route(
     temperature: float = 0.1,
     min_confidence: float = 0.0,
     backend: str = "auto",
-    renormalize: bool | None = None,
     score_func: str | None = None,
+    renormalize: bool | None = None,
     num_groups: int | None = None,
     topk_groups: int | None = None,
     group_score: str | None = None,
@@ -46,7 +45,7 @@ def knn_route(
         memory_logits: ``(N, E)`` float routing logits of the memory's cases, on the router's
             device.
         k, routing, bias: the routing of :func:`moe_kernels.softmax_topk`, applied to the mixed
-            logits (``renormalize``, ``score_func``, ``num_groups``, ``topk_groups``,
+            logits (``score_func``, ``renormalize``, ``num_groups``, ``topk_groups``,
             ``group_score``, ``scale``: :class:`~moe_kernels.RoutingConfig`'s fields as keywords,
             each overriding ``routing``'s).
         weighting, temperature, min_confidence: the mixing of :func:`moe_kernels.knn_mix`.
@@ -92,13 +91,13 @@ def knn_route(
         )
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
     check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
-    options = (renormalize, score_func, num_groups, topk_groups, group_score, scale)
-    routing = check.routing_keywords(op, router_logits, k, bias, routing, *options)
+    routing = check.routing_args(
+        op, router_logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
+    )
     triton_path = use_triton(backend, router_logits.device, op)
     check.triton_routing(op, router_logits, routing, triton_path)
     # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
     # device check is queued for it.
     check.memory_rows(op, neighbor_ids, memory_logits, assert_on_device=not triton_path)
-    inputs = (router_logits, neighbor_ids, neighbor_sims, memory_logits, k)
-    mixing = (weighting, float(temperature), float(min_confidence))
-    return KNN_ROUTE(*inputs, *flatten_routing(routing, bias), *mixing, triton_path)
+    mixing = KnnMixing.from_op_args(weighting, float(temperature), float(min_confidence))
+    return KNN_ROUTE(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, bias, routing, mixing, triton_path)

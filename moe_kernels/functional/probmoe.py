@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.config import is_int
 from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.ops.probmoe import EXACT_K, MAX_TRITON_K
@@ -174,9 +175,9 @@ def _check_args(logits, k, k_min, seed, op_name):
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{op_name}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
-    if not check.is_int(k) or not 1 <= k <= num_experts:
+    if not is_int(k) or not 1 <= k <= num_experts:
         raise ValueError(f"{op_name}: k must be an int in [1, E={num_experts}], got {k!r}")
-    if k_min is not None and (not check.is_int(k_min) or not 0 <= k_min <= k):
+    if k_min is not None and (not is_int(k_min) or not 0 <= k_min <= k):
         raise ValueError(f"{op_name}: k_min must be None or an int in [0, k={k}], got {k_min!r}")
-    if seed is not None and (not check.is_int(seed) or not 0 <= seed < 2**63):
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"{op_name}: seed must be None or an int in [0, 2**63), got {seed!r}")

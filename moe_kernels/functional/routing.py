@@ -6,7 +6,7 @@ import torch
 
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import _validate as check
-from moe_kernels.ops.routing import SOFTMAX_TOPK, flatten_routing
+from moe_kernels.ops.routing import SOFTMAX_TOPK
 from moe_kernels.utils import use_triton
 
 
@@ -16,8 +16,8 @@ def softmax_topk(
     *,
     routing: RoutingConfig | None = None,
     bias: torch.Tensor | None = None,
-    renormalize: bool | None = None,
     score_func: str | None = None,
+    renormalize: bool | None = None,
     num_groups: int | None = None,
     topk_groups: int | None = None,
     group_score: str | None = None,
@@ -35,10 +35,11 @@ def softmax_topk(
             limit, scale); default ``RoutingConfig()`` (softmax -> top-k).
         bias: ``(E,)`` float32 selection-only bias (DeepSeek-V3 ``e_score_correction_bias``, the
             Counterfactual Routing prior): added to the scores to rank experts, never to weights.
-        renormalize, score_func, num_groups, topk_groups, group_score, scale: the fields of
+        score_func, renormalize, num_groups, topk_groups, group_score, scale: the fields of
             :class:`~moe_kernels.RoutingConfig` as keywords (sugar: each one given overrides
             ``routing``'s; None keeps it).
-        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch reference otherwise),
+        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch path otherwise: the fast CPU
+            path for CPU tensors),
             ``"triton"`` (CPU tensors need ``TRITON_INTERPRET=1``) or ``"torch"``.
 
     Returns:
@@ -82,13 +83,14 @@ def softmax_topk(
     kernel); the bias gets no gradient and ``ids`` is not differentiable. Saved for backward:
     ``logits`` (no copy) and ``ids``.
     """
-    options = (renormalize, score_func, num_groups, topk_groups, group_score, scale)
-    routing = check.routing_keywords("softmax_topk", logits, k, bias, routing, *options)
+    routing = check.routing_args(
+        "softmax_topk", logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
+    )
     triton_path = use_triton(backend, logits.device, "softmax_topk")
     check.triton_routing("softmax_topk", logits, routing, triton_path)
     flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
     rows = logits if flat else logits.reshape(-1, logits.shape[-1])
-    weights, ids = SOFTMAX_TOPK(rows, k, *flatten_routing(routing, bias), triton_path)
+    weights, ids = SOFTMAX_TOPK(rows, k, bias, routing, triton_path)
     if flat:
         return weights, ids
     lead = logits.shape[:-1]

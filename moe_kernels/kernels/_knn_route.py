@@ -106,22 +106,13 @@ def _knn_route_fwd_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     SIMILARITY: tl.constexpr,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
+    ROUTING: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    G_PAD: tl.constexpr,
-    GS_PAD: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    GROUP_TOP2: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T),)``: gather, mix and route ``BLOCK_T`` tokens; the column layout
     and the routing constexprs are those of ``_softmax_topk_fwd_kernel``."""
-    tile = route_columns(T, E, group_size, BLOCK_T, G_PAD, GS_PAD, CONTIGUOUS)
+    tile = route_columns(T, E, group_size, BLOCK_T, ROUTING.G_PAD, ROUTING.GS_PAD, CONTIGUOUS)
     sources = (router_ptr, memory_ptr, M_rows, nbr_ids_ptr, sims_ptr)
     strides = (stride_rt, stride_mn, stride_it, stride_in, stride_st, stride_sn)
     mixed, conf, _, bad = _mixed_tile(tile, sources, strides, inv_temperature, min_confidence, N, N_PAD, SIMILARITY)
@@ -131,7 +122,6 @@ def _knn_route_fwd_kernel(
     tl.store(conf_ptr + rows.to(tl.int64), conf, mask=row_ok)
     # The chosen scores come out of the score tile (RELOAD=False): the mixed logits are not in
     # memory, so router_ptr only fills the unused reload argument.
-    ROUTING: tl.constexpr = (K, K_PAD, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)
     route_tile(mixed, tile, bias_ptr, weights_ptr, ids_ptr, router_ptr, scale, ROUTING, False)
 
 

@@ -107,25 +107,26 @@ def route_tile(x, tile, bias_ptr, weights_ptr, ids_ptr, logit_rows, scale, ROUTI
     """Route a tile of logits: scores, selection and the ``weights`` / ``ids`` stores.
 
     ``x`` is a ``[BLOCK_T, G_PAD * GS_PAD]`` float32 tile of logits laid out as ``tile`` (from
-    :func:`route_columns`; anything finite in masked places). ``ROUTING`` holds the routing
-    constexprs of the calling kernel, in this order: ``(K, K_PAD, G_PAD, GS_PAD, SOFTMAX,
-    RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)`` (one tuple so that the kernels do
-    not repeat the list). ``RELOAD``: recompute the K chosen scores from the logits reloaded from
-    ``logit_rows + id`` (``[BLOCK_T]`` row pointers; cache hits, cheaper than K more reductions
-    when the logits are in memory); otherwise take them out of the score tile (``logit_rows`` is
-    then unused). Both give bit-identical weights: the same float32 arithmetic on the same values.
+    :func:`route_columns`; anything finite in masked places). ``ROUTING`` is the calling kernel's
+    routing constexpr, a ``moe_kernels.ops.routing.RouteConstexprs`` named tuple read by field
+    (``K``, ``K_PAD``, ``G_PAD``, ``GS_PAD``, ``SOFTMAX``, ``RENORMALIZE``, ``HAS_BIAS``,
+    ``GROUPED``, ``TOPK_GROUPS``, ``GROUP_TOP2``). ``RELOAD``: recompute the K chosen scores from
+    the logits reloaded from ``logit_rows + id`` (``[BLOCK_T]`` row pointers; cache hits, cheaper
+    than K more reductions when the logits are in memory); otherwise take them out of the score
+    tile (``logit_rows`` is then unused). Both give bit-identical weights: the same float32
+    arithmetic on the same values.
     """
     BLOCK_T: tl.constexpr = x.shape[0]
-    K: tl.constexpr = ROUTING[0]
-    K_PAD: tl.constexpr = ROUTING[1]
-    G_PAD: tl.constexpr = ROUTING[2]
-    GS_PAD: tl.constexpr = ROUTING[3]
-    SOFTMAX: tl.constexpr = ROUTING[4]
-    RENORMALIZE: tl.constexpr = ROUTING[5]
-    HAS_BIAS: tl.constexpr = ROUTING[6]
-    GROUPED: tl.constexpr = ROUTING[7]
-    TOPK_GROUPS: tl.constexpr = ROUTING[8]
-    GROUP_TOP2: tl.constexpr = ROUTING[9]
+    K: tl.constexpr = ROUTING.K
+    K_PAD: tl.constexpr = ROUTING.K_PAD
+    G_PAD: tl.constexpr = ROUTING.G_PAD
+    GS_PAD: tl.constexpr = ROUTING.GS_PAD
+    SOFTMAX: tl.constexpr = ROUTING.SOFTMAX
+    RENORMALIZE: tl.constexpr = ROUTING.RENORMALIZE
+    HAS_BIAS: tl.constexpr = ROUTING.HAS_BIAS
+    GROUPED: tl.constexpr = ROUTING.GROUPED
+    TOPK_GROUPS: tl.constexpr = ROUTING.TOPK_GROUPS
+    GROUP_TOP2: tl.constexpr = ROUTING.GROUP_TOP2
     BLOCK_W: tl.constexpr = G_PAD * GS_PAD
     rows, row_ok, expert, col_ok = tile
     kcols = tl.arange(0, K_PAD)
@@ -189,33 +190,23 @@ def _softmax_topk_fwd_kernel(
     group_size,
     stride_lt,
     scale,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
+    ROUTING: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    G_PAD: tl.constexpr,
-    GS_PAD: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    GROUP_TOP2: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens end to end.
 
-    The row tile is ``G_PAD * GS_PAD`` columns in group-major order: column ``c`` holds expert
-    ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
+    The row tile is ``ROUTING.G_PAD * ROUTING.GS_PAD`` columns in group-major order: column ``c``
+    holds expert ``(c // GS_PAD) * group_size + c % GS_PAD`` (without groups: ``G_PAD = 1``,
     ``group_size = E``, so column ``c`` is expert ``c``). ``CONTIGUOUS`` says that column ``c``
     is expert ``c`` (no groups, or a power-of-two group size), which lets the compiler see
     consecutive addresses and issue vector loads. The routing itself is :func:`route_tile`,
     shared with the fused kNN route (``_knn_route.py``).
     """
-    tile = route_columns(T, E, group_size, BLOCK_T, G_PAD, GS_PAD, CONTIGUOUS)
+    tile = route_columns(T, E, group_size, BLOCK_T, ROUTING.G_PAD, ROUTING.GS_PAD, CONTIGUOUS)
     rows, row_ok, expert, col_ok = tile
     logit_rows = logits_ptr + rows.to(tl.int64) * stride_lt
     x = tl.load(logit_rows[:, None] + expert[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    ROUTING: tl.constexpr = (K, K_PAD, G_PAD, GS_PAD, SOFTMAX, RENORMALIZE, HAS_BIAS, GROUPED, TOPK_GROUPS, GROUP_TOP2)
     route_tile(x.to(tl.float32), tile, bias_ptr, weights_ptr, ids_ptr, logit_rows, scale, ROUTING, True)
 
 

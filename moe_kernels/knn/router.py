@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.config import RoutingConfig, resolve_routing
+from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, resolve_routing
 from moe_kernels.functional import knn_route
 from moe_kernels.knn.memory import RoutingMemory
 
@@ -16,8 +16,9 @@ class KNNRouter(nn.Module):
     Per token: the frozen router's logits ``z = hidden @ weight.T``; the ``n_neighbors`` most
     similar cases of ``memory`` (searched with ``hidden`` as the query); their stored logits mixed
     into ``z`` (confidence = mean similarity, 0 below ``min_confidence``, where the frozen router
-    is used unchanged) and routed with ``routing`` (a :class:`~moe_kernels.RoutingConfig`, or its
-    fields as keywords), all in one fused op, :func:`moe_kernels.knn_route`.
+    is used unchanged; ``weighting``, ``temperature``, ``min_confidence``: the
+    :class:`~moe_kernels.config.KnnMixing`, held as ``mixing``) and routed with ``routing`` (a
+    :class:`~moe_kernels.RoutingConfig`), all in one fused op, :func:`moe_kernels.knn_route`.
 
     ``weight (E, H)`` is the frozen router's weight (shared, not copied; no gradient is asked of
     it). The search runs where the memory's index lives: with CPU faiss a CUDA forward copies the
@@ -40,7 +41,6 @@ class KNNRouter(nn.Module):
         temperature: float = 0.1,
         min_confidence: float = 0.0,
         backend: str = "auto",
-        **routing_options,
     ):
         super().__init__()
         num_experts, hidden_size = weight.shape
@@ -53,8 +53,9 @@ class KNNRouter(nn.Module):
         self.memory = memory
         self.k = k
         self.n_neighbors = n_neighbors
-        self.mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
-        self.routing = resolve_routing("KNNRouter", routing, num_experts, **routing_options)
+        check_mixing("KNNRouter", weighting, temperature, min_confidence)
+        self.mixing = KnnMixing(weighting, temperature, min_confidence)
+        self.routing = resolve_routing("KNNRouter", routing)
         self.routing.check(num_experts, k, "KNNRouter")
         self.backend = backend
         self.register_buffer("memory_logits", memory.values.to(weight.device), persistent=False)
@@ -70,8 +71,18 @@ class KNNRouter(nn.Module):
         missing = ids < 0
         ids = torch.where(missing, torch.zeros_like(ids), ids).to(logits.device)
         sims = torch.where(missing, torch.zeros_like(sims), sims).to(logits.device)
+        mixing = self.mixing
         weights, chosen, conf = knn_route(
-            logits, ids, sims, self.memory_logits, self.k, routing=self.routing, backend=self.backend, **self.mixing
+            logits,
+            ids,
+            sims,
+            self.memory_logits,
+            self.k,
+            routing=self.routing,
+            weighting=mixing.weighting,
+            temperature=mixing.temperature,
+            min_confidence=mixing.min_confidence,
+            backend=self.backend,
         )
         self.last_confidence = conf.detach().reshape(lead)
         return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)

@@ -267,12 +267,13 @@ def fused_experts_backward(
         return launch_fused_experts_backward(
             grad_out, hidden, gate_up_proj, down_proj, weights, ids, h, activation, gate_up_bias, down_bias
         )
-    options = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias)
     args = (grad_out, hidden, gate_up_proj, down_proj, weights, ids)
     if hidden.is_cpu:  # reads the forward's h when it saved it
-        grads = cpu_experts.fused_experts_backward(*args, **options, h=h)
+        grads = cpu_experts.fused_experts_backward(*args, activation, gate_up_bias, down_bias, h)
     else:
-        grads = reference.fused_experts_backward(*args, **options)
+        grads = reference.fused_experts_backward(
+            *args, activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias
+        )
     # A fresh empty tensor per absent bias: a custom op's outputs may not alias each other.
     return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 

@@ -18,71 +18,89 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.config import KnnMixing
 from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import cdiv, new_output, next_power_of_2, row_tiling, unit_stride_last
+from moe_kernels.utils import new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
 
 
-def neighbor_meta(num_neighbors: int, weighting: str) -> dict:
+def neighbor_meta(num_neighbors: int, mixing: KnnMixing) -> dict:
     """The neighbour constexprs every kNN kernel takes: ``N``, ``N_PAD`` and ``SIMILARITY``."""
-    return dict(N=num_neighbors, N_PAD=next_power_of_2(num_neighbors), SIMILARITY=weighting == "similarity")
+    return dict(N=num_neighbors, N_PAD=next_power_of_2(num_neighbors), SIMILARITY=mixing.weighting == "similarity")
 
 
-def knn_meta(num_experts: int, num_neighbors: int, *, weighting: str, tiling=row_tiling) -> dict:
+def knn_meta(num_experts: int, num_neighbors: int, mixing: KnnMixing, tiling=row_tiling) -> dict:
     """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases below); ``tiling``
     maps the padded row width to ``(BLOCK_T, num_warps)``."""
     block_e = next_power_of_2(num_experts)
     block_t, num_warps = tiling(block_e)
-    return dict(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps, **neighbor_meta(num_neighbors, weighting))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps, **neighbor_meta(num_neighbors, mixing))
 
 
-def _launch_mix(kernel, tensors: tuple, strides: tuple, neighbor_sims, num_experts: int, mixing: tuple) -> None:
-    """Launch one of the mixing kernels, which take ``(*tensors, T, E, *strides, inv_temperature,
-    min_confidence)`` (``mixing``: ``(weighting, temperature, min_confidence)``); nothing for T = 0."""
-    num_tokens, num_neighbors = neighbor_sims.shape
-    if num_tokens == 0:
-        return
-    weighting, temperature, min_confidence = mixing
-    meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
-    grid = (cdiv(num_tokens, meta["BLOCK_T"]),)
-    kernel[grid](*tensors, num_tokens, num_experts, *strides, 1.0 / temperature, float(min_confidence), **meta)
+def mixing_scalars(mixing: KnnMixing) -> dict:
+    """The mixing scalars every kNN kernel takes by keyword."""
+    return dict(inv_temperature=1.0 / mixing.temperature, min_confidence=mixing.min_confidence)
 
 
-def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, weighting, temperature, min_confidence):
+def launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, mixing: KnnMixing):
     """Run the forward kernel; returns fresh ``mixed (T, E)`` and ``conf (T,)`` float32."""
     from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
 
-    num_tokens, _, num_experts = neighbor_logits.shape
+    num_tokens, num_neighbors, num_experts = neighbor_logits.shape
     router_logits = unit_stride_last(router_logits)
     neighbor_logits = unit_stride_last(neighbor_logits)
     mixed = new_output((num_tokens, num_experts), torch.float32, router_logits.device)
     conf = new_output((num_tokens,), torch.float32, router_logits.device)
-    tensors = (router_logits, neighbor_logits, neighbor_sims, mixed, conf)
-    strides = (router_logits.stride(0), *neighbor_logits.stride()[:2], *neighbor_sims.stride())
-    _launch_mix(
-        _knn_mix_fwd_kernel, tensors, strides, neighbor_sims, num_experts, (weighting, temperature, min_confidence)
+    if num_tokens == 0:
+        return mixed, conf
+    meta = knn_meta(num_experts, num_neighbors, mixing)
+    _knn_mix_fwd_kernel[token_grid(meta, num_tokens)](
+        router_ptr=router_logits,
+        neighbors_ptr=neighbor_logits,
+        sims_ptr=neighbor_sims,
+        mixed_ptr=mixed,
+        conf_ptr=conf,
+        T=num_tokens,
+        E=num_experts,
+        stride_rt=router_logits.stride(0),
+        stride_nt=neighbor_logits.stride(0),
+        stride_nn=neighbor_logits.stride(1),
+        stride_st=neighbor_sims.stride(0),
+        stride_sn=neighbor_sims.stride(1),
+        **mixing_scalars(mixing),
+        **meta,
     )
     return mixed, conf
 
 
-def launch_knn_mix_backward(
-    grad_mixed, neighbor_sims, weighting, temperature, min_confidence, router_dtype, neighbor_dtype
-):
+def launch_knn_mix_backward(grad_mixed, neighbor_sims, mixing: KnnMixing, router_dtype, neighbor_dtype):
     """Run the backward kernel; returns fresh contiguous ``grad_router`` and ``grad_neighbors``."""
     from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
 
     num_tokens, num_experts = grad_mixed.shape
+    num_neighbors = neighbor_sims.shape[1]
     grad_mixed = unit_stride_last(grad_mixed)
     device = grad_mixed.device
     grad_router = new_output((num_tokens, num_experts), router_dtype, device)
-    grad_neighbors = new_output((num_tokens, neighbor_sims.shape[1], num_experts), neighbor_dtype, device)
-    tensors = (grad_mixed, neighbor_sims, grad_router, grad_neighbors)
-    strides = (grad_mixed.stride(0), *neighbor_sims.stride())
-    _launch_mix(
-        _knn_mix_bwd_kernel, tensors, strides, neighbor_sims, num_experts, (weighting, temperature, min_confidence)
+    grad_neighbors = new_output((num_tokens, num_neighbors, num_experts), neighbor_dtype, device)
+    if num_tokens == 0:
+        return grad_router, grad_neighbors
+    meta = knn_meta(num_experts, num_neighbors, mixing)
+    _knn_mix_bwd_kernel[token_grid(meta, num_tokens)](
+        grad_mixed_ptr=grad_mixed,
+        sims_ptr=neighbor_sims,
+        grad_router_ptr=grad_router,
+        grad_neighbors_ptr=grad_neighbors,
+        T=num_tokens,
+        E=num_experts,
+        stride_gt=grad_mixed.stride(0),
+        stride_st=neighbor_sims.stride(0),
+        stride_sn=neighbor_sims.stride(1),
+        **mixing_scalars(mixing),
+        **meta,
     )
     return grad_router, grad_neighbors
 
@@ -91,38 +109,34 @@ def knn_mix_forward(
     router_logits: torch.Tensor,
     neighbor_logits: torch.Tensor,
     neighbor_sims: torch.Tensor,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
+    mixing: KnnMixing,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel, or the reference without autograd."""
-    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
+    """The kernel, or the PyTorch path without autograd."""
     if use_triton:
-        return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, **mixing)
-    path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
+        return launch_knn_mix(router_logits, neighbor_logits, neighbor_sims, mixing)
+    if router_logits.is_cpu:  # the fast CPU path, same semantics
+        return cpu_knn.knn_mix(router_logits, neighbor_logits, neighbor_sims, mixing)
     with torch.no_grad():
-        mixed, conf = path.knn_mix(router_logits, neighbor_logits, neighbor_sims, **mixing)
+        mixed, conf = reference.knn_mix(router_logits, neighbor_logits, neighbor_sims, mixing=mixing)
     return mixed.contiguous(), conf.contiguous()
 
 
 def knn_mix_backward(
     grad_mixed: torch.Tensor,
     neighbor_sims: torch.Tensor,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
+    mixing: KnnMixing,
     router_dtype: torch.dtype,
     neighbor_dtype: torch.dtype,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel, or the reference's explicit formula."""
-    options = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
-    options.update(router_dtype=router_dtype, neighbor_dtype=neighbor_dtype)
+    """The kernel, or the PyTorch path's explicit formula."""
     if use_triton:
-        return launch_knn_mix_backward(grad_mixed, neighbor_sims, **options)
+        return launch_knn_mix_backward(grad_mixed, neighbor_sims, mixing, router_dtype, neighbor_dtype)
     path = cpu_knn if grad_mixed.is_cpu else reference
-    grad_router, grad_neighbors = path.knn_mix_backward(grad_mixed, neighbor_sims, **options)
+    grad_router, grad_neighbors = path.knn_mix_backward(
+        grad_mixed, neighbor_sims, mixing=mixing, router_dtype=router_dtype, neighbor_dtype=neighbor_dtype
+    )
     return grad_router.contiguous(), grad_neighbors.contiguous()
 
 
@@ -144,14 +158,7 @@ def _backward_fake(inputs):
 def _save(ctx, inputs, outputs):
     ctx.save_for_backward(inputs.neighbor_sims)
     ctx.mark_non_differentiable(outputs[1])
-    ctx.options = (
-        inputs.weighting,
-        inputs.temperature,
-        inputs.min_confidence,
-        inputs.router_logits.dtype,
-        inputs.neighbor_logits.dtype,
-        inputs.use_triton,
-    )
+    ctx.options = (inputs.mixing, inputs.router_logits.dtype, inputs.neighbor_logits.dtype, inputs.use_triton)
 
 
 def _grads(ctx, backward, grad_mixed, _grad_conf):
@@ -171,15 +178,15 @@ KNN_MIX = define_op(knn_mix_forward, _fake, knn_mix_backward, _backward_fake, _s
 KNN_NEIGHBORS = (8, 32)
 
 
-def _knn_problems() -> Iterator[tuple[int, int, torch.dtype, str]]:
-    """(E, n, logits dtype, weighting) over the routing shapes' expert counts."""
+def _knn_problems() -> Iterator[tuple[int, int, torch.dtype, KnnMixing]]:
+    """(E, n, logits dtype, mixing) over the routing shapes' expert counts."""
     from moe_kernels.shapes import ROUTING_SHAPES
 
     for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
         for num_neighbors in KNN_NEIGHBORS:
             for dtype in TRITON_DTYPES:
                 for weighting in ("similarity", "softmax"):
-                    yield num_experts, num_neighbors, dtype, weighting
+                    yield num_experts, num_neighbors, dtype, KnnMixing(weighting)
 
 
 def knn_label(dtype: str, meta: dict) -> str:
@@ -197,8 +204,8 @@ def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
 
     ints = ("T", "E", "stride_rt", "stride_nt", "stride_nn", "stride_st", "stride_sn")
-    for num_experts, num_neighbors, dtype, weighting in _knn_problems():
-        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+    for num_experts, num_neighbors, dtype, mixing in _knn_problems():
+        meta = knn_meta(num_experts, num_neighbors, mixing)
         pointers = {"router_ptr": pointer(dtype), "neighbors_ptr": pointer(dtype), "sims_ptr": "*fp32"}
         pointers.update(mixed_ptr="*fp32", conf_ptr="*fp32")
         divisible = ("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else ()
@@ -210,8 +217,8 @@ def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
 def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
 
-    for num_experts, num_neighbors, dtype, weighting in _knn_problems():
-        meta = knn_meta(num_experts, num_neighbors, weighting=weighting)
+    for num_experts, num_neighbors, dtype, mixing in _knn_problems():
+        meta = knn_meta(num_experts, num_neighbors, mixing)
         pointers = {"grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": pointer(dtype)}
         pointers["grad_neighbors_ptr"] = pointer(dtype)
         signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_st", "stride_sn"), MIX_SCALARS)

@@ -32,20 +32,15 @@ from collections.abc import Iterator
 import torch
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
+from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops.knn import KNN_NEIGHBORS, MIX_SCALARS, knn_label, knn_meta, neighbor_meta
-from moe_kernels.ops.routing import (
-    config_meta_args,
-    forward_meta,
-    launch_softmax_topk_backward,
-    reference_options,
-    routing_label,
-)
+from moe_kernels.ops.knn import KNN_NEIGHBORS, MIX_SCALARS, knn_label, knn_meta, mixing_scalars, neighbor_meta
+from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward, routing_label
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import MIN_PROGRAMS, cdiv, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
+from moe_kernels.utils import MIN_PROGRAMS, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
 
 
 def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[int, int]:
@@ -59,49 +54,54 @@ def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: i
     return row_tiling(2 * max(width, next_power_of_2(num_neighbors)), num_tokens, min_programs)
 
 
-def knn_route_meta(num_tokens: int, num_experts: int, k: int, num_neighbors: int, weighting: str, *routing) -> dict:
+def knn_route_meta(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    num_neighbors: int,
+    routing: RoutingConfig,
+    has_bias: bool,
+    mixing: KnnMixing,
+) -> dict:
     """Constexprs and ``num_warps`` of the fused forward kernel: the routing forward kernel's
-    (``routing``: :func:`~moe_kernels.ops.routing.forward_meta`'s routing arguments; same column
-    layout; rows per program from :func:`_tiling`) plus the neighbour count and weighting (shared
-    with the AOT registry)."""
-    meta = forward_meta(num_tokens, num_experts, k, *routing)
-    block_t, num_warps = _tiling(meta["G_PAD"] * meta["GS_PAD"], num_neighbors, num_tokens, MIN_PROGRAMS)
-    meta.update(BLOCK_T=block_t, num_warps=num_warps, **neighbor_meta(num_neighbors, weighting))
+    (:func:`~moe_kernels.ops.routing.forward_meta`: same column layout; rows per program from
+    :func:`_tiling`) plus the neighbour count and weighting (shared with the AOT registry)."""
+    meta = forward_meta(num_tokens, num_experts, k, routing, has_bias)
+    width = meta["ROUTING"].G_PAD * meta["ROUTING"].GS_PAD
+    block_t, num_warps = _tiling(width, num_neighbors, num_tokens, MIN_PROGRAMS)
+    meta.update(BLOCK_T=block_t, num_warps=num_warps, **neighbor_meta(num_neighbors, mixing))
     return meta
 
 
-def knn_route_mixed_meta(num_experts: int, num_neighbors: int, *, weighting: str) -> dict:
+def knn_route_mixed_meta(num_experts: int, num_neighbors: int, mixing: KnnMixing) -> dict:
     """Constexprs and ``num_warps`` of the backward's recompute kernel: :func:`knn_meta`'s with
     :func:`_tiling`."""
-    return knn_meta(num_experts, num_neighbors, weighting=weighting, tiling=lambda width: _tiling(width, num_neighbors))
+    return knn_meta(num_experts, num_neighbors, mixing, tiling=lambda width: _tiling(width, num_neighbors))
 
 
-def _gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence):
-    """What both gather kernels take first and in the middle: ``(router_ptr, memory_ptr,
-    nbr_ids_ptr, sims_ptr)`` (the logits made unit-stride in their rows) and ``(stride_rt, ...,
-    min_confidence)`` (:data:`_GATHER_SIGNATURE`)."""
+def _gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing: KnnMixing) -> dict:
+    """The arguments both gather kernels take by the same names: the router and memory logits
+    (made unit-stride in their rows), ids, sims, the memory's rows, every stride and the mixing
+    scalars."""
     router_logits, memory_logits = unit_stride_last(router_logits), unit_stride_last(memory_logits)
-    pointers = (router_logits, memory_logits, neighbor_ids, neighbor_sims)
-    strides = (router_logits.stride(0), memory_logits.stride(0), *neighbor_ids.stride(), *neighbor_sims.stride())
-    return pointers, (*strides, 1.0 / temperature, float(min_confidence))
+    return dict(
+        router_ptr=router_logits,
+        memory_ptr=memory_logits,
+        nbr_ids_ptr=neighbor_ids,
+        sims_ptr=neighbor_sims,
+        M_rows=memory_logits.shape[0],
+        stride_rt=router_logits.stride(0),
+        stride_mn=memory_logits.stride(0),
+        stride_it=neighbor_ids.stride(0),
+        stride_in=neighbor_ids.stride(1),
+        stride_st=neighbor_sims.stride(0),
+        stride_sn=neighbor_sims.stride(1),
+        **mixing_scalars(mixing),
+    )
 
 
 def launch_knn_route(
-    router_logits,
-    neighbor_ids,
-    neighbor_sims,
-    memory_logits,
-    k,
-    renormalize,
-    score_func,
-    bias,
-    num_groups,
-    topk_groups,
-    group_score,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
+    router_logits, neighbor_ids, neighbor_sims, memory_logits, k, routing: RoutingConfig, bias, mixing: KnnMixing
 ):
     """Run the fused forward kernel; returns fresh ``weights (T, k)`` float32, ``ids (T, k)``
     int32 and ``conf (T,)`` float32. Neighbour ids outside the memory's rows are checked in the
@@ -115,23 +115,28 @@ def launch_knn_route(
     conf = new_output((num_tokens,), torch.float32, device)
     if num_tokens == 0:
         return weights, ids, conf
-    pointers, gather = _gather_args(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence
-    )
     valid = torch.ones((), dtype=torch.int32, device=device)
-    routing = (renormalize, score_func, bias is not None, num_groups, topk_groups, group_score)
-    meta = knn_route_meta(num_tokens, num_experts, k, neighbor_sims.shape[1], weighting, *routing)
-    bias_ptr = pointers[0] if bias is None else bias  # never read without HAS_BIAS
-    outputs = (bias_ptr, weights, ids, conf, valid)
-    sizes = (num_tokens, num_experts, num_rows, num_experts // max(num_groups, 1))  # T, E, M_rows, group_size
-    _knn_route_fwd_kernel[token_grid(meta, num_tokens)](*pointers, *outputs, *sizes, *gather, float(scale), **meta)
+    num_neighbors = neighbor_sims.shape[1]
+    meta = knn_route_meta(num_tokens, num_experts, k, num_neighbors, routing, bias is not None, mixing)
+    gather = _gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
+    _knn_route_fwd_kernel[token_grid(meta, num_tokens)](
+        bias_ptr=gather["router_ptr"] if bias is None else bias,  # never read without HAS_BIAS
+        weights_ptr=weights,
+        ids_ptr=ids,
+        conf_ptr=conf,
+        valid_ptr=valid,
+        T=num_tokens,
+        E=num_experts,
+        group_size=num_experts // (routing.num_groups or 1),
+        scale=routing.scale,
+        **gather,
+        **meta,
+    )
     torch._assert_async(valid, f"knn_route: neighbor_ids must lie in [0, N) = [0, {num_rows})")
     return weights, ids, conf
 
 
-def launch_knn_route_mixed(
-    router_logits, neighbor_ids, neighbor_sims, memory_logits, weighting, temperature, min_confidence
-):
+def launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing: KnnMixing):
     """Recompute ``mixed (T, E)`` float32, ``conf (T,)`` float32 and ``share (T, n)`` float32
     (``conf * w_j``, 0 where ``conf == 0``) with the forward's arithmetic."""
     from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
@@ -144,13 +149,15 @@ def launch_knn_route_mixed(
     share = new_output((num_tokens, num_neighbors), torch.float32, device)
     if num_tokens == 0:
         return mixed, conf, share
-    pointers, gather = _gather_args(
-        router_logits, neighbor_ids, neighbor_sims, memory_logits, temperature, min_confidence
-    )
-    meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
-    sizes = (num_tokens, num_experts, memory_logits.shape[0])  # T, E, M_rows
-    _knn_route_mixed_kernel[(cdiv(num_tokens, meta["BLOCK_T"]),)](
-        *pointers, mixed, conf, share, *sizes, *gather, **meta
+    meta = knn_route_mixed_meta(num_experts, num_neighbors, mixing)
+    _knn_route_mixed_kernel[token_grid(meta, num_tokens)](
+        mixed_ptr=mixed,
+        conf_ptr=conf,
+        share_ptr=share,
+        T=num_tokens,
+        E=num_experts,
+        **_gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing),
+        **meta,
     )
     return mixed, conf, share
 
@@ -163,19 +170,14 @@ def launch_knn_route_backward(
     memory_logits,
     ids,
     *,
-    renormalize,
-    score_func,
-    scale,
-    weighting,
-    temperature,
-    min_confidence,
-    memory_grad,
+    routing: RoutingConfig,
+    mixing: KnnMixing,
+    memory_grad: bool,
 ):
     """The backward on the kernels: returns ``grad_router`` (router dtype) and ``grad_memory``
     (memory dtype; ``None`` unless ``memory_grad``)."""
-    mixing = (weighting, temperature, min_confidence)
-    mixed, conf, share = launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, *mixing)
-    grad_mixed = launch_softmax_topk_backward(grad_weights, mixed, ids, renormalize, score_func, scale)
+    mixed, conf, share = launch_knn_route_mixed(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
+    grad_mixed = launch_softmax_topk_backward(grad_weights, mixed, ids, routing)
     grad_router = ((1.0 - conf)[:, None] * grad_mixed).to(router_logits.dtype)
     if not memory_grad:
         return grad_router, None
@@ -192,27 +194,19 @@ def knn_route_forward(
     neighbor_sims: torch.Tensor,
     memory_logits: torch.Tensor,
     k: int,
-    renormalize: bool,
-    score_func: str,
     bias: torch.Tensor | None,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-    scale: float,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
+    routing: RoutingConfig,
+    mixing: KnnMixing,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernel, or the reference without autograd."""
+    """The fused kernel, or the PyTorch path without autograd."""
     inputs = (router_logits, neighbor_ids, neighbor_sims, memory_logits, k)
-    routing = (renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)
-    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     if use_triton:
-        return launch_knn_route(*inputs, *routing, **mixing)
-    path = cpu_knn if router_logits.is_cpu else reference  # the fast CPU path, same semantics
+        return launch_knn_route(*inputs, routing, bias, mixing)
+    if router_logits.is_cpu:  # the fast CPU path, same semantics
+        return cpu_knn.knn_route(*inputs, routing, bias, mixing)
     with torch.no_grad():
-        weights, ids, conf = path.knn_route(*inputs, **reference_options(*routing), **mixing)
+        weights, ids, conf = reference.knn_route(*inputs, routing=routing, bias=bias, mixing=mixing)
     return weights.contiguous(), ids.contiguous(), conf.contiguous()
 
 
@@ -223,25 +217,19 @@ def knn_route_backward(
     neighbor_sims: torch.Tensor,
     memory_logits: torch.Tensor,
     ids: torch.Tensor,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
+    routing: RoutingConfig,
+    mixing: KnnMixing,
     memory_grad: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_router, grad_memory)``, ``grad_memory`` an empty ``(0,)`` tensor unless
     ``memory_grad`` (a registered op cannot return None)."""
     args = (grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids)
-    routing = dict(renormalize=renormalize, score_func=score_func, scale=scale)
-    mixing = dict(weighting=weighting, temperature=temperature, min_confidence=min_confidence)
     if use_triton:
         backward = launch_knn_route_backward
     else:
         backward = (cpu_knn if router_logits.is_cpu else reference).knn_route_backward
-    grad_router, grad_memory = backward(*args, **routing, **mixing, memory_grad=memory_grad)
+    grad_router, grad_memory = backward(*args, routing=routing, mixing=mixing, memory_grad=memory_grad)
     if grad_memory is None:
         grad_memory = memory_logits.new_empty((0,))
     return grad_router.contiguous(), grad_memory.contiguous()
@@ -267,20 +255,14 @@ def _save(ctx, inputs, outputs):
         inputs.router_logits, inputs.neighbor_ids, inputs.neighbor_sims, inputs.memory_logits, outputs[1]
     )
     ctx.mark_non_differentiable(outputs[1], outputs[2])
-    ctx.options = (
-        inputs.renormalize,
-        inputs.score_func,
-        inputs.scale,
-        inputs.weighting,
-        inputs.temperature,
-        inputs.min_confidence,
-    )
-    ctx.use_triton = inputs.use_triton
+    ctx.routing, ctx.mixing, ctx.use_triton = inputs.routing, inputs.mixing, inputs.use_triton
 
 
 def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
     memory_grad = ctx.needs_input_grad[3]
-    grad_router, grad_memory = backward(grad_weights, *ctx.saved_tensors, *ctx.options, memory_grad, ctx.use_triton)
+    grad_router, grad_memory = backward(
+        grad_weights, *ctx.saved_tensors, ctx.routing, ctx.mixing, memory_grad, ctx.use_triton
+    )
     # Ids and similarities come from a search and get no gradient; nor do the bias and options.
     return {"router_logits": grad_router, "memory_logits": grad_memory if memory_grad else None}
 
@@ -294,17 +276,17 @@ KNN_ROUTE = define_op(knn_route_forward, _fake, knn_route_backward, _backward_fa
 # compile once per expert count (n = 8, bf16, similarity weighting) to cover their load.
 
 
-def _knn_route_variants() -> Iterator[tuple[torch.dtype, int, str]]:
-    """(dtype, n, weighting) compiled for every shape and tiling: bf16 with both n and both
+def _knn_route_variants() -> Iterator[tuple[torch.dtype, int, KnnMixing]]:
+    """(dtype, n, mixing) compiled for every shape and tiling: bf16 with both n and both
     weightings; float32 (the same code but for the loads) once."""
     for num_neighbors in KNN_NEIGHBORS:
         for weighting in ("similarity", "softmax"):
-            yield torch.bfloat16, num_neighbors, weighting
-    yield torch.float32, KNN_NEIGHBORS[0], "similarity"
+            yield torch.bfloat16, num_neighbors, KnnMixing(weighting)
+    yield torch.float32, KNN_NEIGHBORS[0], KnnMixing("similarity")
 
 
-def _id_types(dtype: torch.dtype, num_neighbors: int, weighting: str) -> tuple[str, ...]:
-    if dtype == torch.bfloat16 and num_neighbors == KNN_NEIGHBORS[0] and weighting == "similarity":
+def _id_types(dtype: torch.dtype, num_neighbors: int, mixing: KnnMixing) -> tuple[str, ...]:
+    if dtype == torch.bfloat16 and num_neighbors == KNN_NEIGHBORS[0] and mixing.weighting == "similarity":
         return ("i64", "i32")
     return ("i64",)
 
@@ -340,15 +322,15 @@ def _knn_route_fwd_cases() -> Iterator[KernelCase]:
     outputs = {"weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32"}
     for shape in ROUTING_SHAPES:
         for num_tokens in ROUTING_TOKENS:
-            for dtype, num_neighbors, weighting in _knn_route_variants():
-                meta_args = (num_tokens, shape.num_experts, shape.k, num_neighbors, weighting)
-                meta = knn_route_meta(*meta_args, *config_meta_args(shape.routing, shape.has_bias))
+            for dtype, num_neighbors, mixing in _knn_route_variants():
+                meta_args = (num_tokens, shape.num_experts, shape.k, num_neighbors, shape.routing, shape.has_bias)
+                meta = knn_route_meta(*meta_args, mixing)
                 # Without a bias the launcher passes the router logits as the bias pointer.
                 bias = {"bias_ptr": "*fp32" if shape.has_bias else pointer(dtype)}
                 prefix = f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors}"
                 prefix += " sim" if meta["SIMILARITY"] else " softmax"
                 divisible = _divisible(shape.num_experts, num_neighbors)
-                for id_type in _id_types(dtype, num_neighbors, weighting):
+                for id_type in _id_types(dtype, num_neighbors, mixing):
                     pointers = {**_gather_pointers(dtype, id_type), **bias, **outputs}
                     signature, label = runtime_signature(pointers, ints, floats), f"{prefix} ids-{id_type}"
                     yield kernel_case("knn_route_fwd", _knn_route_fwd_kernel, signature, meta, label, divisible)
@@ -361,10 +343,10 @@ def _knn_route_mixed_cases() -> Iterator[KernelCase]:
 
     outputs = {"mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32"}
     for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
-        for dtype, num_neighbors, weighting in _knn_route_variants():
-            meta = knn_route_mixed_meta(num_experts, num_neighbors, weighting=weighting)
+        for dtype, num_neighbors, mixing in _knn_route_variants():
+            meta = knn_route_mixed_meta(num_experts, num_neighbors, mixing)
             prefix, divisible = knn_label(TRITON_DTYPES[dtype], meta), _divisible(num_experts, num_neighbors)
-            for id_type in _id_types(dtype, num_neighbors, weighting):
+            for id_type in _id_types(dtype, num_neighbors, mixing):
                 pointers = {**_gather_pointers(dtype, id_type), **outputs}
                 signature = runtime_signature(pointers, ("T", "E", "M_rows", *_GATHER_STRIDES), MIX_SCALARS)
                 label = f"{prefix} ids-{id_type}"

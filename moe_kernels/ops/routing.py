@@ -6,16 +6,17 @@
 ========================  ======================================================================
 
 Both take ``use_triton``: True launches the Triton kernels (CUDA, or the CPU interpreter), False
-runs the PyTorch reference, so that one registered op (with its fake and autograd) serves every
-device and backend. The routing options arrive flattened from a ``RoutingConfig``
-(:meth:`~moe_kernels.config.RoutingConfig.op_args`, 0 for "no groups"). Arguments are validated
-by the public API (``moe_kernels.functional``); the launchers only check what would make a kernel
-read or write out of bounds.
+runs the PyTorch path (:mod:`moe_kernels.cpu` for CPU tensors, the reference elsewhere), so that
+one registered op (with its fake and autograd) serves every device and backend. The routing
+options arrive as a :class:`~moe_kernels.config.RoutingConfig` (flattened across the schema by
+the op boundary). Arguments are validated by the public API (``moe_kernels.functional``); the
+launchers only check what would make a kernel read or write out of bounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -34,45 +35,50 @@ MAX_TRITON_EXPERTS = 4096
 MAX_TRITON_GROUPS = 64
 
 
-def forward_meta(
-    num_tokens: int,
-    num_experts: int,
-    k: int,
-    renormalize: bool,
-    score_func: str,
-    has_bias: bool,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-) -> dict:
+class RouteConstexprs(NamedTuple):
+    """The ``ROUTING`` constexpr of the routing forward and fused kNN-route kernels (read by
+    ``kernels._routing.route_tile`` by field name): ``K`` experts per token (``K_PAD`` its power of
+    two), the tile's ``G_PAD`` groups of ``GS_PAD`` columns each, and the routing flags."""
+
+    K: int
+    K_PAD: int
+    G_PAD: int
+    GS_PAD: int
+    SOFTMAX: bool
+    RENORMALIZE: bool
+    HAS_BIAS: bool
+    GROUPED: bool
+    TOPK_GROUPS: int
+    GROUP_TOP2: bool
+
+
+def forward_meta(num_tokens: int, num_experts: int, k: int, routing: RoutingConfig, has_bias: bool) -> dict:
     """Constexprs and ``num_warps`` of the forward kernel for a problem (a pure function of the
-    sizes and flags, shared with the AOT cases below); the routing options in the ops' order
-    (:func:`config_meta_args` gives them for a ``RoutingConfig``).
+    sizes and the routing, shared with the AOT cases below).
 
     With groups the row tile is group-major, ``G_PAD * GS_PAD`` wide (each group padded to a
     power of two), so the kernel can score all groups with one reshape.
     """
-    groups = max(num_groups, 1)
+    groups = routing.num_groups or 1
     g_pad, gs_pad = next_power_of_2(groups), next_power_of_2(num_experts // groups)
     block_t, num_warps = row_tiling(g_pad * gs_pad, num_tokens, MIN_PROGRAMS)
-    return dict(
+    constexprs = RouteConstexprs(
         K=k,
         K_PAD=next_power_of_2(k),
-        BLOCK_T=block_t,
         G_PAD=g_pad,
         GS_PAD=gs_pad,
-        SOFTMAX=score_func == "softmax",
-        RENORMALIZE=renormalize,
+        SOFTMAX=routing.score_func == "softmax",
+        RENORMALIZE=routing.renormalize,
         HAS_BIAS=has_bias,
-        GROUPED=num_groups > 0,
-        TOPK_GROUPS=topk_groups,
-        GROUP_TOP2=group_score == "top2_sum",
-        CONTIGUOUS=num_groups == 0 or gs_pad * num_groups == num_experts,
-        num_warps=num_warps,
+        GROUPED=routing.num_groups is not None,
+        TOPK_GROUPS=routing.topk_groups or 0,
+        GROUP_TOP2=routing.group_score == "top2_sum",
     )
+    contiguous = routing.num_groups is None or gs_pad * routing.num_groups == num_experts
+    return dict(ROUTING=constexprs, BLOCK_T=block_t, CONTIGUOUS=contiguous, num_warps=num_warps)
 
 
-def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: bool, score_func: str) -> dict:
+def backward_meta(num_tokens: int, num_experts: int, k: int, routing: RoutingConfig) -> dict:
     """Constexprs and ``num_warps`` of the backward kernel."""
     block_e = next_power_of_2(num_experts)
     block_t, num_warps = row_tiling(block_e, num_tokens, MIN_PROGRAMS)
@@ -81,35 +87,13 @@ def backward_meta(num_tokens: int, num_experts: int, k: int, *, renormalize: boo
         K_PAD=next_power_of_2(k),
         BLOCK_T=block_t,
         BLOCK_E=block_e,
-        SOFTMAX=score_func == "softmax",
-        RENORMALIZE=renormalize,
+        SOFTMAX=routing.score_func == "softmax",
+        RENORMALIZE=routing.renormalize,
         num_warps=num_warps,
     )
 
 
-def flatten_routing(routing: RoutingConfig, bias: torch.Tensor | None) -> tuple:
-    """The seven routing arguments of the registered routing ops, in their schemas' order:
-    ``(renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)``, 0 for "no
-    groups" (a schema int cannot be None)."""
-    renormalize, score_func, num_groups, topk_groups, group_score, scale = routing.op_args()
-    return renormalize, score_func, bias, num_groups, topk_groups, group_score, scale
-
-
-def reference_options(renormalize, score_func, bias, num_groups, topk_groups, group_score, scale) -> dict:
-    """The reference's (and the CPU path's) routing keywords from the ops' seven routing
-    arguments (0 groups back to None)."""
-    options = dict(renormalize=renormalize, score_func=score_func, bias=bias, group_score=group_score, scale=scale)
-    options["num_groups"], options["topk_groups"] = num_groups or None, topk_groups or None
-    return options
-
-
-def config_meta_args(routing: RoutingConfig, has_bias: bool) -> tuple:
-    """:func:`forward_meta`'s routing arguments for a ``RoutingConfig`` (the AOT cases')."""
-    renormalize, score_func, num_groups, topk_groups, group_score, _ = routing.op_args()
-    return renormalize, score_func, has_bias, num_groups, topk_groups, group_score
-
-
-def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, topk_groups, group_score, scale):
+def launch_softmax_topk(logits: torch.Tensor, k: int, routing: RoutingConfig, bias: torch.Tensor | None):
     """Run the forward kernel on ``logits (T, E)``; returns fresh ``(T, k)`` float32 / int32."""
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
@@ -119,19 +103,23 @@ def launch_softmax_topk(logits, k, renormalize, score_func, bias, num_groups, to
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
         return weights, ids
-    has_bias = bias is not None
-    meta = forward_meta(
-        num_tokens, num_experts, k, renormalize, score_func, has_bias, num_groups, topk_groups, group_score
-    )
-    group_size = num_experts // max(num_groups, 1)
-    bias_ptr = bias if has_bias else logits  # never read without HAS_BIAS
+    meta = forward_meta(num_tokens, num_experts, k, routing, bias is not None)
     _softmax_topk_fwd_kernel[token_grid(meta, num_tokens)](
-        logits, bias_ptr, weights, ids, num_tokens, num_experts, group_size, logits.stride(0), float(scale), **meta
+        logits_ptr=logits,
+        bias_ptr=logits if bias is None else bias,  # never read without HAS_BIAS
+        weights_ptr=weights,
+        ids_ptr=ids,
+        T=num_tokens,
+        E=num_experts,
+        group_size=num_experts // (routing.num_groups or 1),
+        stride_lt=logits.stride(0),
+        scale=routing.scale,
+        **meta,
     )
     return weights, ids
 
 
-def launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale):
+def launch_softmax_topk_backward(grad_weights, logits, ids, routing: RoutingConfig):
     """Run the backward kernel; returns a fresh contiguous ``(T, E)`` gradient in logits' dtype."""
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
@@ -141,18 +129,18 @@ def launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_f
     if num_tokens == 0:
         return grad_logits
     ids = ids.contiguous()
-    meta = backward_meta(num_tokens, num_experts, ids.shape[1], renormalize=renormalize, score_func=score_func)
+    meta = backward_meta(num_tokens, num_experts, ids.shape[1], routing)
     _softmax_topk_bwd_kernel[token_grid(meta, num_tokens)](
-        grad_weights,
-        logits,
-        ids,
-        grad_logits,
-        num_tokens,
-        num_experts,
-        grad_weights.stride(0),
-        grad_weights.stride(1),
-        logits.stride(0),
-        float(scale),
+        grad_weights_ptr=grad_weights,
+        logits_ptr=logits,
+        ids_ptr=ids,
+        grad_logits_ptr=grad_logits,
+        T=num_tokens,
+        E=num_experts,
+        stride_gt=grad_weights.stride(0),
+        stride_gk=grad_weights.stride(1),
+        stride_lt=logits.stride(0),
+        scale=routing.scale,
         **meta,
     )
     return grad_logits
@@ -163,46 +151,26 @@ def launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_f
 
 
 def softmax_topk_forward(
-    logits: torch.Tensor,
-    k: int,
-    renormalize: bool,
-    score_func: str,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    topk_groups: int,
-    group_score: str,
-    scale: float,
-    use_triton: bool,
+    logits: torch.Tensor, k: int, bias: torch.Tensor | None, routing: RoutingConfig, use_triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel, or the reference (without autograd: the op owns the gradient)."""
-    routing = (renormalize, score_func, bias, num_groups, topk_groups, group_score, scale)
+    """The kernel, or the PyTorch path (without autograd: the op owns the gradient)."""
     if use_triton:
-        return launch_softmax_topk(logits, k, *routing)
-    options = reference_options(*routing)
+        return launch_softmax_topk(logits, k, routing, bias)
     if logits.is_cpu:  # the fast CPU path, same semantics; fresh contiguous outputs, no graph
-        return cpu_routing.softmax_topk(logits, k, **options)
+        return cpu_routing.softmax_topk(logits, k, routing, bias)
     with torch.no_grad():
-        weights, ids = reference.softmax_topk(logits, k, **options)
+        weights, ids = reference.softmax_topk(logits, k, routing=routing, bias=bias)
     return weights.contiguous(), ids.contiguous()
 
 
 def softmax_topk_backward(
-    grad_weights: torch.Tensor,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
-    use_triton: bool,
+    grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, routing: RoutingConfig, use_triton: bool
 ) -> torch.Tensor:
-    """The kernel, or the reference's explicit formula."""
+    """The kernel, or the PyTorch path's explicit formula."""
     if use_triton:
-        return launch_softmax_topk_backward(grad_weights, logits, ids, renormalize, score_func, scale)
+        return launch_softmax_topk_backward(grad_weights, logits, ids, routing)
     path = cpu_routing if logits.is_cpu else reference
-    grad = path.softmax_topk_backward(
-        grad_weights, logits, ids, renormalize=renormalize, score_func=score_func, scale=scale
-    )
-    return grad.contiguous()
+    return path.softmax_topk_backward(grad_weights, logits, ids, routing=routing).contiguous()
 
 
 def _fake(inputs):
@@ -217,13 +185,13 @@ def _backward_fake(inputs):
 def _save(ctx, inputs, outputs):
     ctx.save_for_backward(inputs.logits, outputs[1])
     ctx.mark_non_differentiable(outputs[1])
-    ctx.options = (inputs.renormalize, inputs.score_func, inputs.scale, inputs.use_triton)
+    ctx.routing, ctx.use_triton = inputs.routing, inputs.use_triton
 
 
 def _grads(ctx, backward, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
     # The bias and the group options only choose ids: no gradient; ids are not differentiable.
-    return {"logits": backward(grad_weights, logits, ids, *ctx.options)}
+    return {"logits": backward(grad_weights, logits, ids, ctx.routing, ctx.use_triton)}
 
 
 SOFTMAX_TOPK = define_op(softmax_topk_forward, _fake, softmax_topk_backward, _backward_fake, _save, _grads)
@@ -235,15 +203,17 @@ SOFTMAX_TOPK = define_op(softmax_topk_forward, _fake, softmax_topk_backward, _ba
 
 def routing_label(dtype: str, meta: dict) -> str:
     """A short description of a routing kernel configuration for the AOT report."""
-    width = meta["BLOCK_E"] if "BLOCK_E" in meta else meta["G_PAD"] * meta["GS_PAD"]
-    parts = [dtype, f"W{width}", f"K{meta['K']}", f"BT{meta['BLOCK_T']}", "softmax" if meta["SOFTMAX"] else "sigmoid"]
-    if meta["RENORMALIZE"]:
+    flags = meta["ROUTING"]._asdict() if "ROUTING" in meta else meta
+    width = meta["BLOCK_E"] if "BLOCK_E" in meta else flags["G_PAD"] * flags["GS_PAD"]
+    parts = [dtype, f"W{width}", f"K{flags['K']}", f"BT{meta['BLOCK_T']}"]
+    parts.append("softmax" if flags["SOFTMAX"] else "sigmoid")
+    if flags["RENORMALIZE"]:
         parts.append("renorm")
-    if meta.get("HAS_BIAS"):
+    if flags.get("HAS_BIAS"):
         parts.append("bias")
-    if meta.get("GROUPED"):
-        score = "top2" if meta["GROUP_TOP2"] else "max"
-        parts.append(f"G{meta['G_PAD']}x{meta['GS_PAD']}/{meta['TOPK_GROUPS']}{score}")
+    if flags.get("GROUPED"):
+        score = "top2" if flags["GROUP_TOP2"] else "max"
+        parts.append(f"G{flags['G_PAD']}x{flags['GS_PAD']}/{flags['TOPK_GROUPS']}{score}")
     return " ".join(parts)
 
 
@@ -269,7 +239,7 @@ def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        meta = forward_meta(num_tokens, shape.num_experts, shape.k, *config_meta_args(routing, shape.has_bias))
+        meta = forward_meta(num_tokens, shape.num_experts, shape.k, routing, shape.has_bias)
         # Without a bias the launcher passes the logits as the (never read) bias pointer.
         bias = "*fp32" if shape.has_bias else pointer(dtype)
         pointers = {"logits_ptr": pointer(dtype), "bias_ptr": bias, "weights_ptr": "*fp32", "ids_ptr": "*i32"}
@@ -283,8 +253,7 @@ def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
     from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
 
     for shape, num_tokens, dtype, routing in routing_problems():
-        options = dict(renormalize=routing.renormalize, score_func=routing.score_func)
-        meta = backward_meta(num_tokens, shape.num_experts, shape.k, **options)
+        meta = backward_meta(num_tokens, shape.num_experts, shape.k, routing)
         pointers = {"grad_weights_ptr": "*fp32", "logits_ptr": pointer(dtype), "ids_ptr": "*i32"}
         pointers["grad_logits_ptr"] = pointer(dtype)
         signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_gk", "stride_lt"), ("scale",))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels.config import ACTIVATIONS, GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation  # noqa: F401 (re-exported)
-from moe_kernels.reference.options import keyword_options
 from moe_kernels.reference.routing import compute_dtype
 
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
@@ -276,22 +275,25 @@ def fused_experts(
     return out.to(hidden.dtype)
 
 
-# fused_experts' keyword arguments and defaults as a record (its backward and the CPU path take
-# them as ``**options`` instead of restating them).
-ExpertOptions = keyword_options(fused_experts, "ExpertOptions")
-
-
-def fused_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, **options):
+def fused_experts_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> tuple:
     """Gradients of :func:`fused_experts` written out (the forward intermediates are recomputed).
 
-    ``grad_out (T, H)`` and the forward's inputs -> ``grad_hidden (T, H)``,
+    ``grad_out (T, H)`` and the forward's inputs and options -> ``grad_hidden (T, H)``,
     ``grad_gate_up_proj (E, 2I, H)``, ``grad_down_proj (E, H, I)``, ``grad_weights (T, k)`` (zero
     at empty slots), ``grad_gate_up_bias (E, 2I)`` and ``grad_down_bias (E, H)`` (None without
-    the bias), each in its input's dtype. ``options``: :func:`fused_experts`' keyword arguments
-    (:data:`ExpertOptions`: ``activation``, ``gate_up_bias``, ``down_bias``).
+    the bias), each in its input's dtype.
     """
-    opts = ExpertOptions(**options)
-    activation, gate_up_bias, down_bias = opts.activation, opts.gate_up_bias, opts.down_bias
     Activation.parse(activation)
     fwd = _expert_forward(hidden, gate_up_proj, down_proj, ids, activation, gate_up_bias, down_bias)
     y, tokens, experts, offsets = fwd.y, fwd.tokens, fwd.experts, fwd.offsets

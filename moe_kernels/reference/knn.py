@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.reference.options import keyword_options, split_options
+from moe_kernels.config import DEFAULT_MIXING, DEFAULT_ROUTING, KnnMixing, RoutingConfig
 from moe_kernels.reference.routing import compute_dtype, softmax_topk, softmax_topk_backward
 
 
 def knn_confidence_and_weights(
-    neighbor_sims: torch.Tensor, weighting: str, temperature: float, min_confidence: float, dtype: torch.dtype
+    neighbor_sims: torch.Tensor, mixing: KnnMixing, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``conf (T,)`` = mean similarity clamped to [0, 1] (0 for NaN or below ``min_confidence``)
     and the neighbour weights ``(T, n)``: ``sims / sum(sims)`` or ``softmax(sims / temperature)``."""
     sims = neighbor_sims.to(dtype)
     conf = sims.mean(dim=-1)
     conf = torch.where(torch.isnan(conf), torch.zeros_like(conf), conf).clamp(0.0, 1.0)
-    conf = torch.where(conf < min_confidence, torch.zeros_like(conf), conf)
-    if weighting == "similarity":
+    conf = torch.where(conf < mixing.min_confidence, torch.zeros_like(conf), conf)
+    if mixing.weighting == "similarity":
         weights = sims / sims.sum(dim=-1, keepdim=True)
-    elif weighting == "softmax":
-        weights = torch.softmax(sims / temperature, dim=-1)
+    elif mixing.weighting == "softmax":
+        weights = torch.softmax(sims / mixing.temperature, dim=-1)
     else:
-        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {weighting!r}")
+        raise ValueError(f"weighting must be 'similarity' or 'softmax', got {mixing.weighting!r}")
     return conf, weights
 
 
@@ -33,15 +33,14 @@ def knn_mix(
     neighbor_logits: torch.Tensor,
     neighbor_sims: torch.Tensor,
     *,
-    weighting: str = "similarity",
-    temperature: float = 0.1,
-    min_confidence: float = 0.0,
+    mixing: KnnMixing = DEFAULT_MIXING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`moe_kernels.knn_mix` (arguments assumed valid): ``mixed (T, E)`` and
-    ``conf (T,)``, float32 (float64 for float64 router logits), differentiable with respect to
-    both logits tensors (the similarities are treated as constants)."""
+    """Reference of :func:`moe_kernels.knn_mix` (arguments assumed valid): ``router_logits (T, E)``,
+    ``neighbor_logits (T, n, E)``, ``neighbor_sims (T, n)`` and the :class:`~moe_kernels.config.KnnMixing`
+    -> ``mixed (T, E)`` and ``conf (T,)``, float32 (float64 for float64 router logits),
+    differentiable with respect to both logits tensors (the similarities are treated as constants)."""
     dtype = compute_dtype(router_logits.dtype)
-    conf, weights = knn_confidence_and_weights(neighbor_sims.detach(), weighting, temperature, min_confidence, dtype)
+    conf, weights = knn_confidence_and_weights(neighbor_sims.detach(), mixing, dtype)
     retrieved = (weights.unsqueeze(-1) * neighbor_logits.to(dtype)).sum(dim=-2)
     frozen = router_logits.to(dtype)
     c = conf.unsqueeze(-1)
@@ -51,25 +50,18 @@ def knn_mix(
     return mixed, conf
 
 
-# knn_mix's keyword arguments and defaults as a record (the kNN routes and the CPU path take them
-# as ``**options`` with the routing ones, instead of restating them).
-KnnOptions = keyword_options(knn_mix, "KnnOptions")
-
-
 def knn_mix_backward(
     grad_mixed: torch.Tensor,
     neighbor_sims: torch.Tensor,
     *,
-    weighting: str,
-    temperature: float,
-    min_confidence: float,
+    mixing: KnnMixing,
     router_dtype: torch.dtype,
     neighbor_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``knn_mix`` written out: ``grad_router (T, E)`` in ``router_dtype`` and
     ``grad_neighbors (T, n, E)`` in ``neighbor_dtype``."""
     dtype = compute_dtype(router_dtype)
-    conf, weights = knn_confidence_and_weights(neighbor_sims, weighting, temperature, min_confidence, dtype)
+    conf, weights = knn_confidence_and_weights(neighbor_sims, mixing, dtype)
     grad = grad_mixed.to(dtype)
     c = conf.unsqueeze(-1)
     share = torch.where(c > 0, c * weights, torch.zeros_like(weights))  # (T, n)
@@ -83,26 +75,45 @@ def gather_neighbors(memory_logits: torch.Tensor, neighbor_ids: torch.Tensor) ->
     return memory_logits[neighbor_ids.long()]
 
 
-def knn_route(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, **options):
+def knn_route(
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    k: int,
+    *,
+    routing: RoutingConfig = DEFAULT_ROUTING,
+    bias: torch.Tensor | None = None,
+    mixing: KnnMixing = DEFAULT_MIXING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of the fused kNN route (arguments assumed valid): the gather of the retrieved
     rows, :func:`knn_mix` and :func:`moe_kernels.reference.routing.softmax_topk`.
 
     ``router_logits (T, E)`` float, ``neighbor_ids (T, n)`` int rows of ``memory_logits (N, E)``,
-    ``neighbor_sims (T, n)`` float, ``k`` int; ``options``: the keyword arguments of
-    :func:`knn_mix` (:data:`KnnOptions`: ``weighting``, ``temperature``, ``min_confidence``) and
-    of ``softmax_topk`` (``RoutingOptions``: ``renormalize``, ``score_func``, ``bias``,
-    ``num_groups``, ``topk_groups``, ``group_score``, ``scale``), with their defaults.
+    ``neighbor_sims (T, n)`` float, ``k`` int; ``routing`` and ``bias`` route the mixed logits,
+    ``mixing`` mixes them.
 
     Returns ``weights (T, k)``, ``ids (T, k)`` int32 and ``conf (T,)`` (float32, float64 for
     float64 router logits); ``weights`` is differentiable with respect to ``router_logits`` and
     ``memory_logits``."""
-    knn, routing = split_options(options, KnnOptions)
-    mixed, conf = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **knn._asdict())
-    weights, ids = softmax_topk(mixed, k, **routing)
+    neighbors = gather_neighbors(memory_logits, neighbor_ids)
+    mixed, conf = knn_mix(router_logits, neighbors, neighbor_sims, mixing=mixing)
+    weights, ids = softmax_topk(mixed, k, routing=routing, bias=bias)
     return weights, ids, conf
 
 
-def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, **options):
+def knn_route_backward(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    neighbor_ids: torch.Tensor,
+    neighbor_sims: torch.Tensor,
+    memory_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    routing: RoutingConfig,
+    mixing: KnnMixing,
+    memory_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``knn_route``'s weights written out: the mixed logits are recomputed, the
     routing backward gives ``grad_mixed``, then ``grad_router = (1 - conf) * grad_mixed`` (in
     ``router_logits.dtype``) and, when ``memory_grad``, ``grad_memory (N, E)`` (in
@@ -110,16 +121,13 @@ def knn_route_backward(grad_weights, router_logits, neighbor_ids, neighbor_sims,
     ``neighbor_ids`` of ``conf * w_j * grad_mixed`` (``None`` otherwise). The similarities, the
     bias and the group settings get no gradient.
 
-    ``grad_weights (T, k)``, ``ids (T, k)`` int32 and the forward's inputs; ``options``: the
-    keyword arguments of :func:`knn_mix` (:data:`KnnOptions`), of ``softmax_topk_backward``
-    (``renormalize``, ``score_func``, ``scale``: required) and ``memory_grad`` (default True)."""
-    knn, routing = split_options(options, KnnOptions)
-    memory_grad = routing.pop("memory_grad", True)
+    ``grad_weights (T, k)``, ``ids (T, k)`` int32 and the forward's inputs and options."""
     with torch.no_grad():
-        mixed, _ = knn_mix(router_logits, gather_neighbors(memory_logits, neighbor_ids), neighbor_sims, **knn._asdict())
-    grad_mixed = softmax_topk_backward(grad_weights, mixed, ids, **routing)
+        neighbors = gather_neighbors(memory_logits, neighbor_ids)
+        mixed, _ = knn_mix(router_logits, neighbors, neighbor_sims, mixing=mixing)
+    grad_mixed = softmax_topk_backward(grad_weights, mixed, ids, routing=routing)
     grad_router, grad_neighbors = knn_mix_backward(
-        grad_mixed, neighbor_sims, **knn._asdict(), router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
+        grad_mixed, neighbor_sims, mixing=mixing, router_dtype=router_logits.dtype, neighbor_dtype=grad_mixed.dtype
     )
     if not memory_grad:
         return grad_router, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.reference.options import keyword_options
+from moe_kernels.config import DEFAULT_ROUTING, RoutingConfig
 
 RENORM_EPS = 1e-20
 
@@ -90,59 +90,41 @@ def top_k_lowest_id_first(keys: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def softmax_topk(
-    logits: torch.Tensor,
-    k: int,
-    *,
-    renormalize: bool = False,
-    score_func: str = "softmax",
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-    scale: float = 1.0,
+    logits: torch.Tensor, k: int, *, routing: RoutingConfig = DEFAULT_ROUTING, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`moe_kernels.softmax_topk` (arguments assumed valid).
 
-    Returns ``weights (..., k)`` float32 (float64 for float64 logits), differentiable with respect
-    to ``logits``, and ``ids (..., k)`` int32.
+    ``logits (..., E)``, ``k`` int, ``routing`` a :class:`~moe_kernels.RoutingConfig`, ``bias (E,)``
+    the selection bias or None. Returns ``weights (..., k)`` float32 (float64 for float64 logits),
+    differentiable with respect to ``logits``, and ``ids (..., k)`` int32.
     """
-    scores = gate_scores(logits, score_func)
-    keys = selection_keys(scores, bias, num_groups, topk_groups, group_score)
+    scores = gate_scores(logits, routing.score_func)
+    keys = selection_keys(scores, bias, routing.num_groups, routing.topk_groups, routing.group_score)
     ids = top_k_lowest_id_first(keys, k)
     weights = scores.gather(-1, ids)
-    if renormalize:
+    if routing.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
-    return weights * scale, ids.to(torch.int32)
-
-
-# softmax_topk's keyword arguments and defaults as a record: the functions that route like it (the
-# CPU path, the kNN routes, the test logits) take them as ``**options`` instead of restating them.
-RoutingOptions = keyword_options(softmax_topk, "RoutingOptions")
+    return weights * routing.scale, ids.to(torch.int32)
 
 
 def softmax_topk_backward(
-    grad_weights: torch.Tensor,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    renormalize: bool,
-    score_func: str,
-    scale: float,
+    grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, *, routing: RoutingConfig
 ) -> torch.Tensor:
     """Gradient of ``softmax_topk``'s weights with respect to ``logits``, written out.
 
     ``grad_weights (..., k)``, ``logits (..., E)``, ``ids (..., k)`` int32 -> ``(..., E)`` in
-    ``logits.dtype``. The bias and the group mask only choose ``ids``, so they take no part.
+    ``logits.dtype``. The bias and the group mask only choose ``ids``, so they take no part (of
+    ``routing``, only ``score_func``, ``renormalize`` and ``scale`` do).
     """
-    scores = gate_scores(logits, score_func)
+    scores = gate_scores(logits, routing.score_func)
     index = ids.long()
-    grad = grad_weights.to(scores.dtype) * scale
-    if renormalize:
+    grad = grad_weights.to(scores.dtype) * routing.scale
+    if routing.renormalize:
         picked = scores.gather(-1, index)
         denom = picked.sum(dim=-1, keepdim=True) + RENORM_EPS
         grad = grad / denom - (grad * picked).sum(dim=-1, keepdim=True) / (denom * denom)
     grad_scores = torch.zeros_like(scores).scatter_(-1, index, grad)
-    if score_func == "softmax":
+    if routing.score_func == "softmax":
         grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
     else:
         grad_logits = grad_scores * scores * (1.0 - scores)
