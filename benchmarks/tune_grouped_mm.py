@@ -19,6 +19,7 @@ from benchmarks.common import time_fn
 from moe_kernels._compat import triton_version
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops import tuned_configs
+from moe_kernels.ops.tuned_configs import pinned_config
 from moe_kernels.shapes import EXPERT_SHAPES
 
 FORWARD_CANDIDATES = [
@@ -59,7 +60,7 @@ def _time(kernel, n_cols, k_dim, rows, groups, meta, device) -> float:
     else:
         b = torch.randn(groups, k_dim, n_cols, generator=generator, device=device).to(torch.bfloat16)
         call = lambda: gmm.launch_grouped_mm(a, b, offsets)  # noqa: E731
-    with gmm.pinned_config(**meta):
+    with pinned_config(**meta):
         try:
             call()
         except Exception:  # a candidate that does not compile (shared memory) is skipped

@@ -9,7 +9,7 @@ import math
 import torch
 from oracles import fused_experts_oracle
 
-from moe_kernels.ops import grouped_mm as gmm
+from moe_kernels.ops.tuned_configs import pinned_config
 
 F64 = torch.float64
 
@@ -128,7 +128,7 @@ def to_float64(p):
 
 def small_tiles(device):
     """The interpreter runs one program at a time: small tiles keep the tests fast there."""
-    return gmm.pinned_config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if device == "cpu" else contextlib.nullcontext()
+    return pinned_config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if device == "cpu" else contextlib.nullcontext()
 
 
 def routed_ids(num_tokens, num_experts, k, mode, generator):

@@ -69,8 +69,8 @@ def test_aot_compile_all_kernels():
     assert defined, "found no @triton.jit *_kernel in moe_kernels.kernels._* modules"
     missing = sorted(defined - registered)
     assert not missing, (
-        f"kernels without AOT cases (add a @register_kernel case beside the launcher in moe_kernels/ops/, "
-        f"generator covering every configuration their launchers choose): {missing}"
+        f"kernels without AOT cases (add a @register_kernel generator to moe_kernels/aot/cases/ covering "
+        f"every configuration their launchers choose): {missing}"
     )
 
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from moe_kernels.ops import align as align_ops
 from moe_kernels.ops import experts as ops
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops import tuned_configs as tuned
+from moe_kernels.ops.tuned_configs import pinned_config
 from moe_kernels.reference import experts as reference
 from moe_kernels.testing import assert_close, assert_written, poisoned_outputs
 
@@ -75,13 +76,13 @@ def _grouped_kernel_vs_float64(device, dtype, shape, *, b_transposed=False, stri
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_grouped_mm_kernel_matches_float64(kernel_device, dtype, shape):
-    with gmm.pinned_config(**SMALL):
+    with pinned_config(**SMALL):
         _grouped_kernel_vs_float64(kernel_device, dtype, SHAPES[shape])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grouped_mm_kernel_strided_inputs(kernel_device, dtype):
-    with gmm.pinned_config(**SMALL):
+    with pinned_config(**SMALL):
         _grouped_kernel_vs_float64(
             kernel_device, dtype, SHAPES["small-and-large-groups"], b_transposed=True, strided=True
         )
@@ -89,7 +90,7 @@ def test_grouped_mm_kernel_strided_inputs(kernel_device, dtype):
 
 def test_grouped_mm_kernel_group_scan_in_chunks(kernel_device):
     """BLOCK_G = 2 scans the 5 groups' ends in 3 steps (carrying tile counts across steps)."""
-    with gmm.pinned_config(**SMALL, BLOCK_G=2):
+    with pinned_config(**SMALL, BLOCK_G=2):
         _grouped_kernel_vs_float64(kernel_device, torch.float32, SHAPES["empty-first-mid-last"])
 
 
@@ -111,7 +112,7 @@ def test_grouped_mm_kernel_gather_and_scale(kernel_device, dtype, gather, scale)
     s64 = row_scale if scale else torch.ones(m_out)
     want, want_db = gathered_grouped_mm_oracle(a, b, offsets, grad, rows, s64, dtype)
     kwargs = dict(a_rows=a_rows if gather else None, row_scale=row_scale if scale else None)
-    with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
+    with pinned_config(**SMALL), testing.poisoned_outputs():
         out = gmm.launch_grouped_mm(a, b, offsets, **kwargs)
         grad_b = gmm.launch_grouped_mm_weight_grad(a, grad, offsets, b.shape[0], **kwargs)
     testing.assert_written(out, "out")
@@ -141,7 +142,7 @@ def test_grouped_mm_kernel_gated_epilogue(kernel_device, dtype, activation, bias
             want_h[r] += bias_t.double().cpu()[group[r]]
     want_act = gated_activation_oracle(want_h, activation)
     want_act[ends[-1] :] = 0
-    with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
+    with pinned_config(**SMALL), testing.poisoned_outputs():
         act, h = gmm.launch_grouped_gated_mm(a, b, offsets, activation, a_rows=a_rows, bias=bias_t)
         act_only, no_h = gmm.launch_grouped_gated_mm(
             a, b, offsets, activation, a_rows=a_rows, bias=bias_t, store_h=False
@@ -170,7 +171,7 @@ def test_grouped_mm_kernel_gated_epilogue_without_a_product(kernel_device):
 def test_grouped_mm_kernel_weight_grad_many_row_chunks(kernel_device):
     """A group of 70 rows reduces over 5 chunks of BLOCK_M = 16 (the last one partial)."""
     a, b, offsets, grad = grouped_inputs(75, 18, 20, [3, 70, 0], torch.float32, kernel_device)
-    with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
+    with pinned_config(**SMALL), testing.poisoned_outputs():
         grad_b = gmm.launch_grouped_mm_weight_grad(a, grad, offsets, 3)
     testing.assert_written(grad_b, "grad_b")
     _, want = reference.grouped_mm_backward(grad.double().cpu(), a.double().cpu(), b.double().cpu(), offsets.cpu())
@@ -370,7 +371,7 @@ def test_grouped_mm_kernel_property_matches_oracle(kernel_device, data):
     a = lay_out(torch.rand(rows, width, generator=source).to(dtype) * 2 - 1, data.draw(layouts, label="a"))
     b = lay_out(torch.rand(num_groups, width, cols, generator=source).to(dtype) * 2 - 1, data.draw(layouts))
     offsets = torch.tensor(ends, dtype=torch.int32)
-    with gmm.pinned_config(**SMALL), testing.poisoned_outputs():
+    with pinned_config(**SMALL), testing.poisoned_outputs():
         out = grouped_mm(a.to(kernel_device), b.to(kernel_device), offsets.to(kernel_device), backend="triton")
     testing.assert_written(out, "out")
     assert_close(out.cpu(), grouped_mm_oracle(a, b, offsets), dtype=dtype, msg=f"offsets {ends}")

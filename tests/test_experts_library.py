@@ -28,9 +28,9 @@ from helpers import assert_compile_matches_eager, assert_function_matches_op
 import moe_kernels as mk
 from moe_kernels import reference, testing
 from moe_kernels.functional.grouped_mm import grouped_mm
-from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.ops.grouped_mm import GROUPED_MM
+from moe_kernels.ops.tuned_configs import pinned_config
 from moe_kernels.reference import experts as experts_ref
 from moe_kernels.testing import assert_close
 
@@ -193,7 +193,7 @@ def test_eager_function_matches_registered_op():
 @pytest.mark.kernel
 def test_grouped_mm_kernel_opcheck_and_eager_function(kernel_device):
     a, b, offsets, _ = grouped_inputs(*SHAPES["tail"], device=kernel_device)
-    with gmm.pinned_config(**SMALL):
+    with pinned_config(**SMALL):
         args = (a.clone().requires_grad_(True), b.clone().requires_grad_(True), offsets, True)
         torch.library.opcheck(torch.ops.moe_kernels.grouped_mm.default, args)
         assert_function_matches_op(GROUPED_MM, args)

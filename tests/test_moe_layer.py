@@ -11,7 +11,7 @@ from helpers import assert_compile_matches_eager
 
 import moe_kernels as mk
 from moe_kernels.config import RoutingConfig
-from moe_kernels.ops import grouped_mm as gmm
+from moe_kernels.ops.tuned_configs import pinned_config
 from moe_kernels.reference.experts import gated_activation
 from moe_kernels.testing import assert_close
 
@@ -78,9 +78,7 @@ def test_block_with_probmoe_router_and_compile():
 def test_block_kernel_path(kernel_device):
     block = mk.MoE(16, 8, 4, 2, shared_intermediate_size=8, backend="triton", device=kernel_device)
     hidden = torch.randn(11, 16, device=kernel_device)
-    tiles = (
-        gmm.pinned_config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if kernel_device == "cpu" else contextlib.nullcontext()
-    )
+    tiles = pinned_config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if kernel_device == "cpu" else contextlib.nullcontext()
     with tiles, torch.no_grad():
         got = block(hidden)
     assert_close(got.cpu(), _loop(block, hidden).cpu(), dtype=torch.float32)

@@ -1,25 +1,27 @@
 """The ahead-of-time compile catalogue: every ``@triton.jit`` kernel of the package with the
 configurations its launchers can choose.
 
-Each op family declares its cases beside its launcher (``moe_kernels/ops/<family>.py``), with
-the launcher's own pure meta function, never re-derived::
+Each op family declares its cases in ``moe_kernels/aot/cases/<family>.py``, with the launcher's
+own pure meta function (imported from ``moe_kernels.ops``, never re-derived)::
 
     @register_kernel("my_kernel")
     def _my_kernel_cases():
         from moe_kernels.kernels._mine import _my_kernel
         for ... in ...:  # every configuration the launcher can pick over moe_kernels.shapes
-            meta = my_meta(...)
-            num_warps = meta.pop("num_warps")
-            yield KernelCase("my_kernel", _my_kernel, signature, meta, num_warps)
+            meta = my_meta(...)  # constexprs and num_warps
+            yield kernel_case("my_kernel", _my_kernel, {"x_ptr": "*bf16", ...}, meta, label)
 
-:func:`all_cases` imports every op family (which registers them) and collects the cases;
-:mod:`moe_kernels.aot.compile` compiles them for real GPU targets (no GPU needed) and reports
-registers, spills and shared memory; ``tests/test_aot_compile.py`` fails if a ``*_kernel`` of a
-``moe_kernels.kernels._*`` module is not registered.
+:func:`all_cases` imports :mod:`moe_kernels.aot.cases` (which registers every family) and collects
+the cases; :mod:`moe_kernels.aot.compile` compiles them for real GPU targets (no GPU needed) and
+reports registers, spills and shared memory; ``tests/test_aot_compile.py`` fails if a ``*_kernel``
+of a ``moe_kernels.kernels._*`` module is not registered. ``moe_kernels.ops`` imports nothing of
+this package.
 
-A case's ``signature`` holds the runtime arguments only (name -> Triton type: ``"*fp32"``,
-``"*bf16"``, ``"i32"``, ``"fp32"``, ...): types as the launcher passes them, runtime values not
-specialised (one case covers every size, stride and scale); ``constexprs`` holds the
+A case's ``signature`` holds the runtime arguments only (name -> Triton type), derived from the
+kernel's own argument list by :func:`runtime_signature`: every argument the meta does not make a
+constexpr, a pointer (``*_ptr``) typed by the case (``"*fp32"``, ``"*bf16"``, ``"*i32"``, ...),
+a float scalar (:data:`FLOAT_SCALARS`) ``"fp32"``, any other scalar ``"i32"``; runtime values are
+not specialised (one case covers every size, stride and scale). ``constexprs`` holds the
 ``tl.constexpr`` arguments by name, taken from the launcher's meta function, with ``num_warps``
 split out.
 
@@ -98,14 +100,14 @@ def fn_path(fn: Any) -> str:
 
 def cases(name: str) -> list[KernelCase]:
     """The distinct cases of one registered kernel, in generation order."""
-    import moe_kernels.ops  # noqa: F401
+    import moe_kernels.aot.cases  # noqa: F401  (every family registers its cases on import)
 
     return _dedupe(KERNELS[name]())
 
 
 def all_cases() -> list[KernelCase]:
     """The distinct cases of every registered kernel (identical compilations listed once)."""
-    import moe_kernels.ops  # noqa: F401  (every family registers its cases on import)
+    import moe_kernels.aot.cases  # noqa: F401  (every family registers its cases on import)
 
     out: list[KernelCase] = []
     for name in KERNELS:
@@ -123,3 +125,43 @@ def _dedupe(items: Iterable[KernelCase]) -> list[KernelCase]:
 def pointer(dtype: torch.dtype) -> str:
     """The Triton pointer type of a tensor of ``dtype`` (``"*bf16"``)."""
     return "*" + TRITON_DTYPES[dtype]
+
+
+# The kernels' float scalar arguments, by name (every other scalar runtime argument is an int).
+FLOAT_SCALARS = frozenset({"scale", "inv_temperature", "min_confidence", "limit", "alpha"})
+
+
+def runtime_signature(fn: Any, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """The runtime arguments of kernel ``fn`` in its own order, typed: each argument not in
+    ``constexprs`` is a pointer (name ending in ``_ptr``) of the type ``pointers`` gives, a float
+    scalar (:data:`FLOAT_SCALARS`) or an int. Raises ``KeyError`` for a pointer ``pointers`` does
+    not type, a name of ``pointers`` that is no runtime argument, or a ``tl.constexpr`` argument
+    missing from ``constexprs``."""
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        if name in constexprs:
+            continue
+        if param.is_constexpr:
+            raise KeyError(f"{fn.__name__}: constexpr argument {name!r} is missing from the case's meta")
+        if name.endswith("_ptr"):
+            if name not in pointers:
+                raise KeyError(f"{fn.__name__}: the case gives no type for pointer {name!r}")
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    unknown = set(pointers) - set(signature)
+    if unknown:
+        raise KeyError(f"{fn.__name__}: the case types pointers that are no runtime arguments: {sorted(unknown)}")
+    return signature
+
+
+def kernel_case(
+    kernel_name: str, fn: Any, pointers: dict[str, str], meta: dict, label: str, divisible: tuple[str, ...] = ()
+) -> KernelCase:
+    """The case of ``fn`` for a launcher's ``meta`` (its constexprs and ``num_warps``), with the
+    signature :func:`runtime_signature` derives and ``pointers`` types."""
+    constexprs = dict(meta)
+    num_warps = constexprs.pop("num_warps")
+    signature = runtime_signature(fn, pointers, constexprs)
+    return KernelCase(kernel_name, fn, signature, constexprs, num_warps, label=label, divisible=tuple(divisible))

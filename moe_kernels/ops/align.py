@@ -7,12 +7,10 @@ in sorted order and checks the ids (one flag, asserted asynchronously by the cal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-from moe_kernels.aot.catalog import KernelCase, register_kernel
 from moe_kernels.utils import new_output, next_power_of_2
 
 
@@ -104,18 +102,18 @@ def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor)
     counts, offsets = (new_output((num_experts,), torch.int32, device) for _ in range(2))
     valid = new_output((), torch.int32, device)
     _moe_align_kernel[(1,)](
-        ids.contiguous(),
-        weights.contiguous(),
-        order,
-        tokens,
-        experts,
-        positions,
-        row_weight,
-        counts,
-        offsets,
-        valid,
-        num_slots,
-        num_experts,
+        ids_ptr=ids.contiguous(),
+        weights_ptr=weights.contiguous(),
+        order_ptr=order,
+        tokens_ptr=tokens,
+        experts_ptr=experts,
+        positions_ptr=positions,
+        row_weight_ptr=row_weight,
+        counts_ptr=counts,
+        offsets_ptr=offsets,
+        valid_ptr=valid,
+        R=num_slots,
+        E=num_experts,
         K=k,
         **meta,
     )
@@ -123,41 +121,3 @@ def launch_moe_align(ids: torch.Tensor, num_experts: int, weights: torch.Tensor)
         order=order, tokens=tokens, experts=experts, positions=positions, counts=counts, offsets=offsets
     )
     return align, row_weight, valid
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-
-@register_kernel("moe_align")
-def _moe_align_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._experts import _moe_align_kernel
-    from moe_kernels.shapes import EXPERT_SHAPES
-
-    for num_experts in sorted({shape.num_experts for shape in EXPERT_SHAPES}):
-        for num_slots in (8, 64, 512, ALIGN_KERNEL_MAX_SLOTS):
-            for ids_type in ("*i32", "*i64"):
-                meta = align_meta(num_slots, num_experts)
-                num_warps = meta.pop("num_warps")
-                signature = {
-                    "ids_ptr": ids_type,
-                    "weights_ptr": "*fp32",
-                    "order_ptr": "*i64",
-                    "tokens_ptr": "*i32",
-                    "experts_ptr": "*i32",
-                    "positions_ptr": "*i32",
-                    "row_weight_ptr": "*fp32",
-                    "counts_ptr": "*i32",
-                    "offsets_ptr": "*i32",
-                    "valid_ptr": "*i32",
-                    "R": "i32",
-                    "E": "i32",
-                }
-                yield KernelCase(
-                    "moe_align",
-                    _moe_align_kernel,
-                    signature,
-                    dict(K=8, **meta),
-                    num_warps,
-                    label=f"{ids_type[1:]} E{num_experts} BR{meta['BLOCK_R']} bins{meta['NUM_BINS']}",
-                )

@@ -20,26 +20,29 @@ kernel for the activation's backward fused with the routing weights' gradient.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops import grouped_mm as gmm
-from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.align import MoEAlignment, launch_moe_align
 from moe_kernels.reference import experts as reference
 from moe_kernels.utils import cdiv, new_output, next_power_of_2
 
 
-def _elementwise_meta(width: int) -> dict:
-    """Constexprs and ``num_warps`` of the activation kernels: 2048-element tiles, at most 128
-    columns wide."""
+def activation_meta(width: int, activation: str | Activation, backward: bool) -> dict:
+    """Constexprs and ``num_warps`` of the activation kernels for an activation ``width`` (I)
+    wide: 2048-element tiles (1024 backward), at most 128 columns wide; shared with the AOT cases."""
     block = min(128, next_power_of_2(max(width, 1)))
-    return dict(BLOCK_R=max(1, 2048 // block), BLOCK_I=block, num_warps=4)
+    rows = max(1, 2048 // block)
+    if backward:
+        rows = max(1, rows // 2)
+    return dict(BLOCK_R=rows, BLOCK_I=block, ACTIVATION=int(Activation.parse(activation)), num_warps=4)
+
+
+# GPT-OSS's clamp limit and sigmoid slope: the scalars every activation kernel takes.
+_GPT_OSS = dict(limit=GPT_OSS_LIMIT, alpha=GPT_OSS_ALPHA)
 
 
 def launch_gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -51,19 +54,9 @@ def launch_gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     act = new_output((num_rows, inter), h.dtype, h.device)
     if act.numel() == 0:
         return act
-    meta = _elementwise_meta(inter)
+    meta = activation_meta(inter, activation, backward=False)
     grid = (cdiv(num_rows, meta["BLOCK_R"]), cdiv(inter, meta["BLOCK_I"]))
-    _gated_act_fwd_kernel[grid](
-        h,
-        act,
-        num_rows,
-        inter,
-        h.stride(0),
-        GPT_OSS_LIMIT,
-        GPT_OSS_ALPHA,
-        ACTIVATION=int(Activation.parse(activation)),
-        **meta,
-    )
+    _gated_act_fwd_kernel[grid](h_ptr=h, act_ptr=act, R=num_rows, I=inter, stride_h=h.stride(0), **_GPT_OSS, **meta)
     return act
 
 
@@ -78,20 +71,17 @@ def launch_gated_activation_backward(grad_act, h, row_weight, activation):
     grad_weight = new_output((num_rows,), torch.float32, h.device)
     if num_rows == 0:
         return grad_h, grad_weight
-    meta = _elementwise_meta(inter)
-    meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
+    meta = activation_meta(inter, activation, backward=True)
     _gated_act_bwd_kernel[(cdiv(num_rows, meta["BLOCK_R"]),)](
-        grad_act.contiguous(),
-        h,
-        row_weight,
-        grad_h,
-        grad_weight,
-        num_rows,
-        inter,
-        h.stride(0),
-        GPT_OSS_LIMIT,
-        GPT_OSS_ALPHA,
-        ACTIVATION=int(Activation.parse(activation)),
+        grad_act_ptr=grad_act.contiguous(),
+        h_ptr=h,
+        row_weight_ptr=row_weight,
+        grad_h_ptr=grad_h,
+        grad_weight_ptr=grad_weight,
+        R=num_rows,
+        I=inter,
+        stride_h=h.stride(0),
+        **_GPT_OSS,
         **meta,
     )
     return grad_h, grad_weight
@@ -106,13 +96,9 @@ def launch_combine(rows: torch.Tensor, positions: torch.Tensor, num_tokens: int,
     if out.numel() == 0:
         return out
     meta = combine_meta(width, k)
-    _combine_kernel[(cdiv(num_tokens, meta["BLOCK_T"]), cdiv(width, meta["BLOCK_H"]))](
-        rows.contiguous(),
-        positions,
-        out,
-        num_tokens,
-        width,
-        **meta,
+    grid = (cdiv(num_tokens, meta["BLOCK_T"]), cdiv(width, meta["BLOCK_H"]))
+    _combine_kernel[grid](
+        rows_ptr=rows.contiguous(), position_ptr=positions, out_ptr=out, T=num_tokens, H=width, **meta
     )
     return out
 
@@ -306,58 +292,3 @@ def _grads(ctx, backward, grad_out, _grad_h):
 
 
 FUSED_EXPERTS = define_op(fused_experts_forward, _fake, fused_experts_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-# The activation kernels only convert on load and store: bf16 stands for both 16-bit dtypes.
-_EXPERT_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _activation_cases(kernel_name: str, backward: bool) -> Iterator[KernelCase]:
-    from moe_kernels.kernels import _experts
-    from moe_kernels.shapes import EXPERT_SHAPES
-
-    fn = _experts._gated_act_bwd_kernel if backward else _experts._gated_act_fwd_kernel
-    for inter in sorted({shape.intermediate for shape in EXPERT_SHAPES}):
-        for dtype in _EXPERT_DTYPES:
-            if backward:
-                pointers = {"grad_act_ptr": pointer(dtype), "h_ptr": pointer(dtype), "row_weight_ptr": "*fp32"}
-                pointers.update(grad_h_ptr=pointer(dtype), grad_weight_ptr="*fp32")
-            else:
-                pointers = {"h_ptr": pointer(dtype), "act_ptr": pointer(dtype)}
-            signature = runtime_signature(pointers, ("R", "I", "stride_h"), ("limit", "alpha"))
-            for activation in Activation:
-                meta = _elementwise_meta(inter)
-                if backward:
-                    meta["BLOCK_R"] = max(1, meta["BLOCK_R"] // 2)
-                meta["ACTIVATION"] = int(activation)
-                label = f"{TRITON_DTYPES[dtype]} {activation.label} BR{meta['BLOCK_R']} BI{meta['BLOCK_I']}"
-                yield kernel_case(kernel_name, fn, signature, meta, label, ("I", "stride_h") if inter % 16 == 0 else ())
-
-
-@register_kernel("gated_act_fwd")
-def _gated_act_fwd_cases() -> Iterator[KernelCase]:
-    yield from _activation_cases("gated_act_fwd", backward=False)
-
-
-@register_kernel("gated_act_bwd")
-def _gated_act_bwd_cases() -> Iterator[KernelCase]:
-    yield from _activation_cases("gated_act_bwd", backward=True)
-
-
-@register_kernel("combine")
-def _combine_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._experts import _combine_kernel
-    from moe_kernels.shapes import EXPERT_SHAPES
-
-    for shape in EXPERT_SHAPES:
-        for dtype in _EXPERT_DTYPES:
-            meta = combine_meta(shape.hidden, shape.k)
-            pointers = {"rows_ptr": pointer(dtype), "position_ptr": "*i32", "out_ptr": pointer(dtype)}
-            label = f"{TRITON_DTYPES[dtype]} k{meta['K']} BT{meta['BLOCK_T']} BH{meta['BLOCK_H']}"
-            divisible = ("H",) if shape.hidden % 16 == 0 else ()
-            yield kernel_case(
-                "combine", _combine_kernel, runtime_signature(pointers, ("T", "H")), meta, label, divisible
-            )

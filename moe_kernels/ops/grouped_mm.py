@@ -14,21 +14,18 @@ and a per-row scale (``a_rows`` / ``row_scale`` of the launchers) for the fused 
 As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference
 (:func:`moe_kernels.reference.experts.grouped_mm` / ``grouped_mm_backward``); the op is built by
 :func:`moe_kernels.ops._boundary.define_op`. Tile sizes come from
-:func:`moe_kernels.ops.tuned_configs.grouped_mm_meta` (heuristic, tuned tables, pinned).
+:func:`moe_kernels.ops.tuned_configs.grouped_mm_meta` (heuristic, tuned tables, pinned). AOT cases:
+``aot/cases/experts.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, register_kernel
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
-from moe_kernels.ops._aot import runtime_signature
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta, pinned_config  # noqa: F401 (re-exported)
+from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta
 from moe_kernels.reference import experts as reference
 from moe_kernels.utils import cdiv, new_output, unit_stride_last
 
@@ -151,27 +148,27 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
     )
     grid = ((cdiv(out_rows, meta["BLOCK_M"]) + num_groups) * cdiv(n_cols, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](
-        a,
-        b,
-        out,
-        offsets,
-        a_rows if a_rows is not None else offsets,  # never read without GATHER_A
-        row_scale if row_scale is not None else out,  # never read without SCALE_ROWS
-        h if h is not None else out,  # never written without STORE_H
-        bias if bias is not None else out,  # never read without HAS_BIAS
-        out_rows,
-        n_cols,
-        k_dim,
-        num_groups,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        out.stride(0),
-        out.stride(1),
-        GPT_OSS_LIMIT,
-        GPT_OSS_ALPHA,
+        a_ptr=a,
+        b_ptr=b,
+        c_ptr=out,
+        group_end_ptr=offsets,
+        a_rows_ptr=a_rows if a_rows is not None else offsets,  # never read without GATHER_A
+        row_scale_ptr=row_scale if row_scale is not None else out,  # never read without SCALE_ROWS
+        h_ptr=h if h is not None else out,  # never written without STORE_H
+        bias_ptr=bias if bias is not None else out,  # never read without HAS_BIAS
+        M_out=out_rows,
+        N=n_cols,
+        K=k_dim,
+        G=num_groups,
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_bg=b.stride(0),
+        stride_bk=b.stride(1),
+        stride_bn=b.stride(2),
+        stride_cm=out.stride(0),
+        stride_cn=out.stride(1),
+        limit=GPT_OSS_LIMIT,
+        alpha=GPT_OSS_ALPHA,
         GATHER_A=a_rows is not None,
         SCALE_ROWS=row_scale is not None,
         GATED=gated is not None,
@@ -220,22 +217,22 @@ def launch_grouped_mm_weight_grad(
     meta = grouped_mm_meta(num_rows, n_cols, k_dim, a.dtype, weight_grad=True, device_name=device_name_of(device))
     grid = (cdiv(n_cols, meta["BLOCK_N"]), cdiv(k_dim, meta["BLOCK_K_OUT"]), num_groups)
     _grouped_mm_weight_grad_kernel[grid](
-        a,
-        grad_out,
-        grad_b,
-        offsets,
-        a_rows if a_rows is not None else offsets,
-        row_scale if row_scale is not None else grad_b,
-        num_rows,
-        n_cols,
-        k_dim,
-        a.stride(0),
-        a.stride(1),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_b.stride(0),
-        grad_b.stride(1),
-        grad_b.stride(2),
+        a_ptr=a,
+        dc_ptr=grad_out,
+        db_ptr=grad_b,
+        group_end_ptr=offsets,
+        a_rows_ptr=a_rows if a_rows is not None else offsets,  # never read without GATHER_A
+        row_scale_ptr=row_scale if row_scale is not None else grad_b,  # never read without SCALE_ROWS
+        M=num_rows,
+        N=n_cols,
+        K=k_dim,
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_dm=grad_out.stride(0),
+        stride_dn=grad_out.stride(1),
+        stride_bg=grad_b.stride(0),
+        stride_bk=grad_b.stride(1),
+        stride_bn=grad_b.stride(2),
         GATHER_A=a_rows is not None,
         SCALE_ROWS=row_scale is not None,
         **meta,
@@ -288,140 +285,3 @@ def _grads(ctx, backward, grad_out):
 
 
 GROUPED_MM = define_op(grouped_mm_forward, _fake, grouped_mm_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-
-def _aot_signatures(dtype: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Runtime-argument signatures of the forward and weight-gradient kernels for the AOT cases,
-    ``dtype`` a Triton pointer type (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
-    ptr = "*" + dtype
-    rows = {"group_end_ptr": "*i32", "a_rows_ptr": "*i32", "row_scale_ptr": "*fp32"}
-    strides_a, strides_b = ("stride_am", "stride_ak"), ("stride_bg", "stride_bk", "stride_bn")
-    forward = runtime_signature(
-        {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, **rows, "h_ptr": ptr, "bias_ptr": ptr},
-        ("M_out", "N", "K", "G", *strides_a, *strides_b, "stride_cm", "stride_cn"),
-        ("limit", "alpha"),
-    )
-    weight_grad = runtime_signature(
-        {"a_ptr": ptr, "dc_ptr": ptr, "db_ptr": ptr, **rows},
-        ("M", "N", "K", *strides_a, "stride_dm", "stride_dn", *strides_b),
-    )
-    return forward, weight_grad
-
-
-# Row counts of the two tile regimes the heuristic distinguishes (decode-ish and prefill).
-_GEMM_ROWS = (256, 32768)
-# The forward kernel's epilogue constexprs: plain, or the gated activation (code, bias, h stored).
-_PLAIN = dict(GATED=False, ACTIVATION=int(Activation.SILU), HAS_BIAS=False, STORE_H=False)
-
-
-def _gemm_case(kernel_name, fn, signature, meta, unit_strides, gather, scale, dims, label, epilogue=None):
-    """A case with the strides the JIT sees as 1 specialised to constexpr 1 (as it compiles
-    them), the other strides and sizes marked divisible by 16 when they are. ``epilogue``: the
-    forward kernel's epilogue constexprs (None for the weight-gradient kernel)."""
-    meta = dict(meta)
-    num_warps = meta.pop("num_warps")
-    meta.update(GATHER_A=gather, SCALE_ROWS=scale, **(epilogue or {}), **{name: 1 for name in unit_strides})
-    signature = {name: kind for name, kind in signature.items() if name not in unit_strides}
-    divisible = tuple(name for name, value in dims.items() if name in signature and value % 16 == 0)
-    return KernelCase(kernel_name, fn, signature, meta, num_warps, label=label, divisible=divisible)
-
-
-def _expert_gemms():
-    """(label, M rows, N, K, b's unit stride, gather, scale, epilogue) of every forward-kernel
-    GEMM of fused_experts and grouped_mm, over the experts registry. The up projection runs
-    gated (N the activation's width), without storing h (inference) and storing it (training),
-    with GPT-OSS's activation and biases for its shape; the plain up GEMM is grouped_mm's own."""
-    from moe_kernels.shapes import EXPERT_SHAPES
-
-    for shape in EXPERT_SHAPES:
-        hidden, inter = shape.hidden, shape.intermediate
-        code = Activation.parse(shape.activation)
-        gated = dict(_PLAIN, GATED=True, ACTIVATION=int(code), HAS_BIAS=code == Activation.GPT_OSS)
-        for rows in _GEMM_ROWS:
-            yield "up", rows, 2 * inter, hidden, "stride_bk", True, False, _PLAIN
-            yield "up_act", rows, inter, hidden, "stride_bk", True, False, gated
-            yield "up_act_h", rows, inter, hidden, "stride_bk", True, False, dict(gated, STORE_H=True)
-            yield "down", rows, hidden, inter, "stride_bk", False, True, _PLAIN
-            yield "d_act", rows, inter, hidden, "stride_bn", True, False, _PLAIN
-            yield "d_rows", rows, hidden, 2 * inter, "stride_bn", False, False, _PLAIN
-
-
-@register_kernel("grouped_mm")
-def _grouped_mm_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._grouped_mm import _grouped_mm_kernel
-
-    for dtype in (torch.bfloat16, torch.float32):
-        forward, _ = _aot_signatures(TRITON_DTYPES[dtype])
-        gemms = (
-            list(_expert_gemms())
-            if dtype == torch.bfloat16
-            else [
-                ("up", 32768, 1536, 2048, "stride_bk", True, False, _PLAIN),
-                ("up_act", 32768, 768, 2048, "stride_bk", True, False, dict(_PLAIN, GATED=True)),
-            ]
-        )
-        for name, rows, n_cols, k_dim, b_unit, gather, scale, epilogue in gemms:
-            meta = grouped_mm_meta(rows, n_cols, k_dim, dtype, gated=epilogue["GATED"])
-            label = (
-                f"{TRITON_DTYPES[dtype]} {name} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-                f"{' gather' if gather else ''}{' scale' if scale else ''}"
-                f"{' ' + Activation(epilogue['ACTIVATION']).label if epilogue['GATED'] else ''}"
-                f"{' bias' if epilogue['HAS_BIAS'] else ''}"
-            )
-            b_cols = n_cols * (2 if epilogue["GATED"] else 1)
-            dims = dict(
-                N=n_cols,
-                K=k_dim,
-                stride_am=k_dim,
-                stride_cm=n_cols,
-                stride_bg=b_cols * k_dim,
-                stride_bk=b_cols,
-                stride_bn=k_dim,
-            )
-            yield _gemm_case(
-                "grouped_mm",
-                _grouped_mm_kernel,
-                forward,
-                meta,
-                ("stride_ak", "stride_cn", b_unit),
-                gather,
-                scale,
-                dims,
-                label,
-                epilogue,
-            )
-
-
-@register_kernel("grouped_mm_weight_grad")
-def _grouped_mm_weight_grad_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._grouped_mm import _grouped_mm_weight_grad_kernel
-    from moe_kernels.shapes import EXPERT_SHAPES
-
-    _, weight_grad = _aot_signatures("bf16")
-    for shape in EXPERT_SHAPES:
-        hidden, inter = shape.hidden, shape.intermediate
-        # grad of down_proj (gathered grad_out, scaled) and of gate_up_proj (gathered hidden).
-        for name, k_dim, n_cols, scale in (("d_down", hidden, inter, True), ("d_gate_up", hidden, 2 * inter, False)):
-            meta = grouped_mm_meta(32768, n_cols, k_dim, torch.bfloat16, weight_grad=True)
-            label = (
-                f"bf16 {name} {meta['BLOCK_K_OUT']}x{meta['BLOCK_N']} rows{meta['BLOCK_M']} "
-                f"gather{' scale' if scale else ''}"
-            )
-            dims = dict(
-                N=n_cols, K=k_dim, stride_am=k_dim, stride_dm=n_cols, stride_bg=n_cols * k_dim, stride_bk=n_cols
-            )
-            yield _gemm_case(
-                "grouped_mm_weight_grad",
-                _grouped_mm_weight_grad_kernel,
-                weight_grad,
-                meta,
-                ("stride_ak", "stride_dn", "stride_bn"),
-                True,
-                scale,
-                dims,
-                label,
-            )

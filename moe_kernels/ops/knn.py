@@ -13,14 +13,10 @@ by :func:`moe_kernels.ops._boundary.define_op`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.config import KnnMixing
 from moe_kernels.cpu import knn as cpu_knn
-from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -33,7 +29,7 @@ def neighbor_meta(num_neighbors: int, mixing: KnnMixing) -> dict:
 
 
 def knn_meta(num_experts: int, num_neighbors: int, mixing: KnnMixing, tiling=row_tiling) -> dict:
-    """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases below); ``tiling``
+    """Constexprs and ``num_warps`` of both kernels (shared with the AOT cases); ``tiling``
     maps the padded row width to ``(BLOCK_T, num_warps)``."""
     block_e = next_power_of_2(num_experts)
     block_t, num_warps = tiling(block_e)
@@ -169,60 +165,3 @@ def _grads(ctx, backward, grad_mixed, _grad_conf):
 
 
 KNN_MIX = define_op(knn_mix_forward, _fake, knn_mix_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-# Neighbours per token the benchmarks use (kNN-MoE's default 8, and a wide 32).
-KNN_NEIGHBORS = (8, 32)
-
-
-def _knn_problems() -> Iterator[tuple[int, int, torch.dtype, KnnMixing]]:
-    """(E, n, logits dtype, mixing) over the routing shapes' expert counts."""
-    from moe_kernels.shapes import ROUTING_SHAPES
-
-    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
-        for num_neighbors in KNN_NEIGHBORS:
-            for dtype in TRITON_DTYPES:
-                for weighting in ("similarity", "softmax"):
-                    yield num_experts, num_neighbors, dtype, KnnMixing(weighting)
-
-
-def knn_label(dtype: str, meta: dict) -> str:
-    """A short description of a kNN kernel configuration for the AOT report."""
-    weighting = "sim" if meta["SIMILARITY"] else "softmax"
-    return f"{dtype} W{meta['BLOCK_E']} n{meta['N']} BT{meta['BLOCK_T']} {weighting}"
-
-
-# The scalars both mixing kernels take last.
-MIX_SCALARS = ("inv_temperature", "min_confidence")
-
-
-@register_kernel("knn_mix_fwd")
-def _knn_mix_fwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._knn import _knn_mix_fwd_kernel
-
-    ints = ("T", "E", "stride_rt", "stride_nt", "stride_nn", "stride_st", "stride_sn")
-    for num_experts, num_neighbors, dtype, mixing in _knn_problems():
-        meta = knn_meta(num_experts, num_neighbors, mixing)
-        pointers = {"router_ptr": pointer(dtype), "neighbors_ptr": pointer(dtype), "sims_ptr": "*fp32"}
-        pointers.update(mixed_ptr="*fp32", conf_ptr="*fp32")
-        divisible = ("E", "stride_rt", "stride_nn") if num_experts % 16 == 0 else ()
-        signature, label = runtime_signature(pointers, ints, MIX_SCALARS), knn_label(TRITON_DTYPES[dtype], meta)
-        yield kernel_case("knn_mix_fwd", _knn_mix_fwd_kernel, signature, meta, label, divisible)
-
-
-@register_kernel("knn_mix_bwd")
-def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._knn import _knn_mix_bwd_kernel
-
-    for num_experts, num_neighbors, dtype, mixing in _knn_problems():
-        meta = knn_meta(num_experts, num_neighbors, mixing)
-        pointers = {"grad_mixed_ptr": "*fp32", "sims_ptr": "*fp32", "grad_router_ptr": pointer(dtype)}
-        pointers["grad_neighbors_ptr"] = pointer(dtype)
-        signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_st", "stride_sn"), MIX_SCALARS)
-        divisible = ("E", "stride_gt") if num_experts % 16 == 0 else ()
-        yield kernel_case(
-            "knn_mix_bwd", _knn_mix_bwd_kernel, signature, meta, knn_label(TRITON_DTYPES[dtype], meta), divisible
-        )

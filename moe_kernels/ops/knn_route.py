@@ -27,17 +27,13 @@ kernel masks its gathers to ``[0, N)``, flags a bad id and the launcher asserts 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import knn as cpu_knn
-from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops.knn import KNN_NEIGHBORS, MIX_SCALARS, knn_label, knn_meta, mixing_scalars, neighbor_meta
-from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward, routing_label
+from moe_kernels.ops.knn import knn_meta, mixing_scalars, neighbor_meta
+from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward
 from moe_kernels.reference import knn as reference
 from moe_kernels.reference.routing import compute_dtype
 from moe_kernels.utils import MIN_PROGRAMS, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
@@ -268,86 +264,3 @@ def _grads(ctx, backward, grad_weights, _grad_ids, _grad_conf):
 
 
 KNN_ROUTE = define_op(knn_route_forward, _fake, knn_route_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot). The logits dtype only changes the loads: bf16
-# stands for both 16-bit dtypes. Neighbour ids come as int64 from RoutingMemory.search; int32 ids
-# compile once per expert count (n = 8, bf16, similarity weighting) to cover their load.
-
-
-def _knn_route_variants() -> Iterator[tuple[torch.dtype, int, KnnMixing]]:
-    """(dtype, n, mixing) compiled for every shape and tiling: bf16 with both n and both
-    weightings; float32 (the same code but for the loads) once."""
-    for num_neighbors in KNN_NEIGHBORS:
-        for weighting in ("similarity", "softmax"):
-            yield torch.bfloat16, num_neighbors, KnnMixing(weighting)
-    yield torch.float32, KNN_NEIGHBORS[0], KnnMixing("similarity")
-
-
-def _id_types(dtype: torch.dtype, num_neighbors: int, mixing: KnnMixing) -> tuple[str, ...]:
-    if dtype == torch.bfloat16 and num_neighbors == KNN_NEIGHBORS[0] and mixing.weighting == "similarity":
-        return ("i64", "i32")
-    return ("i64",)
-
-
-def _divisible(num_experts: int, num_neighbors: int) -> tuple[str, ...]:
-    """Contiguous inputs: the logits' row strides are E, the ids' and sims' row strides n."""
-    out = ("E", "stride_rt", "stride_mn") if num_experts % 16 == 0 else ()
-    return out + (("stride_it", "stride_st") if num_neighbors % 16 == 0 else ())
-
-
-# The strides the gather kernels take after their sizes (then :data:`~moe_kernels.ops.knn.MIX_SCALARS`).
-_GATHER_STRIDES = ("stride_rt", "stride_mn", "stride_it", "stride_in", "stride_st", "stride_sn")
-
-
-def _gather_pointers(dtype: torch.dtype, id_type: str) -> dict[str, str]:
-    """The pointers both gather kernels take first: router and memory logits, ids, sims."""
-    return {
-        "router_ptr": pointer(dtype),
-        "memory_ptr": pointer(dtype),
-        "nbr_ids_ptr": "*" + id_type,
-        "sims_ptr": "*fp32",
-    }
-
-
-@register_kernel("knn_route_fwd")
-def _knn_route_fwd_cases() -> Iterator[KernelCase]:
-    """Over the routing registry (each model's own routing, its token counts' tilings) and
-    :func:`_knn_route_variants`."""
-    from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
-    from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
-
-    ints, floats = ("T", "E", "M_rows", "group_size", *_GATHER_STRIDES), (*MIX_SCALARS, "scale")
-    outputs = {"weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32"}
-    for shape in ROUTING_SHAPES:
-        for num_tokens in ROUTING_TOKENS:
-            for dtype, num_neighbors, mixing in _knn_route_variants():
-                meta_args = (num_tokens, shape.num_experts, shape.k, num_neighbors, shape.routing, shape.has_bias)
-                meta = knn_route_meta(*meta_args, mixing)
-                # Without a bias the launcher passes the router logits as the bias pointer.
-                bias = {"bias_ptr": "*fp32" if shape.has_bias else pointer(dtype)}
-                prefix = f"{routing_label(TRITON_DTYPES[dtype], meta)} n{num_neighbors}"
-                prefix += " sim" if meta["SIMILARITY"] else " softmax"
-                divisible = _divisible(shape.num_experts, num_neighbors)
-                for id_type in _id_types(dtype, num_neighbors, mixing):
-                    pointers = {**_gather_pointers(dtype, id_type), **bias, **outputs}
-                    signature, label = runtime_signature(pointers, ints, floats), f"{prefix} ids-{id_type}"
-                    yield kernel_case("knn_route_fwd", _knn_route_fwd_kernel, signature, meta, label, divisible)
-
-
-@register_kernel("knn_route_mixed")
-def _knn_route_mixed_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
-    from moe_kernels.shapes import ROUTING_SHAPES
-
-    outputs = {"mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32"}
-    for num_experts in sorted({shape.num_experts for shape in ROUTING_SHAPES}):
-        for dtype, num_neighbors, mixing in _knn_route_variants():
-            meta = knn_route_mixed_meta(num_experts, num_neighbors, mixing)
-            prefix, divisible = knn_label(TRITON_DTYPES[dtype], meta), _divisible(num_experts, num_neighbors)
-            for id_type in _id_types(dtype, num_neighbors, mixing):
-                pointers = {**_gather_pointers(dtype, id_type), **outputs}
-                signature = runtime_signature(pointers, ("T", "E", "M_rows", *_GATHER_STRIDES), MIX_SCALARS)
-                label = f"{prefix} ids-{id_type}"
-                yield kernel_case("knn_route_mixed", _knn_route_mixed_kernel, signature, meta, label, divisible)

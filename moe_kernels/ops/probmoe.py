@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 
 import torch
 
 from moe_kernels._compat import interpreter_enabled
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.cpu import probmoe as cpu_probmoe
-from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import probmoe as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -49,8 +46,7 @@ _INTERPRETER_TILE = 4096
 
 
 def exact_k_meta(num_tokens: int, num_experts: int, k: int, *, backward: bool = False) -> dict:
-    """Constexprs and ``num_warps`` of the forward (or backward) kernel, shared with the AOT cases
-    below.
+    """Constexprs and ``num_warps`` of the forward (or backward) kernel, shared with the AOT cases.
 
     A tile holds ``BLOCK_T`` tokens x ``K_PAD`` sizes; small batches use fewer tokens per
     program so that they still spread over many programs.
@@ -102,17 +98,28 @@ def _grid_and_scratch(device: torch.device, num_tiles: int, num_experts: int, me
     return programs, scratch, chunk, num_checkpoints
 
 
-def _launch_dp(kernel, logits: torch.Tensor, tensors: tuple, k: int, k_min: int, *, backward: bool, **flags) -> None:
-    """Launch one of the DP kernels, which take ``(logits, *tensors, scratch, T, E, stride_lt, k,
-    k_min, chunk, num_checkpoints, **flags)``; nothing for T = 0."""
+def _dp_launch(logits: torch.Tensor, k: int, k_min: int, backward: bool):
+    """What both DP kernels take besides their own pointers: ``(grid, arguments by name)``, the
+    logits, the persistent grid's scratch buffer, the sizes and the constexprs; None for T = 0."""
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
-        return
+        return None
     meta = exact_k_meta(num_tokens, num_experts, k, backward=backward)
     num_tiles, planes = cdiv(num_tokens, meta["BLOCK_T"]), 2 if backward else 1
     programs, scratch, chunk, num_checkpoints = _grid_and_scratch(logits.device, num_tiles, num_experts, meta, planes)
-    sizes = (num_tokens, num_experts, logits.stride(0), k, k_min, chunk, num_checkpoints)
-    kernel[(programs,)](logits, *tensors, scratch, *sizes, **flags, **meta)
+    arguments = dict(
+        logits_ptr=logits,
+        scratch_ptr=scratch,
+        T=num_tokens,
+        E=num_experts,
+        stride_lt=logits.stride(0),
+        k=k,
+        k_min=k_min,
+        chunk=chunk,
+        num_checkpoints=num_checkpoints,
+        **meta,
+    )
+    return (programs,), arguments
 
 
 def launch_exact_k(logits, k, k_min, seed, sample):
@@ -125,7 +132,12 @@ def launch_exact_k(logits, k, k_min, seed, sample):
     marginals = new_output((num_tokens, num_experts), torch.float32, device)
     log_z = new_output((num_tokens,), torch.float32, device)
     ids = new_output((num_tokens, k if sample else 0), torch.int32, device)
-    _launch_dp(_exact_k_fwd_kernel, logits, (seed, marginals, log_z, ids), k, k_min, backward=False, SAMPLE=sample)
+    launch = _dp_launch(logits, k, k_min, backward=False)
+    if launch is not None:
+        grid, arguments = launch
+        _exact_k_fwd_kernel[grid](
+            seed_ptr=seed, marginals_ptr=marginals, log_z_ptr=log_z, ids_ptr=ids, SAMPLE=sample, **arguments
+        )
     return marginals, log_z, ids
 
 
@@ -134,10 +146,16 @@ def launch_exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
     from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
 
     logits = unit_stride_last(logits)
-    grad_marginals = grad_marginals.to(torch.float32).contiguous()
-    grad_log_z = grad_log_z.to(torch.float32).contiguous()
     grad = new_output(logits.shape, logits.dtype, logits.device)
-    _launch_dp(_exact_k_bwd_kernel, logits, (grad_marginals, grad_log_z, grad), k, k_min, backward=True)
+    launch = _dp_launch(logits, k, k_min, backward=True)
+    if launch is not None:
+        grid, arguments = launch
+        _exact_k_bwd_kernel[grid](
+            grad_m_ptr=grad_marginals.to(torch.float32).contiguous(),
+            grad_log_z_ptr=grad_log_z.to(torch.float32).contiguous(),
+            grad_ptr=grad,
+            **arguments,
+        )
     return grad
 
 
@@ -203,58 +221,3 @@ def _grads(ctx, backward, grad_marginals, grad_log_z, _grad_ids):
 
 
 EXACT_K = define_op(exact_k_forward, _fake, exact_k_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-
-def _probmoe_problems() -> Iterator[tuple[int, int, int, torch.dtype, bool]]:
-    """(T, E, k, logits dtype, sample) over the benchmark's (E, k), the routing registry's, and
-    the largest k the issue names (32, at E = 512). The dtype only changes the logits' load and T
-    only the tile height, so each (E, k) compiles at a small and a large T, with bf16 and
-    float32 at the large one."""
-    from moe_kernels.shapes import PROBMOE_SHAPES, PROBMOE_TOKENS, ROUTING_SHAPES
-
-    pairs = set(PROBMOE_SHAPES) | {(shape.num_experts, shape.k) for shape in ROUTING_SHAPES} | {(512, 32)}
-    small, large = min(PROBMOE_TOKENS), max(PROBMOE_TOKENS)
-    for num_experts, k in sorted(pairs):
-        yield small, num_experts, k, torch.float32, True
-        for sample in (False, True):
-            yield large, num_experts, k, torch.bfloat16, sample
-        yield large, num_experts, k, torch.float32, False
-
-
-def _label(dtype: str, meta: dict) -> str:
-    sample = " sample" if meta.get("SAMPLE") else ""
-    return f"{dtype} K{meta['K_PAD']} BT{meta['BLOCK_T']} BE{meta['BLOCK_E']} w{meta['num_warps']}{sample}"
-
-
-# The scalars both DP kernels take after their pointers.
-_SCALARS = ("T", "E", "stride_lt", "k", "k_min", "chunk", "num_checkpoints")
-
-
-@register_kernel("exact_k_fwd")
-def _exact_k_fwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._probmoe import _exact_k_fwd_kernel
-
-    for num_tokens, num_experts, k, dtype, sample in _probmoe_problems():
-        meta = dict(exact_k_meta(num_tokens, num_experts, k), SAMPLE=sample)
-        pointers = {"logits_ptr": pointer(dtype), "seed_ptr": "*i64", "marginals_ptr": "*fp32", "log_z_ptr": "*fp32"}
-        pointers.update(ids_ptr="*i32", scratch_ptr="*fp32")
-        signature = runtime_signature(pointers, _SCALARS)
-        yield kernel_case("exact_k_fwd", _exact_k_fwd_kernel, signature, meta, _label(TRITON_DTYPES[dtype], meta))
-
-
-@register_kernel("exact_k_bwd")
-def _exact_k_bwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._probmoe import _exact_k_bwd_kernel
-
-    for num_tokens, num_experts, k, dtype, sample in _probmoe_problems():
-        if sample:  # the backward has no sampling variant
-            continue
-        meta = exact_k_meta(num_tokens, num_experts, k, backward=True)
-        pointers = {"logits_ptr": pointer(dtype), "grad_m_ptr": "*fp32", "grad_log_z_ptr": "*fp32"}
-        pointers.update(grad_ptr=pointer(dtype), scratch_ptr="*fp32")
-        signature = runtime_signature(pointers, _SCALARS)
-        yield kernel_case("exact_k_bwd", _exact_k_bwd_kernel, signature, meta, _label(TRITON_DTYPES[dtype], meta))

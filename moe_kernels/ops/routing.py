@@ -1,4 +1,4 @@
-"""Launchers, ``torch.library`` op and AOT cases of the gate + top-k routing.
+"""Launchers and ``torch.library`` op of the gate + top-k routing (AOT cases: ``aot/cases/routing.py``).
 
 ========================  ======================================================================
 ``softmax_topk``          ``(T, E)`` logits -> ``weights (T, k)`` float32, ``ids (T, k)`` int32
@@ -15,15 +15,12 @@ launchers only check what would make a kernel read or write out of bounds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, pointer, register_kernel
 from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
-from moe_kernels.ops._aot import kernel_case, runtime_signature
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import routing as reference
 from moe_kernels.reference.routing import compute_dtype
@@ -54,7 +51,7 @@ class RouteConstexprs(NamedTuple):
 
 def forward_meta(num_tokens: int, num_experts: int, k: int, routing: RoutingConfig, has_bias: bool) -> dict:
     """Constexprs and ``num_warps`` of the forward kernel for a problem (a pure function of the
-    sizes and the routing, shared with the AOT cases below).
+    sizes and the routing, shared with the AOT cases).
 
     With groups the row tile is group-major, ``G_PAD * GS_PAD`` wide (each group padded to a
     power of two), so the kernel can score all groups with one reshape.
@@ -195,67 +192,3 @@ def _grads(ctx, backward, grad_weights, _grad_ids):
 
 
 SOFTMAX_TOPK = define_op(softmax_topk_forward, _fake, softmax_topk_backward, _backward_fake, _save, _grads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (moe_kernels.aot)
-
-
-def routing_label(dtype: str, meta: dict) -> str:
-    """A short description of a routing kernel configuration for the AOT report."""
-    flags = meta["ROUTING"]._asdict() if "ROUTING" in meta else meta
-    width = meta["BLOCK_E"] if "BLOCK_E" in meta else flags["G_PAD"] * flags["GS_PAD"]
-    parts = [dtype, f"W{width}", f"K{flags['K']}", f"BT{meta['BLOCK_T']}"]
-    parts.append("softmax" if flags["SOFTMAX"] else "sigmoid")
-    if flags["RENORMALIZE"]:
-        parts.append("renorm")
-    if flags.get("HAS_BIAS"):
-        parts.append("bias")
-    if flags.get("GROUPED"):
-        score = "top2" if flags["GROUP_TOP2"] else "max"
-        parts.append(f"G{flags['G_PAD']}x{flags['GS_PAD']}/{flags['TOPK_GROUPS']}{score}")
-    return " ".join(parts)
-
-
-def _row_stride_divisibility(num_experts: int) -> tuple[str, ...]:
-    """For contiguous (T, E) logits the row stride is E: a multiple of 16 for most models."""
-    return ("E", "stride_lt") if num_experts % 16 == 0 else ()
-
-
-def routing_problems() -> Iterator[tuple]:
-    """``(shape, num_tokens, logits dtype, RoutingConfig)`` over the model registry, each model's
-    routing with and without renormalisation."""
-    from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
-
-    for shape in ROUTING_SHAPES:
-        for num_tokens in ROUTING_TOKENS:
-            for dtype in TRITON_DTYPES:
-                for renormalize in (False, True):
-                    yield shape, num_tokens, dtype, shape.routing.replace(renormalize=renormalize)
-
-
-@register_kernel("softmax_topk_fwd")
-def _softmax_topk_fwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._routing import _softmax_topk_fwd_kernel
-
-    for shape, num_tokens, dtype, routing in routing_problems():
-        meta = forward_meta(num_tokens, shape.num_experts, shape.k, routing, shape.has_bias)
-        # Without a bias the launcher passes the logits as the (never read) bias pointer.
-        bias = "*fp32" if shape.has_bias else pointer(dtype)
-        pointers = {"logits_ptr": pointer(dtype), "bias_ptr": bias, "weights_ptr": "*fp32", "ids_ptr": "*i32"}
-        signature = runtime_signature(pointers, ("T", "E", "group_size", "stride_lt"), ("scale",))
-        label, divisible = routing_label(TRITON_DTYPES[dtype], meta), _row_stride_divisibility(shape.num_experts)
-        yield kernel_case("softmax_topk_fwd", _softmax_topk_fwd_kernel, signature, meta, label, divisible)
-
-
-@register_kernel("softmax_topk_bwd")
-def _softmax_topk_bwd_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._routing import _softmax_topk_bwd_kernel
-
-    for shape, num_tokens, dtype, routing in routing_problems():
-        meta = backward_meta(num_tokens, shape.num_experts, shape.k, routing)
-        pointers = {"grad_weights_ptr": "*fp32", "logits_ptr": pointer(dtype), "ids_ptr": "*i32"}
-        pointers["grad_logits_ptr"] = pointer(dtype)
-        signature = runtime_signature(pointers, ("T", "E", "stride_gt", "stride_gk", "stride_lt"), ("scale",))
-        label, divisible = routing_label(TRITON_DTYPES[dtype], meta), _row_stride_divisibility(shape.num_experts)
-        yield kernel_case("softmax_topk_bwd", _softmax_topk_bwd_kernel, signature, meta, label, divisible)
