@@ -60,7 +60,8 @@ def _impact_rows(device, quick: bool, tokens_per_forward: int) -> list[dict]:
     tokens = seqs * seq_len
 
     def batched():
-        return cor.expert_impact(model, [batch], cor.causal_lm_token_losses, tokens_per_forward=tokens_per_forward)
+        settings = cor.CalibrationSettings(tokens_per_forward=tokens_per_forward)
+        return cor.expert_impact(model, [batch], cor.causal_lm_token_losses, settings)
 
     warm_up(batched, device)
     reps = 1 if not quick else 3

@@ -1,7 +1,8 @@
 """HF transformers MoE blocks, patched by :func:`moe_kernels.integrations.transformers.apply_moe_kernels`
 against the same blocks unpatched (HF eager), forward and forward+backward, at decode and prefill
 token counts. Each block is built from its family's config at the public model's sizes (random
-weights; DeepSeek-V3 with 32 local experts), so no download is needed.
+weights; DeepSeek-V3 with 32 local experts; the integration's family registry), so no download is
+needed.
 
     python -m benchmarks.bench_hf --quick
     python -m benchmarks.bench_hf --family qwen3_moe --tokens 1 64 4096 16384
@@ -18,6 +19,7 @@ from torch import nn
 from benchmarks.command import bench_parser, main_for
 from benchmarks.common import resolve_device, time_fn, warm_up
 from benchmarks.points import add_speedups, dtype_name
+from moe_kernels.integrations.transformers.families import FAMILIES
 
 OP_NAME = "hf_moe_block"
 DECODE_TOKENS = (1, 8, 64)
@@ -25,55 +27,6 @@ PREFILL_TOKENS = (4096, 16384)
 PROVIDERS = ("hf_eager", "moe_kernels")  # the block as HF runs it, then patched
 TABLE_COLUMNS = ("family", "T", "direction", "provider", "median_us", "speedup_vs_hf", "timer")
 
-# family -> (config class, block class, the config's sizes at the public model's scale)
-FAMILIES = {
-    "mixtral": (
-        "MixtralConfig",
-        "mixtral.modeling_mixtral.MixtralSparseMoeBlock",
-        dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2),
-    ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
-        dict(
-            hidden_size=2048,
-            moe_intermediate_size=1408,
-            shared_expert_intermediate_size=5632,
-            num_experts=60,
-            num_experts_per_tok=4,
-        ),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
-        dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
-    ),
-    "olmoe": (
-        "OlmoeConfig",
-        "olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
-        dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8),
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        "deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE",
-        dict(
-            hidden_size=7168,
-            moe_intermediate_size=2048,
-            n_routed_experts=32,
-            n_group=8,
-            topk_group=4,
-            num_experts_per_tok=8,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-        ),
-    ),
-    "gpt_oss": (
-        "GptOssConfig",
-        "gpt_oss.modeling_gpt_oss.GptOssMLP",
-        dict(hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4),
-    ),
-}
 # A CPU smoke run: every family at a tiny size.
 QUICK_SIZES = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=24)
 
@@ -90,7 +43,8 @@ def build_block(family: str, *, quick: bool, device, dtype) -> _Holder:
     """The family's MoE block, random weights, at the public model's sizes (tiny with ``quick``)."""
     import transformers
 
-    config_name, block_path, sizes = FAMILIES[family]
+    family_entry = FAMILIES[family]
+    sizes = dict(family_entry.public_sizes)
     if quick:
         sizes = {key: QUICK_SIZES.get(key, value) for key, value in sizes.items()}
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
@@ -99,9 +53,8 @@ def build_block(family: str, *, quick: bool, device, dtype) -> _Holder:
         sizes["num_experts_per_tok"] = 2
         if "n_group" in sizes:
             sizes.update(n_group=4, topk_group=2)
-    config = getattr(transformers, config_name)(**sizes)
-    module_path, _, class_name = block_path.rpartition(".")
-    block_class = getattr(importlib.import_module(f"transformers.models.{module_path}"), class_name)
+    config = getattr(transformers, family_entry.config_class)(**sizes)
+    block_class = getattr(importlib.import_module(family_entry.module), family_entry.block)
     with torch.device(device):
         block = block_class(config).to(dtype)
     for param in block.parameters():

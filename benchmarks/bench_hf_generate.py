@@ -29,7 +29,8 @@ import torch
 
 from benchmarks.command import bench_parser, main_for
 from benchmarks.common import resolve_device
-from moe_kernels.testing import TINY_HF_FAMILIES, tiny_hf_config
+from moe_kernels.integrations.transformers import SUPPORTED_MODEL_TYPES
+from moe_kernels.testing import tiny_hf_config
 
 OP_NAME = "hf_generate"
 TABLE_COLUMNS = (
@@ -56,7 +57,7 @@ def build_model(family: str, width: int, device: torch.device, dtype: torch.dtyp
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = tiny_hf_config(family, width=width, max_position_embeddings=max(64, max_tokens))
+    config = tiny_hf_config(family, width=width, overrides={"max_position_embeddings": max(64, max_tokens)})
     return AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
 
 
@@ -128,7 +129,7 @@ def run(
     new_tokens = new_tokens or (8 if quick else 64)
     providers = (*baselines, "moe_kernels")
     rows = []
-    for family in families or TINY_HF_FAMILIES:
+    for family in families or SUPPORTED_MODEL_TYPES:
         model = build_model(family, width, device, dtype, max(PROMPT_TOKENS + new_tokens, TRAIN_TOKENS))
         vocab = model.config.vocab_size
         for batch in batches:
@@ -186,7 +187,7 @@ def _rows(family, width, hidden, batch, task, new_tokens, dtype, measured) -> li
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser("bench_hf_generate", __doc__, "width 1, batch 2, 8 new tokens")
-    parser.add_argument("--family", action="append", dest="families", choices=TINY_HF_FAMILIES)
+    parser.add_argument("--family", action="append", dest="families", choices=SUPPORTED_MODEL_TYPES)
     parser.add_argument("--width", type=int, help="multiplies the tiny config's hidden and intermediate sizes")
     parser.add_argument("--batch", type=int, nargs="+", dest="batches")
     parser.add_argument("--new-tokens", type=int)

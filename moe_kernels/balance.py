@@ -5,8 +5,8 @@ syncs, so they can run every step of a training loop.
 - :func:`switch_aux_loss`: the Switch Transformer auxiliary loss as HF transformers computes it.
 - :func:`router_z_loss`: the ST-MoE router z-loss.
 - :class:`AuxLossFreeBias`: DeepSeek-V3's auxiliary-loss-free selection bias.
-- :func:`track_load` / :func:`collect_load`: switch on and read the per-layer statistics of every
-  :class:`moe_kernels.MoE` in a model.
+- :class:`LoadTracking` and :func:`track_load` / :func:`collect_load`: switch on and read the
+  per-layer statistics of every load-tracking layer (:class:`moe_kernels.MoE`) of a model.
 """
 
 from __future__ import annotations
@@ -191,24 +191,36 @@ class AuxLossFreeBias(nn.Module):
         return f"num_experts={self.num_experts}, rate={self.rate}"
 
 
-def track_load(model: nn.Module, enabled: bool = True) -> int:
-    """Set ``track_load`` on every :class:`moe_kernels.MoE` in ``model``, so each forward stores
-    its :class:`LoadStats` as ``last_load``; returns how many layers were switched."""
-    from moe_kernels.nn import MoE  # nn imports this module: import it when called
+class LoadTracking:
+    """What a layer that records its routing's load provides (:class:`moe_kernels.MoE` does):
+    ``track_load`` (bool: record or not) and ``last_load`` (the last forward's :class:`LoadStats`,
+    or None), and :meth:`record_load` to call from its forward with the routed ids."""
 
-    layers = [module for module in model.modules() if isinstance(module, MoE)]
+    track_load: bool = False
+    last_load: LoadStats | None = None
+
+    def record_load(self, ids: torch.Tensor, num_experts: int) -> None:
+        """Store :func:`load_stats` of ``ids`` as ``last_load`` when ``track_load`` is on (a few
+        small device ops, no host sync)."""
+        if self.track_load:
+            self.last_load = load_stats(ids.detach(), num_experts)
+
+
+def track_load(model: nn.Module, enabled: bool = True) -> int:
+    """Set ``track_load`` on every :class:`LoadTracking` layer in ``model`` (every
+    :class:`moe_kernels.MoE`), so each forward stores its :class:`LoadStats` as ``last_load``;
+    returns how many layers were switched."""
+    layers = [module for module in model.modules() if isinstance(module, LoadTracking)]
     for layer in layers:
         layer.track_load = enabled
     return len(layers)
 
 
 def collect_load(model: nn.Module) -> dict[str, LoadStats]:
-    """``{module name: last_load}`` of every :class:`moe_kernels.MoE` in ``model`` that has
+    """``{module name: last_load}`` of every :class:`LoadTracking` layer in ``model`` that has
     recorded one (see :func:`track_load`)."""
-    from moe_kernels.nn import MoE
-
     return {
         name: module.last_load
         for name, module in model.named_modules()
-        if isinstance(module, MoE) and module.last_load is not None
+        if isinstance(module, LoadTracking) and module.last_load is not None
     }

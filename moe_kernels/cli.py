@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
 import moe_kernels
-from moe_kernels import _compat, validation
+from moe_kernels import _compat, bench_index, validation
 from moe_kernels._table import format_table
 from moe_kernels.utils import use_triton
 
@@ -72,39 +70,15 @@ def cmd_validate(args) -> int:
     return 1 if failures else 0
 
 
-# `moe-kernels bench --op NAME` -> the module of benchmarks/ that runs it.
-BENCHMARKS = {
-    "softmax_topk": "bench_routing",
-    "knn_mix": "bench_knn",
-    "knn_route": "bench_knn_route",
-    "probmoe": "bench_probmoe",
-    "fused_experts": "bench_experts",
-    "knn_retrieval": "bench_retrieval",
-    "hf_moe_block": "bench_hf",
-    "hf_generate": "bench_hf_generate",
-    "op_overhead": "bench_overhead",
-    "expert_parallel": "bench_expert_parallel",
-    "dynamics": "bench_dynamics",
-    "cor": "bench_cor",
-    # The CPU goals of every op in one table, at 1 thread and at all threads (not part of "all":
-    # it re-times what the per-op benchmarks time, against CPU baselines, for minutes).
-    "cpu": "bench_cpu",
-}
-
-
 def cmd_bench(args, extra: list[str]) -> int:
-    repo_root = Path(__file__).resolve().parent.parent
-    if not (repo_root / "benchmarks" / "bench_routing.py").is_file():
+    if not bench_index.benchmarks_available():
         print(
             "moe-kernels bench: the benchmarks/ folder ships with the source tree; run from a checkout", file=sys.stderr
         )
         return 2
-    sys.path.insert(0, str(repo_root))
-    names = (
-        {op: m for op, m in BENCHMARKS.items() if op != "cpu"} if args.op == "all" else {args.op: BENCHMARKS[args.op]}
-    )
-    chosen = {op: importlib.import_module(f"benchmarks.{module}") for op, module in names.items()}
-    return max(bench.main(extra) for bench in chosen.values())
+    names = bench_index.ALL if args.op == "all" else (args.op,)
+    chosen = [bench_index.load_benchmark(name) for name in names]
+    return max(bench.main(extra) for bench in chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--tokens", type=int, nargs="+")
     validate.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     bench = commands.add_parser("bench", help="run the benchmark suite (other arguments pass to each op's benchmark)")
-    bench.add_argument("--op", choices=("all", *BENCHMARKS), default="all")
+    bench.add_argument("--op", choices=("all", *bench_index.BENCHMARKS), default="all")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, extra)

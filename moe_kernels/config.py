@@ -102,7 +102,8 @@ class RoutingConfig:
 
     Presets, named as vLLM / SGLang's ``RoutingMethodType``: :meth:`default`, :meth:`renormalize`
     (also RenormalizeNaive), :meth:`deepseek_v3`, :meth:`deepseek_v2`, :meth:`llama4`,
-    :meth:`sigmoid_renorm`.
+    :meth:`sigmoid_renorm`. ``dataclasses.replace(config, scale=1.0)`` makes a changed copy
+    (validated like a new config).
     """
 
     score_func: str = "softmax"
@@ -176,10 +177,6 @@ class RoutingConfig:
         return cls(score_func="sigmoid", renormalize=True)
 
     # ---------------------------------------------------------------------------------------
-
-    def replace(self, **changes) -> RoutingConfig:
-        """A copy with ``changes`` applied (validated like a new config)."""
-        return dataclasses.replace(self, **changes)
 
     # The fields as the registered ops' schemas take them, in field order (0 for "no groups": a
     # schema int cannot be None); see the module doc.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.balance import LoadStats, load_stats
+from moe_kernels.balance import LoadTracking
 from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.reference.experts import gated_activation
@@ -162,7 +162,7 @@ def add_shared_expert(
     return routed + shared
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, LoadTracking):
     """A mixture-of-experts block: a router, ``num_experts`` routed gated MLPs run by
     :func:`moe_kernels.fused_experts`, and optionally a shared expert with a sigmoid gate
     (Qwen2-MoE / DeepSeek style).
@@ -234,14 +234,13 @@ class MoE(nn.Module):
         self.activation = activation
         self.backend = backend
         self.track_load = track_load
-        self.last_load: LoadStats | None = None
+        self.last_load = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         flat = hidden.reshape(-1, hidden_size)
         weights, ids = self.router(flat)
-        if self.track_load:
-            self.last_load = load_stats(ids.detach(), self.gate_up_proj.shape[0])
+        self.record_load(ids, self.gate_up_proj.shape[0])
         biases = dict(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
         options = dict(activation=self.activation, backend=self.backend, **biases)
         out = fused_experts(flat, self.gate_up_proj, self.down_proj, weights, ids, **options)

@@ -12,10 +12,11 @@ from typing import TextIO
 
 
 class Progress:
-    """``with Progress(total, "training") as bar: ... bar.update(loss=1.23)``.
+    """``with Progress(total, "training") as bar: ... bar.update(status={"loss": 1.23})``.
 
-    ``update(n=1, **status)`` advances by ``n`` steps and shows ``status`` (numbers formatted to 4
-    significant digits) after the count and the elapsed seconds. ``enabled=False`` silences it.
+    ``update(n=1, status=None)`` advances by ``n`` steps and shows ``status`` (a dict; numbers
+    formatted to 4 significant digits) after the count and the elapsed seconds. ``enabled=False``
+    silences it.
     """
 
     def __init__(
@@ -40,7 +41,7 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-    def update(self, n: int = 1, **status) -> None:
+    def update(self, n: int = 1, status: dict | None = None) -> None:
         self.done = min(self.done + n, self.total) if self.total else self.done + n
         if not self.enabled:
             return
@@ -48,18 +49,17 @@ class Progress:
         if not self._interactive and tenth == self._last_tenth and self.done != self.total:
             return
         self._last_tenth = tenth
-        self.stream.write(
-            ("\r" if self._interactive else "") + self.line(**status) + ("" if self._interactive else "\n")
-        )
+        self.stream.write(("\r" if self._interactive else "") + self.line(status) + ("" if self._interactive else "\n"))
         self.stream.flush()
 
-    def line(self, **status) -> str:
+    def line(self, status: dict | None = None) -> str:
         """The text of the bar: description, bar, count, elapsed seconds and ``status``."""
         fraction = self.done / self.total if self.total else 1.0
         filled = int(round(fraction * self.width))
         bar = "#" * filled + "." * (self.width - filled)
         extra = " ".join(
-            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in status.items()
+            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in (status or {}).items()
         )
         elapsed = time.perf_counter() - self.start
         return f"{self.description} [{bar}] {self.done}/{self.total} {elapsed:.1f}s {extra}".rstrip()

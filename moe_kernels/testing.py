@@ -6,7 +6,8 @@
 - :func:`make_routing_logits` / :func:`make_bias`: tie-free routing inputs, so ids can be
   compared exactly.
 - :func:`tiny_hf_config`: a small transformers config per supported MoE family (the HF
-  integration tests and the generation benchmark build their models from it).
+  integration tests and the generation benchmark build their models from it), from the
+  integration's family registry.
 """
 
 from __future__ import annotations
@@ -191,79 +192,22 @@ TINY_HF_SIZES = dict(
     initializer_range=0.15,
     eos_token_id=None,  # greedy generation runs its full length
 )
-# Family -> (transformers config class, the family's sizes and routing features): Qwen3-MoE
-# renormalises and has a dense first layer, DeepSeek-V3 keeps 2 of 4 groups with scale 2.5 and a
-# shared expert after a dense first layer, GPT-OSS has a sliding window.
-_TINY_FAMILIES = {
-    "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(
-            intermediate_size=32,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            num_experts=6,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-        ),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        dict(
-            num_hidden_layers=3,
-            mlp_only_layers=[0],
-            head_dim=8,
-            intermediate_size=32,
-            moe_intermediate_size=16,
-            num_experts=6,
-            num_experts_per_tok=3,
-            norm_topk_prob=True,
-        ),
-    ),
-    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2)),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        dict(
-            num_hidden_layers=3,
-            num_key_value_heads=4,
-            intermediate_size=32,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            n_group=4,
-            topk_group=2,
-            num_experts_per_tok=3,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            n_shared_experts=1,
-            kv_lora_rank=16,
-            q_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        ),
-    ),
-    "gpt_oss": (
-        "GptOssConfig",
-        dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4),
-    ),
-}
-TINY_HF_FAMILIES = tuple(_TINY_FAMILIES)
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
-def tiny_hf_config(family: str, *, width: int = 1, **overrides):
-    """A transformers config of ``family`` (one of :data:`TINY_HF_FAMILIES`) with 2-3 layers of
+def tiny_hf_config(family: str, *, width: int = 1, overrides: dict | None = None):
+    """A transformers config of ``family`` (a key of the integration's family registry,
+    ``moe_kernels.integrations.transformers.FAMILIES``: its ``tiny_sizes``) with 2-3 layers of
     width 32 and 4-8 experts; ``width`` multiplies the hidden and intermediate sizes, and
-    ``overrides`` replace any field. Needs transformers."""
+    ``overrides`` (a dict of config fields) replace any field. Needs transformers."""
     import transformers
 
-    if family not in _TINY_FAMILIES:
-        raise ValueError(f"tiny_hf_config: family must be one of {TINY_HF_FAMILIES}, got {family!r}")
-    config_name, sizes = _TINY_FAMILIES[family]
-    fields = {**TINY_HF_SIZES, **sizes}
+    from moe_kernels.integrations.transformers.families import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"tiny_hf_config: family must be one of {tuple(FAMILIES)}, got {family!r}")
+    fields = {**TINY_HF_SIZES, **FAMILIES[family].tiny_sizes}
     for key in _WIDTH_KEYS:
         if key in fields:
             fields[key] *= width
-    return getattr(transformers, config_name)(**{**fields, **overrides})
+    return getattr(transformers, FAMILIES[family].config_class)(**{**fields, **(overrides or {})})

@@ -48,7 +48,7 @@ def test_value_semantics():
         config.scale = 1.0  # type: ignore[misc]
     # ``renormalize`` is a field on an instance and the preset on the class.
     assert RoutingConfig.renormalize().renormalize is True and RoutingConfig().renormalize is False
-    assert config.replace(scale=1.0).scale == 1.0 and config.scale == 2.5
+    assert dataclasses.replace(config, scale=1.0).scale == 1.0 and config.scale == 2.5
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_problem_checks_name_the_op():
 
 def test_keyword_options_override_the_config():
     base = RoutingConfig.deepseek_v3()
-    assert resolve_routing("x", base, scale=1.0) == base.replace(scale=1.0)
+    assert resolve_routing("x", base, scale=1.0) == dataclasses.replace(base, scale=1.0)
     assert resolve_routing("x", None, renormalize=True) == RoutingConfig.renormalize()
     assert resolve_routing("x", base) is base and resolve_routing("x") == RoutingConfig()
     logits = torch.randn(9, 256)

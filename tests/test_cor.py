@@ -128,7 +128,9 @@ def _oracle_impact(model, batches, num_experts):
 
 def test_layer_sensitivity_matches_oracle():
     model, batches = _model(num_layers=3), _batches()
-    result = cor.layer_sensitivity(model, batches, cor.causal_lm_token_losses, delta=DELTA, tokens_per_forward=12)
+    result = cor.layer_sensitivity(
+        model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(delta=DELTA, tokens_per_forward=12)
+    )
     ratio, hard, easy = _oracle_sensitivity(model, batches)
     assert result.hard.dtype == torch.float32 and result.ratio.shape == (3,)
     assert_close(result.hard, hard, dtype=torch.float32)
@@ -145,7 +147,9 @@ def test_expert_impact_matches_oracle_and_is_batched(tokens_per_forward):
     handle = model.register_forward_pre_hook(
         lambda module, args, kwargs: forwards.append((args or (kwargs["input_ids"],))[0].shape[0]), with_kwargs=True
     )
-    impact = cor.expert_impact(model, batches, cor.causal_lm_token_losses, tokens_per_forward=tokens_per_forward)
+    impact = cor.expert_impact(
+        model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(tokens_per_forward=tokens_per_forward)
+    )
     handle.remove()
     expected, hard_per_batch = _oracle_impact(model, batches, 4)
     assert impact.dtype == torch.float32 and impact.shape == (2, 4)
@@ -163,7 +167,9 @@ def test_expert_impact_matches_oracle_and_is_batched(tokens_per_forward):
 def test_expert_impact_float32_independent_of_chunking():
     model, batches = _model(dtype=torch.float32), _batches(num=1, seqs=3, seq_len=8)
     whole = cor.expert_impact(model, batches, cor.causal_lm_token_losses)
-    one_copy = cor.expert_impact(model, batches, cor.causal_lm_token_losses, tokens_per_forward=1)
+    one_copy = cor.expert_impact(
+        model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(tokens_per_forward=1)
+    )
     assert_close(one_copy, whole, dtype=torch.float32)
     assert whole.abs().max() > 1e-3
 
@@ -315,13 +321,13 @@ def test_zero_prior_at_the_base_k_is_the_models_own_routing():
 
 def test_calibrate_keeps_the_budget_and_the_plan_file_round_trips(tmp_path):
     model, batches = _model(dtype=torch.float32, num_layers=3, num_experts=6, k=2), _batches(seq_len=10)
-    plan = cor.calibrate(model, batches, cor.causal_lm_token_losses, strength=0.2)
+    plan = cor.calibrate(model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(strength=0.2))
     assert plan.total_k == 6 and plan.strength == 0.2 and plan.k.min() >= 1 and plan.k.max() <= 6
     assert plan.calibration["hard_tokens"] > 0 and plan.calibration["base_k"] == [2, 2, 2]
     assert torch.equal(plan.k, cor.allocate_layer_budget(plan.ratio, 6, k_max=6))
     assert torch.equal(plan.prior, cor.min_max_normalize(plan.impact))
     assert (plan.prior.amax(1) == 1).all() and (plan.prior.amin(1) == 0).all()
-    wider = cor.calibrate(model, batches, cor.causal_lm_token_losses, total_k=9)
+    wider = cor.calibrate(model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(total_k=9))
     assert wider.total_k == 9
     path = plan.save(tmp_path / "plan.json")
     loaded = cor.CoRPlan.load(path)
@@ -433,8 +439,8 @@ def test_plans_of_the_wrong_shape_are_refused(tmp_path):
 def test_strength_must_be_finite(strength):
     with pytest.raises(ValueError, match="strength must be a finite number"):
         cor.CoRPlan(torch.tensor([2, 2]), torch.zeros(2, 4), strength=strength)
-    with pytest.raises(ValueError, match="calibrate: strength must be a finite number"):
-        cor.calibrate(_model(), _batches(), cor.causal_lm_token_losses, strength=strength)
+    with pytest.raises(ValueError, match="CalibrationSettings: strength must be a finite number"):
+        cor.CalibrationSettings(strength=strength)
     plan = cor.CoRPlan(torch.tensor([2, 2]), torch.zeros(2, 4))
     plan.strength = strength  # mutated after validation
     with pytest.raises(ValueError, match="apply_counterfactual_routing: plan.strength must be a finite number"):
@@ -443,15 +449,19 @@ def test_strength_must_be_finite(strength):
 
 def test_total_k_out_of_reach_and_other_bad_arguments():
     model, batches = _model(), _batches()
-    for total in (1, 9, 2.5):
+    for total in (1, 9):
         with pytest.raises(ValueError, match=r"calibrate: total_k must be an int in \[L, sum of selectable experts\]"):
-            cor.calibrate(model, batches, cor.causal_lm_token_losses, total_k=total)
-    with pytest.raises(ValueError, match="easy_quantile must be <= hard_quantile"):
-        cor.layer_sensitivity(model, batches, cor.causal_lm_token_losses, hard_quantile=0.3, easy_quantile=0.6)
-    with pytest.raises(ValueError, match=r"hard_quantile must be a number in \(0, 1\)"):
-        cor.expert_impact(model, batches, cor.causal_lm_token_losses, hard_quantile=1.0)
-    with pytest.raises(ValueError, match=r"delta must be a number in \(0, 1\]"):
-        cor.layer_sensitivity(model, batches, cor.causal_lm_token_losses, delta=-0.1)
+            cor.calibrate(model, batches, cor.causal_lm_token_losses, cor.CalibrationSettings(total_k=total))
+    with pytest.raises(ValueError, match=r"CalibrationSettings: total_k must be None or a positive int, got 2.5"):
+        cor.CalibrationSettings(total_k=2.5)
+    with pytest.raises(ValueError, match="CalibrationSettings: easy_quantile must be <= hard_quantile"):
+        cor.CalibrationSettings(hard_quantile=0.3, easy_quantile=0.6)
+    with pytest.raises(ValueError, match=r"CalibrationSettings: hard_quantile must be a number in \(0, 1\)"):
+        cor.CalibrationSettings(hard_quantile=1.0)
+    with pytest.raises(ValueError, match=r"CalibrationSettings: delta must be a number in \(0, 1\]"):
+        cor.CalibrationSettings(delta=-0.1)
+    with pytest.raises(TypeError, match=r"layer_sensitivity: settings must be a moe_kernels.cor.CalibrationSettings"):
+        cor.layer_sensitivity(model, batches, cor.causal_lm_token_losses, {"delta": 0.1})
     with pytest.raises(ValueError, match="batches is empty"):
         cor.expert_impact(model, [], cor.causal_lm_token_losses)
     with pytest.raises(TypeError, match="token_losses must return a 1-D floating tensor"):
@@ -479,7 +489,7 @@ def test_a_model_without_moe_layers_is_refused():
 
 def test_benchmark_quick_run_and_registration():
     from benchmarks import bench_cor
-    from moe_kernels.cli import BENCHMARKS
+    from moe_kernels.bench_index import BENCHMARKS
 
     assert BENCHMARKS["cor"] == "bench_cor"
     rows = bench_cor.run(quick=True, device="cpu", tokens=(4,))

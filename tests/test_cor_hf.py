@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import moe_kernels.integrations.transformers as hf
 from moe_kernels import cor
-from moe_kernels.testing import TINY_HF_FAMILIES, TINY_HF_SIZES, assert_close, tiny_hf_config
+from moe_kernels.integrations.transformers.common import SAVED
+from moe_kernels.testing import TINY_HF_SIZES, assert_close, tiny_hf_config
 
-FAMILIES = TINY_HF_FAMILIES
+FAMILIES = hf.SUPPORTED_MODEL_TYPES
 DELTA = 0.2
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models
@@ -84,7 +85,9 @@ def _ablate_row(row: int, expert: int):
 def test_sensitivity_and_impact_match_brute_force(family):
     model, batch = _patched(family), _batch()
     layers = _layers(model)
-    sensitivity = cor.layer_sensitivity(model, [batch], cor.causal_lm_token_losses, delta=DELTA)
+    sensitivity = cor.layer_sensitivity(
+        model, [batch], cor.causal_lm_token_losses, cor.CalibrationSettings(delta=DELTA)
+    )
     impact = cor.expert_impact(model, [batch], cor.causal_lm_token_losses)
     with torch.no_grad():
         ids = []
@@ -180,7 +183,7 @@ def test_applied_routing_matches_an_oracle_forward_and_reverts_exactly(family):
     assert sum(changed) > 0  # the prior moved some selections
     assert_close(routed, oracle, op="whole_model")
     assert torch.equal(before, after)
-    assert not any(hf._SAVED in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+    assert not any(SAVED in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
 
 
 def test_calibrate_and_apply_deepseek_v3_with_groups():

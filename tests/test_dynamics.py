@@ -248,16 +248,17 @@ def test_hysteresis_loop_at_k3():
     # At K = 3 the folds are at |h| = 0.415: sweeping up from h = -1, expert 0 stays low past h = 0;
     # sweeping back down, it stays high past h = 0.
     h_up = torch.linspace(-1, 1, 11)
-    common = dict(steps_per_point=2000, replicas=32, eps=0.005)
-    up, scores = dynamics.adiabatic_sweep(3.0, h_up, **common)
-    down, _ = dynamics.adiabatic_sweep(3.0, h_up.flip(0), initial_scores=scores, seed=100, **common)
+    settings = dynamics.SweepSettings(steps_per_point=2000, replicas=32, eps=0.005)
+    up, scores = dynamics.adiabatic_sweep(3.0, h_up, settings=settings)
+    back = settings._replace(seed=100)
+    down, _ = dynamics.adiabatic_sweep(3.0, h_up.flip(0), initial_scores=scores, settings=back)
     at_zero_up, at_zero_down = float(up[5, :, 0].mean()), float(down[5, :, 0].mean())
     assert at_zero_up < 0.15 and at_zero_down > 0.85
     assert float(up[-1, :, 0].mean()) > 0.9 and float(down[-1, :, 0].mean()) < 0.1
 
 
 def test_critical_slowing_down():
-    times = dynamics.relaxation_times([1.0, 1.5, 3.0], replicas=512, eps=0.01)
+    times = dynamics.relaxation_times([1.0, 1.5, 3.0], settings=dynamics.ChainSettings(replicas=512, eps=0.01))
     theory = torch.tensor([dynamics.relaxation_time(k) for k in (1.0, 1.5, 3.0)], dtype=torch.float64)
     assert torch.allclose(times, theory, rtol=0.2)
     assert dynamics.relaxation_time(1.99) > 100 and dynamics.relaxation_time(2.01) > 50
@@ -344,14 +345,20 @@ def test_digits_threshold_quick(num_experts):
 
 
 def test_plots_write_png(tmp_path):
+    sweep = dynamics.SweepSettings(steps_per_point=200, replicas=2)
+    chains = dynamics.ChainSettings(replicas=16)
     paths = [
         dynamics.plot_bifurcation(tmp_path / "bifurcation.png", feedbacks=[1.0, 3.0], steps=400, replicas=2),
-        dynamics.plot_hysteresis(tmp_path / "hysteresis.png", points=5, steps_per_point=200, replicas=2),
-        dynamics.plot_critical_slowing(tmp_path / "slowing.png", feedbacks=[1.0, 3.0], replicas=16),
-        dynamics.plot_collapse(tmp_path / "collapse.png", feedbacks=[2.0, 5.0], steps_per_point=200, replicas=2),
+        dynamics.plot_hysteresis(tmp_path / "hysteresis.png", points=5, settings=sweep),
+        dynamics.plot_critical_slowing(tmp_path / "slowing.png", feedbacks=[1.0, 3.0], settings=chains),
+        dynamics.plot_collapse(tmp_path / "collapse.png", feedbacks=[2.0, 5.0], settings=sweep),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    with pytest.raises(
+        TypeError, match=r"plot_collapse: settings must be a moe_kernels.dynamics.SweepSettings, got dict"
+    ):
+        dynamics.plot_collapse(tmp_path / "collapse.png", settings={"replicas": 2})
 
 
 def test_import_does_not_load_matplotlib_or_sklearn():

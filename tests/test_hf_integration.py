@@ -36,25 +36,18 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM
 
 import moe_kernels.integrations.transformers as hf
-from moe_kernels.testing import TINY_HF_FAMILIES, TINY_HF_SIZES, assert_close, tiny_hf_config
+from moe_kernels.integrations.transformers.common import BACKEND, SAVED
+from moe_kernels.testing import TINY_HF_SIZES, assert_close, tiny_hf_config
 
-FAMILIES = TINY_HF_FAMILIES
-# The MoE block of each family, its router attribute and its number of MoE layers in tiny_hf_config.
-BLOCKS = {
-    "mixtral": ("MixtralSparseMoeBlock", "gate", 2),
-    "qwen2_moe": ("Qwen2MoeSparseMoeBlock", "gate", 2),
-    "qwen3_moe": ("Qwen3MoeSparseMoeBlock", "gate", 2),
-    "olmoe": ("OlmoeSparseMoeBlock", "gate", 2),
-    "deepseek_v3": ("DeepseekV3MoE", "gate", 2),
-    "gpt_oss": ("GptOssMLP", "router", 2),
-}
+FAMILIES = hf.SUPPORTED_MODEL_TYPES
+# MoE layers of every family's tiny_hf_config (Qwen3-MoE and DeepSeek-V3: 3 layers, the first dense).
+NUM_MOE_LAYERS = 2
 
 
-def _build(family: str, dtype=torch.float32, experts_implementation="eager", **overrides):
+def _build(family: str, dtype=torch.float32, experts_implementation="eager", overrides=None):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        tiny_hf_config(family, **overrides), experts_implementation=experts_implementation
-    )
+    config = tiny_hf_config(family, overrides=overrides)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation=experts_implementation)
     model = model.to(dtype).eval()
     gen = torch.Generator().manual_seed(1)
 
@@ -74,7 +67,7 @@ def _build(family: str, dtype=torch.float32, experts_implementation="eager", **o
 
 
 def _blocks(model, family):
-    name, router_attr, _ = BLOCKS[family]
+    name, router_attr = hf.FAMILIES[family].block, hf.FAMILIES[family].router_attr
     return [(m, getattr(m, router_attr), m.experts) for m in model.modules() if type(m).__name__ == name]
 
 
@@ -97,7 +90,7 @@ def _logits(model, ids):
 
 
 def _no_instance_forwards(model) -> bool:
-    return all("forward" not in m.__dict__ and hf._SAVED not in m.__dict__ for m in model.modules())
+    return all("forward" not in m.__dict__ and SAVED not in m.__dict__ for m in model.modules())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: see conftest.py
@@ -165,14 +158,14 @@ def test_patched_model_matches_hf(family, spy):
     assert hf.apply_moe_kernels(model) is model
     assert hf.is_moe_kernels_applied(model)
     blocks = _blocks(model, family)
-    assert len(blocks) == BLOCKS[family][2]
+    assert len(blocks) == NUM_MOE_LAYERS
     for _, router, experts in blocks:  # forwards patched on the instances; parameters shared
         assert "forward" in router.__dict__ and "forward" in experts.__dict__
     assert [(n, id(p)) for n, p in model.named_parameters()] == params_before
     assert list(model.state_dict()) == keys_before
 
     out = model(ids, labels=ids, output_router_logits=True)
-    num_moe = BLOCKS[family][2]
+    num_moe = NUM_MOE_LAYERS
     assert spy == {"softmax_topk": num_moe, "fused_experts": num_moe}
     out.loss.backward()
 
@@ -286,7 +279,7 @@ def test_experts_implementation_hook(family, registered, spy):
     assert model.config._experts_implementation == "moe_kernels"
     out = model(ids, labels=ids)
     out.loss.backward()
-    num_moe = BLOCKS[family][2]
+    num_moe = NUM_MOE_LAYERS
     assert spy == {"softmax_topk": 0, "fused_experts": num_moe}  # the routers stay HF's
     assert_close(out.logits, ref.logits, dtype=torch.float32)
     grads = dict(eager.named_parameters())
@@ -326,7 +319,7 @@ def test_reapply_and_revert():
     hf.apply_moe_kernels(model, backend="torch")
     hf.apply_moe_kernels(model)  # replaces the first patch
     _, router, experts = _blocks(model, "qwen2_moe")[0]
-    assert router.__dict__[hf._BACKEND] == experts.__dict__[hf._BACKEND] == "auto"
+    assert router.__dict__[BACKEND] == experts.__dict__[BACKEND] == "auto"
     assert_close(_logits(model, ids), ref, dtype=torch.float32)
     hf.revert_moe_kernels(model)
     hf.revert_moe_kernels(model)  # no-op
@@ -350,7 +343,7 @@ def test_patch_inside_accelerate_style_hooks():
 
     router.forward = wrapper
     hf.apply_moe_kernels(model)
-    assert router.forward is wrapper and router._old_forward.__func__ is hf._mixtral_router_forward
+    assert router.forward is wrapper and router._old_forward.__func__ is hf.routers.mixtral_router_forward
     assert_close(_logits(model, ids), ref, dtype=torch.float32)
     assert entered
     hf.revert_moe_kernels(model)
@@ -378,7 +371,7 @@ def test_errors(monkeypatch):
     assert not hf.is_moe_kernels_applied(model)
     # No MoE block at all.
     with pytest.raises(ValueError, match="no Qwen2MoeSparseMoeBlock"):
-        hf.apply_moe_kernels(_build("qwen2_moe", mlp_only_layers=[0, 1]))
+        hf.apply_moe_kernels(_build("qwen2_moe", overrides={"mlp_only_layers": [0, 1]}))
     # A router laid out otherwise (another transformers release): refused, nothing patched.
     model = _build("deepseek_v3")
     del _blocks(model, "deepseek_v3")[-1][1].routed_scaling_factor

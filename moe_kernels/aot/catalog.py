@@ -11,8 +11,8 @@ own pure meta function (imported from ``moe_kernels.ops``, never re-derived)::
             meta = my_meta(...)  # constexprs and num_warps
             yield kernel_case("my_kernel", _my_kernel, {"x_ptr": "*bf16", ...}, meta, label)
 
-:func:`all_cases` imports :mod:`moe_kernels.aot.cases` (which registers every family) and collects
-the cases; :mod:`moe_kernels.aot.compile` compiles them for real GPU targets (no GPU needed) and
+Importing :mod:`moe_kernels.aot.cases` registers every family; its :func:`~moe_kernels.aot.cases.all_cases`
+collects the cases; :mod:`moe_kernels.aot.compile` compiles them for real GPU targets (no GPU needed) and
 reports registers, spills and shared memory; ``tests/test_aot_compile.py`` fails if a ``*_kernel``
 of a ``moe_kernels.kernels._*`` module is not registered. ``moe_kernels.ops`` imports nothing of
 this package.
@@ -98,24 +98,8 @@ def fn_path(fn: Any) -> str:
     return f"{inner.__module__}:{inner.__qualname__}"
 
 
-def cases(name: str) -> list[KernelCase]:
-    """The distinct cases of one registered kernel, in generation order."""
-    import moe_kernels.aot.cases  # noqa: F401  (every family registers its cases on import)
-
-    return _dedupe(KERNELS[name]())
-
-
-def all_cases() -> list[KernelCase]:
-    """The distinct cases of every registered kernel (identical compilations listed once)."""
-    import moe_kernels.aot.cases  # noqa: F401  (every family registers its cases on import)
-
-    out: list[KernelCase] = []
-    for name in KERNELS:
-        out.extend(cases(name))
-    return _dedupe(out)
-
-
-def _dedupe(items: Iterable[KernelCase]) -> list[KernelCase]:
+def dedupe(items: Iterable[KernelCase]) -> list[KernelCase]:
+    """``items`` with identical compilations (equal :meth:`KernelCase.key`) listed once, in order."""
     seen: dict[tuple, KernelCase] = {}
     for case in items:
         seen.setdefault(case.key(), case)

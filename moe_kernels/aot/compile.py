@@ -243,7 +243,7 @@ def compile_all(
     ``if __name__ == "__main__":`` guard. Raises ``RuntimeError`` under ``TRITON_INTERPRET=1``
     and on the first case that fails to compile (naming kernel, config, num_warps and arch)."""
     _check_not_interpreted()
-    from moe_kernels.aot.catalog import all_cases
+    from moe_kernels.aot.cases import all_cases
 
     case_list = list(all_cases() if cases is None else cases)
     specs = [_spec(case, arch) for case in case_list for arch in archs]

@@ -159,8 +159,7 @@ def copies_per_forward(rows_per_sequence: int, tokens_per_forward: int) -> int:
 class CalibrationRun(NamedTuple):
     """What the calibration stages share: the ``model``, its MoE ``layers``, the ``batches`` (a
     list), ``token_losses``, the ``settings``, the ``clean`` pass over the batches and the ``hard``
-    / ``easy`` token masks ``(N,)`` bool over all their clean losses (``easy`` None when the
-    settings have no ``easy_quantile``)."""
+    / ``easy`` token masks ``(N,)`` bool over all their clean losses."""
 
     model: nn.Module
     layers: list[MoELayer]
@@ -169,7 +168,7 @@ class CalibrationRun(NamedTuple):
     settings: CalibrationSettings
     clean: CleanPass
     hard: torch.Tensor
-    easy: torch.Tensor | None
+    easy: torch.Tensor
 
     def copies_per_forward(self, b: int) -> int:
         """How many sequence copies of batch ``b`` one what-if forward holds: ``tokens_per_forward

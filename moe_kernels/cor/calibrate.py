@@ -14,10 +14,12 @@ from moe_kernels.cor.budget import allocate_layer_budget
 from moe_kernels.cor.impact import impact_from_clean
 from moe_kernels.cor.plan import CoRPlan, min_max_normalize
 from moe_kernels.cor.sensitivity import LayerSensitivity, sensitivity_from_clean
-from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.cor.settings import DEFAULT_SETTINGS, CalibrationSettings, checked_settings
 
 
-def calibrate(model: nn.Module, batches, token_losses: Callable, **settings) -> CoRPlan:
+def calibrate(
+    model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings = DEFAULT_SETTINGS
+) -> CoRPlan:
     """A :class:`CoRPlan` for ``model`` from the calibration ``batches``:
 
     1. clean per-token losses over all batches; hard tokens above ``quantile(l, hard_quantile)``,
@@ -27,13 +29,13 @@ def calibrate(model: nn.Module, batches, token_losses: Callable, **settings) -> 
     4. ``k = allocate_layer_budget(ratio, total_k, k_min=1, k_max=each layer's selectable
        experts)`` (E, or the kept groups' experts under a group limit).
 
-    ``settings``: keywords of :class:`CalibrationSettings` (its fields, with their defaults).
-    ``total_k`` defaults to the model's current total (the sum of each layer's k), so the
+    ``settings``: a :class:`CalibrationSettings` (every field is read). ``total_k`` defaults to
+    the model's current total (the sum of each layer's k), so the
     activation budget is unchanged. The clean forward is shared by steps 2 and 3; the costs are
     theirs (see their docs). The plan's ``calibration`` holds the settings, token counts, base k
     and the hard / easy sensitivities. Refuses a model with a CoR plan applied (revert first).
     """
-    plan, _ = calibrate_with_sensitivity(model, batches, token_losses, CalibrationSettings.of("calibrate", settings))
+    plan, _ = calibrate_with_sensitivity(model, batches, token_losses, checked_settings("calibrate", settings))
     return plan
 
 

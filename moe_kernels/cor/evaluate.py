@@ -19,7 +19,7 @@ from moe_kernels.cor.losses import stratify
 from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.cor.routing import apply_counterfactual_routing, revert_counterfactual_routing
 from moe_kernels.cor.sensitivity import LayerSensitivity
-from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.cor.settings import DEFAULT_SETTINGS, CalibrationSettings, checked_settings
 from moe_kernels.figures import new_figure, save_png
 
 # The routings compared, in report order: static top-k, each half of CoR alone, CoR.
@@ -87,7 +87,7 @@ def evaluate_counterfactual_routing(
     token_losses: Callable,
     *,
     plan: CoRPlan | None = None,
-    **settings,
+    settings: CalibrationSettings = DEFAULT_SETTINGS,
 ) -> CoRResult:
     """Calibrate CoR on ``calibration_batches`` (or use ``plan``), then evaluate on
     ``eval_batches``: static top-k, the layer budget alone (``plan.k``, no prior), the prior alone
@@ -96,13 +96,13 @@ def evaluate_counterfactual_routing(
     largest-remainder split of ``total_k`` without prior.
 
     ``token_losses`` as for :func:`calibrate` (e.g. :func:`causal_lm_token_losses`); ``settings``
-    are :func:`calibrate`'s (:class:`~moe_kernels.cor.CalibrationSettings`), and
-    ``hard_quantile`` also splits the eval tokens. The model is
+    as for :func:`calibrate` (a :class:`~moe_kernels.cor.CalibrationSettings`), its
+    ``hard_quantile`` also splitting the eval tokens. The model is
     left without a CoR plan (every variant is reverted after its forwards). Cost: :func:`calibrate`'s,
     plus four forwards per eval batch. Returns a :class:`CoRResult`; :func:`plot_impact_heatmap` draws its ``impact``.
     """
     op = "evaluate_counterfactual_routing"
-    settings = CalibrationSettings.of(op, settings)
+    settings = checked_settings(op, settings)
     eval_batches = as_batch_list(eval_batches, op)
     layers = find_moe_layers(model, op)
     base_k = torch.tensor([layer.k for layer in layers], dtype=torch.int64)

@@ -10,14 +10,13 @@ from torch import nn
 
 from moe_kernels.cor._batches import CalibrationRun, calibration_run
 from moe_kernels.cor._layers import MoELayer, uniform_num_experts
-from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.cor.settings import DEFAULT_SETTINGS, CalibrationSettings, checked_settings
 from moe_kernels.progress import Progress
 
-# The settings expert_impact takes (see CalibrationSettings).
-IMPACT_SETTINGS = ("hard_quantile", "tokens_per_forward", "progress")
 
-
-def expert_impact(model: nn.Module, batches, token_losses: Callable, **settings) -> torch.Tensor:
+def expert_impact(
+    model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings = DEFAULT_SETTINGS
+) -> torch.Tensor:
     """The raw counterfactual expert impact ``CEI (L, E)`` float32.
 
     For every hard token ``t`` (``l_t > quantile(l, hard_quantile)`` over all ``batches``), layer
@@ -43,11 +42,11 @@ def expert_impact(model: nn.Module, batches, token_losses: Callable, **settings)
 
     Args:
         model, batches, token_losses: as for :func:`layer_sensitivity` (one loss per routed row).
-        settings: ``hard_quantile``, ``tokens_per_forward``, ``progress``
-            (:class:`~moe_kernels.cor.CalibrationSettings`, with their defaults).
+        settings: a :class:`~moe_kernels.cor.CalibrationSettings`, of which ``hard_quantile``,
+            ``tokens_per_forward`` and ``progress`` are read.
     """
     op = "expert_impact"
-    settings = CalibrationSettings.of(op, settings, IMPACT_SETTINGS)
+    settings = checked_settings(op, settings)
     run = calibration_run(op, model, batches, token_losses, settings, lambda layers: uniform_num_experts(layers, op))
     return impact_from_clean(run)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moe_kernels.cor._batches import CalibrationRun, calibration_run
-from moe_kernels.cor.settings import CalibrationSettings
+from moe_kernels.cor.settings import DEFAULT_SETTINGS, CalibrationSettings, checked_settings
 from moe_kernels.progress import Progress
 
 RATIO_EPS = 1e-6
@@ -26,11 +26,9 @@ class LayerSensitivity(NamedTuple):
     easy: torch.Tensor
 
 
-# The settings layer_sensitivity takes (see CalibrationSettings).
-SENSITIVITY_SETTINGS = ("hard_quantile", "easy_quantile", "delta", "tokens_per_forward", "progress")
-
-
-def layer_sensitivity(model: nn.Module, batches, token_losses: Callable, **settings) -> LayerSensitivity:
+def layer_sensitivity(
+    model: nn.Module, batches, token_losses: Callable, settings: CalibrationSettings = DEFAULT_SETTINGS
+) -> LayerSensitivity:
     """Per MoE layer ``l``: scale its whole block output (shared expert included) by ``1 - delta``
     and measure the mean loss increase over the hard tokens (``l_t > quantile(l, hard_quantile)``)
     and the easy ones (``l_t < quantile(l, easy_quantile)``), clean losses taken over all
@@ -48,11 +46,11 @@ def layer_sensitivity(model: nn.Module, batches, token_losses: Callable, **setti
         batches: an iterable of batches (one tensor or dict is one batch), see :mod:`moe_kernels.cor`.
         token_losses: ``token_losses(model, batch) -> (N,)`` per-token losses, a fixed number per
             sequence, sequence-major, NaN for tokens without a loss.
-        settings: ``hard_quantile``, ``easy_quantile``, ``delta``, ``tokens_per_forward``,
-            ``progress`` (:class:`~moe_kernels.cor.CalibrationSettings`, with their defaults).
+        settings: a :class:`~moe_kernels.cor.CalibrationSettings`, of which ``hard_quantile``,
+            ``easy_quantile``, ``delta``, ``tokens_per_forward`` and ``progress`` are read.
     """
     op = "layer_sensitivity"
-    settings = CalibrationSettings.of(op, settings, SENSITIVITY_SETTINGS)
+    settings = checked_settings(op, settings)
     return sensitivity_from_clean(calibration_run(op, model, batches, token_losses, settings))
 
 

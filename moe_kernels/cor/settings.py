@@ -1,59 +1,56 @@
-"""The keyword settings every CoR entry point takes (:func:`~moe_kernels.cor.calibrate`,
+"""The settings every CoR entry point takes (:func:`~moe_kernels.cor.calibrate`,
 :func:`~moe_kernels.cor.layer_sensitivity`, :func:`~moe_kernels.cor.expert_impact`,
-:func:`~moe_kernels.cor.evaluate_counterfactual_routing`): their names, defaults and checks in
-one place."""
+:func:`~moe_kernels.cor.evaluate_counterfactual_routing`) as one validated value, passed as their
+``settings`` argument: the names, defaults and checks in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from dataclasses import dataclass
 
-from moe_kernels.config import is_finite_number
+from moe_kernels.config import is_finite_number, is_int
 from moe_kernels.cor.losses import check_quantiles
 
 
-class CalibrationSettings(NamedTuple):
-    """The CoR settings, with their defaults.
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The CoR settings, with their defaults (each entry point reads the ones it uses).
 
-    ``total_k``: the activation budget (None: the model's own total); ``strength``: the prior's
-    weight lambda; ``hard_quantile`` / ``easy_quantile``: hard tokens above ``quantile(l,
-    hard_quantile)``, easy ones below ``quantile(l, easy_quantile)``, both in (0, 1), easy <=
-    hard; ``delta``: the output scaling ``1 - delta`` of :func:`layer_sensitivity`, in (0, 1];
-    ``tokens_per_forward``: the most tokens (routed rows) one what-if forward holds (at least one
-    sequence copy); ``progress``: show progress bars (stderr).
-
-    A function that does not use a setting holds None there (see :meth:`of`)."""
+    ``total_k``: the activation budget (None: the model's own total; :func:`calibrate` checks it
+    against the model); ``strength``: the prior's weight lambda; ``hard_quantile`` /
+    ``easy_quantile``: hard tokens above ``quantile(l, hard_quantile)``, easy ones below
+    ``quantile(l, easy_quantile)``, both in (0, 1), easy <= hard; ``delta``: the output scaling
+    ``1 - delta`` of :func:`layer_sensitivity`, in (0, 1]; ``tokens_per_forward``: the most tokens
+    (routed rows) one what-if forward holds (at least one sequence copy); ``progress``: show
+    progress bars (stderr). ``TypeError`` / ``ValueError`` naming the setting on construction."""
 
     total_k: int | None = None
-    strength: float | None = 0.1
+    strength: float = 0.1
     hard_quantile: float = 0.7
-    easy_quantile: float | None = 0.3
-    delta: float | None = 0.2
+    easy_quantile: float = 0.3
+    delta: float = 0.2
     tokens_per_forward: int = 4096
     progress: bool = False
 
-    @classmethod
-    def of(cls, op: str, keywords: dict, names: Iterable[str] | None = None) -> CalibrationSettings:
-        """The settings ``keywords`` give (the others at their defaults), checked; ``names``: the
-        settings ``op`` takes (default all), the others None. ``TypeError`` naming ``op`` for a
-        keyword that is not one of them, ``ValueError`` for a value out of range."""
-        names = cls._fields if names is None else tuple(names)
-        unknown = sorted(set(keywords) - set(names))
-        if unknown:
-            raise TypeError(f"{op}: unexpected keyword argument(s) {unknown}; the settings are {list(names)}")
-        unused = {name: None for name in cls._fields if name not in names}
-        settings = cls(**{**unused, **keywords})
-        settings.check(op)
-        return settings
+    def __post_init__(self):
+        owner = "CalibrationSettings"
+        if self.total_k is not None and (not is_int(self.total_k) or self.total_k < 1):
+            raise ValueError(f"{owner}: total_k must be None or a positive int, got {self.total_k!r}")
+        if not is_finite_number(self.strength):
+            raise ValueError(f"{owner}: strength must be a finite number, got {self.strength!r}")
+        check_quantiles(owner, self.hard_quantile, self.easy_quantile)
+        if not is_finite_number(self.delta) or not 0 < self.delta <= 1:
+            raise ValueError(f"{owner}: delta must be a number in (0, 1], got {self.delta!r}")
+        if not is_int(self.tokens_per_forward) or self.tokens_per_forward < 1:
+            raise ValueError(f"{owner}: tokens_per_forward must be a positive int, got {self.tokens_per_forward!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"{owner}: progress must be a bool, got {type(self.progress).__name__}")
 
-    def check(self, op: str) -> None:
-        """``ValueError`` naming ``op`` for a setting out of range (None: not used, not checked;
-        ``total_k`` is checked against the model by :func:`calibrate`)."""
-        if self.strength is not None and not is_finite_number(self.strength):
-            raise ValueError(f"{op}: strength must be a finite number, got {self.strength!r}")
-        check_quantiles(op, self.hard_quantile, self.easy_quantile)
-        if self.delta is not None and (not is_finite_number(self.delta) or not 0 < self.delta <= 1):
-            raise ValueError(f"{op}: delta must be a number in (0, 1], got {self.delta!r}")
-        tokens = self.tokens_per_forward
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"{op}: tokens_per_forward must be a positive int, got {tokens!r}")
+
+DEFAULT_SETTINGS = CalibrationSettings()
+
+
+def checked_settings(op: str, settings) -> CalibrationSettings:
+    """``settings`` itself, or a ``TypeError`` naming ``op`` unless it is a :class:`CalibrationSettings`."""
+    if not isinstance(settings, CalibrationSettings):
+        raise TypeError(f"{op}: settings must be a moe_kernels.cor.CalibrationSettings, got {type(settings).__name__}")
+    return settings

@@ -60,7 +60,7 @@ def dynamics_stage(ctx: DemoContext) -> StageResult:
                     threads=None,
                 )
             )
-            bar.update(experts=experts)
+            bar.update(status={"experts": experts})
     stage.tables.append(threshold_table(sweeps))
     stage.numbers = {
         "lm_routers": layers,

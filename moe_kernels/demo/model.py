@@ -161,7 +161,7 @@ def train(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            bar.update(loss=losses[-1])
+            bar.update(status={"loss": losses[-1]})
     model.eval()
     return Training(losses, time.perf_counter() - start, len(batches))
 

@@ -59,9 +59,8 @@ def cor_method(ctx: DemoContext, held_out: dict) -> dict:
     model = ctx.trained_model()
     calibration = ctx.train_batches(ctx.corpus.prose_calibration, CALIBRATION_BATCHES[ctx.mode], seed_offset=4)
     start = time.perf_counter()
-    result = cor.evaluate_counterfactual_routing(
-        model, calibration, held_out["prose"], token_losses, strength=COR_STRENGTH
-    )
+    settings = cor.CalibrationSettings(strength=COR_STRENGTH)
+    result = cor.evaluate_counterfactual_routing(model, calibration, held_out["prose"], token_losses, settings=settings)
     seconds = time.perf_counter() - start
     static_tokens = torch.cat([token_losses(model, batch) for batch in held_out["prose"]])
     cor.apply_counterfactual_routing(model, result.plan)

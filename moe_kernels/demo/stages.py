@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import io
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from moe_kernels import validation
+from moe_kernels.bench_index import load_benchmark
 from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.report import StageResult, markdown_table
 from moe_kernels.progress import Progress
@@ -64,13 +63,6 @@ def microbenchmark_stage(ctx: DemoContext) -> StageResult:
     """Each benchmark's quick run (``moe-kernels bench --op NAME --quick``), its CSV and plot written
     under ``out/bench``; the report lists the moe_kernels rows with their speedups."""
     stage = StageResult("microbenchmarks", "Microbenchmarks of the fused ops against their baselines")
-    repo_root = Path(__file__).resolve().parents[2]
-    if not (repo_root / "benchmarks" / "common.py").is_file():
-        raise RuntimeError("the benchmarks/ folder ships with the source tree; run the demo from a checkout")
-    from moe_kernels.cli import BENCHMARKS
-
-    if str(repo_root) not in sys.path:
-        sys.path.insert(0, str(repo_root))
     bench_dir = ctx.out / "bench"
     shutil.rmtree(bench_dir, ignore_errors=True)
     names = QUICK_BENCHMARKS if ctx.quick else FULL_BENCHMARKS
@@ -80,12 +72,12 @@ def microbenchmark_stage(ctx: DemoContext) -> StageResult:
     try:
         with Progress(len(names), "benchmarks") as bar:
             for name in names:
-                module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+                module = load_benchmark(name)
                 with contextlib.redirect_stdout(log):
                     status = module.main(["--quick", "--device", ctx.device.type])
                 if status:
                     raise RuntimeError(f"benchmark {name} exited with {status}")
-                bar.update(op=name)
+                bar.update(status={"op": name})
     finally:
         if previous is None:
             os.environ.pop("MOE_KERNELS_RESULTS_DIR", None)

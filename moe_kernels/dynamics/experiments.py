@@ -15,7 +15,7 @@ from moe_kernels.dynamics.theory import fixed_points
 class SweepSettings(NamedTuple):
     """How a slow sweep runs: ``steps_per_point`` steps at each point, ``replicas`` chains swept
     together, score step ``eps`` (as for :func:`simulate`), point ``i`` seeded ``seed + i``, on
-    ``device``. The keywords of :func:`adiabatic_sweep` and the sweep plots, with their defaults."""
+    ``device``. The ``settings`` of :func:`adiabatic_sweep` and the sweep plots."""
 
     steps_per_point: int = 4000
     replicas: int = 32
@@ -26,8 +26,8 @@ class SweepSettings(NamedTuple):
 
 class ChainSettings(NamedTuple):
     """How :func:`relaxation_times` runs its chains: ``replicas`` per point, score step ``eps``,
-    ``seed``, on ``device`` (as for :func:`simulate`). Its keywords and those of
-    :func:`~moe_kernels.dynamics.plot_critical_slowing`, with their defaults."""
+    ``seed``, on ``device`` (as for :func:`simulate`). The ``settings`` of
+    :func:`relaxation_times` and :func:`~moe_kernels.dynamics.plot_critical_slowing`."""
 
     replicas: int = 512
     eps: float = 0.01
@@ -35,17 +35,25 @@ class ChainSettings(NamedTuple):
     device: torch.device | str | None = None
 
 
-def settings_of(kind: type, name: str, keywords: dict):
-    """``kind(**keywords)`` (a settings NamedTuple, the others at their defaults); ``TypeError``
-    naming ``name`` for a keyword that is not one of its fields."""
-    unknown = sorted(set(keywords) - set(kind._fields))
-    if unknown:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the settings are {list(kind._fields)}")
-    return kind(**keywords)
+DEFAULT_SWEEP = SweepSettings()
+DEFAULT_CHAINS = ChainSettings()
+
+
+def checked_settings(op: str, settings, kind: type):
+    """``settings`` itself, or a ``TypeError`` naming ``op`` unless it is a ``kind`` (a settings
+    record of this module)."""
+    if not isinstance(settings, kind):
+        raise TypeError(f"{op}: settings must be a moe_kernels.dynamics.{kind.__name__}, got {type(settings).__name__}")
+    return settings
 
 
 def adiabatic_sweep(
-    feedback, asymmetry=0.0, *, num_experts: int = 2, initial_scores: torch.Tensor | None = None, **settings
+    feedback,
+    asymmetry=0.0,
+    *,
+    num_experts: int = 2,
+    initial_scores: torch.Tensor | None = None,
+    settings: SweepSettings = DEFAULT_SWEEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visit parameter points in order, each run starting from the previous point's final scores
     (a slow sweep, as in a hysteresis experiment).
@@ -55,14 +63,13 @@ def adiabatic_sweep(
             number is held fixed); the ``i``-th point is ``(feedback[i], asymmetry[i])``.
         num_experts: as for :func:`simulate`.
         initial_scores: scores at the first point, broadcastable to ``(R, E)``; default ``1/E``.
-        settings: ``steps_per_point``, ``replicas`` (``R`` chains), ``eps``, ``seed``, ``device``
-            (:class:`SweepSettings`, with their defaults).
+        settings: a :class:`SweepSettings` (``R = settings.replicas`` chains).
 
     Returns:
         ``(load (n, R, E), scores (R, E))``: each point's selection fractions over the last half
         of its steps, and the final scores (to continue the sweep).
     """
-    sweep = settings_of(SweepSettings, "adiabatic_sweep", settings)
+    sweep = checked_settings("adiabatic_sweep", settings, SweepSettings)
     feedbacks = torch.as_tensor(feedback, dtype=torch.float32).reshape(-1)
     asymmetries = torch.as_tensor(asymmetry, dtype=torch.float32).reshape(-1)
     points = max(len(feedbacks), len(asymmetries))
@@ -95,15 +102,17 @@ def sweep_up_and_down(
     load_down (n, R, E))``, ``load_down`` in the reversed order."""
     feedbacks, asymmetries = torch.as_tensor(feedback).reshape(-1), torch.as_tensor(asymmetry).reshape(-1)
     points = max(len(feedbacks), len(asymmetries))
-    load_up, scores = adiabatic_sweep(feedbacks, asymmetries, num_experts=num_experts, **settings._asdict())
-    back = settings._replace(seed=settings.seed + points)._asdict()
+    load_up, scores = adiabatic_sweep(feedbacks, asymmetries, num_experts=num_experts, settings=settings)
+    back = settings._replace(seed=settings.seed + points)
     load_down, _ = adiabatic_sweep(
-        feedbacks.flip(0), asymmetries.flip(0), num_experts=num_experts, initial_scores=scores, **back
+        feedbacks.flip(0), asymmetries.flip(0), num_experts=num_experts, initial_scores=scores, settings=back
     )
     return load_up, load_down
 
 
-def relaxation_times(feedbacks, *, perturbation: float = 0.1, max_time: float = 30.0, **settings) -> torch.Tensor:
+def relaxation_times(
+    feedbacks, *, perturbation: float = 0.1, max_time: float = 30.0, settings: ChainSettings = DEFAULT_CHAINS
+) -> torch.Tensor:
     """Measured relaxation time of two experts (``h = 0``) at each ``K``, in units of ``tau =
     eps * steps``, to compare with :func:`moe_kernels.dynamics.theory.relaxation_time`.
 
@@ -113,13 +122,12 @@ def relaxation_times(feedbacks, *, perturbation: float = 0.1, max_time: float = 
     ``delta / e`` (``inf`` if not within ``max_time``). Averaging the signed deviation over many
     replicas cancels the noise, leaving the mean-field decay. Close to ``K = 2`` from above the
     two wells are shallow and chains hop between them, so points there come out too long or
-    ``inf``. ``settings``: ``replicas``, ``eps``, ``seed``, ``device`` (:class:`ChainSettings`,
-    with their defaults).
+    ``inf``. ``settings``: a :class:`ChainSettings`.
 
     Returns:
         ``(P,)`` float64 times on the CPU.
     """
-    chains = settings_of(ChainSettings, "relaxation_times", settings)
+    chains = checked_settings("relaxation_times", settings, ChainSettings)
     eps = chains.eps
     values = [float(k) for k in torch.as_tensor(feedbacks).reshape(-1).tolist()]
     targets, deltas, starts = [], [], []

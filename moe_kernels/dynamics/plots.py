@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from moe_kernels.dynamics.experiments import (
+    DEFAULT_CHAINS,
+    DEFAULT_SWEEP,
     ChainSettings,
     SweepSettings,
+    checked_settings,
     relaxation_times,
-    settings_of,
     sweep_up_and_down,
 )
 from moe_kernels.dynamics.simulate import simulate
@@ -108,12 +110,19 @@ def plot_bifurcation(
     )
 
 
-def plot_hysteresis(path, *, feedback: float = 3.0, asymmetry_max: float = 1.0, points: int = 41, **settings) -> Path:
+def plot_hysteresis(
+    path,
+    *,
+    feedback: float = 3.0,
+    asymmetry_max: float = 1.0,
+    points: int = 41,
+    settings: SweepSettings = DEFAULT_SWEEP,
+) -> Path:
     """Mean load of expert 0 while ``h`` is swept slowly up from ``-asymmetry_max`` to
     ``+asymmetry_max`` in ``points`` points and back down at fixed ``feedback > 2``
-    (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`), with the theory's branches
+    (:func:`sweep_up_and_down`; ``settings``: a :class:`SweepSettings`), with the theory's branches
     and folds."""
-    sweep = settings_of(SweepSettings, "plot_hysteresis", settings)
+    sweep = checked_settings("plot_hysteresis", settings, SweepSettings)
     up = torch.linspace(-asymmetry_max, asymmetry_max, points)
     load_up, load_down = sweep_up_and_down(feedback, up, settings=sweep)
     fig, ax = new_figure()
@@ -140,15 +149,15 @@ def plot_hysteresis(path, *, feedback: float = 3.0, asymmetry_max: float = 1.0, 
     )
 
 
-def plot_critical_slowing(path, *, feedbacks=None, **settings) -> Path:
+def plot_critical_slowing(path, *, feedbacks=None, settings: ChainSettings = DEFAULT_CHAINS) -> Path:
     """Relaxation time against ``K`` for two experts (``h = 0``): :func:`relaxation_times`
-    (dots; ``settings``: :class:`ChainSettings`) and the theory ``1 / |f'(x*)|``, which diverges
+    (dots; ``settings``: a :class:`ChainSettings`) and the theory ``1 / |f'(x*)|``, which diverges
     at ``K_c = 2``."""
-    chains = settings_of(ChainSettings, "plot_critical_slowing", settings)
+    chains = checked_settings("plot_critical_slowing", settings, ChainSettings)
     if feedbacks is None:
         feedbacks = [1.0, 1.3, 1.5, 1.65, 1.75, 1.85, 2.3, 2.45, 2.6, 2.8, 3.0, 3.5]
     feedbacks = [float(k) for k in feedbacks]
-    measured = relaxation_times(feedbacks, **chains._asdict())
+    measured = relaxation_times(feedbacks, settings=chains)
     fig, ax = new_figure()
     grid = [k for k in torch.linspace(min(feedbacks), max(feedbacks), 400).tolist() if abs(k - 2) > 0.02]
     theory = [relaxation_time(k) for k in grid]
@@ -169,12 +178,12 @@ def plot_critical_slowing(path, *, feedbacks=None, **settings) -> Path:
     )
 
 
-def plot_collapse(path, *, num_experts: int = 4, feedbacks=None, **settings) -> Path:
+def plot_collapse(path, *, num_experts: int = 4, feedbacks=None, settings: SweepSettings = DEFAULT_SWEEP) -> Path:
     """The E-expert collapse: mean winner load while ``K`` is swept slowly up from uniform
-    scores and back down (:func:`sweep_up_and_down`; ``settings``: :class:`SweepSettings`),
+    scores and back down (:func:`sweep_up_and_down`; ``settings``: a :class:`SweepSettings`),
     against the theory (uniform state stable below ``E``, one-winner branch from
     :func:`fold_feedback` on); the window between them is shaded."""
-    sweep = settings_of(SweepSettings, "plot_collapse", settings)
+    sweep = checked_settings("plot_collapse", settings, SweepSettings)
     critical, fold = critical_feedback(num_experts), fold_feedback(num_experts)
     if feedbacks is None:
         feedbacks = torch.linspace(max(0.5, fold - 1.5), critical + 1.5, 31)
@@ -213,9 +222,9 @@ def draw_all(out_dir, *, device=None) -> list[Path]:
     out_dir = Path(out_dir)
     return [
         plot_bifurcation(out_dir / "bifurcation.png", device=device),
-        plot_hysteresis(out_dir / "hysteresis.png", device=device),
-        plot_critical_slowing(out_dir / "critical_slowing.png", device=device),
-        plot_collapse(out_dir / "collapse.png", device=device),
+        plot_hysteresis(out_dir / "hysteresis.png", settings=SweepSettings(device=device)),
+        plot_critical_slowing(out_dir / "critical_slowing.png", settings=ChainSettings(device=device)),
+        plot_collapse(out_dir / "collapse.png", settings=SweepSettings(device=device)),
     ]
 
 

@@ -104,19 +104,27 @@ def _tuned_meta(device_name, kernel, dtype, rows, n_cols, k_dim) -> dict:
 
 
 @contextlib.contextmanager
-def pinned_config(**meta):
-    """Within the block, every launch uses ``meta`` over the heuristic configuration.
-
-    Keys: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (forward), ``BLOCK_K_OUT`` (weight gradient's
-    output tile along K; defaults to the pinned ``BLOCK_K``), ``GROUP_M``, ``BLOCK_G`` (group ends
-    scanned per step), ``num_warps``, ``num_stages``. Block sizes are powers of two, at least 16
-    for the ``tl.dot`` dims (``BLOCK_G`` and ``GROUP_M`` at least 1). Nests (inner keys win).
+def pinned_config(
+    *,
+    BLOCK_M: int | None = None,
+    BLOCK_N: int | None = None,
+    BLOCK_K: int | None = None,
+    BLOCK_K_OUT: int | None = None,
+    GROUP_M: int | None = None,
+    BLOCK_G: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
+    """Within the block, every launch uses the given values (those not None) over the heuristic
+    configuration: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (forward), ``BLOCK_K_OUT`` (weight
+    gradient's output tile along K; defaults to the pinned ``BLOCK_K``), ``GROUP_M``, ``BLOCK_G``
+    (group ends scanned per step), ``num_warps``, ``num_stages``. Block sizes are powers of two, at
+    least 16 for the ``tl.dot`` dims (``BLOCK_G`` and ``GROUP_M`` at least 1). Nests (inner keys win).
     """
     global _PINNED_CONFIG
-    allowed = set(_FORWARD_KEYS) | set(_WEIGHT_GRAD_KEYS)
-    unknown = sorted(set(meta) - allowed)
-    if unknown:
-        raise ValueError(f"pinned_config: unknown keys {unknown}; expected some of {sorted(allowed)}")
+    given = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_K_OUT=BLOCK_K_OUT, GROUP_M=GROUP_M)
+    given.update(BLOCK_G=BLOCK_G, num_warps=num_warps, num_stages=num_stages)
+    meta = {key: value for key, value in given.items() if value is not None}
     for key, value in meta.items():
         if key in ("num_warps", "num_stages", "GROUP_M"):
             continue

@@ -4,6 +4,7 @@ the model's routing and with its renormalisation flipped."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, kernel_case, pointer, register_kernel
@@ -40,7 +41,7 @@ def routing_problems() -> Iterator[tuple]:
         for num_tokens in ROUTING_TOKENS:
             for dtype in TRITON_DTYPES:
                 for renormalize in (False, True):
-                    yield shape, num_tokens, dtype, shape.routing.replace(renormalize=renormalize)
+                    yield shape, num_tokens, dtype, dataclasses.replace(shape.routing, renormalize=renormalize)
 
 
 @register_kernel("softmax_topk_fwd")

@@ -10,11 +10,11 @@ from torch import nn
 
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from moe_kernels.functional import fused_experts
-from moe_kernels.integrations.transformers._common import (
-    _BACKEND,
+from moe_kernels.integrations.transformers.common import (
+    BACKEND,
     EXPERTS_IMPLEMENTATION,
-    _layout_message,
-    _require_transformers,
+    layout_message,
+    require_transformers,
 )
 
 _warned_fallback: set[str] = set()
@@ -49,7 +49,7 @@ def _gpt_oss_apply_gate():
     return GptOssExperts.__dict__.get("_apply_gate")
 
 
-def _experts_activation(experts: nn.Module) -> str | None:
+def experts_activation(experts: nn.Module) -> str | None:
     """The ``fused_experts`` activation of an HF v5 experts module, or None when the op cannot
     compute it (no gate, a post-expert norm, an unknown activation or custom ``_apply_gate``,
     GPT-OSS with another clamp limit or alpha, or not the fused 3D layout)."""
@@ -109,11 +109,11 @@ def moe_kernels_experts_forward(
     # (a decode step calls this once per layer; the lookup imports and inspects transformers).
     # Under torch.compile the module's __dict__ is left alone (dynamo refuses its mutation).
     if torch.compiler.is_compiling():
-        activation = _experts_activation(self)
+        activation = experts_activation(self)
     else:
         activation = self.__dict__.get(_ACTIVATION, _UNSET)
         if activation is _UNSET:
-            activation = self.__dict__[_ACTIVATION] = _experts_activation(self)
+            activation = self.__dict__[_ACTIVATION] = experts_activation(self)
     if activation is None:
         name = type(self).__name__
         if name not in _warned_fallback:
@@ -126,7 +126,7 @@ def moe_kernels_experts_forward(
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    backend = self.__dict__.get(_BACKEND, "auto")
+    backend = self.__dict__.get(BACKEND, "auto")
     return _run_fused_experts(self, hidden_states, top_k_index, top_k_weights, activation, backend)
 
 
@@ -135,10 +135,10 @@ def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> str:
     ``name`` (idempotent; global to the process, as every ``ExpertsInterface.register``), so that
     ``experts_implementation=name`` is accepted by ``from_pretrained`` / ``from_config`` /
     ``set_experts_implementation``. Returns ``name``."""
-    _require_transformers()
+    require_transformers()
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as error:
-        raise ImportError(_layout_message("this transformers has no ExpertsInterface")) from error
+        raise ImportError(layout_message("this transformers has no ExpertsInterface")) from error
     ExpertsInterface.register(name, moe_kernels_experts_forward)
     return name

@@ -10,7 +10,7 @@ from torch import nn
 
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import softmax_topk
-from moe_kernels.integrations.transformers._common import _BACKEND, _ROUTING
+from moe_kernels.integrations.transformers.common import BACKEND, ROUTING
 from moe_kernels.routing_override import resolve_selection
 
 
@@ -19,22 +19,22 @@ def _route(router, logits, bias=None):
     return softmax_topk(
         logits,
         k,
-        routing=router.__dict__[_ROUTING],
+        routing=router.__dict__[ROUTING],
         bias=bias,
-        backend=router.__dict__.get(_BACKEND, "auto"),
+        backend=router.__dict__.get(BACKEND, "auto"),
     )
 
 
 def routing_config(router: nn.Module) -> RoutingConfig:
     """The :class:`~moe_kernels.RoutingConfig` a router patched by :func:`apply_moe_kernels` routes
     with (its family's formula from its config, or the ``routing`` given to the patch)."""
-    routing = router.__dict__.get(_ROUTING)
+    routing = router.__dict__.get(ROUTING)
     if routing is None:
         raise ValueError(f"routing_config: {type(router).__name__} is not a router patched by apply_moe_kernels")
     return routing
 
 
-def _mixtral_router_forward(self, hidden_states):
+def mixtral_router_forward(self, hidden_states):
     """Mixtral: softmax in float32, top-k, renormalised; float32 weights (HF keeps them so)."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
@@ -42,7 +42,7 @@ def _mixtral_router_forward(self, hidden_states):
     return router_logits, weights, ids.long()
 
 
-def _softmax_router_forward(self, hidden_states):
+def softmax_router_forward(self, hidden_states):
     """Qwen2-MoE, Qwen3-MoE, OLMoE: softmax in float32, top-k, renormalised if
     ``norm_topk_prob``; weights cast to the logits' dtype, as HF does."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
@@ -51,7 +51,7 @@ def _softmax_router_forward(self, hidden_states):
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
-def _deepseek_v3_router_forward(self, hidden_states):
+def deepseek_v3_router_forward(self, hidden_states):
     """DeepSeek-V3 (noaux_tc): float32 logits, sigmoid, selection-only correction bias, group
     top-2-sum masking, top-k, optional renormalisation (+1e-20), routed scaling; float32 weights."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
@@ -60,7 +60,7 @@ def _deepseek_v3_router_forward(self, hidden_states):
     return router_logits, weights, ids.long()
 
 
-def _gpt_oss_router_forward(self, hidden_states):
+def gpt_oss_router_forward(self, hidden_states):
     """GPT-OSS: logits with the router bias, top-k on the logits, softmax over the k values (=
     the renormalised full softmax); weights cast to the logits' dtype, as HF's softmax has them."""
     router_logits = F.linear(hidden_states, self.weight, self.bias)
@@ -68,15 +68,15 @@ def _gpt_oss_router_forward(self, hidden_states):
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
-def _renormalized_routing(router) -> RoutingConfig:
+def renormalized_routing(router) -> RoutingConfig:
     return RoutingConfig.renormalize()
 
 
-def _softmax_routing(router) -> RoutingConfig:
+def softmax_routing(router) -> RoutingConfig:
     return RoutingConfig(renormalize=bool(router.norm_topk_prob))
 
 
-def _deepseek_v3_routing(router) -> RoutingConfig:
+def deepseek_v3_routing(router) -> RoutingConfig:
     num_groups, topk_groups = router.num_group, router.topk_group
     if not num_groups or num_groups <= 1 or topk_groups is None or topk_groups >= num_groups:
         num_groups = topk_groups = None  # every group kept: no masking

@@ -16,16 +16,16 @@ EXPERTS_IMPLEMENTATION = "moe_kernels"
 # Per patched module, in its __dict__: which attribute was replaced and what it held before
 # (None: nothing, the class's forward showed through), the backend its forward runs, and (routers)
 # the RoutingConfig it routes with.
-_SAVED = "_moe_kernels_saved_forward"
-_BACKEND = "_moe_kernels_backend"
-_ROUTING = "_moe_kernels_routing"
+SAVED = "_moe_kernels_saved_forward"
+BACKEND = "_moe_kernels_backend"
+ROUTING = "_moe_kernels_routing"
 
 
 # ---------------------------------------------------------------------------------------------
 # transformers version
 
 
-def _require_transformers():
+def require_transformers():
     """Import transformers, or raise an ImportError naming the version needed."""
     need = f"transformers>={MIN_TRANSFORMERS_VERSION}"
     try:
@@ -38,11 +38,11 @@ def _require_transformers():
     match = re.match(r"(\d+)\.(\d+)", version)
     found = tuple(int(part) for part in match.groups()) if match else (0, 0)
     if found < tuple(int(part) for part in MIN_TRANSFORMERS_VERSION.split(".")):
-        raise ImportError(_layout_message(f"found transformers {version}"))
+        raise ImportError(layout_message(f"found transformers {version}"))
     return transformers
 
 
-def _layout_message(found: str) -> str:
+def layout_message(found: str) -> str:
     return (
         f"moe_kernels.integrations.transformers needs transformers>={MIN_TRANSFORMERS_VERSION}, whose MoE experts "
         f"are fused modules (gate_up_proj (E, 2I, H) / down_proj (E, H, I) parameters) routed by a router module "
