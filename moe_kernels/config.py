@@ -26,6 +26,8 @@ from typing import ClassVar
 import torch
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+# Added to the sum of the k weights a renormalised routing divides by (as DeepSeek-V3 does).
+RENORM_EPS = 1e-20
 GROUP_SCORES = ("top2_sum", "max")
 KNN_WEIGHTINGS = ("similarity", "softmax")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_kernels.activations import gated_activation
 from moe_kernels.balance import LoadTracking
 from moe_kernels.config import RoutingConfig, resolve_routing
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
-from moe_kernels.reference.experts import gated_activation
 from moe_kernels.routing_override import resolve_selection
 
 

@@ -17,6 +17,22 @@ _poison_outputs = False
 _warned_fallback: set[str] = set()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes in for inputs of ``dtype``: float64 stays float64 (the PyTorch
+    path's gradcheck); every other float dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def slot_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``(T*k,)`` int64 on ids' device: the expert of each slot ``t * k + j`` of ``ids (T, k)``,
+    ``E`` for an empty (-1) or out-of-range slot, so that a stable sort of it (``torch.argsort(key,
+    stable=True)``) groups the slots by expert in token order, the empty ones last. Every path that
+    groups slots by expert (the alignment and the counts, the CPU experts, expert parallelism)
+    keys them so; no host sync."""
+    flat = ids.reshape(-1).long()
+    return torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

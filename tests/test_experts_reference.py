@@ -36,10 +36,8 @@ from strategies import examples, generator, lay_out, layouts, reference_dtypes, 
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.reference import experts as experts_ref
+from moe_kernels.config import ACTIVATIONS
 from moe_kernels.testing import assert_close
-
-ACTIVATIONS = experts_ref.ACTIVATIONS
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.activations import gated_activation, gated_activation_backward
 from moe_kernels.config import Activation
 from moe_kernels.cpu import experts_small
-from moe_kernels.cpu.experts_small import activate as _activate
 from moe_kernels.reference import experts as reference
-from moe_kernels.utils import new_output
+from moe_kernels.utils import new_output, slot_experts
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows (slots) per block of experts in fused_experts' forward: about 7 MB of float32
@@ -113,8 +113,7 @@ def grouped_mm_backward(
 def _routing(ids: torch.Tensor, num_experts: int):
     """``(slots (n,), tokens (n,), experts (n,) int64, offsets (E,) int32)``: the non-empty slots
     of ``ids (T, k)`` sorted by expert (stable), as the reference's ``_sorted_slots``."""
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat < 0, num_experts, flat)  # empty slots sort last
+    key = slot_experts(ids, num_experts)
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1)
     offsets = counts[:num_experts].cumsum(0).to(torch.int32)
@@ -202,7 +201,7 @@ def fused_experts_forward(
             saved[rows] = h
         # The routing weight scales the activation rows (I wide) before the down projection, not
         # its H-wide output: one pass over fewer bytes.
-        y = _grouped(_activate(h, activation).mul_(slot_weights[rows]), w2[e0:e1], block_offsets)
+        y = _grouped(gated_activation(h, activation).mul_(slot_weights[rows]), w2[e0:e1], block_offsets)
         if down_bias is not None:
             y += down_bias[experts[rows]] * slot_weights[rows]
         out.index_add_(0, tokens[rows], y)
@@ -258,7 +257,7 @@ def fused_experts_backward(
             x, pre = hidden[block_tokens], h[rows]
         else:
             x, pre = _pre_activation(hidden, w1[e0:e1], gate_up_bias, block_tokens, block_experts, block_offsets)
-        act = _activate(pre, activation)
+        act = gated_activation(pre, activation)
         grad_rows = grad_out.to(hidden.dtype)[block_tokens]  # fresh and contiguous, whatever its strides
         # The gradient through the down projection before the routing weight: the weight's
         # gradient is its dot product with the activation (plus the bias term), the activation's
@@ -269,7 +268,7 @@ def fused_experts_backward(
             grad_slot += (grad_rows * down_bias[block_experts]).sum(-1)
             grad_down_bias.index_add_(0, block_experts, grad_rows * slot_weights)
         grad_weights[slots[rows]] = grad_slot.to(weights.dtype)
-        grad_h = reference.gated_activation_backward(grad_act, pre, activation).mul_(slot_weights)
+        grad_h = gated_activation_backward(grad_act, pre, activation).mul_(slot_weights)
         if grad_gate_up_bias is not None:
             grad_gate_up_bias.index_add_(0, block_experts, grad_h)
         grad_hidden.index_add_(0, block_tokens, _grouped(grad_h, gate_up_proj[e0:e1], block_offsets))

@@ -14,9 +14,9 @@ instead). Same function and dtype rules as :mod:`moe_kernels.cpu.experts` (float
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from moe_kernels.reference import experts as reference
+from moe_kernels.activations import gated_activation, gated_activation_backward
+from moe_kernels.utils import slot_experts
 
 # Slots and gathered weight bytes up to which this path runs.
 MAX_SLOTS = 64
@@ -49,20 +49,12 @@ def _rows(hidden, gate_up_proj, down_proj, experts, activation, gate_up_bias, do
     h = torch.bmm(up, x.unsqueeze(-1)).squeeze(-1)
     if gate_up_bias is not None:
         h += gate_up_bias[experts]
-    act = activate(h, activation)
+    act = gated_activation(h, activation)
     down = down_proj[experts]  # (n, H, I)
     y = torch.bmm(down, act.unsqueeze(-1)).squeeze(-1)
     if down_bias is not None:
         y += down_bias[experts]
     return x, up, h, act, down, y
-
-
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act (n, I)`` of ``h (n, 2I)``: the reference's gated activation, SwiGLU in place."""
-    if activation == "silu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-    return reference.gated_activation(h, activation)
 
 
 def forward(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h):
@@ -80,11 +72,12 @@ def forward(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_b
     if not save_h:
         return out, hidden.new_empty((0, width))
     # The saved rows' layout: non-empty slots sorted by expert (stable), then zero rows.
-    key = experts if empty is None else torch.where(empty, gate_up_proj.shape[0], experts)
+    num_experts = gate_up_proj.shape[0]
+    key = slot_experts(ids, num_experts)
     order = torch.argsort(key, stable=True)
     saved = h[order]
     if empty is not None:
-        saved[key[order] == gate_up_proj.shape[0]] = 0.0
+        saved[key[order] == num_experts] = 0.0
     return out, saved
 
 
@@ -103,7 +96,7 @@ def backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation
         grad_weights = torch.where(empty, 0.0, grad_weights)
     grad_y = grad_rows * slot_weights[:, None]
     grad_act = torch.bmm(down.transpose(1, 2), grad_y.unsqueeze(-1)).squeeze(-1)  # (n, I)
-    grad_h = reference.gated_activation_backward(grad_act, h, activation)
+    grad_h = gated_activation_backward(grad_act, h, activation)
     grad_x = torch.bmm(up.transpose(1, 2), grad_h.unsqueeze(-1)).squeeze(-1)  # (n, H)
     grad_hidden = grad_x.view(num_tokens, k, hidden_size).sum(1)
     # Weight gradients: each slot's outer product, added into its expert (empty slots add 0).

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
-from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import compute_dtype
 
 # Gathered rows (T * n) above which the memory rows are summed by embedding_bag.
 EMBEDDING_BAG_MIN_ROWS = 64

@@ -32,8 +32,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.reference import probmoe as reference
-from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import new_output
+from moe_kernels.utils import compute_dtype, new_output
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import RoutingConfig
+from moe_kernels.config import RENORM_EPS, RoutingConfig
 from moe_kernels.cpu import select
 from moe_kernels.reference import routing as reference
-from moe_kernels.reference.routing import RENORM_EPS, compute_dtype
+from moe_kernels.utils import compute_dtype
 
 NEG_INF = float("-inf")
 # Groups (T * G) from which DeepSeek's top-2 group score is computed by row maxima, not topk.

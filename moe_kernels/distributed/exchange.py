@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_kernels.distributed.layout import DispatchHandle, make_handle
-from moe_kernels.reference.routing import compute_dtype
+from moe_kernels.utils import compute_dtype
 
 
 def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, group=None) -> tuple[torch.Tensor, DispatchHandle]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_kernels.utils import slot_experts
+
 # Dtypes the token rows may have, by their code in the exchanged header.
 ROW_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Header columns sent to every peer before the per-expert counts.
@@ -147,11 +149,11 @@ def make_handle(x, ids, num_experts: int, group) -> DispatchHandle:
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     if problem is None:
         flat = ids.reshape(-1).to(torch.int64)
-        in_range = (flat >= 0) & (flat < num_experts)
         bad_ids = ((flat < -1) | (flat >= num_experts)).any()
         # Empty and out-of-range slots sort last, into a bin that is dropped: no masking by value.
-        key = torch.where(in_range, flat, num_experts)
+        key = slot_experts(ids, num_experts)
         order = torch.argsort(key, stable=True)  # by global expert = by destination rank
+        in_range = key < num_experts
         # scatter_add_, not bincount: CUDA's bincount reads the largest id on the host.
         counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
         counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]

@@ -8,11 +8,11 @@ import copy
 import torch
 from torch import nn
 
-from moe_kernels import MoE, grouped_mm
+from moe_kernels.activations import gated_activation
 from moe_kernels.distributed.exchange import combine, dispatch
 from moe_kernels.distributed.layout import DispatchHandle, group_rank_and_size, local_expert_count
-from moe_kernels.nn import add_shared_expert
-from moe_kernels.reference.experts import gated_activation
+from moe_kernels.functional import grouped_mm
+from moe_kernels.nn import MoE, add_shared_expert
 
 
 class ExpertParallelMoE(nn.Module):

@@ -9,14 +9,14 @@ from moe_kernels.functional import _validate as check
 from moe_kernels.ops import align
 from moe_kernels.ops.align import MoEAlignment
 from moe_kernels.ops.experts import FUSED_EXPERTS
-from moe_kernels.utils import use_triton
+from moe_kernels.utils import slot_experts, use_triton
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Slots routed to each expert: ``ids (T, k)`` int32/int64 (-1 = empty, not counted) ->
     ``(E,)`` int32 on ids' device, computed there without a host sync."""
     _check_ids(ids, num_experts, "expert_counts")
-    return align.slot_experts_and_counts(ids, num_experts)[1][:num_experts]
+    return align.key_counts(slot_experts(ids, num_experts), num_experts)[:num_experts]
 
 
 def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:

@@ -8,8 +8,7 @@ from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu.knn import confidence_and_weights
 from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
-from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import use_triton
+from moe_kernels.utils import compute_dtype, use_triton
 
 
 def knn_route_assignments(

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import is_int
+from moe_kernels.config import RENORM_EPS, is_int
 from moe_kernels.functional import _validate as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.ops.probmoe import EXACT_K, MAX_TRITON_K
-from moe_kernels.reference import probmoe as reference
-from moe_kernels.reference.routing import RENORM_EPS
-from moe_kernels.utils import use_triton
+from moe_kernels.utils import compute_dtype, use_triton
 
 _LAW = """
     The law, per token with logits ``r``: every expert is an independent Bernoulli with
@@ -106,13 +104,13 @@ def probmoe_route(
     check.boolean("probmoe_route", "renormalize", renormalize)
     if training:
         marginals, ids = _forward(logits, k, k_min, seed, True, backend, "probmoe_route")
-        weights = reference.straight_through_weights(logits, marginals, ids, renormalize)
+        weights = _straight_through_weights(logits, marginals, ids, renormalize)
         return weights, ids
     _check_args(logits, k, k_min, seed, "probmoe_route")
     if k_min is None or k_min == k:
         return softmax_topk(logits, k, renormalize=renormalize, backend=backend)
     weights, ids = softmax_topk(logits, k, backend=backend)
-    size = reference.band_map_size(logits, k, k_min)
+    size = _band_map_size(logits, k, k_min)
     keep = torch.arange(k, device=ids.device) < size[..., None]
     ids = torch.where(keep, ids, -1)
     weights = torch.where(keep, weights, 0.0)
@@ -181,3 +179,28 @@ def _check_args(logits, k, k_min, seed, op_name):
         raise ValueError(f"{op_name}: k_min must be None or an int in [0, k={k}], got {k_min!r}")
     if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"{op_name}: seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
+def _band_map_size(logits: torch.Tensor, k: int, k_min: int) -> torch.Tensor:
+    """Size of the most probable subset in the band, ``(T,)`` int64: ``argmax_c`` of the sum of
+    the c largest logits over ``c in [k_min, k]``, i.e. the number of positive logits clamped to
+    the band (ties: the smaller size)."""
+    positive = (logits.to(compute_dtype(logits.dtype)) > 0).sum(-1)
+    return positive.clamp(k_min, k)
+
+
+def _straight_through_weights(
+    logits: torch.Tensor, marginals: torch.Tensor, ids: torch.Tensor, renormalize: bool
+) -> torch.Tensor:
+    """ProbMoE training weights of the sampled slots, ``(T, k)`` float32 (float64 for float64
+    logits): ``softmax(r)_j * g_j`` with the straight-through mask ``g = z + m - stopgrad(m)``
+    (value 1 on a sampled expert, gradient that of ``m_j``), 0 on ``-1`` slots."""
+    probs = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
+    valid = ids >= 0
+    slots = ids.long().clamp(min=0)
+    m = marginals.gather(-1, slots)
+    weights = probs.gather(-1, slots) * (1.0 + (m - m.detach()))
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(RENORM_EPS)
+    return weights

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_kernels.utils import new_output, next_power_of_2
+from moe_kernels.utils import new_output, next_power_of_2, slot_experts
 
 
 class MoEAlignment(NamedTuple):
@@ -34,22 +34,20 @@ class MoEAlignment(NamedTuple):
     offsets: torch.Tensor
 
 
-def slot_experts_and_counts(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(key (T*k,) int64, counts (E+1,) int32)``: each slot's expert with E for an empty slot,
-    and the slots per key, by a scatter-add (``bincount`` on CUDA reads its maximum back to the
-    host)."""
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    return key, counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+def key_counts(key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``(E + 1,)`` int32 slots per key of :func:`~moe_kernels.utils.slot_experts` (the last bin:
+    the empty slots), by a scatter-add (``bincount`` on CUDA reads its maximum back to the host)."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=key.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
 
 
 def moe_align(ids: torch.Tensor, num_experts: int) -> MoEAlignment:
     """Sort the slots of ``ids (T, k)`` (int32/int64, -1 = empty) by expert, on the device and
     without a host sync (CUDA-graph safe): a stable argsort and a scatter-add count."""
     k = ids.shape[1]
-    key, counts = slot_experts_and_counts(ids, num_experts)
+    key = slot_experts(ids, num_experts)
     order = torch.argsort(key, stable=True)
+    counts = key_counts(key, num_experts)
     num_slots = key.numel()
     positions = torch.empty(num_slots, dtype=torch.int32, device=ids.device)
     positions.scatter_(0, order, torch.arange(num_slots, dtype=torch.int32, device=ids.device))

@@ -19,8 +19,7 @@ from moe_kernels.config import KnnMixing
 from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import knn as reference
-from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
+from moe_kernels.utils import compute_dtype, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
 
 
 def neighbor_meta(num_neighbors: int, mixing: KnnMixing) -> dict:

@@ -35,8 +35,15 @@ from moe_kernels.ops._boundary import define_op
 from moe_kernels.ops.knn import knn_meta, mixing_scalars, neighbor_meta
 from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward
 from moe_kernels.reference import knn as reference
-from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import MIN_PROGRAMS, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
+from moe_kernels.utils import (
+    MIN_PROGRAMS,
+    compute_dtype,
+    new_output,
+    next_power_of_2,
+    row_tiling,
+    token_grid,
+    unit_stride_last,
+)
 
 
 def _tiling(width: int, num_neighbors: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[int, int]:

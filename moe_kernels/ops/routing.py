@@ -23,8 +23,15 @@ from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
 from moe_kernels.ops._boundary import define_op
 from moe_kernels.reference import routing as reference
-from moe_kernels.reference.routing import compute_dtype
-from moe_kernels.utils import MIN_PROGRAMS, new_output, next_power_of_2, row_tiling, token_grid, unit_stride_last
+from moe_kernels.utils import (
+    MIN_PROGRAMS,
+    compute_dtype,
+    new_output,
+    next_power_of_2,
+    row_tiling,
+    token_grid,
+    unit_stride_last,
+)
 
 # Largest E the kernels take: one row must fit one program's registers.
 MAX_TRITON_EXPERTS = 4096

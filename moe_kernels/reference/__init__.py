@@ -1,11 +1,10 @@
-"""Pure-PyTorch references, one module per op family.
-
-They are the CPU fallback of every op, the oracles of the tests and the eager baselines of the
-benchmarks: all three import them from here, so there is exactly one definition of each op.
+"""Pure-PyTorch references, one module per op family: the readable oracles of the tests and of
+``moe-kernels validate``, the ``backend="torch"`` path of every op off the CPU (CPU tensors run
+:mod:`moe_kernels.cpu`), and the eager baselines of the benchmarks. Production code does not call
+them otherwise, so an edit here changes what is checked, never what users compute.
 """
 
 from moe_kernels.reference.experts import (
-    ACTIVATIONS,
     expert_counts,
     fused_experts,
     fused_experts_backward,
@@ -19,7 +18,6 @@ from moe_kernels.reference.probmoe import exact_k_backward, exact_k_forward
 from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
 
 __all__ = [
-    "ACTIVATIONS",
     "exact_k_backward",
     "exact_k_forward",
     "expert_counts",

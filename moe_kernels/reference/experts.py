@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of the fused MoE experts op (grouped GEMM + gated activation + weighted
-combine): the CPU fallback, the test oracle and the benchmarks' eager baseline.
+combine): the oracle of the tests and ``moe-kernels validate``, the ``backend="torch"`` path off
+the CPU, and the benchmarks' eager baseline.
 
 Layout follows HF transformers v5: ``gate_up_proj (E, 2I, H)`` (gate rows then up rows; GPT-OSS
 interleaves them), ``down_proj (E, H, I)``. Slots are sorted by expert and each expert's rows are
@@ -10,18 +11,13 @@ can run on it); outputs come back in the activation dtype.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.config import ACTIVATIONS, GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation  # noqa: F401 (re-exported)
-from moe_kernels.reference.routing import compute_dtype
-
-_GELU_TANH_C = math.sqrt(2.0 / math.pi)
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
+from moe_kernels.utils import compute_dtype
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -106,12 +102,6 @@ def _split_gate_up(x: torch.Tensor, activation: Activation) -> tuple[torch.Tenso
     return x.chunk(2, dim=-1)
 
 
-def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
-    if activation == Activation.GPT_OSS:
-        return torch.stack((gate, up), dim=-1).flatten(-2)
-    return torch.cat((gate, up), dim=-1)
-
-
 def gated_activation(
     gate_up: torch.Tensor, activation: str, *, limit: float = GPT_OSS_LIMIT, alpha: float = GPT_OSS_ALPHA
 ) -> torch.Tensor:
@@ -148,39 +138,19 @@ def gated_activation_backward(
     limit: float = GPT_OSS_LIMIT,
     alpha: float = GPT_OSS_ALPHA,
 ) -> torch.Tensor:
-    """Gradient of :func:`gated_activation` written out.
+    """Gradient of :func:`gated_activation` by autograd (an independent derivation: the package's
+    written-out formula, :func:`moe_kernels.activations.gated_activation_backward`, is checked
+    against it).
 
     ``grad_out (..., I)``, ``gate_up (..., 2I)`` -> ``grad_gate_up (..., 2I)`` in
     ``gate_up.dtype``. GPT-OSS clamps pass the gradient where ``-limit <= x <= limit`` (boundary
     included, as torch autograd's ``clamp``) and zero elsewhere.
     """
-    activation = Activation.parse(activation)
-    dtype = compute_dtype(gate_up.dtype)
-    grad = grad_out.to(dtype)
-    gate, up = _split_gate_up(gate_up.to(dtype), activation)
-    if activation == Activation.SILU:
-        s = torch.sigmoid(gate)
-        grad_gate = grad * up * s * (1.0 + gate * (1.0 - s))
-        grad_up = grad * gate * s
-    elif activation == Activation.GELU:
-        cdf = 0.5 * (1.0 + torch.erf(gate * _INV_SQRT2))
-        pdf = torch.exp(-0.5 * gate * gate) * _INV_SQRT_2PI
-        grad_gate = grad * up * (cdf + gate * pdf)
-        grad_up = grad * gate * cdf
-    elif activation == Activation.GELU_TANH:
-        t = torch.tanh(_GELU_TANH_C * (gate + 0.044715 * gate**3))
-        dt = (1.0 - t * t) * _GELU_TANH_C * (1.0 + 3.0 * 0.044715 * gate * gate)
-        grad_gate = grad * up * (0.5 * (1.0 + t) + 0.5 * gate * dt)
-        grad_up = grad * 0.5 * gate * (1.0 + t)
-    else:
-        g = gate.clamp(max=limit)
-        u = up.clamp(-limit, limit)
-        s = torch.sigmoid(alpha * g)
-        grad_gate = grad * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s))
-        grad_up = grad * g * s
-        grad_gate = torch.where(gate <= limit, grad_gate, torch.zeros_like(grad_gate))
-        grad_up = torch.where((up >= -limit) & (up <= limit), grad_up, torch.zeros_like(grad_up))
-    return _join_gate_up(grad_gate, grad_up, activation).to(gate_up.dtype)
+    with torch.enable_grad():  # in the compute dtype: one rounding to gate_up's dtype at the end
+        x = gate_up.detach().to(compute_dtype(gate_up.dtype)).requires_grad_(True)
+        out = gated_activation(x, activation, limit=limit, alpha=alpha)
+        (grad,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    return grad.to(gate_up.dtype)
 
 
 def _sorted_slots(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import DEFAULT_MIXING, DEFAULT_ROUTING, KnnMixing, RoutingConfig
-from moe_kernels.reference.routing import compute_dtype, softmax_topk, softmax_topk_backward
+from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
+from moe_kernels.utils import compute_dtype
 
 
 def knn_confidence_and_weights(

@@ -1,5 +1,5 @@
-"""Pure-PyTorch reference of the ProbMoE exact-k / dynamic-k ops: the CPU fallback, the test
-oracle and the benchmarks' eager baseline. Semantics are documented on
+"""Pure-PyTorch reference of the ProbMoE exact-k / dynamic-k ops: the test oracle, the
+``backend="torch"`` path off the CPU and the benchmarks' eager baseline. Semantics are documented on
 :func:`moe_kernels.exact_k_marginals` and :func:`moe_kernels.probmoe_route`.
 
 The law: ``P(S) ∝ exp(sum_{i in S} r_i)`` over the subsets ``S`` of the E experts whose size is
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.reference.routing import RENORM_EPS, compute_dtype
+from moe_kernels.utils import compute_dtype
 
 NEG_INF = float("-inf")
 
@@ -182,28 +182,3 @@ def exact_k_backward(
         abar_dot = abar_dot * skip + abar * skip_dot + _shift_left(abar_dot * take - abar * skip_dot)
         abar = abar * skip + _shift_left(abar * take)
     return grad.to(logits.dtype)
-
-
-def band_map_size(logits: torch.Tensor, k: int, k_min: int) -> torch.Tensor:
-    """Size of the most probable subset in the band, ``(T,)`` int64: ``argmax_c`` of the sum of
-    the c largest logits over ``c in [k_min, k]``, i.e. the number of positive logits clamped to
-    the band (ties: the smaller size)."""
-    positive = (logits.to(compute_dtype(logits.dtype)) > 0).sum(-1)
-    return positive.clamp(k_min, k)
-
-
-def straight_through_weights(
-    logits: torch.Tensor, marginals: torch.Tensor, ids: torch.Tensor, renormalize: bool
-) -> torch.Tensor:
-    """ProbMoE training weights of the sampled slots, ``(T, k)`` float32 (float64 for float64
-    logits): ``softmax(r)_j * g_j`` with the straight-through mask ``g = z + m - stopgrad(m)``
-    (value 1 on a sampled expert, gradient that of ``m_j``), 0 on ``-1`` slots."""
-    probs = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
-    valid = ids >= 0
-    slots = ids.long().clamp(min=0)
-    m = marginals.gather(-1, slots)
-    weights = probs.gather(-1, slots) * (1.0 + (m - m.detach()))
-    weights = torch.where(valid, weights, torch.zeros_like(weights))
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(RENORM_EPS)
-    return weights

@@ -1,5 +1,5 @@
-"""Pure-PyTorch reference of the gate + top-k op: the CPU fallback, the test oracle and the
-benchmarks' eager baseline. Semantics are documented on :func:`moe_kernels.softmax_topk`.
+"""Pure-PyTorch reference of the gate + top-k op: the test oracle, the ``backend="torch"`` path off
+the CPU and the benchmarks' eager baseline. Semantics are documented on :func:`moe_kernels.softmax_topk`.
 
 Every function works on ``(..., E)`` tensors and computes in float32 (float64 for float64 logits,
 so that ``gradcheck`` can run on it). Selection never relies on ``torch.topk``'s order among equal
@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import DEFAULT_ROUTING, RoutingConfig
-
-RENORM_EPS = 1e-20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from moe_kernels.config import DEFAULT_ROUTING, RENORM_EPS, RoutingConfig
+from moe_kernels.utils import compute_dtype
 
 
 def gate_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
