@@ -36,8 +36,7 @@ from benchmarks.common import cpu_samples, resolve_device
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.ops.experts import FUSED_EXPERTS
 from moe_kernels.ops.grouped_mm import GROUPED_MM
-from moe_kernels.ops.knn import KNN_MIX
-from moe_kernels.ops.knn_route import KNN_ROUTE
+from moe_kernels.ops.knn import KNN_MIX, KNN_ROUTE
 from moe_kernels.ops.probmoe import EXACT_K
 from moe_kernels.ops.routing import SOFTMAX_TOPK
 

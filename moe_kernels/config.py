@@ -254,34 +254,23 @@ DEFAULT_ROUTING = RoutingConfig()
 ROUTING_OPTIONS = tuple(name for name, _ in RoutingConfig.OP_FIELDS)
 
 
-def resolve_routing(
-    op: str,
-    routing: RoutingConfig | None = None,
-    *,
-    score_func: str | None = None,
-    renormalize: bool | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str | None = None,
-    scale: float | None = None,
-    num_experts: int | None = None,
-) -> RoutingConfig:
-    """The :class:`RoutingConfig` of a public call: ``routing`` (default :data:`DEFAULT_ROUTING`)
-    with every option given (not None) applied on top, validated with errors naming ``op``.
-
-    ``resolve_routing("softmax_topk", renormalize=True)`` is ``RoutingConfig(renormalize=True)``;
-    ``resolve_routing("x", RoutingConfig.deepseek_v3(), scale=1.0)`` overrides one field. An option
-    left at None keeps ``routing``'s value (to drop groups from a grouped config, pass a config
-    without them). Built configs are cached, so a call with keyword options pays the validation
-    once. ``num_experts``, when known, makes the messages more precise.
-    """
+def routing_or_default(op: str, routing) -> RoutingConfig:
+    """``routing``, or :data:`DEFAULT_ROUTING` for None; a ``TypeError`` naming ``op`` for anything
+    but a :class:`RoutingConfig`."""
     if routing is None:
-        base = DEFAULT_ROUTING
-    elif isinstance(routing, RoutingConfig):
-        base = routing
-    else:
+        return DEFAULT_ROUTING
+    if not isinstance(routing, RoutingConfig):
         raise TypeError(f"{op}: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}")
-    options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
+    return routing
+
+
+def override_routing(op: str, base: RoutingConfig, options: tuple, num_experts: int | None = None) -> RoutingConfig:
+    """``base`` with the routing options a public op took as keywords applied on top: ``options``
+    holds each field's keyword value, None where not given, in :data:`ROUTING_OPTIONS` order.
+    Validated with errors naming ``op`` (``num_experts``, when known, makes them more precise);
+    built configs are cached, so a call with keyword options pays the validation once. An option
+    left at None keeps ``base``'s value (to drop groups from a grouped config, pass a config
+    without them)."""
     if options == _NO_OPTIONS:  # the common call: the config as given
         return base
     given = tuple((name, value) for name, value in zip(ROUTING_OPTIONS, options) if value is not None)

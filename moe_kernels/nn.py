@@ -7,7 +7,7 @@ from torch import nn
 
 from moe_kernels.activations import gated_activation
 from moe_kernels.balance import LoadTracking
-from moe_kernels.config import RoutingConfig, resolve_routing
+from moe_kernels.config import RoutingConfig, routing_or_default
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.routing_override import resolve_selection
 
@@ -59,7 +59,7 @@ class TopKRouter(_LinearGate):
         device=None,
         dtype=None,
     ):
-        routing = resolve_routing("TopKRouter", routing)
+        routing = routing_or_default("TopKRouter", routing)
         routing.check(num_experts, k, "TopKRouter")
         super().__init__(hidden_size, num_experts, k, backend, device, dtype)
         self.routing = routing

@@ -10,7 +10,7 @@ import torch
 from oracles import softmax_topk_oracle
 
 import moe_kernels as mk
-from moe_kernels.config import ACTIVATIONS, Activation, KnnMixing, RoutingConfig, resolve_routing
+from moe_kernels.config import ACTIVATIONS, Activation, KnnMixing, RoutingConfig, override_routing
 from moe_kernels.shapes import ROUTING_SHAPES
 
 PRESETS = {
@@ -87,16 +87,19 @@ def test_problem_checks_name_the_op():
 
 def test_keyword_options_override_the_config():
     base = RoutingConfig.deepseek_v3()
-    assert resolve_routing("x", base, scale=1.0) == dataclasses.replace(base, scale=1.0)
-    assert resolve_routing("x", None, renormalize=True) == RoutingConfig.renormalize()
-    assert resolve_routing("x", base) is base and resolve_routing("x") == RoutingConfig()
+    keep = (None,) * 6
+    assert override_routing("x", base, keep[:5] + (1.0,)) == dataclasses.replace(base, scale=1.0)
+    assert override_routing("x", RoutingConfig(), (None, True) + keep[2:]) == RoutingConfig.renormalize()
+    assert override_routing("x", base, keep) is base
     logits = torch.randn(9, 256)
     bias = torch.randn(256) * 0.1
     via_keywords = mk.softmax_topk(logits, 8, bias=bias, **{**PRESETS["deepseek_v3"][1], "scale": 1.0})
     via_config = mk.softmax_topk(logits, 8, bias=bias, routing=base, scale=1.0)
     assert all(torch.equal(a, b) for a, b in zip(via_keywords, via_config))
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'renorm'"):
-        resolve_routing("x", renorm=True)
+        mk.softmax_topk(logits, 8, renorm=True)
+    with pytest.raises(TypeError, match=r"softmax_topk: renormalize must be a bool, got int"):
+        mk.softmax_topk(logits, 8, renormalize=1)
 
 
 @pytest.mark.parametrize("name", PRESETS)

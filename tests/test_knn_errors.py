@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 from knn_cases import assign_inputs, route_inputs
 from strategies import INF, NAN, examples, token_counts
 
-from moe_kernels.functional.knn import knn_mix
-from moe_kernels.functional.knn_assign import knn_route_assignments
-from moe_kernels.functional.knn_route import knn_route
+from moe_kernels.functional.knn import knn_mix, knn_route, knn_route_assignments
 
 
 @pytest.mark.parametrize(
@@ -103,7 +101,7 @@ def test_route_bad_arguments(change, error, match):
 
 def test_route_float64_router_needs_the_torch_backend(monkeypatch):
     # The module, not the function of the same name that moe_kernels.functional exports.
-    module = importlib.import_module("moe_kernels.functional.knn_route")
+    module = importlib.import_module("moe_kernels.functional.knn")
     monkeypatch.setattr(module, "use_triton", lambda backend, device, name: True)
     args = _good_args()
     with pytest.raises(TypeError, match=r"knn_route: backend='triton' takes float32/float16/bfloat16 logits"):

@@ -17,8 +17,7 @@ from oracles import knn_route_oracle
 
 from moe_kernels import testing
 from moe_kernels.config import KnnMixing, RoutingConfig
-from moe_kernels.functional.knn import knn_mix
-from moe_kernels.functional.knn_route import knn_route
+from moe_kernels.functional.knn import knn_mix, knn_route
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.reference import knn as knn_ref
 
@@ -165,7 +164,7 @@ def test_route_kernel_checks_neighbor_ids_itself(kernel_device, bad_id):
     """The Triton forward checks the ids in its kernel: an id outside the memory (even one far
     past it, or below 0 on a token that falls back) gathers nothing and fails the launcher's
     device assert; valid ids set nothing off."""
-    from moe_kernels.ops.knn_route import launch_knn_route
+    from moe_kernels.ops.knn import launch_knn_route
 
     router, ids, sims, memory, _ = route_inputs(5, 8, 2, num_rows=4)
     args = [t.to(kernel_device) for t in (router, ids, sims, memory)]

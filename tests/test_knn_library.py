@@ -21,11 +21,8 @@ from knn_cases import (
 
 from moe_kernels import reference, testing
 from moe_kernels.config import KnnMixing, RoutingConfig
-from moe_kernels.functional.knn import knn_mix
-from moe_kernels.functional.knn_assign import knn_route_assignments
-from moe_kernels.functional.knn_route import knn_route
-from moe_kernels.ops.knn import KNN_MIX
-from moe_kernels.ops.knn_route import KNN_ROUTE
+from moe_kernels.functional.knn import knn_mix, knn_route, knn_route_assignments
+from moe_kernels.ops.knn import KNN_MIX, KNN_ROUTE
 from moe_kernels.reference import knn as knn_ref
 
 # ------------------------------------------------------------------------------------------------

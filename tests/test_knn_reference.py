@@ -18,9 +18,7 @@ from strategies import INF, NAN
 import moe_kernels as mk
 from moe_kernels import testing
 from moe_kernels.config import RoutingConfig
-from moe_kernels.functional.knn import knn_mix
-from moe_kernels.functional.knn_assign import knn_route_assignments
-from moe_kernels.functional.knn_route import knn_route
+from moe_kernels.functional.knn import knn_mix, knn_route, knn_route_assignments
 from moe_kernels.functional.routing import softmax_topk
 
 # ------------------------------------------------------------------------------------------------

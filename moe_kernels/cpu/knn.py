@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.config import KnnMixing, RoutingConfig
+from moe_kernels.config import KnnMixing
 from moe_kernels.cpu import routing as cpu_routing
 from moe_kernels.utils import compute_dtype
 
@@ -63,14 +63,7 @@ def knn_mix(
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf
 
 
-def knn_mix_backward(
-    grad_mixed: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    *,
-    mixing: KnnMixing,
-    router_dtype: torch.dtype,
-    neighbor_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_mix_backward(grad_mixed, neighbor_sims, *, mixing, router_dtype, neighbor_dtype):
     """:func:`moe_kernels.reference.knn.knn_mix_backward` on the CPU: ``grad_router (T, E)`` and
     ``grad_neighbors (T, n, E)``."""
     dtype = compute_dtype(router_dtype)
@@ -99,16 +92,7 @@ def mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixi
     return _mix(router_logits.to(dtype), retrieved, conf, live), conf, weights
 
 
-def knn_route(
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    k: int,
-    routing: RoutingConfig,
-    bias: torch.Tensor | None,
-    mixing: KnnMixing,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def knn_route(router_logits, neighbor_ids, neighbor_sims, memory_logits, k, routing, bias, mixing):
     """:func:`moe_kernels.reference.knn.knn_route` on the CPU (no autograd): ``weights (T, k)``,
     ``ids (T, k)`` int32 and ``conf (T,)``."""
     mixed, conf, _ = mixed_logits(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
@@ -117,17 +101,8 @@ def knn_route(
 
 
 def knn_route_backward(
-    grad_weights: torch.Tensor,
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    routing: RoutingConfig,
-    mixing: KnnMixing,
-    memory_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, *, routing, mixing, memory_grad=True
+):
     """:func:`moe_kernels.reference.knn.knn_route_backward` on the CPU: ``grad_router (T, E)`` in
     the router's dtype and ``grad_memory (N, E)`` in the memory's (None unless ``memory_grad``),
     accumulated in the compute dtype by one ``index_add_``."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moe_kernels.balance import AuxLossFreeBias, check_num_experts
-from moe_kernels.config import resolve_routing
+from moe_kernels.config import RoutingConfig
 from moe_kernels.dynamics.theory import MIN_EXPERTS, check_feedback
 from moe_kernels.functional import expert_counts, softmax_topk
 
@@ -79,7 +79,7 @@ class AdaptiveScoreRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.register_buffer("scores", torch.full((num_experts,), 1 / num_experts, device=device))
-        self.routing = resolve_routing(name, score_func=score_func, renormalize=renormalize)
+        self.routing = RoutingConfig(score_func=score_func, renormalize=renormalize)
         self.backend = backend
 
     @property

@@ -2,9 +2,7 @@
 
 from moe_kernels.functional.experts import expert_counts, fused_experts, moe_align
 from moe_kernels.functional.grouped_mm import grouped_mm
-from moe_kernels.functional.knn import knn_mix
-from moe_kernels.functional.knn_assign import knn_route_assignments
-from moe_kernels.functional.knn_route import knn_route
+from moe_kernels.functional.knn import knn_mix, knn_route, knn_route_assignments
 from moe_kernels.functional.probmoe import exact_k_marginals, exact_k_sample, probmoe_route
 from moe_kernels.functional.routing import softmax_topk
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_kernels.config import RoutingConfig, check_mixing, resolve_routing
+from moe_kernels.config import RoutingConfig, check_mixing, override_routing, routing_or_default
 from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -144,17 +144,8 @@ def routing_args(
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{op}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
-    routing = resolve_routing(
-        op,
-        routing,
-        score_func=score_func,
-        renormalize=renormalize,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        group_score=group_score,
-        scale=scale,
-        num_experts=num_experts,
-    )
+    options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)  # RoutingConfig's order
+    routing = override_routing(op, routing_or_default(op, routing), options, num_experts)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")

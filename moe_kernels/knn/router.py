@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, resolve_routing
+from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, routing_or_default
 from moe_kernels.functional import knn_route
 from moe_kernels.knn.memory import RoutingMemory
 
@@ -55,7 +55,7 @@ class KNNRouter(nn.Module):
         self.n_neighbors = n_neighbors
         check_mixing("KNNRouter", weighting, temperature, min_confidence)
         self.mixing = KnnMixing(weighting, temperature, min_confidence)
-        self.routing = resolve_routing("KNNRouter", routing)
+        self.routing = routing_or_default("KNNRouter", routing)
         self.routing.check(num_experts, k, "KNNRouter")
         self.backend = backend
         self.register_buffer("memory_logits", memory.values.to(weight.device), persistent=False)

@@ -26,6 +26,7 @@ from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops import grouped_mm as gmm
 from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops._launch import strides
 from moe_kernels.ops.align import MoEAlignment, launch_moe_align
 from moe_kernels.reference import experts as reference
 from moe_kernels.utils import cdiv, new_output, next_power_of_2
@@ -80,7 +81,7 @@ def launch_gated_activation_backward(grad_act, h, row_weight, activation):
         grad_weight_ptr=grad_weight,
         R=num_rows,
         I=inter,
-        stride_h=h.stride(0),
+        **strides(h, "stride_h"),
         **_GPT_OSS,
         **meta,
     )

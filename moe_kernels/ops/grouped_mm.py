@@ -25,9 +25,10 @@ import torch
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops._launch import strides, unit_stride_last
 from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta
 from moe_kernels.reference import experts as reference
-from moe_kernels.utils import cdiv, new_output, unit_stride_last
+from moe_kernels.utils import cdiv, new_output
 
 
 def _check_index(name: str, tensor: torch.Tensor | None, dtype: torch.dtype, min_len: int, device):
@@ -65,15 +66,7 @@ def _unit_stride_inner(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous()
 
 
-def launch_grouped_mm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    a_rows: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-    out_rows: int | None = None,
-) -> torch.Tensor:
+def launch_grouped_mm(a, b, offsets, *, a_rows=None, row_scale=None, out_rows=None):
     """Run the forward kernel; returns a fresh contiguous ``(M_out, N)`` tensor in ``a.dtype``.
 
     ``C[r] = row_scale[r] * a[a_rows[r]] @ b[g]`` for ``r`` in group ``g`` (``a_rows`` and
@@ -86,17 +79,7 @@ def launch_grouped_mm(
     return out
 
 
-def launch_grouped_gated_mm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    activation: str,
-    *,
-    a_rows: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out_rows: int | None = None,
-    store_h: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def launch_grouped_gated_mm(a, b, offsets, activation, *, a_rows=None, bias=None, out_rows=None, store_h=True):
     """The forward kernel with the gated activation in its epilogue: ``(act (M_out, I),
     h (M_out, 2I) or None)`` in ``a.dtype``, where ``b (G, K, 2I)`` holds the gate and up columns
     (``[gate | up]``, interleaved for ``"gpt_oss"``), ``h[r] = a[a_rows[r]] @ b[g] + bias[g]``
@@ -160,13 +143,9 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
         N=n_cols,
         K=k_dim,
         G=num_groups,
-        stride_am=a.stride(0),
-        stride_ak=a.stride(1),
-        stride_bg=b.stride(0),
-        stride_bk=b.stride(1),
-        stride_bn=b.stride(2),
-        stride_cm=out.stride(0),
-        stride_cn=out.stride(1),
+        **strides(a, "stride_am", "stride_ak"),
+        **strides(b, "stride_bg", "stride_bk", "stride_bn"),
+        **strides(out, "stride_cm", "stride_cn"),
         limit=GPT_OSS_LIMIT,
         alpha=GPT_OSS_ALPHA,
         GATHER_A=a_rows is not None,
@@ -180,15 +159,7 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
     return out, h
 
 
-def launch_grouped_mm_weight_grad(
-    a: torch.Tensor,
-    grad_out: torch.Tensor,
-    offsets: torch.Tensor,
-    num_groups: int,
-    *,
-    a_rows: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def launch_grouped_mm_weight_grad(a, grad_out, offsets, num_groups, *, a_rows=None, row_scale=None):
     """Run the weight-gradient kernel; returns a fresh contiguous ``(G, K, N)`` tensor in
     ``a.dtype``: ``grad_b[g] = sum_r a[a_rows[r]]^T (row_scale[r] * grad_out[r])`` over the rows
     ``r`` of group ``g`` (zero for empty groups). ``grad_out (M, N)``; any strides (``a`` and
@@ -226,13 +197,9 @@ def launch_grouped_mm_weight_grad(
         M=num_rows,
         N=n_cols,
         K=k_dim,
-        stride_am=a.stride(0),
-        stride_ak=a.stride(1),
-        stride_dm=grad_out.stride(0),
-        stride_dn=grad_out.stride(1),
-        stride_bg=grad_b.stride(0),
-        stride_bk=grad_b.stride(1),
-        stride_bn=grad_b.stride(2),
+        **strides(a, "stride_am", "stride_ak"),
+        **strides(grad_out, "stride_dm", "stride_dn"),
+        **strides(grad_b, "stride_bg", "stride_bk", "stride_bn"),
         GATHER_A=a_rows is not None,
         SCALE_ROWS=row_scale is not None,
         **meta,

@@ -23,8 +23,9 @@ import torch
 from moe_kernels._compat import interpreter_enabled
 from moe_kernels.cpu import probmoe as cpu_probmoe
 from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops._launch import MIN_PROGRAMS, unit_stride_last
 from moe_kernels.reference import probmoe as reference
-from moe_kernels.utils import MIN_PROGRAMS, cdiv, compute_dtype, new_output, next_power_of_2, unit_stride_last
+from moe_kernels.utils import cdiv, compute_dtype, new_output, next_power_of_2
 
 # Largest k the kernels take: the DP row (k + 1 sizes, padded to a power of two) lives in
 # registers, one row per token.

@@ -22,16 +22,9 @@ import torch
 from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
 from moe_kernels.ops._boundary import define_op
+from moe_kernels.ops._launch import MIN_PROGRAMS, row_tiling, strides, token_grid, unit_stride_last
 from moe_kernels.reference import routing as reference
-from moe_kernels.utils import (
-    MIN_PROGRAMS,
-    compute_dtype,
-    new_output,
-    next_power_of_2,
-    row_tiling,
-    token_grid,
-    unit_stride_last,
-)
+from moe_kernels.utils import compute_dtype, new_output, next_power_of_2
 
 # Largest E the kernels take: one row must fit one program's registers.
 MAX_TRITON_EXPERTS = 4096
@@ -116,7 +109,7 @@ def launch_softmax_topk(logits: torch.Tensor, k: int, routing: RoutingConfig, bi
         T=num_tokens,
         E=num_experts,
         group_size=num_experts // (routing.num_groups or 1),
-        stride_lt=logits.stride(0),
+        **strides(logits, "stride_lt"),
         scale=routing.scale,
         **meta,
     )
@@ -141,9 +134,8 @@ def launch_softmax_topk_backward(grad_weights, logits, ids, routing: RoutingConf
         grad_logits_ptr=grad_logits,
         T=num_tokens,
         E=num_experts,
-        stride_gt=grad_weights.stride(0),
-        stride_gk=grad_weights.stride(1),
-        stride_lt=logits.stride(0),
+        **strides(grad_weights, "stride_gt", "stride_gk"),
+        **strides(logits, "stride_lt"),
         scale=routing.scale,
         **meta,
     )

@@ -106,14 +106,14 @@ def _tuned_meta(device_name, kernel, dtype, rows, n_cols, k_dim) -> dict:
 @contextlib.contextmanager
 def pinned_config(
     *,
-    BLOCK_M: int | None = None,
-    BLOCK_N: int | None = None,
-    BLOCK_K: int | None = None,
-    BLOCK_K_OUT: int | None = None,
-    GROUP_M: int | None = None,
-    BLOCK_G: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    BLOCK_M=None,
+    BLOCK_N=None,
+    BLOCK_K=None,
+    BLOCK_K_OUT=None,
+    GROUP_M=None,
+    BLOCK_G=None,
+    num_warps=None,
+    num_stages=None,
 ):
     """Within the block, every launch uses the given values (those not None) over the heuristic
     configuration: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (forward), ``BLOCK_K_OUT`` (weight

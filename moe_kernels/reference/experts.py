@@ -130,14 +130,7 @@ def gated_activation(
     return out.to(gate_up.dtype)
 
 
-def gated_activation_backward(
-    grad_out: torch.Tensor,
-    gate_up: torch.Tensor,
-    activation: str,
-    *,
-    limit: float = GPT_OSS_LIMIT,
-    alpha: float = GPT_OSS_ALPHA,
-) -> torch.Tensor:
+def gated_activation_backward(grad_out, gate_up, activation, *, limit=GPT_OSS_LIMIT, alpha=GPT_OSS_ALPHA):
     """Gradient of :func:`gated_activation` by autograd (an independent derivation: the package's
     written-out formula, :func:`moe_kernels.activations.gated_activation_backward`, is checked
     against it).
@@ -215,16 +208,8 @@ def sorted_pre_activations(
 
 
 def fused_experts(
-    hidden: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    hidden, gate_up_proj, down_proj, weights, ids, *, activation="silu", gate_up_bias=None, down_bias=None
+):
     """Reference of the fused MoE experts op (arguments assumed valid).
 
     ``hidden (T, H)``, ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, ``weights (T, k)``
@@ -246,17 +231,8 @@ def fused_experts(
 
 
 def fused_experts_backward(
-    grad_out: torch.Tensor,
-    hidden: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-) -> tuple:
+    grad_out, hidden, gate_up_proj, down_proj, weights, ids, *, activation="silu", gate_up_bias=None, down_bias=None
+):
     """Gradients of :func:`fused_experts` written out (the forward intermediates are recomputed).
 
     ``grad_out (T, H)`` and the forward's inputs and options -> ``grad_hidden (T, H)``,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import DEFAULT_MIXING, DEFAULT_ROUTING, KnnMixing, RoutingConfig
+from moe_kernels.config import DEFAULT_MIXING, DEFAULT_ROUTING, KnnMixing
 from moe_kernels.reference.routing import softmax_topk, softmax_topk_backward
 from moe_kernels.utils import compute_dtype
 
@@ -29,13 +29,7 @@ def knn_confidence_and_weights(
     return conf, weights
 
 
-def knn_mix(
-    router_logits: torch.Tensor,
-    neighbor_logits: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    *,
-    mixing: KnnMixing = DEFAULT_MIXING,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_mix(router_logits, neighbor_logits, neighbor_sims, *, mixing=DEFAULT_MIXING):
     """Reference of :func:`moe_kernels.knn_mix` (arguments assumed valid): ``router_logits (T, E)``,
     ``neighbor_logits (T, n, E)``, ``neighbor_sims (T, n)`` and the :class:`~moe_kernels.config.KnnMixing`
     -> ``mixed (T, E)`` and ``conf (T,)``, float32 (float64 for float64 router logits),
@@ -51,14 +45,7 @@ def knn_mix(
     return mixed, conf
 
 
-def knn_mix_backward(
-    grad_mixed: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    *,
-    mixing: KnnMixing,
-    router_dtype: torch.dtype,
-    neighbor_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_mix_backward(grad_mixed, neighbor_sims, *, mixing, router_dtype, neighbor_dtype):
     """Gradients of ``knn_mix`` written out: ``grad_router (T, E)`` in ``router_dtype`` and
     ``grad_neighbors (T, n, E)`` in ``neighbor_dtype``."""
     dtype = compute_dtype(router_dtype)
@@ -77,16 +64,16 @@ def gather_neighbors(memory_logits: torch.Tensor, neighbor_ids: torch.Tensor) ->
 
 
 def knn_route(
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    k: int,
+    router_logits,
+    neighbor_ids,
+    neighbor_sims,
+    memory_logits,
+    k,
     *,
-    routing: RoutingConfig = DEFAULT_ROUTING,
-    bias: torch.Tensor | None = None,
-    mixing: KnnMixing = DEFAULT_MIXING,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    routing=DEFAULT_ROUTING,
+    bias=None,
+    mixing=DEFAULT_MIXING,
+):
     """Reference of the fused kNN route (arguments assumed valid): the gather of the retrieved
     rows, :func:`knn_mix` and :func:`moe_kernels.reference.routing.softmax_topk`.
 
@@ -104,17 +91,8 @@ def knn_route(
 
 
 def knn_route_backward(
-    grad_weights: torch.Tensor,
-    router_logits: torch.Tensor,
-    neighbor_ids: torch.Tensor,
-    neighbor_sims: torch.Tensor,
-    memory_logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    routing: RoutingConfig,
-    mixing: KnnMixing,
-    memory_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_weights, router_logits, neighbor_ids, neighbor_sims, memory_logits, ids, *, routing, mixing, memory_grad=True
+):
     """Gradients of ``knn_route``'s weights written out: the mixed logits are recomputed, the
     routing backward gives ``grad_mixed``, then ``grad_router = (1 - conf) * grad_mixed`` (in
     ``router_logits.dtype``) and, when ``memory_grad``, ``grad_memory (N, E)`` (in

@@ -142,13 +142,7 @@ def exact_k_forward(
     return marginals, log_z, ids
 
 
-def exact_k_backward(
-    logits: torch.Tensor,
-    grad_marginals: torch.Tensor,
-    grad_log_z: torch.Tensor,
-    k: int,
-    k_min: int,
-) -> torch.Tensor:
+def exact_k_backward(logits, grad_marginals, grad_log_z, k, k_min):
     """Gradient of ``(marginals, log_z)`` with respect to the logits: ``Cov(z) @ grad_marginals +
     grad_log_z * marginals``, by the prefix DP and the adjoint recursion on dual numbers.
 

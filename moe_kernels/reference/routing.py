@@ -31,13 +31,7 @@ def _nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
 
 
-def selection_keys(
-    scores: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    group_score: str = "top2_sum",
-) -> torch.Tensor:
+def selection_keys(scores, bias=None, num_groups=None, topk_groups=None, group_score="top2_sum"):
     """The key experts are ranked by: ``scores + bias``, NaN replaced by -inf, and with groups,
     every expert outside the best ``topk_groups`` groups set to -inf.
 

@@ -13,8 +13,7 @@ import torch
 from moe_kernels.aot.cases.routing import routing_label
 from moe_kernels.aot.catalog import TRITON_DTYPES, KernelCase, kernel_case, pointer, register_kernel
 from moe_kernels.config import KnnMixing
-from moe_kernels.ops.knn import knn_meta
-from moe_kernels.ops.knn_route import knn_route_meta, knn_route_mixed_meta
+from moe_kernels.ops.knn import knn_meta, knn_route_meta, knn_route_mixed_meta
 from moe_kernels.shapes import ROUTING_SHAPES, ROUTING_TOKENS
 
 # Neighbours per token the benchmarks use (kNN-MoE's default 8, and a wide 32).
@@ -59,7 +58,7 @@ def _knn_mix_bwd_cases() -> Iterator[KernelCase]:
 def _knn_route_fwd_cases() -> Iterator[KernelCase]:
     """Over the routing registry (each model's own routing, its token counts' tilings) and
     :func:`_route_variants`."""
-    from moe_kernels.kernels._knn_route import _knn_route_fwd_kernel
+    from moe_kernels.kernels._knn import _knn_route_fwd_kernel
 
     outputs = {"weights_ptr": "*fp32", "ids_ptr": "*i32", "conf_ptr": "*fp32", "valid_ptr": "*i32"}
     for shape in ROUTING_SHAPES:
@@ -79,7 +78,7 @@ def _knn_route_fwd_cases() -> Iterator[KernelCase]:
 
 @register_kernel("knn_route_mixed")
 def _knn_route_mixed_cases() -> Iterator[KernelCase]:
-    from moe_kernels.kernels._knn_route import _knn_route_mixed_kernel
+    from moe_kernels.kernels._knn import _knn_route_mixed_kernel
 
     outputs = {"mixed_ptr": "*fp32", "conf_ptr": "*fp32", "share_ptr": "*fp32"}
     for num_experts in EXPERT_COUNTS:

@@ -7,8 +7,10 @@ all read it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moe_kernels.integrations.transformers import routers
 
@@ -46,13 +48,33 @@ class Family:
 _SOFTMAX_ATTRS = ("hidden_dim", "norm_topk_prob")
 _DEEPSEEK_ATTRS = ("hidden_dim", "e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob")
 
-# Qwen3-MoE renormalises and has a dense first layer; DeepSeek-V3 keeps 2 of 4 groups with scale
-# 2.5 and a shared expert after a dense first layer; GPT-OSS has a sliding window. The public sizes
-# are each released model's MoE layer (DeepSeek-V3 with 32 local experts).
+# Each family's config fields (data, in ``moe_kernels/configs/hf_families.json``): ``tiny``, a 2-3
+# layer test model with the family's routing features on (Qwen3-MoE renormalises and has a dense
+# first layer; DeepSeek-V3 keeps 2 of 4 groups with scale 2.5 and a shared expert after a dense
+# first layer; GPT-OSS has a sliding window); ``public``, the released model's MoE layer
+# (DeepSeek-V3 with 32 local experts).
+_SIZES = json.loads((Path(__file__).resolve().parents[2] / "configs" / "hf_families.json").read_text())
+
+
+def _family(model_type, config_class, block, router_attr, router_forward, routing, router_attrs) -> Family:
+    sizes = _SIZES[model_type]
+    return Family(
+        model_type,
+        config_class,
+        block,
+        router_attr,
+        router_forward,
+        routing,
+        router_attrs,
+        sizes["tiny"],
+        sizes["public"],
+    )
+
+
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
-        Family(
+        _family(
             "mixtral",
             "MixtralConfig",
             "MixtralSparseMoeBlock",
@@ -60,10 +82,8 @@ FAMILIES: dict[str, Family] = {
             routers.mixtral_router_forward,
             routers.renormalized_routing,
             ("hidden_dim",),
-            dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
-            dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2),
         ),
-        Family(
+        _family(
             "qwen2_moe",
             "Qwen2MoeConfig",
             "Qwen2MoeSparseMoeBlock",
@@ -71,23 +91,8 @@ FAMILIES: dict[str, Family] = {
             routers.softmax_router_forward,
             routers.softmax_routing,
             _SOFTMAX_ATTRS,
-            dict(
-                intermediate_size=32,
-                moe_intermediate_size=16,
-                shared_expert_intermediate_size=24,
-                num_experts=6,
-                num_experts_per_tok=2,
-                norm_topk_prob=False,
-            ),
-            dict(
-                hidden_size=2048,
-                moe_intermediate_size=1408,
-                shared_expert_intermediate_size=5632,
-                num_experts=60,
-                num_experts_per_tok=4,
-            ),
         ),
-        Family(
+        _family(
             "qwen3_moe",
             "Qwen3MoeConfig",
             "Qwen3MoeSparseMoeBlock",
@@ -95,21 +100,8 @@ FAMILIES: dict[str, Family] = {
             routers.softmax_router_forward,
             routers.softmax_routing,
             _SOFTMAX_ATTRS,
-            dict(
-                num_hidden_layers=3,
-                mlp_only_layers=[0],
-                head_dim=8,
-                intermediate_size=32,
-                moe_intermediate_size=16,
-                num_experts=6,
-                num_experts_per_tok=3,
-                norm_topk_prob=True,
-            ),
-            dict(
-                hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True
-            ),
         ),
-        Family(
+        _family(
             "olmoe",
             "OlmoeConfig",
             "OlmoeSparseMoeBlock",
@@ -117,10 +109,8 @@ FAMILIES: dict[str, Family] = {
             routers.softmax_router_forward,
             routers.softmax_routing,
             _SOFTMAX_ATTRS,
-            dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2),
-            dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8),
         ),
-        Family(
+        _family(
             "deepseek_v3",
             "DeepseekV3Config",
             "DeepseekV3MoE",
@@ -128,39 +118,8 @@ FAMILIES: dict[str, Family] = {
             routers.deepseek_v3_router_forward,
             routers.deepseek_v3_routing,
             (*_DEEPSEEK_ATTRS, "routed_scaling_factor"),
-            dict(
-                num_hidden_layers=3,
-                num_key_value_heads=4,
-                intermediate_size=32,
-                moe_intermediate_size=16,
-                n_routed_experts=8,
-                n_group=4,
-                topk_group=2,
-                num_experts_per_tok=3,
-                first_k_dense_replace=1,
-                routed_scaling_factor=2.5,
-                norm_topk_prob=True,
-                n_shared_experts=1,
-                kv_lora_rank=16,
-                q_lora_rank=16,
-                qk_rope_head_dim=8,
-                qk_nope_head_dim=8,
-                v_head_dim=8,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            ),
-            dict(
-                hidden_size=7168,
-                moe_intermediate_size=2048,
-                n_routed_experts=32,
-                n_group=8,
-                topk_group=4,
-                num_experts_per_tok=8,
-                n_shared_experts=1,
-                routed_scaling_factor=2.5,
-                norm_topk_prob=True,
-            ),
         ),
-        Family(
+        _family(
             "gpt_oss",
             "GptOssConfig",
             "GptOssMLP",
@@ -168,8 +127,6 @@ FAMILIES: dict[str, Family] = {
             routers.gpt_oss_router_forward,
             routers.renormalized_routing,
             ("bias",),
-            dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4),
-            dict(hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4),
         ),
     )
 }
