@@ -1,7 +1,7 @@
 """Eager per-call overhead of each op's boundary: the host time of one call at a size where the
 work itself is negligible, through four doors:
 
-- ``bare_forward``: the op's forward function (the Triton launcher on CUDA, the PyTorch reference
+- ``bare_forward``: the op's forward function (the Triton launcher on CUDA, the PyTorch path
   elsewhere), no argument checks, no autograd;
 - ``public``: ``moe_kernels.<op>`` as users call it in eager mode (checks, backend choice, the
   eager ``autograd.Function`` that bypasses the dispatcher), under ``torch.no_grad``;

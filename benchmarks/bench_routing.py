@@ -82,8 +82,8 @@ def run(
     dtypes = dtypes or (("float32",) if quick_cpu else ("bfloat16",))
     if device.type != "cuda":
         print(
-            f"note: on {device.type}, moe_kernels (backend='auto') runs the PyTorch reference, "
-            "so it should match torch_eager plus the op's dispatch"
+            f"note: on {device.type}, moe_kernels (backend='auto') runs the PyTorch path "
+            "(moe_kernels.cpu on the CPU), not the Triton kernels"
         )
     peak_gbs = measured_bandwidth_gbs(device)
     print(f"measured copy bandwidth: {peak_gbs:.1f} GB/s")

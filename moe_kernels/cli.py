@@ -30,7 +30,7 @@ def _backend_label(device: torch.device, backend: str = "auto") -> str:
     except RuntimeError as error:
         return f"unavailable ({error})"
     if not triton_path:
-        return "torch reference"
+        return "PyTorch: the fast CPU path" if device.type == "cpu" else "PyTorch reference"
     return "triton interpreter" if device.type == "cpu" else "triton"
 
 

@@ -1,4 +1,4 @@
-"""Routing family, reference path: the PyTorch reference (the CPU path of ``softmax_topk``) and
+"""Routing family, PyTorch path: the reference (the oracle; ``backend="torch"`` off the CPU) and
 ``TopKRouter`` against the float64 oracle, the semantics the docstring promises, and properties
 on random shapes, dtypes, layouts, ties and non-finite logits."""
 

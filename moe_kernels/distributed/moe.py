@@ -107,7 +107,7 @@ class ExpertParallelMoE(nn.Module):
     def experts(self, recv_x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """The local experts on the dispatched rows: ``recv_x (R, H)`` grouped by local expert ->
         ``(R, H)`` in ``recv_x.dtype``, ``down(act(gate_up(x) + b1) + b2)`` row by row."""
-        # The Triton path takes no float64: float64 runs the torch reference on any device.
+        # The Triton path takes no float64: float64 runs the PyTorch path on any device.
         backend = "torch" if recv_x.dtype == torch.float64 else self.backend
         hidden = grouped_mm(recv_x, self.gate_up_proj.transpose(1, 2), handle.offsets, backend=backend)
         if self.gate_up_bias is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import ACTIVATIONS, is_int
-from moe_kernels.functional import _validate as check
+from moe_kernels.functional import _checks as check
 from moe_kernels.ops import align
 from moe_kernels.ops.align import MoEAlignment
 from moe_kernels.ops.experts import FUSED_EXPERTS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.functional import _validate as check
+from moe_kernels.functional import _checks as check
 from moe_kernels.ops.grouped_mm import GROUPED_MM
 from moe_kernels.utils import use_triton
 

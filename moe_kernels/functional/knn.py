@@ -8,7 +8,7 @@ import torch
 
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu.knn import confidence_and_weights
-from moe_kernels.functional import _validate as check
+from moe_kernels.functional import _checks as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.ops.knn import KNN_MIX, KNN_ROUTE
 from moe_kernels.utils import compute_dtype, use_triton

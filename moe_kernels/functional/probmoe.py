@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import RENORM_EPS, is_int
-from moe_kernels.functional import _validate as check
+from moe_kernels.functional import _checks as check
 from moe_kernels.functional.routing import softmax_topk
 from moe_kernels.ops.probmoe import EXACT_K, MAX_TRITON_K
 from moe_kernels.utils import compute_dtype, use_triton

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import RoutingConfig
-from moe_kernels.functional import _validate as check
+from moe_kernels.functional import _checks as check
 from moe_kernels.ops.routing import SOFTMAX_TOPK
 from moe_kernels.utils import use_triton
 

@@ -201,7 +201,7 @@ def _softmax_topk_fwd_kernel(
     ``group_size = E``, so column ``c`` is expert ``c``). ``CONTIGUOUS`` says that column ``c``
     is expert ``c`` (no groups, or a power-of-two group size), which lets the compiler see
     consecutive addresses and issue vector loads. The routing itself is :func:`route_tile`,
-    shared with the fused kNN route (``_knn_route.py``).
+    shared with the fused kNN route (``_knn.py``).
     """
     tile = route_columns(T, E, group_size, BLOCK_T, ROUTING.G_PAD, ROUTING.GS_PAD, CONTIGUOUS)
     rows, row_ok, expert, col_ok = tile

@@ -11,8 +11,9 @@ The forward kernel also computes ``grad_a = grad_out @ b[g]^T`` (``b.transpose(1
 as a strided view, no copy); ``grad_b`` has its own kernel. Both kernels take a row gather of ``a``
 and a per-row scale (``a_rows`` / ``row_scale`` of the launchers) for the fused experts op.
 
-As for every op, ``use_triton`` picks the Triton kernels or the PyTorch reference
-(:func:`moe_kernels.reference.experts.grouped_mm` / ``grouped_mm_backward``); the op is built by
+As for every op, ``use_triton`` picks the Triton kernels or the PyTorch path (``moe_kernels.cpu``
+on the CPU, :func:`moe_kernels.reference.experts.grouped_mm` / ``grouped_mm_backward`` elsewhere);
+the op is built by
 :func:`moe_kernels.ops._boundary.define_op`. Tile sizes come from
 :func:`moe_kernels.ops.tuned_configs.grouped_mm_meta` (heuristic, tuned tables, pinned). AOT cases:
 ``aot/cases/experts.py``.

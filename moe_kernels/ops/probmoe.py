@@ -9,7 +9,7 @@
 
 One kernel computes the DP, the marginals, the log normaliser and (``sample=True``) an exact
 sample; the backward kernel computes ``Cov(z) @ grad_marginals + grad_log_z * marginals``. As for
-every op, ``use_triton`` picks the kernels or the PyTorch reference; the op is built by
+every op, ``use_triton`` picks the kernels or the PyTorch path; the op is built by
 :func:`moe_kernels.ops._boundary.define_op`.
 """
 

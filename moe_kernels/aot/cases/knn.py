@@ -1,6 +1,6 @@
-"""Ahead-of-time compile cases of the kNN-MoE kernels: the mixing op (``ops/knn.py``) over the
-routing registry's expert counts, and the fused route (``ops/knn_route.py``) over every model's own
-routing and token counts. The logits dtype only changes the loads: bf16 stands for both 16-bit
+"""Ahead-of-time compile cases of the kNN-MoE kernels (``ops/knn.py``): the mixing op over the
+routing registry's expert counts, and the fused route over every model's own routing and token
+counts. The logits dtype only changes the loads: bf16 stands for both 16-bit
 dtypes in the fused route. Neighbour ids come as int64 from ``RoutingMemory.search``; int32 ids
 compile once per expert count (n = 8, bf16, similarity weighting) to cover their load."""
 
