@@ -336,10 +336,11 @@ class KnnMixing:
         check_mixing("KnnMixing", self.weighting, self.temperature, self.min_confidence)
         for name in ("temperature", "min_confidence"):  # 1 and 1.0 are one value (equal and of one hash)
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "_op_args", (self.weighting, self.temperature, self.min_confidence))
 
     def op_args(self) -> tuple[str, float, float]:
         """The fields in order, as primitives for a ``torch.library`` schema (:attr:`OP_FIELDS`)."""
-        return self.weighting, self.temperature, self.min_confidence
+        return self._op_args
 
     @classmethod
     def from_op_args(cls, weighting: str, temperature: float, min_confidence: float) -> KnnMixing:

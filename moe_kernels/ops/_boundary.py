@@ -87,6 +87,10 @@ class _Flattening:
         self._rebuilt: dict[tuple, object] = {}
 
     def flatten(self, args: tuple) -> tuple:
+        """The flat arguments of the function's ``args``."""
+        if len(self.records) == 1:  # the common case, written out (a call pays it on the dispatcher path)
+            ((index, _),) = self.records
+            return args[:index] + args[index].op_args() + args[index + 1 :]
         flat, done = (), 0
         for index, _ in self.records:
             flat += args[done:index] + args[index].op_args()
@@ -103,21 +107,29 @@ class _Flattening:
 
     def unflatten(self, flat: tuple) -> tuple:
         """The function's arguments from the flat ones."""
+        if len(self._spans) == 1:  # the common case, written out
+            ((start, end, record),) = self._spans
+            return flat[:start] + (self._rebuild(record, flat[start:end]),) + flat[end:]
         args, done = (), 0
         for start, end, record in self._spans:
-            values = flat[start:end]
-            try:
-                rebuilt = self._rebuilt.get(values)
-            except TypeError:  # symbolic values (torch.compile's tracing) are unhashable
-                values = tuple(map(_concrete, values))
-                rebuilt = self._rebuilt.get(values)
-            if rebuilt is None:
-                if len(self._rebuilt) >= _MAX_REBUILT:
-                    self._rebuilt.clear()
-                rebuilt = self._rebuilt[values] = record.from_op_args(*values)
-            args += flat[done:start] + (rebuilt,)
+            args += flat[done:start] + (self._rebuild(record, flat[start:end]),)
             done = end
         return args + flat[done:] if done else flat
+
+    def _rebuild(self, record: type, values: tuple):
+        """The record of these flat values, kept after its first rebuild."""
+        try:
+            return self._rebuilt[values]
+        except KeyError:
+            pass
+        except TypeError:  # symbolic values (torch.compile's tracing) are unhashable
+            values = tuple(map(_concrete, values))
+            if values in self._rebuilt:
+                return self._rebuilt[values]
+        if len(self._rebuilt) >= _MAX_REBUILT:
+            self._rebuilt.clear()
+        rebuilt = self._rebuilt[values] = record.from_op_args(*values)
+        return rebuilt
 
 
 # Distinct records one op keeps rebuilt (a process uses a handful of routing configurations).
