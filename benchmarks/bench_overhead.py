@@ -6,10 +6,10 @@ work itself is negligible, through four doors:
 - ``public``: ``moe_kernels.<op>`` as users call it in eager mode (checks, backend choice, the
   eager ``autograd.Function`` that bypasses the dispatcher), under ``torch.no_grad``;
 - ``public_autograd``: the same with inputs that require grad (it records the backward);
-- ``registered_op``: ``torch.ops.moe_kernels.<op>`` through the dispatcher (the option records
-  flattened into its schema and rebuilt), which is what ``torch.compile`` traces and what eager
-  calls would cost without the bypass; ``registered_op_autograd`` with its first input requiring
-  grad (the registered autograd).
+- ``registered_op``: ``torch.ops.moe_kernels.<op>`` through the dispatcher, called with its flat
+  arguments (the option records' fields, rebuilt into records inside): what a ``torch.compile``
+  graph calls, and what eager calls would cost without the bypass; ``registered_op_autograd``
+  with its first input requiring grad (the registered autograd).
 
 ``overhead_us`` is a row's time minus ``bare_forward``'s. ``boundary_us`` is the same door timed
 with the op's forward replaced by a stub that returns its precomputed outputs: the cost of the
@@ -151,18 +151,19 @@ def stubbed_forward(op, outputs):
         op.forward = real
 
 
-def _door_times(public, registered, bare, args, device) -> dict:
+def _door_times(public, definition, bare, args, device) -> dict:
     """Host microseconds per call of each door of one op."""
+    registered, flat = definition.op, definition.flat_args(args)
     with torch.no_grad():
         calls = {
             "bare_forward": lambda: bare(*args),
             "public": lambda: public(False),
-            "registered_op": lambda: registered(*args),
+            "registered_op": lambda: registered(*flat),
         }
         times = {name: host_us_per_call(fn, device) for name, fn in calls.items()}
     times["public_autograd"] = host_us_per_call(lambda: public(True), device)
-    grad_args = (args[0].detach().requires_grad_(), *args[1:])
-    times["registered_op_autograd"] = host_us_per_call(lambda: registered(*grad_args), device)
+    grad_flat = definition.flat_args((args[0].detach().requires_grad_(), *args[1:]))
+    times["registered_op_autograd"] = host_us_per_call(lambda: registered(*grad_flat), device)
     return times
 
 
@@ -174,11 +175,11 @@ def run(*, device=None, ops: Sequence[str] | None = None) -> list[dict]:
     for op, (public, definition, args) in _cases(device, use_triton).items():
         if ops and op not in ops:
             continue
-        times = _door_times(public, definition.registered, definition.forward, args, device)
+        times = _door_times(public, definition, definition.forward, args, device)
         with torch.no_grad():
             outputs = definition.forward(*args)
         with stubbed_forward(definition, outputs) as stub:
-            boundary = _door_times(public, definition.registered, stub, args, device)
+            boundary = _door_times(public, definition, stub, args, device)
         for provider in PROVIDERS:
             rows.append(
                 {

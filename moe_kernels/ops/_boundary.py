@@ -186,8 +186,15 @@ class Op:
         schema is inferred from it) that calls ``self.<attribute>`` with the records rebuilt, and
         ``fake`` called with ``function``'s arguments as a named tuple."""
 
-        def call(*flat):
-            return getattr(self, attribute)(*flattening.unflatten(flat))
+        if flattening.records:
+
+            def call(*flat):
+                return getattr(self, attribute)(*flattening.unflatten(flat))
+
+        else:  # nothing to rebuild (most ops): the dispatcher's arguments are the function's
+
+            def call(*flat):
+                return getattr(self, attribute)(*flat)
 
         call.__name__ = call.__qualname__ = function.__name__
         call.__module__, call.__doc__ = function.__module__, function.__doc__
