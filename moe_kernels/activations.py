@@ -30,22 +30,32 @@ _GATES = {
 }
 
 
-def _halves(gate_up: torch.Tensor, code: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate, up)`` of ``gate_up`` in the compute dtype: interleaved columns for GPT-OSS."""
-    x = gate_up.to(compute_dtype(gate_up.dtype))
-    return (x[..., 0::2], x[..., 1::2]) if code == Activation.GPT_OSS else x.chunk(2, dim=-1)
-
-
-def gated_activation(gate_up: torch.Tensor, activation: str | Activation) -> torch.Tensor:
-    """``act (..., I)`` of ``gate_up (..., 2I)``: ``gate_fn(gate) * up`` (SwiGLU, GeGLU with erf or
-    tanh), or GPT-OSS's ``(up + 1) * gate * sigmoid(alpha * gate)`` on the clamped halves.
-    Differentiable by autograd."""
-    code = Activation.parse(activation)
-    gate, up = _halves(gate_up, code)
+def _split(gate_up: torch.Tensor, code: Activation, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)`` views of ``gate_up`` along ``dim``: interleaved for GPT-OSS, halves otherwise."""
     if code == Activation.GPT_OSS:
-        gate, up = gate.clamp(max=GPT_OSS_LIMIT), up.clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        dim %= gate_up.dim()
+        return gate_up.unflatten(dim, (-1, 2)).unbind(dim + 1)
+    return gate_up.chunk(2, dim=dim)
+
+
+def _halves(gate_up: torch.Tensor, code: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)`` of ``gate_up (..., 2I)`` in the compute dtype."""
+    return _split(gate_up.to(compute_dtype(gate_up.dtype)), code, -1)
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str | Activation, dim: int = -1) -> torch.Tensor:
+    """``act`` of ``gate_up``, whose ``dim`` (``2I`` long, the last by default) becomes ``I`` long:
+    ``gate_fn(gate) * up`` (SwiGLU, GeGLU with erf or tanh), or GPT-OSS's ``(up + 1) * gate *
+    sigmoid(alpha * gate)`` on the clamped halves. ``dim=0`` serves the CPU path's ``(2I, rows)``
+    pre-activations (features first). Differentiable by autograd."""
+    code = Activation.parse(activation)
+    gate, up = _split(gate_up, code, dim)
+    work = compute_dtype(gate_up.dtype)
+    if code == Activation.GPT_OSS:
+        gate, up = gate.to(work).clamp(max=GPT_OSS_LIMIT), up.to(work).clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
         return ((up + 1.0) * gate * torch.sigmoid(GPT_OSS_ALPHA * gate)).to(gate_up.dtype)
-    return (_GATES[code](gate) * up).to(gate_up.dtype)
+    # The 16-bit up half joins the float32 product as it is read (no float32 copy of it).
+    return (_GATES[code](gate.to(work)) * up).to(gate_up.dtype)
 
 
 def gated_activation_backward(

@@ -25,9 +25,11 @@ BENCHMARKS = {
     # The CPU goals of every op in one table, at 1 thread and at all threads (not part of "all":
     # it re-times what the per-op benchmarks time, against CPU baselines, for minutes).
     "cpu": "bench_cpu",
+    # The CPU decode goals at real layer sizes (float32 and bfloat16, minutes; not part of "all").
+    "cpu_decode": "bench_cpu_decode",
 }
 # What ``--op all`` runs.
-ALL = tuple(name for name in BENCHMARKS if name != "cpu")
+ALL = tuple(name for name in BENCHMARKS if name not in ("cpu", "cpu_decode"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

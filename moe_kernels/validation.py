@@ -10,6 +10,7 @@ import moe_kernels
 from moe_kernels import reference, testing
 from moe_kernels.config import KnnMixing
 from moe_kernels.shapes import ROUTING_SHAPES
+from moe_kernels.utils import use_triton
 
 VALIDATE_TOKENS = {"cuda": (1, 7, 256, 4099), "cpu": (1, 7, 256)}
 VALIDATE_DTYPES = {"cuda": ("float32", "float16", "bfloat16"), "cpu": ("float32", "bfloat16")}
@@ -136,9 +137,17 @@ def _validate_experts_case(shape, num_tokens, dtype, device, backend, hidden=128
     ref = reference.fused_experts(*inputs64, weights.double().cpu(), ids.cpu())
     ref.backward(grad_out.double().cpu())
     pairs = [(p.grad.cpu(), q.grad) for p, q in zip(inputs, inputs64)]
-    ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(
-        _within(a, b, dtype, "fused_experts") for a, b in pairs
-    )
+    if dtype.itemsize == 2 and not use_triton(backend, device, "fused_experts"):
+        # The CPU path rounds where plain PyTorch does: within twice its error in the dtype.
+        plain_inputs = [p.detach().cpu().requires_grad_(True) for p in inputs]
+        plain = testing.plain_fused_experts(*plain_inputs, weights.cpu(), ids.cpu())
+        plain.backward(grad_out.cpu())
+        checks = [(out.cpu(), plain.detach(), ref)] + [(a, p.grad, b) for (a, b), p in zip(pairs, plain_inputs)]
+        ok = all(error <= bound for error, bound in (testing.plain_error_bound(*c) for c in checks))
+    else:
+        ok = _within(out.cpu(), ref, dtype, "fused_experts") and all(
+            _within(a, b, dtype, "fused_experts") for a, b in pairs
+        )
     return _row(
         "fused_experts",
         shape,

@@ -311,3 +311,23 @@ def test_cpu_goal_baselines_compute_the_ops_result():
                     assert torch.equal(mine.long(), other.long()), message
                 else:
                     torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-5, msg=message)
+
+
+def test_cpu_decode_benchmark_rows(tmp_path):
+    from benchmarks import bench_cpu_decode as bench
+
+    rows = bench.run(quick=True, threads_list=[1], plot_dir=str(tmp_path))
+    layer = [row for row in rows if row["section"] == "layer"]
+    assert {(row["case"], row["dtype"], row["T"]) for row in layer} == {
+        (case, dtype, t) for case in bench.LAYERS for dtype in ("float32", "bfloat16") for t in bench.QUICK["tokens"]
+    }
+    for row in layer:
+        # The loop computes the op's result: float32 to rounding, bfloat16 to a few of its ulps.
+        assert row["agree"] < (1e-5 if row["dtype"] == "float32" else 3e-2), row
+        assert 0 < row["floor_us"] and 0 < row["pct_floor"] and row["read_gbs"] > 0 and row["copy_gbs"] > 0
+        assert row["ratio"] > 0 and ("floor" in row["target"]) == (row["T"] in bench.DECODE_TOKENS)
+    model = [row for row in rows if row["section"] == "model"]
+    assert {(row["dtype"], row["baseline"]) for row in model} == {
+        (dtype, base) for dtype in ("float32", "bfloat16") for base in ("hf_grouped_mm", "hf_eager")
+    }
+    assert (tmp_path / "cpu_decode_floor.png").stat().st_size > 0

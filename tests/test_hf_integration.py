@@ -12,18 +12,21 @@ Measured on a CPU (reference backend), patched vs HF eager, float32: logits diff
 9e-7 (logits up to 3.5), parameter gradients of the LM + aux loss by at most 4.2e-7, everywhere
 within 0.4x ``TOLERANCES[float32]``, so no looser bound is needed; the difference is summation
 order only (the k-way combine, and the reference's grouped GEMM against HF's per-expert
-``F.linear``). 16-bit MoE blocks: at most 0.016 in bf16 and 0.002 in fp16 (GPT-OSS, whose
-outputs reach 40: 0.25 and 0.031), within the ``fused_experts`` rows.
+``F.linear``). 16-bit MoE blocks against float64 (CPU path, HF in parentheses): at most 0.018
+(0.021) in bf16 and 0.0017 (0.0020) in fp16, GPT-OSS, whose outputs reach 35, aside: 0.18 (0.35)
+and 0.028 (0.027).
 
 16-bit is compared per MoE block, not per model: bf16 router logits often tie exactly (8-bit
 mantissa), HF's ``torch.topk`` then picks either expert (ours the lower id), and one flipped
-expert in layer 1 changes everything after it. On tie-free tokens the blocks agree within the
-``fused_experts`` row of the table; where they differ, ours is the closer to float64, since HF
-rounds every slot's weighted output to 16 bits before its ``index_add_``.
+expert in layer 1 changes everything after it. On tie-free tokens both blocks are judged against
+the block in float64: the patched one's error is within twice HF's, the 16-bit rule of
+``moe_kernels.testing`` (HF's eager block is plain PyTorch in the dtype; ours is the closer to
+float64, since HF rounds every slot's weighted output to 16 bits before its ``index_add_``).
 """
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -37,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 import moe_kernels.integrations.transformers as hf
 from moe_kernels.integrations.transformers.common import BACKEND, SAVED
-from moe_kernels.testing import TINY_HF_SIZES, assert_close, tiny_hf_config
+from moe_kernels.testing import TINY_HF_SIZES, assert_close, assert_within_plain, tiny_hf_config
 
 FAMILIES = hf.SUPPORTED_MODEL_TYPES
 # MoE layers of every family's tiny_hf_config (Qwen3-MoE and DeepSeek-V3: 3 layers, the first dense).
@@ -242,19 +245,28 @@ def test_deepseek_v3_group_masking_with_negative_keys():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_16bit_matches_hf(family, dtype):
+    # HF's 16-bit block is plain PyTorch in the dtype: the patched block's error against the same
+    # block in float64 is within twice HF's (on the tokens whose top-k is the same in both).
     model, block, router, hidden = _first_block(family, dtype, seed=5)
+    block64 = copy.deepcopy(block).double()
+    router64 = next(m for m in block64.modules() if type(m) is type(router))
     with torch.no_grad():
-        keep = _tie_free(type(router).forward(router, hidden)[0], router.top_k)
+        logits = type(router).forward(router, hidden)[0]
+        top = logits.float().topk(router.top_k, dim=-1).indices.sort(-1).values
+        top64 = type(router).forward(router64, hidden.double())[0].topk(router.top_k, dim=-1).indices.sort(-1).values
+        keep = _tie_free(logits, router.top_k) & (top == top64).all(-1)
         hidden = hidden[keep][None]  # (1, T', H)
         ref = block(hidden)
+        ref64 = block64(hidden.double())
         hf.apply_moe_kernels(model)
         out = block(hidden)
+    assert keep.sum() > 100
     if isinstance(ref, tuple):  # GPT-OSS returns (hidden, router_scores)
         assert_close(out[1], ref[1], dtype=dtype, msg=f"{family} router scores")
         assert out[1].dtype == ref[1].dtype
-        out, ref = out[0], ref[0]
+        out, ref, ref64 = out[0], ref[0], ref64[0]
     assert out.dtype == ref.dtype == dtype
-    assert_close(out, ref, dtype=dtype, op="fused_experts", msg=f"{family} {dtype} block output")
+    assert_within_plain(out, ref, ref64, msg=f"{family} {dtype} block output")
 
 
 @pytest.fixture

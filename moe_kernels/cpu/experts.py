@@ -14,17 +14,26 @@ Two caveats of the CPU kernel, both guarded here:
 - its autograd backward fails on a zero-stride gradient (the gradient of a ``.sum()``): nothing
   here differentiates through it; the explicit backwards make every operand contiguous.
 
-``grouped_mm`` takes float32 / bfloat16 / float16 there (the kernel accumulates in float32 and
-rounds once, as the reference); ``fused_experts`` takes float32 (16-bit would round the
-pre-activation before the activation, see :func:`_can_use`). Both need 16-byte aligned strides
-and pointers; anything else (float64 for gradcheck, odd sizes) goes to the reference. Slots are
-sorted by expert with a stable sort, so results are deterministic; the combine is one
-``index_add_`` in slot order, as the reference's.
+Both ops take float32 / bfloat16 / float16 there (each GEMM accumulates in float32 and rounds
+its output once) with 16-byte aligned strides and pointers; anything else (float64 for
+gradcheck, odd sizes) goes to the reference. In 16-bit, ``fused_experts`` rounds the
+pre-activation and the activation to the dtype, as plain PyTorch in that dtype does (HF's eager
+experts): its 16-bit results are judged against float64 relative to plain PyTorch's error in the
+same dtype (:func:`moe_kernels.testing.assert_within_plain`), and the token sum stays in float32.
+
+Two layouts of the GEMMs. float32, and 16-bit batches past :data:`WEIGHTS_LEFT_MAX_ROWS` routed
+rows, multiply rows by weights (``h = x @ W1^T``, rows first), in blocks of experts. 16-bit decode
+batches multiply the weights by the rows (``h^T = W1 @ x^T``, features first): oneDNN reads each
+expert's weights in place as the left operand, where as the right one it repacks them on every
+call (the right operand's packing costs 1.15-1.3x at decode sizes with AMX). Slots are sorted by
+expert with a stable sort, so results are deterministic; the combine adds in slot order, as the
+reference's.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moe_kernels.activations import gated_activation, gated_activation_backward
 from moe_kernels.config import Activation
@@ -40,6 +49,11 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # has many rows.
 BLOCK_ROWS = 1024
 BACKWARD_BLOCK_ROWS = 4096
+# 16-bit batches of up to this many routed rows (T*k) take the features-first GEMMs: from there on
+# (prefill) both layouts' GEMMs take the same time and the rows-first elementwise passes and
+# combine are cheaper (OLMoE-1B-7B's layer, bfloat16, 1 thread: 1.17x faster at 512 rows, even at
+# 2048).
+WEIGHTS_LEFT_MAX_ROWS = 1024
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -123,11 +137,14 @@ def _routing(ids: torch.Tensor, num_experts: int):
 
 
 def _can_use(hidden, gate_up_proj, down_proj) -> bool:
-    """float32 experts with aligned strides. 16-bit experts keep the reference: the CPU kernel
-    returns its GEMMs in the inputs' dtype, so the pre-activation would be rounded to 16 bits
-    before the activation (the reference and the Triton epilogue apply it to float32 sums; the
-    extra rounding measured 0.13 on a GPT-OSS bf16 output, twice the bf16 tolerance)."""
-    return hidden.dtype == torch.float32 and _aligned(hidden, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2))
+    """Experts ``torch._grouped_mm`` takes in both layouts of the GEMMs."""
+    weights_as_given = (gate_up_proj, down_proj)
+    return _aligned(hidden, *weights_as_given, *(w.transpose(1, 2) for w in weights_as_given))
+
+
+def _weights_left(hidden: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Whether the forward takes the features-first GEMMs (16-bit decode batches)."""
+    return hidden.dtype != torch.float32 and ids.numel() <= WEIGHTS_LEFT_MAX_ROWS
 
 
 def _expert_blocks(offsets: torch.Tensor, num_valid: int, block_rows: int):
@@ -190,22 +207,65 @@ def fused_experts_forward(
             hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h
         )
     slots, tokens, experts, offsets = _routing(ids, gate_up_proj.shape[0])
-    out = torch.zeros(hidden.shape, dtype=hidden.dtype)
     saved = hidden.new_zeros((ids.numel(), width)) if save_h else hidden.new_empty((0, width))
     slot_weights = weights.reshape(-1)[slots][:, None]
+    args = (hidden, gate_up_proj, down_proj, activation, gate_up_bias, down_bias)
+    if _weights_left(hidden, ids):
+        return _forward_features_first(*args, slots, tokens, experts, offsets, slot_weights, saved), saved
+    return _forward_rows_first(*args, slots, tokens, experts, offsets, slot_weights, saved), saved
+
+
+def _forward_rows_first(
+    hidden, gate_up_proj, down_proj, activation, gate_up_bias, down_bias, slots, tokens, experts, offsets,
+    slot_weights, saved,
+) -> torch.Tensor:  # fmt: skip
+    """``out (T, H)``, block by block of experts, ``h`` rows written into ``saved`` (when it has
+    rows); the token sum in float32."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
     w1, w2 = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
     for e0, e1, r0, r1 in _expert_blocks(offsets, slots.numel(), BLOCK_ROWS):
         rows, block_offsets = slice(r0, r1), offsets[e0:e1] - r0
         _, h = _pre_activation(hidden, w1[e0:e1], gate_up_bias, tokens[rows], experts[rows], block_offsets)
-        if save_h:
+        if saved.shape[0]:
             saved[rows] = h
         # The routing weight scales the activation rows (I wide) before the down projection, not
         # its H-wide output: one pass over fewer bytes.
         y = _grouped(gated_activation(h, activation).mul_(slot_weights[rows]), w2[e0:e1], block_offsets)
         if down_bias is not None:
             y += down_bias[experts[rows]] * slot_weights[rows]
-        out.index_add_(0, tokens[rows], y)
-    return out, saved
+        out.index_add_(0, tokens[rows], y.float())
+    return out.to(hidden.dtype)
+
+
+def _forward_features_first(
+    hidden, gate_up_proj, down_proj, activation, gate_up_bias, down_bias, slots, tokens, experts, offsets,
+    slot_weights, saved,
+) -> torch.Tensor:  # fmt: skip
+    """``out (T, H)`` from ``h^T = W1 @ x^T (2I, n)`` and ``y^T = W2 @ act^T (H, n)``: each
+    elementwise pass runs along contiguous rows of those, and the token sum adds ``y^T``'s columns
+    into ``out^T (H, T)`` in float32.
+
+    The ``n`` routed rows are padded to a multiple of 16 bytes (with token 0, weight 0): ``act^T``
+    is a right operand with ``n`` columns, whose row stride ``torch._grouped_mm`` wants aligned.
+    The GEMMs leave the columns past ``n`` unwritten (the offsets end at ``n``); nothing reads them."""
+    num_valid = slots.numel()
+    out_t = torch.zeros((hidden.shape[1], hidden.shape[0]), dtype=torch.float32)
+    if not num_valid:
+        return out_t.t().contiguous().to(hidden.dtype)
+    pad = -num_valid % (16 // hidden.element_size())
+    padded_tokens, padded_experts = F.pad(tokens, (0, pad)), F.pad(experts, (0, pad))
+    h_t = torch._grouped_mm(gate_up_proj, hidden[padded_tokens].t(), offs=offsets)
+    if gate_up_bias is not None:
+        h_t += gate_up_bias[padded_experts].t()
+    if saved.shape[0]:
+        saved[:num_valid] = h_t[:, :num_valid].t()
+    padded_weights = F.pad(slot_weights[:, 0], (0, pad))
+    act_t = gated_activation(h_t, activation, dim=0).mul_(padded_weights)
+    y_t = torch._grouped_mm(down_proj, act_t, offs=offsets)
+    if down_bias is not None:
+        y_t += (down_bias[padded_experts] * padded_weights[:, None]).t()
+    out_t.index_add_(1, tokens, y_t[:, :num_valid].float())
+    return out_t.t().contiguous().to(hidden.dtype)
 
 
 def fused_experts_backward(
@@ -234,7 +294,9 @@ def fused_experts_backward(
         )
     num_experts = gate_up_proj.shape[0]
     slots, tokens, experts, offsets = _routing(ids, num_experts)
-    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype)
+    # The sums over slots (the input's and the biases' gradients) and the routing weights' dot
+    # products in float32 (16-bit inputs are rounded once, at the end).
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)
     grad_weights = torch.zeros(weights.numel(), dtype=weights.dtype)
     blocks = _expert_blocks(offsets, slots.numel(), BACKWARD_BLOCK_ROWS)
     # Weight gradients: with one block, the kernel's outputs over all experts (it writes zeros for
@@ -245,8 +307,8 @@ def fused_experts_backward(
     if not single:  # filled block by block (new_output: a test can poison them)
         alloc = (lambda t: new_output(tuple(t.shape), t.dtype, t.device)) if blocks else torch.zeros_like
         grad_gate_up, grad_down = alloc(gate_up_proj), alloc(down_proj)
-    grad_gate_up_bias = None if gate_up_bias is None else torch.zeros_like(gate_up_bias)
-    grad_down_bias = None if down_bias is None else torch.zeros_like(down_bias)
+    grad_gate_up_bias = None if gate_up_bias is None else torch.zeros(gate_up_bias.shape, dtype=torch.float32)
+    grad_down_bias = None if down_bias is None else torch.zeros(down_bias.shape, dtype=torch.float32)
     saved_h = h.shape[0] == ids.numel()
     w1 = gate_up_proj.transpose(1, 2)
     all_weights = weights.reshape(-1)[slots][:, None]
@@ -263,15 +325,15 @@ def fused_experts_backward(
         # gradient is its dot product with the activation (plus the bias term), the activation's
         # is it scaled by the weight.
         grad_act = _grouped(grad_rows, down_proj[e0:e1], block_offsets)  # (n, I)
-        grad_slot = (grad_act * act).sum(-1)
+        grad_slot = (grad_act.float() * act).sum(-1)
         if down_bias is not None:
-            grad_slot += (grad_rows * down_bias[block_experts]).sum(-1)
+            grad_slot += (grad_rows.float() * down_bias[block_experts]).sum(-1)
             grad_down_bias.index_add_(0, block_experts, grad_rows * slot_weights)
         grad_weights[slots[rows]] = grad_slot.to(weights.dtype)
         grad_h = gated_activation_backward(grad_act, pre, activation).mul_(slot_weights)
         if grad_gate_up_bias is not None:
-            grad_gate_up_bias.index_add_(0, block_experts, grad_h)
-        grad_hidden.index_add_(0, block_tokens, _grouped(grad_h, gate_up_proj[e0:e1], block_offsets))
+            grad_gate_up_bias.index_add_(0, block_experts, grad_h.float())
+        grad_hidden.index_add_(0, block_tokens, _grouped(grad_h, gate_up_proj[e0:e1], block_offsets).float())
         # (e, H, I) and (e, 2I, H), down_proj's and gate_up_proj's layouts, of the routed experts.
         act.mul_(slot_weights)
         if single:
@@ -281,10 +343,10 @@ def fused_experts_backward(
             grad_down[e0:e1] = _grouped(grad_rows.t(), act, block_offsets)
             grad_gate_up[e0:e1] = _grouped(grad_h.t(), x, block_offsets)
     return (
-        grad_hidden,
+        grad_hidden.to(hidden.dtype),
         grad_gate_up,
         grad_down,
         grad_weights.view(weights.shape),
-        grad_gate_up_bias,
-        grad_down_bias,
+        None if gate_up_bias is None else grad_gate_up_bias.to(gate_up_bias.dtype),
+        None if down_bias is None else grad_down_bias.to(down_bias.dtype),
     )

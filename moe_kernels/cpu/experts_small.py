@@ -8,7 +8,7 @@ a dozen ops and ``2 * E`` group visits for a few tiny GEMVs; HF's per-expert loo
 per routed expert. Here the whole layer is about ten ops whatever ``E`` and ``k``, at the price of
 copying each slot's weights: so it runs only where those copies are small
 (:data:`MAX_GATHER_BYTES`; at HF's mid sizes the weights are read once by the grouped path
-instead). Same function and dtype rules as :mod:`moe_kernels.cpu.experts` (float32).
+instead). Same function and dtype rules as :mod:`moe_kernels.cpu.experts`.
 """
 
 from __future__ import annotations
@@ -57,17 +57,22 @@ def _rows(hidden, gate_up_proj, down_proj, experts, activation, gate_up_bias, do
     return x, up, h, act, down, y
 
 
+def _per_expert_sum(like: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (one per slot) summed by expert into zeros shaped like ``like``, in float32 (one
+    rounding to ``like``'s dtype at the end)."""
+    return torch.zeros(like.shape, dtype=torch.float32).index_add_(0, experts, rows.float()).to(like.dtype)
+
+
 def forward(hidden, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, save_h):
     """``(out (T, H), h)`` as :func:`moe_kernels.cpu.experts.fused_experts_forward` returns them
     (``h`` in its expert-sorted layout when ``save_h``)."""
     num_tokens, k = ids.shape
     experts, slot_weights, empty = _slots(ids, weights)
     _, _, h, act, _, y = _rows(hidden, gate_up_proj, down_proj, experts, activation, gate_up_bias, down_bias, k)
-    # The token sum of the weighted slot outputs: (T, 1, k) @ (T, k, H).
+    # The token sum of the weighted slot outputs in float32: (T, 1, k) @ (T, k, H).
     hidden_size = hidden.shape[1]
-    out = torch.bmm(slot_weights.view(num_tokens, 1, k), y.view(num_tokens, k, hidden_size)).view(
-        num_tokens, hidden_size
-    )
+    rows = y.float().view(num_tokens, k, hidden_size)
+    out = torch.bmm(slot_weights.view(num_tokens, 1, k), rows).view(num_tokens, hidden_size).to(hidden.dtype)
     width = gate_up_proj.shape[1]
     if not save_h:
         return out, hidden.new_empty((0, width))
@@ -91,25 +96,19 @@ def backward(grad_out, hidden, gate_up_proj, down_proj, weights, ids, activation
     hidden_size = hidden.shape[1]
     grad_rows = grad_out.to(hidden.dtype).unsqueeze(1).expand(num_tokens, k, hidden_size)
     grad_rows = grad_rows.reshape(num_tokens * k, hidden_size)
-    grad_weights = (grad_rows * y).sum(-1)
+    grad_weights = (grad_rows.float() * y).sum(-1)  # float32 products and sum
     if empty is not None:
         grad_weights = torch.where(empty, 0.0, grad_weights)
-    grad_y = grad_rows * slot_weights[:, None]
+    grad_y = (grad_rows * slot_weights[:, None]).to(hidden.dtype)
     grad_act = torch.bmm(down.transpose(1, 2), grad_y.unsqueeze(-1)).squeeze(-1)  # (n, I)
     grad_h = gated_activation_backward(grad_act, h, activation)
     grad_x = torch.bmm(up.transpose(1, 2), grad_h.unsqueeze(-1)).squeeze(-1)  # (n, H)
     grad_hidden = grad_x.view(num_tokens, k, hidden_size).sum(1)
     # Weight gradients: each slot's outer product, added into its expert (empty slots add 0).
-    grad_down = torch.zeros_like(down_proj).index_add_(0, experts, torch.bmm(grad_y.unsqueeze(-1), act.unsqueeze(1)))
-    grad_gate_up = torch.zeros_like(gate_up_proj).index_add_(
-        0, experts, torch.bmm(grad_h.unsqueeze(-1), x.unsqueeze(1))
-    )
-    grad_gate_up_bias = None
-    if gate_up_bias is not None:
-        grad_gate_up_bias = torch.zeros_like(gate_up_bias).index_add_(0, experts, grad_h)
-    grad_down_bias = None
-    if down_bias is not None:
-        grad_down_bias = torch.zeros_like(down_bias).index_add_(0, experts, grad_y)
+    grad_down = _per_expert_sum(down_proj, experts, torch.bmm(grad_y.unsqueeze(-1), act.unsqueeze(1)))
+    grad_gate_up = _per_expert_sum(gate_up_proj, experts, torch.bmm(grad_h.unsqueeze(-1), x.unsqueeze(1)))
+    grad_gate_up_bias = None if gate_up_bias is None else _per_expert_sum(gate_up_bias, experts, grad_h)
+    grad_down_bias = None if down_bias is None else _per_expert_sum(down_bias, experts, grad_y)
     return (
         grad_hidden,
         grad_gate_up,
