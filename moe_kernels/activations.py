@@ -43,19 +43,26 @@ def _halves(gate_up: torch.Tensor, code: Activation) -> tuple[torch.Tensor, torc
     return _split(gate_up.to(compute_dtype(gate_up.dtype)), code, -1)
 
 
-def gated_activation(gate_up: torch.Tensor, activation: str | Activation, dim: int = -1) -> torch.Tensor:
+def gated_activation(
+    gate_up: torch.Tensor, activation: str | Activation, dim: int = -1, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``act`` of ``gate_up``, whose ``dim`` (``2I`` long, the last by default) becomes ``I`` long:
     ``gate_fn(gate) * up`` (SwiGLU, GeGLU with erf or tanh), or GPT-OSS's ``(up + 1) * gate *
     sigmoid(alpha * gate)`` on the clamped halves. ``dim=0`` serves the CPU path's ``(2I, rows)``
-    pre-activations (features first). Differentiable by autograd."""
+    pre-activations (features first). ``scale`` (optional, broadcast against ``act``: each row's
+    routing weight) multiplies it before its one rounding to ``gate_up``'s dtype. Differentiable
+    by autograd."""
     code = Activation.parse(activation)
     gate, up = _split(gate_up, code, dim)
     work = compute_dtype(gate_up.dtype)
     if code == Activation.GPT_OSS:
         gate, up = gate.to(work).clamp(max=GPT_OSS_LIMIT), up.to(work).clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
-        return ((up + 1.0) * gate * torch.sigmoid(GPT_OSS_ALPHA * gate)).to(gate_up.dtype)
-    # The 16-bit up half joins the float32 product as it is read (no float32 copy of it).
-    return (_GATES[code](gate.to(work)) * up).to(gate_up.dtype)
+        act = (up + 1.0) * gate * torch.sigmoid(GPT_OSS_ALPHA * gate)
+    else:  # the 16-bit up half joins the float32 product as it is read (no float32 copy of it)
+        act = _GATES[code](gate.to(work)) * up
+    if scale is not None:
+        act = act.mul_(scale) if not act.requires_grad else act * scale
+    return act.to(gate_up.dtype)
 
 
 def gated_activation_backward(

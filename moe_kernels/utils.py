@@ -31,8 +31,8 @@ def slot_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     stable=True)``) groups the slots by expert in token order, the empty ones last. Every path that
     groups slots by expert (the alignment and the counts, the CPU experts, expert parallelism)
     keys them so; no host sync."""
-    flat = ids.reshape(-1).long()
-    return torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    # Two ops: -1 and every id past E clamp to -1 and E, and -1 wraps to E.
+    return ids.reshape(-1).long().clamp(-1, num_experts).remainder(num_experts + 1)
 
 
 def cdiv(a: int, b: int) -> int:
