@@ -7,6 +7,10 @@ Rows (``moe-kernels bench --op cpu_decode``), at 1 thread and at all threads:
   (H 2048, I 768, E 128, k 8), random weights of the public shapes, float32 and bfloat16, one
   forward of ``T`` tokens routed to distinct random experts. T = 1 / 4 / 16 (decode): at least 60%
   of the weight-read floor and 1.0x the per-expert loop; T = 64 / 256: at least 1.2x the loop.
+- ``routing``: ``softmax_topk`` on the routers of OLMoE-1B-7B, Qwen3-30B-A3B, DeepSeek-V3 and
+  Qwen3-Next-80B-A3B (logits in the dtype) against the fastest plain chain giving its result (HF's):
+  T <= 64 at most the chain's time + 10 us (the fixed cost a decode step pays per layer), T = 1024
+  at least 1.0x.
 - ``model``: OLMoE-1B-7B with 2 layers (public sizes, random weights), batch 1, greedy decode:
   tokens/s at least 1.1x the unpatched model (transformers' default experts), same tokens; the
   per-expert loop (``experts_implementation="eager"``) reported beside.
@@ -42,7 +46,7 @@ from benchmarks.cpu_baselines import hf_experts_module
 from moe_kernels.integrations.transformers.families import FAMILIES
 
 OP_NAME = "cpu_decode"
-SECTIONS = ("layer", "model")
+SECTIONS = ("layer", "routing", "model")
 TABLE_COLUMNS = (
     "section",
     "case",
@@ -70,11 +74,14 @@ FLOOR_TARGET = 0.60
 DECODE_LOOP_TARGET = 1.0
 PREFILL_LOOP_TARGET = 1.2
 MODEL_TARGET = 1.1
+ROUTING_MODELS = ("OLMoE-1B-7B", "Qwen3-30B-A3B", "DeepSeek-V3", "Qwen3-Next-80B-A3B")
+ROUTING_DECODE_TOKENS, ROUTING_PREFILL_TOKENS = (1, 4, 16, 64), (1024,)
+ROUTING_EXTRA_US = 10.0  # decode: at most the plain chain's time plus this
 CALLS = 9  # timed calls per provider and row
 MODEL_LAYERS, PROMPT_TOKENS, NEW_TOKENS, MODEL_ROUNDS = 2, 16, 16, 3
 MIN_FLUSH_BYTES = 256 << 20
 WARM_HIDDEN = 128  # the warm-up layer's H (I: half of it)
-QUICK = dict(layer=(64, 32, 8, 2), tokens=(1, 4, 64), calls=2, model_width=2, new_tokens=4)
+QUICK = dict(layer=(64, 32, 8, 2), tokens=(1, 4, 64), calls=2, model_width=2, new_tokens=4, routing_tokens=(1, 1024))
 
 
 def last_level_cache_bytes() -> int:
@@ -237,6 +244,47 @@ def _layer_row(name, dtype, threads, num_tokens, times, measured, agree) -> dict
     }
 
 
+def routing_rows(dtype, threads: int, tokens: Sequence[int], quick: bool) -> list[dict]:
+    """``softmax_topk`` on the routers of :data:`ROUTING_MODELS` (logits in ``dtype``, as a model
+    in that dtype computes them) against the fastest plain chain giving its result: at decode
+    sizes at most the chain's time plus :data:`ROUTING_EXTRA_US`, from 1024 tokens 1.0x."""
+    from benchmarks import cpu_baselines
+    from benchmarks.bench_cpu import compare
+    from moe_kernels.shapes import ROUTING_SHAPES
+
+    rows = []
+    for shape in (s for s in ROUTING_SHAPES if s.model in ROUTING_MODELS):
+        chains = cpu_baselines.routing_chains(shape)
+        for num_tokens in tokens:
+            generator = torch.Generator().manual_seed(num_tokens)
+            logits = (torch.randn(num_tokens, shape.num_experts, generator=generator) * 2).to(dtype)
+            bias = torch.randn(shape.num_experts, generator=generator) * 0.1 if shape.has_bias else None
+            calls = {"ours": lambda: moe_kernels.softmax_topk(logits, shape.k, routing=shape.routing, bias=bias)}
+            calls.update({name: (lambda chain=chain: chain(logits, bias)) for name, chain in chains.items()})
+            measured = compare(calls, rounds=2 if quick else 5, target_s=0.05 if quick else 0.6)
+            best = min(chains, key=lambda name: measured[name]["us"])
+            ours_us, chain_us = measured["ours"]["us"], measured[best]["us"]
+            decode = num_tokens in ROUTING_DECODE_TOKENS or num_tokens < ROUTING_PREFILL_TOKENS[0]
+            rows.append(
+                {
+                    "op": OP_NAME,
+                    "section": "routing",
+                    "case": shape.label,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "threads": threads,
+                    "T": num_tokens,
+                    "ours_us": ours_us,
+                    "baseline": best,
+                    "baseline_us": chain_us,
+                    "ratio": chain_us / ours_us,
+                    "target": f"<= chain + {ROUTING_EXTRA_US:g} us" if decode else ">= 1.0x",
+                    "met": ours_us <= chain_us + ROUTING_EXTRA_US if decode else chain_us >= ours_us,
+                    "stalled": sum(m["stalled"] for m in measured.values()),
+                }
+            )
+    return rows
+
+
 def build_decode_model(dtype, quick: bool):
     """OLMoE-1B-7B's public sizes with :data:`MODEL_LAYERS` layers (quick: the tiny test model at
     twice its width), random seeded weights, eval mode."""
@@ -308,30 +356,38 @@ def run(
     torch's); with ``plot_dir``, the % of floor of the layer rows drawn to
     ``<plot_dir>/cpu_decode_floor.png``."""
     all_threads = torch.get_num_threads()
-    threads_list = threads_list or sorted({1, all_threads})
-    probe = MemoryProbe(MIN_FLUSH_BYTES // 16 if quick else None)
-    tokens = QUICK["tokens"] if quick else DECODE_TOKENS + PREFILL_TOKENS
-    calls = QUICK["calls"] if quick else CALLS
+    probe = MemoryProbe(MIN_FLUSH_BYTES // 16 if quick else None) if "layer" in sections else None
     rows = []
     try:
-        for threads in threads_list:
+        for threads in threads_list or sorted({1, all_threads}):
             torch.set_num_threads(threads)
             for dtype in DTYPES:
-                if "layer" in sections:
-                    for name, family in LAYERS.items():
-                        start = time.perf_counter()
-                        scale = QUICK["layer"] if quick else None
-                        rows += layer_rows(name, family, dtype, threads, tokens, calls, probe, scale)
-                        print(f"   layer {name} {dtype} {threads} thr: {time.perf_counter() - start:.0f} s", flush=True)
-                if "model" in sections:
+                for section in sections:
                     start = time.perf_counter()
-                    rows += model_rows(dtype, threads, quick)
-                    print(f"   model {dtype} {threads} thr: {time.perf_counter() - start:.0f} s", flush=True)
+                    rows += _section_rows(section, dtype, threads, quick, probe)
+                    print(f"   {section} {dtype} {threads} thr: {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         torch.set_num_threads(all_threads)
     if plot_dir is not None:
         plot_floor(rows, Path(plot_dir) / f"{OP_NAME}_floor.png")
     return rows
+
+
+def _section_rows(section: str, dtype, threads: int, quick: bool, probe) -> list[dict]:
+    if section == "layer":
+        tokens = QUICK["tokens"] if quick else DECODE_TOKENS + PREFILL_TOKENS
+        calls, scale = (QUICK["calls"], QUICK["layer"]) if quick else (CALLS, None)
+        return [
+            row
+            for name, family in LAYERS.items()
+            for row in layer_rows(name, family, dtype, threads, tokens, calls, probe, scale)
+        ]
+    if section == "routing":
+        tokens = QUICK["routing_tokens"] if quick else ROUTING_DECODE_TOKENS + ROUTING_PREFILL_TOKENS
+        return routing_rows(dtype, threads, tokens, quick)
+    if section == "model":
+        return model_rows(dtype, threads, quick)
+    raise ValueError(f"bench_cpu_decode: unknown section {section!r}; the sections are {SECTIONS}")
 
 
 def plot_floor(rows: Sequence[dict], path: Path) -> Path | None:

@@ -37,7 +37,7 @@ def tie_check(request, monkeypatch):
     """Both tie checks of the selection: on the host (few keys) and vectorised; with them, both
     top-k softmaxes (torch.softmax for few values, written out for many)."""
     small = request.param == "host"
-    monkeypatch.setattr(select, "HOST_CHECK_KEYS", 10**9 if small else 0)
+    monkeypatch.setattr(select, "HOST_CHECK_ROWS", 10**9 if small else 0)
     monkeypatch.setattr(cpu_routing, "MANUAL_SOFTMAX_MIN_VALUES", 10**9 if small else 0)
     return request.param
 
@@ -75,9 +75,15 @@ def test_routing_ties_rank_like_the_reference(dtype, options, tie_check):
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, tie_check):
+@pytest.mark.parametrize("groups", [None, (4, 2)], ids=["nogroups", "groups"])
+def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, groups, tie_check):
+    # With groups, a NaN key makes its group's score NaN on the fast path, while the reference
+    # scores the group without it: such rows are the reference's.
     logits = non_finite_logits(score_func)
-    routing = RoutingConfig(score_func=score_func, renormalize=renormalize)
+    num_groups, topk_groups = groups or (None, None)
+    routing = RoutingConfig(
+        score_func=score_func, renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups
+    )
     weights, ids = cpu_routing.softmax_topk(logits, 5, routing, None)
     want_weights, want_ids = ref_routing.softmax_topk(logits, 5, routing=routing)
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)

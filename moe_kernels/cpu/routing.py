@@ -1,8 +1,10 @@
 """``softmax_topk`` on the CPU: the function of :func:`moe_kernels.reference.routing.softmax_topk`
 in fewer and cheaper calls.
 
-- Selection by :func:`moe_kernels.cpu.select.top_k`; rows with ties or NaN keys (where the rank
-  among equal keys decides) are recomputed by the reference, so ids are always the reference's.
+- Selection by :func:`moe_kernels.cpu.select.top_k`, which ranks the rows with ties or NaN keys
+  exactly (equal keys lower id first, NaN as -inf), so ids are always the reference's; rows whose
+  answer the shortcuts below cannot give (a NaN or +inf logit under the top-k softmax, a NaN in
+  a group score) are recomputed by the reference.
 - Softmax + renormalise without bias or groups (Mixtral, Qwen3, GPT-OSS) selects on the logits
   and takes the softmax of the ``k`` selected logits: the same function (renormalised top-k of
   the softmax), one ``(T, k)`` softmax instead of a ``(T, E)`` one and three more ops. The
@@ -92,9 +94,9 @@ def softmax_topk(
 
 def limit_to_best_groups(keys: torch.Tensor, num_groups: int, topk_groups: int, group_score: str):
     """``keys (T, E)`` with every expert outside the ``topk_groups`` best of ``num_groups``
-    contiguous groups set to -inf, and the rows (a ``(T,)`` bool mask, or None) whose group
-    ranking has a tie or a NaN (the reference ranks those: it maps NaN keys to -inf first and
-    breaks ties by group index)."""
+    contiguous groups set to -inf (equal group scores: the lower group first, as the reference),
+    and the rows (a ``(T,)`` bool mask, or None) with a NaN group score, which the reference
+    computes (it maps NaN keys to -inf before scoring the groups)."""
     num_tokens, num_experts = keys.shape
     grouped = keys.view(num_tokens, num_groups, num_experts // num_groups)
     if group_score == "max":
@@ -107,8 +109,11 @@ def limit_to_best_groups(keys: torch.Tensor, num_groups: int, topk_groups: int, 
         second = grouped.masked_fill(at_first, NEG_INF).amax(-1, keepdim=True)
         second = torch.where(at_first.sum(-1, keepdim=True) >= 2, first, second)
         per_group = (first + second).squeeze(-1)
-    _, best, bad = select.top_k(per_group, topk_groups)
+    _, best, _ = select.top_k(per_group, topk_groups)
     dropped = torch.ones((num_tokens, num_groups), dtype=torch.bool).scatter_(1, best, False)
+    # A NaN key makes its group's score NaN here, where the reference scores the group without it.
+    nan_groups = per_group.isnan().any(-1)
+    bad = nan_groups if bool(nan_groups.any()) else None
     return grouped.masked_fill(dropped[:, :, None], NEG_INF).view(num_tokens, num_experts), bad
 
 
