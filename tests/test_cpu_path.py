@@ -59,27 +59,52 @@ def test_routing_matches_oracle(case, num_tokens, tie_check):
     testing.assert_close(weights, want_weights, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "options", [{}, dict(renormalize=True), dict(score_func="sigmoid", num_groups=8, topk_groups=3)]
 )
-def test_routing_ties_rank_like_the_reference(dtype, options, tie_check):
-    # Random 16-bit logits (and small integers) tie often: those rows take the reference's exact
-    # ranking (equal keys, lower id first), the others the fast selection.
-    for logits in (torch.randn(300, 64).to(dtype), torch.randint(-3, 3, (300, 64)).to(dtype)):
+@pytest.mark.parametrize("num_tokens", [select.DECODE_ROWS, 300])
+def test_routing_ties_rank_like_the_reference(dtype, options, num_tokens, tie_check):
+    # Random 16-bit logits (and small integers) tie often: 16-bit logits are ranked by exact_ids
+    # at once; float32 ones by topk, checked, the tied rows (up to DECODE_ROWS rows every row)
+    # by exact_ids.
+    for logits in (torch.randn(num_tokens, 64).to(dtype), torch.randint(-3, 3, (num_tokens, 64)).to(dtype)):
         weights, ids = cpu_routing.softmax_topk(logits, 8, RoutingConfig(**options), None)
         want_weights, want_ids = ref_routing.softmax_topk(logits, 8, routing=RoutingConfig(**options))
         torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
         testing.assert_close(weights, want_weights)
 
 
+SPECIAL_KEYS = (0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 2e-45, 1.1754944e-38,
+                3.4028235e38, -3.4028235e38, 1.0, 1.0000001, 0.99999994, -1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_experts", [1, 7, 64, 257, 5000])
+def test_exact_ids_is_the_reference_order(num_experts):
+    # Ties of every kind (+-0, subnormals, +-inf, NaN, neighbouring floats, the largest floats,
+    # small integers, bf16 values, tiny normals), against the reference's int64 packing.
+    generator = torch.Generator().manual_seed(num_experts)
+    special = torch.tensor(SPECIAL_KEYS)
+    for trial in range(40):
+        k = int(torch.randint(1, num_experts + 1, (), generator=generator))
+        keys = (
+            special[torch.randint(0, len(special), (3, num_experts), generator=generator)],
+            torch.randint(-3, 3, (3, num_experts), generator=generator).float(),
+            torch.randn(3, num_experts, generator=generator).bfloat16().float(),
+            torch.randn(3, num_experts, generator=generator) * 1e-39,
+        )[trial % 4]
+        want = ref_routing.top_k_lowest_id_first(torch.where(keys.isnan(), float("-inf"), keys), k)
+        torch.testing.assert_close(select.exact_ids(keys, k), want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("groups", [None, (4, 2)], ids=["nogroups", "groups"])
-def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, groups, tie_check):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_non_finite_rows_are_the_reference(score_func, renormalize, groups, dtype, tie_check):
     # With groups, a NaN key makes its group's score NaN on the fast path, while the reference
-    # scores the group without it: such rows are the reference's.
-    logits = non_finite_logits(score_func)
+    # scores the group without it: such rows are the reference's. bfloat16 logits take exact_ids.
+    logits = non_finite_logits(score_func).to(dtype)
     num_groups, topk_groups = groups or (None, None)
     routing = RoutingConfig(
         score_func=score_func, renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups

@@ -70,6 +70,14 @@ def test_validation_does_not_depend_on_earlier_calls():
     # Regression: the validation caches keyed on values, and 1 == 1.0 == True: after a valid call
     # a bad k or renormalize of an equal value skipped validation.
     moe_kernels.softmax_topk(LOGITS, 1, renormalize=True)
+    moe_kernels.softmax_topk(LOGITS, 1)  # a call without options: remembered by routing_call
+    moe_kernels.softmax_topk(LOGITS[:, :9], 9)
+    with pytest.raises(ValueError, match=r"softmax_topk: k must be an int in \[1, 8\]"):
+        moe_kernels.softmax_topk(LOGITS[:, :8], 9)
+    with pytest.raises(ValueError, match=r"softmax_topk: backend must be one of"):
+        moe_kernels.softmax_topk(LOGITS, 1, backend="cuda")
+    with pytest.raises(TypeError, match=r"softmax_topk: logits must be float32"):
+        moe_kernels.softmax_topk(LOGITS.int(), 1)
     for bad in (1.0, True):
         with pytest.raises(ValueError, match=r"softmax_topk: k must be an int"):
             moe_kernels.softmax_topk(LOGITS, bad)

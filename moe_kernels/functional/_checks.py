@@ -15,6 +15,7 @@ import torch
 
 from moe_kernels.config import RoutingConfig, check_mixing, override_routing, routing_or_default
 from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
+from moe_kernels.utils import use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # CPU id tensors up to this many elements are range-checked by reading them (cheaper than a
@@ -156,6 +157,39 @@ def routing_args(
         tensor(op, "bias", bias, device=logits.device, device_of="logits")
     routing.check(num_experts, k, op)
     return routing
+
+
+# Calls without a bias or keyword options that passed routing_call's checks, by what the checks
+# read: (op, dtype, dims, E, k, routing, device type, backend) -> (routing, triton_path).
+_CHECKED_ROUTING_CALLS: dict = {}
+_CHECKED_ROUTING_CALLS_MAX = 1024
+_NO_OPTIONS = (None,) * len(RoutingConfig.OP_FIELDS)
+
+
+def routing_call(op: str, logits, k, bias, routing, options: tuple, backend: str) -> tuple[RoutingConfig, bool]:
+    """:func:`routing_args` (``options``: the RoutingConfig fields given as keywords, None where
+    not), the backend (:func:`moe_kernels.utils.use_triton`) and :func:`triton_routing` in one:
+    returns ``(routing, triton_path)``. A call without bias or options whose arguments passed
+    once pays one lookup, not ~2.5 us of checks: the fixed cost a decode step pays per layer."""
+    key = None
+    # type(k) is int: 8.0 and True hash as 8 and 1 but must meet the int check. No cache while
+    # torch.compile traces (no Python state for dynamo to guard on).
+    if bias is None and type(k) is int and options == _NO_OPTIONS and type(logits) is torch.Tensor:
+        if not torch.compiler.is_compiling():
+            shape = logits.shape
+            key = (op, logits.dtype, len(shape), shape[-1] if shape else 0, k, routing, logits.device.type, backend)
+            try:
+                return _CHECKED_ROUTING_CALLS[key]
+            except KeyError:
+                pass
+            except TypeError:  # an unhashable routing, which routing_args names
+                key = None
+    routing = routing_args(op, logits, k, bias, routing, *options)
+    triton_path = use_triton(backend, logits.device, op)
+    triton_routing(op, logits, routing, triton_path)
+    if key is not None and len(_CHECKED_ROUTING_CALLS) < _CHECKED_ROUTING_CALLS_MAX:
+        _CHECKED_ROUTING_CALLS[key] = (routing, triton_path)
+    return routing, triton_path
 
 
 def triton_routing(op: str, logits: torch.Tensor, routing: RoutingConfig, triton_path: bool = True) -> None:

@@ -155,11 +155,8 @@ def knn_route(
         )
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
     check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
-    routing = check.routing_args(
-        op, router_logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
-    )
-    triton_path = use_triton(backend, router_logits.device, op)
-    check.triton_routing(op, router_logits, routing, triton_path)
+    options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
+    routing, triton_path = check.routing_call(op, router_logits, k, bias, routing, options, backend)
     # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
     # device check is queued for it.
     check.memory_rows(op, neighbor_ids, memory_logits, assert_on_device=not triton_path)

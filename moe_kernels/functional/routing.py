@@ -7,7 +7,6 @@ import torch
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import _checks as check
 from moe_kernels.ops.routing import SOFTMAX_TOPK
-from moe_kernels.utils import use_triton
 
 
 def softmax_topk(
@@ -83,11 +82,8 @@ def softmax_topk(
     kernel); the bias gets no gradient and ``ids`` is not differentiable. Saved for backward:
     ``logits`` (no copy) and ``ids``.
     """
-    routing = check.routing_args(
-        "softmax_topk", logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
-    )
-    triton_path = use_triton(backend, logits.device, "softmax_topk")
-    check.triton_routing("softmax_topk", logits, routing, triton_path)
+    options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
+    routing, triton_path = check.routing_call("softmax_topk", logits, k, bias, routing, options, backend)
     flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
     rows = logits if flat else logits.reshape(-1, logits.shape[-1])
     weights, ids = SOFTMAX_TOPK(rows, k, bias, routing, triton_path)

@@ -62,19 +62,18 @@ def top_k_lowest_id_first(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(..., k)`` int64 of the ``k`` largest ``keys`` (no NaN), largest first, equal keys
     in increasing index order (-0.0 ranks equal to +0.0).
 
-    float32 keys: each key's order-preserving int32 image and its inverted index are packed into
+    float32 keys: each key's order-preserving int32 image and its index are packed into
     one int64, so ``torch.topk`` on the packed values is exact and breaks ties the same way
     (2-2.4x faster on CPU than a stable sort of the row at E = 64-256). float64 keys (gradcheck) use a
     stable sort.
     """
     if keys.dtype == torch.float64:
         return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
-    num_experts = keys.shape[-1]
     bits = (keys + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negative keys
-    inverted = num_experts - torch.arange(num_experts, device=keys.device, dtype=torch.int64)
-    packed = (ordered.to(torch.int64) << 32) | inverted
-    return num_experts - (packed.topk(k, dim=-1).values & 0xFFFFFFFF)
+    # key * 2^32 - id: ordered by key, then the lower id first; -packed's low 32 bits are the id.
+    packed = (ordered.to(torch.int64) << 32) - torch.arange(keys.shape[-1], device=keys.device)
+    return packed.topk(k, dim=-1).values.neg_().bitwise_and_(0xFFFFFFFF)
 
 
 def softmax_topk(
