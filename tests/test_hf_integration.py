@@ -39,7 +39,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM
 
 import moe_kernels.integrations.transformers as hf
-from moe_kernels.integrations.transformers.common import BACKEND, SAVED
+from moe_kernels.integrations.transformers.common import BACKEND, PACKED, SAVED
 from moe_kernels.testing import TINY_HF_SIZES, assert_close, assert_within_plain, tiny_hf_config
 
 FAMILIES = hf.SUPPORTED_MODEL_TYPES
@@ -337,6 +337,31 @@ def test_reapply_and_revert():
     hf.revert_moe_kernels(model)  # no-op
     assert _no_instance_forwards(model)
     assert torch.equal(_logits(model, ids), ref)
+
+
+def test_transposed_expert_weights_are_relaid_once_and_restored():
+    """GPT-OSS's (E, H, 2I) / (E, I, H) Parameters would reach fused_experts as strided views,
+    which oneDNN's 16-bit GEMMs reorder on every call: on the CPU the patch re-lays them (same
+    shapes and values, strides only) so the views are contiguous; revert makes the Parameters
+    contiguous again and HF's forward gives exactly the logits it gave before. Contiguous
+    families are left alone."""
+    model = _build("gpt_oss")
+    ids = _input_ids()
+    ref = _logits(model, ids)
+    experts = [block[2] for block in _blocks(model, "gpt_oss")]
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert not any(view.is_contiguous() for e in experts for view in hf.experts.expert_weights(e))
+    hf.apply_moe_kernels(model)
+    assert all(view.is_contiguous() for e in experts for view in hf.experts.expert_weights(e))
+    for name, param in model.named_parameters():
+        assert param.shape == before[name].shape and torch.equal(param, before[name]), name
+    assert_close(_logits(model, ids), ref, dtype=torch.float32)
+    hf.revert_moe_kernels(model)
+    assert all(param.is_contiguous() for param in model.parameters())
+    assert torch.equal(_logits(model, ids), ref)
+    mixtral = _build("mixtral")
+    hf.apply_moe_kernels(mixtral)
+    assert not any(PACKED in module.__dict__ for module in mixtral.modules())
 
 
 def test_patch_inside_accelerate_style_hooks():

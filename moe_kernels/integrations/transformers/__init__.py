@@ -12,9 +12,13 @@ Importing this module imports neither transformers nor anything of it, and patch
     ``router_logits`` that ``output_router_logits`` records), then ``softmax_topk`` with the
     model's formula below; it returns what HF's router returns: ``(router_logits, weights,
     ids int64)``, the weights in HF's dtype;
-  - the experts (``experts``): ``fused_experts`` on the module's own Parameters (no copy: GPT-OSS's
-    transposed ``(E, H, 2I)`` / ``(E, I, H)`` are passed as transposed views), routing weights
-    cast to float32.
+  - the experts (``experts``): ``fused_experts`` on the module's own Parameters (GPT-OSS's
+    transposed ``(E, H, 2I)`` / ``(E, I, H)`` as transposed views), routing weights cast to
+    float32. On the CPU, weights that would reach it as strided views are re-laid once, in place
+    (the pre-pack: same shapes and values, strides only; oneDNN's bfloat16 GEMMs reorder a
+    strided operand on every call, 2-2.5x slower at decode), and :func:`revert_moe_kernels`
+    makes them contiguous again. ``experts_implementation="moe_kernels"`` (below) patches
+    nothing, so weights stay as loaded there.
 
   The blocks' own forwards stay HF's: the Qwen2-MoE shared expert and its sigmoid gate, the
   DeepSeek-V3 shared experts, Mixtral's training-time jitter, GPT-OSS's ``(hidden, router_scores)``

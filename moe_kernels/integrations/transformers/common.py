@@ -19,6 +19,9 @@ EXPERTS_IMPLEMENTATION = "moe_kernels"
 SAVED = "_moe_kernels_saved_forward"
 BACKEND = "_moe_kernels_backend"
 ROUTING = "_moe_kernels_routing"
+# Per patched experts module whose weights the patch re-laid (see patch.pack_expert_weights): the
+# names of those Parameters.
+PACKED = "_moe_kernels_packed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,10 +77,18 @@ def experts_activation(experts: nn.Module) -> str | None:
     return None
 
 
-def _run_fused_experts(experts, hidden_states, top_k_index, top_k_weights, activation, backend):
+def expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` as fused_experts takes
+    them: the Parameters, or for GPT-OSS's transposed ``(E, H, 2I)`` / ``(E, I, H)`` their
+    transposed views (no copy)."""
     gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
-    if getattr(experts, "is_transposed", False):  # GPT-OSS: (E, H, 2I) / (E, I, H); views, no copy
-        gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    if getattr(experts, "is_transposed", False):
+        return gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    return gate_up_proj, down_proj
+
+
+def _run_fused_experts(experts, hidden_states, top_k_index, top_k_weights, activation, backend):
+    gate_up_proj, down_proj = expert_weights(experts)
     gate_up_bias = down_bias = None
     if getattr(experts, "has_bias", False):
         gate_up_bias, down_bias = experts.gate_up_proj_bias, experts.down_proj_bias
