@@ -100,8 +100,8 @@ def test_route_bad_arguments(change, error, match):
 
 
 def test_route_float64_router_needs_the_torch_backend(monkeypatch):
-    # The module, not the function of the same name that moe_kernels.functional exports.
-    module = importlib.import_module("moe_kernels.functional.knn")
+    # The backend is resolved with the routing checks (functional._checks.routing_call).
+    module = importlib.import_module("moe_kernels.functional._checks")
     monkeypatch.setattr(module, "use_triton", lambda backend, device, name: True)
     args = _good_args()
     with pytest.raises(TypeError, match=r"knn_route: backend='triton' takes float32/float16/bfloat16 logits"):
