@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from benchmarks import cpu_points
-from benchmarks.command import bench_parser, main_for
+from benchmarks.command import cpu_goals_main
 from benchmarks.common import cpu_samples
 from benchmarks.cpu_points import OURS, Point
 
@@ -258,11 +258,9 @@ def _run_options(args, _device: torch.device) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser("bench_cpu", __doc__, "a few points per section (a few minutes)")
-    parser.add_argument("--threads-list", type=int, nargs="+", help="thread counts to run (default: 1 and all)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    device_flag = {"default": "cpu", "choices": ("cpu",), "help": "the CPU goals run on the CPU"}
-    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, device_flag=device_flag, options=_run_options)
+    quick_help = "a few points per section (a few minutes)"
+    module = "bench_cpu"
+    return cpu_goals_main(OP_NAME, module, __doc__, quick_help, SECTIONS, run, TABLE_COLUMNS, _run_options, argv)
 
 
 if __name__ == "__main__":

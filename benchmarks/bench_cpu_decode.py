@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import moe_kernels
-from benchmarks.command import bench_parser, main_for
+from benchmarks.command import cpu_goals_main
 from benchmarks.common import environment, results_root, run_queue_wait_s, stalled
 from benchmarks.cpu_baselines import hf_experts_module
 from moe_kernels.integrations.transformers.families import FAMILIES
@@ -427,11 +427,9 @@ def _run_options(args, _device: torch.device) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser("bench_cpu_decode", __doc__, "tiny layers and model, 2 calls per row (seconds)")
-    parser.add_argument("--threads-list", type=int, nargs="+", help="thread counts to run (default: 1 and all)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    device_flag = {"default": "cpu", "choices": ("cpu",), "help": "the CPU decode goals run on the CPU"}
-    return main_for(OP_NAME, parser, argv, run, TABLE_COLUMNS, device_flag=device_flag, options=_run_options)
+    quick_help = "tiny layers and model, 2 calls per row (seconds)"
+    module = "bench_cpu_decode"
+    return cpu_goals_main(OP_NAME, module, __doc__, quick_help, SECTIONS, run, TABLE_COLUMNS, _run_options, argv)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,27 @@ def main_for(
     return run_and_report(op_name, device, lambda: run(**kwargs), columns, write=not args.no_write)
 
 
+def cpu_goals_main(
+    op_name: str,
+    module: str,
+    doc: str,
+    quick_help: str,
+    sections: Sequence[str],
+    run: Callable[..., list[dict]],
+    columns: Sequence[str],
+    options: Callable[[argparse.Namespace, torch.device], dict],
+    argv: Sequence[str] | None,
+) -> int:
+    """The ``main`` of a CPU goals benchmark (``bench_cpu``, ``bench_cpu_decode``): ``--quick``,
+    ``--threads-list``, ``--sections`` (of ``sections``, default all) and :func:`main_for` with
+    the device fixed to the CPU."""
+    parser = bench_parser(module, doc, quick_help)
+    parser.add_argument("--threads-list", type=int, nargs="+", help="thread counts to run (default: 1 and all)")
+    parser.add_argument("--sections", nargs="+", choices=sections, default=list(sections))
+    device_flag = {"default": "cpu", "choices": ("cpu",), "help": "the CPU goals run on the CPU"}
+    return main_for(op_name, parser, argv, run, columns, device_flag=device_flag, options=options)
+
+
 def add_threads_argument(parser) -> None:
     """``--threads N``: the CPU threads torch may use (default: torch's, all cores)."""
     parser.add_argument(
