@@ -101,8 +101,8 @@ def limit_to_best_groups(
 ):
     """``keys (T, E)`` with every expert outside the ``topk_groups`` best of ``num_groups``
     contiguous groups set to -inf (equal group scores: the lower group first, as the reference),
-    and the rows (a ``(T,)`` bool mask, or None) with a NaN group score, which the reference
-    computes (it maps NaN keys to -inf before scoring the groups). ``ties_likely``: as
+    and the rows (a ``(T,)`` bool mask, or None) with a NaN or +inf group score, which the
+    reference computes (it maps NaN keys to -inf before scoring the groups). ``ties_likely``: as
     :func:`moe_kernels.cpu.select.top_k`'s."""
     num_tokens, num_experts = keys.shape
     grouped = keys.view(num_tokens, num_groups, num_experts // num_groups)
@@ -116,12 +116,11 @@ def limit_to_best_groups(
         second = grouped.masked_fill(at_first, NEG_INF).amax(-1, keepdim=True)
         second = torch.where(at_first.sum(-1, keepdim=True) >= 2, first, second)
         per_group = (first + second).squeeze(-1)
-    _, best, _ = select.top_k(per_group, topk_groups, ties_likely=ties_likely)
+    # A NaN key makes its group's score NaN here, where the reference scores the group without it:
+    # the selection's finite_first check flags those rows (and +inf ones, as exact there).
+    _, best, bad = select.top_k(per_group, topk_groups, finite_first=True, ties_likely=ties_likely)
     dropped = torch.ones((num_tokens, num_groups), dtype=torch.bool).scatter_(1, best, False)
-    # A NaN key makes its group's score NaN here, where the reference scores the group without it.
-    nan_groups = per_group.isnan().any(-1)
-    bad = nan_groups if bool(nan_groups.any()) else None
-    return grouped.masked_fill(dropped[:, :, None], NEG_INF).view(num_tokens, num_experts), bad
+    return grouped.masked_fill(dropped.unsqueeze(-1), NEG_INF).view(num_tokens, num_experts), bad
 
 
 def softmax_topk_backward(
