@@ -17,7 +17,7 @@ fi
 TORCH_SPEC="${MOE_KERNELS_TORCH:-$default_torch}"
 REQUIREMENTS=("$TORCH_SPEC" "triton==3.9.0" "numpy" "faiss-cpu" "safetensors" "matplotlib" "pytest" "pytest-benchmark" "ninja"
               "transformers==5.23.0" "liger-kernel==0.8.5" "ruff==0.17.6" "hypothesis==6.155.2"
-              "scikit-learn==1.9.1")
+              "scikit-learn==1.9.1" "numba==0.68.1")
 STAMP="$VENV/.moe-kernels-setup"
 WANT="${REQUIREMENTS[*]} $(cat "$ROOT/pyproject.toml" | cksum)"
 

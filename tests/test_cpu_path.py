@@ -7,6 +7,10 @@ ops (which run them for CPU tensors)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from oracles import grouped_mm_oracle, knn_mix_oracle, softmax_topk_oracle
@@ -16,7 +20,7 @@ import moe_kernels
 from moe_kernels import testing
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import experts as cpu_experts
-from moe_kernels.cpu import experts_small, select
+from moe_kernels.cpu import experts_small, select, select_jit
 from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.cpu import probmoe as cpu_probmoe
 from moe_kernels.cpu import routing as cpu_routing
@@ -32,10 +36,17 @@ def _d(t):
     return None if t is None else t.double()
 
 
-@pytest.fixture(params=["host", "tensor"])
+@pytest.fixture(params=["jit", "host", "tensor"])
 def tie_check(request, monkeypatch):
-    """Both tie checks of the selection: on the host (few keys) and vectorised; with them, both
-    top-k softmaxes (torch.softmax for few values, written out for many)."""
+    """The selection's three paths: the compiled pass (numba), and without it both tie checks of
+    the PyTorch path, on the host (few keys) and vectorised; with them, both top-k softmaxes
+    (torch.softmax for few values, written out for many)."""
+    if request.param == "jit":
+        if not select_jit.AVAILABLE:
+            pytest.skip("numba is not installed (pip install 'moe-kernels[cpu]')")
+        monkeypatch.setattr(select_jit, "MULTITHREAD_MAX_ROWS", 10**9)  # every size, any thread count
+        return request.param
+    monkeypatch.setattr(select_jit, "AVAILABLE", False)
     small = request.param == "host"
     monkeypatch.setattr(select, "HOST_CHECK_ROWS", 10**9 if small else 0)
     monkeypatch.setattr(cpu_routing, "MANUAL_SOFTMAX_MIN_VALUES", 10**9 if small else 0)
@@ -80,9 +91,13 @@ SPECIAL_KEYS = (0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e
 
 
 @pytest.mark.parametrize("num_experts", [1, 7, 64, 257, 5000])
-def test_exact_ids_is_the_reference_order(num_experts):
+@pytest.mark.parametrize("path", ["exact_ids", "jit"])
+def test_exact_selections_are_the_reference_order(num_experts, path):
     # Ties of every kind (+-0, subnormals, +-inf, NaN, neighbouring floats, the largest floats,
-    # small integers, bf16 values, tiny normals), against the reference's int64 packing.
+    # small integers, bf16 values, tiny normals), against the reference's int64 packing: the
+    # PyTorch path's exact_ids, and the compiled pass (ids, values with their NaN, the flags).
+    if path == "jit" and not select_jit.AVAILABLE:
+        pytest.skip("numba is not installed (pip install 'moe-kernels[cpu]')")
     generator = torch.Generator().manual_seed(num_experts)
     special = torch.tensor(SPECIAL_KEYS)
     for trial in range(40):
@@ -94,7 +109,38 @@ def test_exact_ids_is_the_reference_order(num_experts):
             torch.randn(3, num_experts, generator=generator) * 1e-39,
         )[trial % 4]
         want = ref_routing.top_k_lowest_id_first(torch.where(keys.isnan(), float("-inf"), keys), k)
-        torch.testing.assert_close(select.exact_ids(keys, k), want, atol=0, rtol=0)
+        if path == "exact_ids":
+            torch.testing.assert_close(select.exact_ids(keys, k), want, atol=0, rtol=0)
+            continue
+        values, ids, flagged = select_jit.top_k(keys, k, finite_first=True)
+        torch.testing.assert_close(ids, want, atol=0, rtol=0)
+        torch.testing.assert_close(values, keys.gather(1, want), atol=0, rtol=0, equal_nan=True)
+        rows = ~(keys.amax(dim=-1) < float("inf"))  # NaN or +inf in the row
+        assert torch.equal(flagged, rows) if rows.any() else flagged is None
+
+
+def test_no_jit_environment_switch_leaves_the_pytorch_path():
+    code = "from moe_kernels.cpu import select_jit; print(select_jit.AVAILABLE)"
+    env = {**os.environ, "MOE_KERNELS_NO_JIT": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_compiled_selection_takes_decode_sizes_and_one_thread(monkeypatch):
+    # Past MULTITHREAD_MAX_ROWS rows with several threads, torch.topk (split over the rows) runs,
+    # unless the rows are long enough for the one-core pass to stay ahead.
+    monkeypatch.setattr(select_jit, "AVAILABLE", True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS, 8))
+        assert not select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, 8))
+        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, select_jit.MULTITHREAD_MIN_EXPERTS))
+        torch.set_num_threads(1)
+        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, 8))
+        assert not select_jit.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])

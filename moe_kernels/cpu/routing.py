@@ -1,8 +1,9 @@
 """``softmax_topk`` on the CPU: the function of :func:`moe_kernels.reference.routing.softmax_topk`
 in fewer and cheaper calls.
 
-- Selection by :func:`moe_kernels.cpu.select.top_k`, which ranks the rows with ties or NaN keys
-  exactly (equal keys lower id first, NaN as -inf), so ids are always the reference's; rows whose
+- Selection by :func:`moe_kernels.cpu.select.top_k` (numba's compiled pass where installed, else
+  PyTorch ops), which ranks the rows with ties or NaN keys exactly (equal keys lower id first,
+  NaN as -inf), so ids are always the reference's; rows whose
   answer the shortcuts below cannot give (a NaN or +inf logit under the top-k softmax, a NaN in
   a group score) are recomputed by the reference.
 - Softmax + renormalise without bias or groups (Mixtral, Qwen3, GPT-OSS) selects on the logits

@@ -2,7 +2,9 @@
 in increasing index order, NaN keys last (ranked as -inf) - the order of
 :func:`moe_kernels.reference.routing.top_k_lowest_id_first`, at little more than ``torch.topk``.
 
-``torch.topk`` leaves the order of equal keys unspecified and ranks NaN first. Two ways to be exact:
+With numba installed this is :mod:`moe_kernels.cpu.select_jit`'s one compiled pass. Without it,
+PyTorch ops: ``torch.topk`` leaves the order of equal keys unspecified and ranks NaN first, and
+there are two ways to be exact:
 
 - :func:`exact_ids`: one ``torch.topk`` on float64 keys made unique (each float32 key moved down
   by a multiple of its id far below the float32 spacing), four elementwise ops before it.
@@ -27,6 +29,7 @@ import functools
 
 import torch
 
+from moe_kernels.cpu import select_jit
 from moe_kernels.reference.routing import top_k_lowest_id_first
 
 POS_INF = float("inf")
@@ -55,6 +58,8 @@ def top_k(keys: torch.Tensor, k: int, *, finite_first: bool = False, ties_likely
     the caller, which needs finite maxima, recomputes them), or None when there is none.
     """
     num_tokens, num_experts = keys.shape
+    if select_jit.usable(keys):  # one compiled pass, exact in every row
+        return select_jit.top_k(keys, k, finite_first)
     if ties_likely and num_tokens > HOST_CHECK_ROWS:
         ids = exact_ids(keys, k)
         # amax propagates NaN: one read tells whether any row holds NaN or +inf.
