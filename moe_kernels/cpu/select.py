@@ -46,20 +46,34 @@ ZERO_MAGNITUDE = 2.0**-200
 FAR = 2.0**200
 
 
-def top_k(keys: torch.Tensor, k: int, *, finite_first: bool = False, ties_likely: bool = False):
+def top_k(
+    keys: torch.Tensor,
+    k: int,
+    *,
+    finite_first: bool = False,
+    ties_likely: bool = False,
+    id_dtype: torch.dtype = torch.int64,
+):
     """The ``k`` largest of each row of ``keys (T, E)`` (float32 or float64, ``1 <= k <= E``);
     ``ties_likely`` (keys from 16-bit values) ranks every row by :func:`exact_ids` at once past
     :data:`HOST_CHECK_ROWS` rows (a row ties with odds of 21% at E = 64 to 65% at E = 512 on
     bfloat16 logits: for a decode step the check, cheap on the host, still wins).
 
-    Returns ``(values (T, k), ids (T, k) int64, bad)``: values, descending, and their column ids
-    (views of fresh tensors, not always contiguous), and ``bad`` None, or with ``finite_first`` a
-    ``(T,)`` bool mask of the rows holding a NaN or ``+inf`` key (their values and ids are exact;
-    the caller, which needs finite maxima, recomputes them), or None when there is none.
+    Returns ``(values (T, k), ids (T, k) id_dtype, bad)``: values, descending, and their column
+    ids (int64 or int32; views of fresh tensors, not always contiguous), and ``bad`` None, or with
+    ``finite_first`` a ``(T,)`` bool mask of the rows holding a NaN or ``+inf`` key (their values
+    and ids are exact; the caller, which needs finite maxima, recomputes them), or None when there
+    is none.
     """
+    if select_jit.usable(keys):  # one compiled pass, exact in every row, ids written as asked
+        return select_jit.top_k(keys, k, finite_first, id_dtype)
+    values, ids, bad = _torch_top_k(keys, k, finite_first, ties_likely)
+    return values, (ids if id_dtype == torch.int64 else ids.to(id_dtype)), bad
+
+
+def _torch_top_k(keys: torch.Tensor, k: int, finite_first: bool, ties_likely: bool):
+    """:func:`top_k` in PyTorch ops, ids int64."""
     num_tokens, num_experts = keys.shape
-    if select_jit.usable(keys):  # one compiled pass, exact in every row
-        return select_jit.top_k(keys, k, finite_first)
     if ties_likely and num_tokens > HOST_CHECK_ROWS:
         ids = exact_ids(keys, k)
         # amax propagates NaN: one read tells whether any row holds NaN or +inf.
