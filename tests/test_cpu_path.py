@@ -36,21 +36,27 @@ def _d(t):
     return None if t is None else t.double()
 
 
-@pytest.fixture(params=["jit", "host", "tensor"])
+@pytest.fixture(params=["jit", "jit-parallel", "host", "tensor"])
 def tie_check(request, monkeypatch):
-    """The selection's three paths: the compiled pass (numba), and without it both tie checks of
-    the PyTorch path, on the host (few keys) and vectorised; with them, both top-k softmaxes
-    (torch.softmax for few values, written out for many)."""
-    if request.param == "jit":
+    """The selection's paths: the compiled pass (numba) on one core and split among two threads
+    at every size, and without it both tie checks of the PyTorch path, on the host (few keys) and
+    vectorised; with them, both top-k softmaxes (torch.softmax for few values, written out for
+    many)."""
+    if request.param.startswith("jit"):
         if not select_jit.AVAILABLE:
             pytest.skip("numba is not installed (pip install 'moe-kernels[cpu]')")
-        monkeypatch.setattr(select_jit, "MULTITHREAD_MAX_ROWS", 10**9)  # every size, any thread count
-        return request.param
+        parallel = request.param == "jit-parallel"
+        monkeypatch.setattr(select_jit, "PARALLEL_MIN_ROWS", 0 if parallel else 10**9)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(threads)
+        return
     monkeypatch.setattr(select_jit, "AVAILABLE", False)
     small = request.param == "host"
     monkeypatch.setattr(select, "HOST_CHECK_ROWS", 10**9 if small else 0)
     monkeypatch.setattr(cpu_routing, "MANUAL_SOFTMAX_MIN_VALUES", 10**9 if small else 0)
-    return request.param
+    yield request.param
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,11 +118,13 @@ def test_exact_selections_are_the_reference_order(num_experts, path):
         if path == "exact_ids":
             torch.testing.assert_close(select.exact_ids(keys, k), want, atol=0, rtol=0)
             continue
-        values, ids, flagged = select_jit.top_k(keys, k, finite_first=True)
-        torch.testing.assert_close(ids, want, atol=0, rtol=0)
-        torch.testing.assert_close(values, keys.gather(1, want), atol=0, rtol=0, equal_nan=True)
-        rows = (keys.isnan() | keys.isposinf()).any(-1)  # NaN or +inf in the row
+        values, ids, flagged = select_jit.route(keys, keys, None, k, RoutingConfig(), select_jit.WEIGHTS_SELECTED)
+        rows = (keys.isnan() | keys.isposinf()).any(-1)  # NaN or +inf in the row: flagged, ids -1
         assert torch.equal(flagged, rows) if rows.any() else flagged is None
+        assert (ids[rows, 0] == -1).all()
+        fine = ~rows
+        torch.testing.assert_close(ids[fine], want[fine].int(), atol=0, rtol=0)
+        torch.testing.assert_close(values[fine], keys.gather(1, want)[fine], atol=0, rtol=0)
 
 
 def test_no_jit_environment_switch_leaves_the_pytorch_path():
@@ -126,21 +134,35 @@ def test_no_jit_environment_switch_leaves_the_pytorch_path():
     assert result.stdout.strip() == "False", result.stderr
 
 
-def test_compiled_selection_takes_decode_sizes_and_one_thread(monkeypatch):
-    # Past MULTITHREAD_MAX_ROWS rows with several threads, torch.topk (split over the rows) runs,
-    # unless the rows are long enough for the one-core pass to stay ahead.
-    monkeypatch.setattr(select_jit, "AVAILABLE", True)
+def test_compiled_selection_splits_rows_among_threads_past_a_decode_step(monkeypatch):
+    # Past PARALLEL_MIN_ROWS rows with several threads the rows are split among numba's threads;
+    # a decode step, one thread, or a parallel call already running take the one-core pass.
+    if not select_jit.AVAILABLE:
+        pytest.skip("numba is not installed (pip install 'moe-kernels[cpu]')")
+    calls = []
+    real = select_jit._route_rows_parallel
+    monkeypatch.setattr(select_jit, "_route_rows_parallel", lambda *args: calls.append(1) or real(*args))
     threads = torch.get_num_threads()
+    scores = torch.rand(select_jit.PARALLEL_MIN_ROWS + 1, 8)
+
+    def route(rows):
+        return select_jit.route(scores[:rows], scores[:rows], None, 2, RoutingConfig(), select_jit.WEIGHTS_SELECTED)
+
     try:
         torch.set_num_threads(2)
-        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS, 8))
-        assert not select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, 8))
-        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, select_jit.MULTITHREAD_MIN_EXPERTS))
+        serial = route(select_jit.PARALLEL_MIN_ROWS)
+        assert not calls
+        split = route(select_jit.PARALLEL_MIN_ROWS + 1)
+        assert calls == [1]
+        assert torch.equal(split[0][:-1], serial[0]) and torch.equal(split[1][:-1], serial[1])
+        with select_jit._PARALLEL_LOCK:
+            route(select_jit.PARALLEL_MIN_ROWS + 1)
         torch.set_num_threads(1)
-        assert select_jit.usable(torch.zeros(select_jit.MULTITHREAD_MAX_ROWS + 1, 8))
-        assert not select_jit.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
+        route(select_jit.PARALLEL_MIN_ROWS + 1)
+        assert calls == [1]
     finally:
         torch.set_num_threads(threads)
+    assert select_jit.usable(torch.zeros(4, 8, dtype=torch.bfloat16))  # 16-bit logits: scored in float32
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import RENORM_EPS, RoutingConfig
-from moe_kernels.cpu import select
+from moe_kernels.cpu import select, select_jit
 from moe_kernels.reference import routing as reference
 from moe_kernels.utils import compute_dtype
 
@@ -54,11 +54,45 @@ def softmax_topk(
     """:func:`moe_kernels.reference.routing.softmax_topk` for ``logits (T, E)`` on the CPU
     (arguments assumed valid; no autograd). Returns fresh contiguous ``weights (T, k)`` float32
     (float64 for float64 logits) and ``ids (T, k)`` int32."""
-    num_groups, score_func = routing.num_groups, routing.score_func
-    num_tokens, num_experts = logits.shape
+    num_tokens = logits.shape[0]
     dtype = compute_dtype(logits.dtype)
     if num_tokens == 0:
         return logits.new_empty((0, k), dtype=dtype), logits.new_empty((0, k), dtype=torch.int32)
+    if select_jit.usable(logits):
+        weights, ids, bad = _route_compiled(logits, k, routing, bias, dtype)
+    else:
+        weights, ids, bad = _route_torch(logits, k, routing, bias, dtype)
+    if bad is not None:
+        rows = bad.nonzero().squeeze(1)
+        exact_weights, exact_ids = reference.softmax_topk(logits[rows], k, routing=routing, bias=bias)
+        weights[rows] = exact_weights
+        ids[rows] = exact_ids
+    return weights, ids
+
+
+def _route_compiled(logits: torch.Tensor, k: int, routing: RoutingConfig, bias: torch.Tensor | None, dtype):
+    """:func:`softmax_topk` by :func:`moe_kernels.cpu.select_jit.route`: PyTorch computes the
+    scores (so that they are the reference's), one compiled pass the rest. Returns ``(weights,
+    ids, bad)`` as ``route``."""
+    if bias is None and not routing.num_groups and routing.renormalize and routing.score_func == "softmax":
+        keys = logits.to(dtype)
+        return select_jit.route(keys, keys, None, k, routing, select_jit.WEIGHTS_SOFTMAX)
+    scores = _scores(logits, routing.score_func, dtype)
+    weights_from = select_jit.WEIGHTS_RENORMALIZED if routing.renormalize else select_jit.WEIGHTS_SELECTED
+    return select_jit.route(scores, scores, bias, k, routing, weights_from)
+
+
+def _scores(logits: torch.Tensor, score_func: str, dtype: torch.dtype) -> torch.Tensor:
+    """The gate scores as the reference computes them (its sigmoid, whose ties stay exact)."""
+    if score_func == "softmax":
+        return torch.softmax(logits, -1, dtype=dtype)
+    return reference.gate_scores(logits, score_func)
+
+
+def _route_torch(logits: torch.Tensor, k: int, routing: RoutingConfig, bias: torch.Tensor | None, dtype):
+    """:func:`softmax_topk` in PyTorch ops. Returns contiguous ``weights (T, k)``, ``ids (T, k)``
+    int32 and ``bad`` (see :func:`moe_kernels.cpu.select.top_k`)."""
+    num_groups, score_func = routing.num_groups, routing.score_func
     plain = bias is None and not num_groups
     # Few distinct 16-bit logits: most rows tie (unless a float32 bias tells the keys apart).
     ties_likely = logits.dtype.itemsize == 2 and bias is None
@@ -68,12 +102,7 @@ def softmax_topk(
         )
         weights = _softmax_of_descending(values)
     else:
-        # The sigmoid as the reference computes it (ties between equal logits stay exact).
-        scores = (
-            torch.softmax(logits, -1, dtype=dtype)
-            if score_func == "softmax"
-            else reference.gate_scores(logits, score_func)
-        )
+        scores = _scores(logits, score_func, dtype)
         keys = scores if bias is None else scores + bias.to(dtype)
         group_bad = None
         if num_groups and routing.topk_groups < num_groups:
@@ -93,12 +122,7 @@ def softmax_topk(
         weights = weights * routing.scale
     weights = weights.contiguous()  # the selection's values are a view
     ids = ids.int()  # no-op for int32 ids; .to(torch.int32) parses its arguments (+0.8 us)
-    if bad is not None:
-        rows = bad.nonzero().squeeze(1)
-        exact_weights, exact_ids = reference.softmax_topk(logits[rows], k, routing=routing, bias=bias)
-        weights[rows] = exact_weights
-        ids[rows] = exact_ids
-    return weights, ids
+    return weights, ids, bad
 
 
 def limit_to_best_groups(

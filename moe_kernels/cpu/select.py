@@ -29,7 +29,6 @@ import functools
 
 import torch
 
-from moe_kernels.cpu import select_jit
 from moe_kernels.reference.routing import top_k_lowest_id_first
 
 POS_INF = float("inf")
@@ -65,8 +64,6 @@ def top_k(
     and ids are exact; the caller, which needs finite maxima, recomputes them), or None when there
     is none.
     """
-    if select_jit.usable(keys):  # one compiled pass, exact in every row, ids written as asked
-        return select_jit.top_k(keys, k, finite_first, id_dtype)
     values, ids, bad = _torch_top_k(keys, k, finite_first, ties_likely)
     return values, (ids if id_dtype == torch.int64 else ids.to(id_dtype)), bad
 
