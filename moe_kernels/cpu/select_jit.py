@@ -76,19 +76,28 @@ def route(
     keys_array = keys.contiguous().numpy()
     scores_array = keys_array if scores is keys else scores.contiguous().numpy()
     bias = _NO_BIAS if bias is None else bias.to(keys.dtype).contiguous().numpy()
-    options = _options(k, routing, weights_from)
-    threads = torch.get_num_threads()  # the caller's share of the cores, as for torch's own ops
-    if keys_array.shape[0] > PARALLEL_MIN_ROWS and threads > 1 and _PARALLEL_LOCK.acquire(blocking=False):
-        try:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            weights, ids, bad_rows = _route_rows_parallel(keys_array, scores_array, bias, options, threads)
-        finally:
-            _PARALLEL_LOCK.release()
+    args = (keys_array, scores_array, bias, _options(k, routing, weights_from))
+    if keys_array.shape[0] > PARALLEL_MIN_ROWS:
+        weights, ids, bad_rows = call_parallel(_route_rows, _route_rows_parallel, args)
     else:
-        weights, ids, bad_rows = _route_rows(keys_array, scores_array, bias, options)
+        weights, ids, bad_rows = _route_rows(*args, 1)
     ids = torch.from_numpy(ids)
     # The mask only when a row holds NaN or +inf (rare): one scalar returned on the common path.
     return torch.from_numpy(weights), ids, (ids[:, 0] < 0 if bad_rows else None)
+
+
+def call_parallel(serial, parallel, args: tuple):
+    """``parallel(*args, threads)`` on the caller's share of the cores (``torch.get_num_threads()``,
+    as torch's own ops), or ``serial(*args, 1)`` on one thread or while another parallel call runs
+    (numba's default threading layer aborts the process on concurrent parallel calls)."""
+    threads = torch.get_num_threads()
+    if threads > 1 and _PARALLEL_LOCK.acquire(blocking=False):
+        try:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            return parallel(*args, threads)
+        finally:
+            _PARALLEL_LOCK.release()
+    return serial(*args, 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,8 +131,9 @@ def _top_k_into(values, k, ranks, slots):
         slots[slot] = index
 
 
-def _route_rows_py(keys, scores, bias, options):
-    """The loop numba compiles (plain Python and NumPy; see :func:`route`), on one core. Returns
+def _route_rows_py(keys, scores, bias, options, num_threads):
+    """The loop numba compiles (plain Python and NumPy; see :func:`route`), on one core (the
+    thread count is :func:`call_parallel`'s, unused). Returns
     ``(weights, ids, bad_rows)``: the rows holding a NaN or +inf key (their first id -1) are
     counted."""
     weights = np.empty((keys.shape[0], int(options[0])), dtype=scores.dtype)
@@ -133,8 +143,8 @@ def _route_rows_py(keys, scores, bias, options):
 
 
 def _route_rows_parallel_py(keys, scores, bias, options, num_chunks):
-    """:func:`_route_rows_py` with the rows split into ``num_chunks`` chunks run by numba's
-    threads."""
+    """:func:`_route_rows_py` with the rows split into ``num_chunks`` chunks (one per thread) run
+    by numba's threads."""
     num_tokens = keys.shape[0]
     weights = np.empty((num_tokens, int(options[0])), dtype=scores.dtype)
     ids = np.empty(weights.shape, dtype=np.int32)
