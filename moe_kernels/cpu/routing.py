@@ -1,18 +1,19 @@
 """``softmax_topk`` on the CPU: the function of :func:`moe_kernels.reference.routing.softmax_topk`
 in fewer and cheaper calls.
 
-- Selection by :func:`moe_kernels.cpu.select.top_k` (numba's compiled pass where installed, else
-  PyTorch ops), which ranks the rows with ties or NaN keys exactly (equal keys lower id first,
-  NaN as -inf), so ids are always the reference's; rows whose
-  answer the shortcuts below cannot give (a NaN or +inf logit under the top-k softmax, a NaN in
-  a group score) are recomputed by the reference.
+- With numba installed, PyTorch computes the scores (so that they are the reference's) and
+  :func:`moe_kernels.cpu.select_jit.route` the rest in one compiled pass per row. Otherwise
+  PyTorch ops, with selection by :func:`moe_kernels.cpu.select.top_k`. Both rank rows with ties
+  or NaN keys exactly (equal keys lower id first, NaN as -inf), so ids are always the
+  reference's; rows whose answer the shortcuts below cannot give (a NaN or +inf logit under the
+  top-k softmax, a NaN in a group score) are recomputed by the reference.
 - Softmax + renormalise without bias or groups (Mixtral, Qwen3, GPT-OSS) selects on the logits
   and takes the softmax of the ``k`` selected logits: the same function (renormalised top-k of
   the softmax), one ``(T, k)`` softmax instead of a ``(T, E)`` one and three more ops. The
   softmax preserves the logits' order; in exact arithmetic it is strict, so the ranking is the
   reference's wherever float32 does not round two different logits to one score.
-- Otherwise the keys are the reference's (float32 scores, plus the bias), so selected values
-  and weights are bit-identical to the reference's.
+- Otherwise the keys are the reference's (float32 scores, plus the bias), so the selected
+  scores are the reference's bit for bit (the compiled pass renormalises in float64).
 - Group limits rank the group scores with the same selection (no sort), and compute DeepSeek-V3's
   top-2 sum with two row maxima at large sizes (``torch.topk(2)`` per group is a row each).
 - The backward uses that only ``k`` of the ``E`` score gradients are non-zero: ``(T, k)`` work,

@@ -2,9 +2,9 @@
 in increasing index order, NaN keys last (ranked as -inf) - the order of
 :func:`moe_kernels.reference.routing.top_k_lowest_id_first`, at little more than ``torch.topk``.
 
-With numba installed this is :mod:`moe_kernels.cpu.select_jit`'s one compiled pass. Without it,
-PyTorch ops: ``torch.topk`` leaves the order of equal keys unspecified and ranks NaN first, and
-there are two ways to be exact:
+The PyTorch path of the CPU routing (with numba installed, :mod:`moe_kernels.cpu.select_jit`'s
+compiled pass selects instead, in the same order). ``torch.topk`` leaves the order of equal keys
+unspecified and ranks NaN first, and there are two ways to be exact:
 
 - :func:`exact_ids`: one ``torch.topk`` on float64 keys made unique (each float32 key moved down
   by a multiple of its id far below the float32 spacing), four elementwise ops before it.
