@@ -5,20 +5,25 @@ syncs, so they can run every step of a training loop.
 - :func:`switch_aux_loss`: the Switch Transformer auxiliary loss as HF transformers computes it.
 - :func:`router_z_loss`: the ST-MoE router z-loss.
 - :class:`AuxLossFreeBias`: DeepSeek-V3's auxiliary-loss-free selection bias.
-- :class:`LoadTracking` and :func:`track_load` / :func:`collect_load`: switch on and read the
-  per-layer statistics of every load-tracking layer (:class:`moe_kernels.MoE`) of a model.
+- :func:`track_load` / :func:`collect_load`: switch on and read the last forward's statistics
+  of every MoE layer of a model (:class:`moe_kernels.MoE` blocks and transformers blocks patched
+  by ``apply_moe_kernels``); :func:`measure_load`: counts summed over a block of forwards
+  (``generate`` included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from moe_kernels.functional import expert_counts
+from moe_kernels.layers import RUNS_TAPS, Tap, attach_tap, detach_tap, find_moe_layers, require_tapped, taps_of
 
 
 class LoadStats(NamedTuple):
@@ -77,7 +82,12 @@ def load_stats(ids: torch.Tensor, num_experts: int) -> LoadStats:
     """
     _check_ids("load_stats", ids)
     num_experts = check_num_experts("load_stats", num_experts)
-    counts = expert_counts(ids.reshape(-1, 1), num_experts).long()
+    return stats_from_counts(expert_counts(ids.reshape(-1, 1), num_experts).long())
+
+
+def stats_from_counts(counts: torch.Tensor) -> LoadStats:
+    """:class:`LoadStats` of per-expert assignment ``counts (E,)`` int64 (E >= 1)."""
+    num_experts = counts.shape[0]
     values = counts.to(torch.float32)
     total = values.sum()
     fraction = values / total
@@ -191,36 +201,126 @@ class AuxLossFreeBias(nn.Module):
         return f"num_experts={self.num_experts}, rate={self.rate}"
 
 
-class LoadTracking:
-    """What a layer that records its routing's load provides (:class:`moe_kernels.MoE` does):
-    ``track_load`` (bool: record or not) and ``last_load`` (the last forward's :class:`LoadStats`,
-    or None), and :meth:`record_load` to call from its forward with the routed ids."""
+class LoadTracker(Tap):
+    """The tap :func:`track_load` attaches to a router: ``last`` holds the :class:`LoadStats` of
+    its last forward (None before one)."""
 
-    track_load: bool = False
-    last_load: LoadStats | None = None
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.last: LoadStats | None = None
 
-    def record_load(self, ids: torch.Tensor, num_experts: int) -> None:
-        """Store :func:`load_stats` of ``ids`` as ``last_load`` when ``track_load`` is on (a few
-        small device ops, no host sync)."""
-        if self.track_load:
-            self.last_load = load_stats(ids.detach(), num_experts)
+    def observe(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        self.last = load_stats(ids.detach(), self.num_experts)
+
+
+def load_tracker(router: nn.Module) -> LoadTracker | None:
+    """``router``'s :class:`LoadTracker`, or None when its load is not tracked."""
+    return next((tap for tap in taps_of(router) if isinstance(tap, LoadTracker)), None)
+
+
+def set_load_tracking(router: nn.Module, num_experts: int, enabled: bool, op: str) -> None:
+    """Attach (``enabled``) or detach ``router``'s :class:`LoadTracker`; ``ValueError`` naming
+    ``op`` when enabling on a router that does not run taps. Idempotent."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"{op}: enabled must be a bool, got {type(enabled).__name__}")
+    tracker = load_tracker(router)
+    if not enabled:
+        if tracker is not None:
+            detach_tap(router, tracker)
+        return
+    if getattr(router, RUNS_TAPS, False) is not True:
+        raise ValueError(
+            f"{op}: {type(router).__name__} does not run moe_kernels' routing taps; load tracking needs "
+            "TopKRouter, ProbMoERouter, KNNRouter or an apply_moe_kernels-patched router"
+        )
+    if tracker is None:
+        attach_tap(router, LoadTracker(num_experts))
 
 
 def track_load(model: nn.Module, enabled: bool = True) -> int:
-    """Set ``track_load`` on every :class:`LoadTracking` layer in ``model`` (every
-    :class:`moe_kernels.MoE`), so each forward stores its :class:`LoadStats` as ``last_load``;
-    returns how many layers were switched."""
-    layers = [module for module in model.modules() if isinstance(module, LoadTracking)]
+    """Switch load tracking on (or off) for every MoE layer of ``model`` (:class:`moe_kernels.MoE`
+    blocks and transformers MoE blocks patched by ``apply_moe_kernels``): each forward of a layer
+    then stores the :class:`LoadStats` of its routed ids (a few small device ops, no host sync),
+    read by :func:`collect_load`. Returns how many layers were switched; ``ValueError`` for a
+    model without MoE layers or a layer whose router runs no taps."""
+    layers = find_moe_layers(model, "track_load")
+    require_tapped(layers, "track_load")
     for layer in layers:
-        layer.track_load = enabled
+        set_load_tracking(layer.router, layer.num_experts, enabled, "track_load")
     return len(layers)
 
 
 def collect_load(model: nn.Module) -> dict[str, LoadStats]:
-    """``{module name: last_load}`` of every :class:`LoadTracking` layer in ``model`` that has
-    recorded one (see :func:`track_load`)."""
-    return {
-        name: module.last_load
-        for name, module in model.named_modules()
-        if isinstance(module, LoadTracking) and module.last_load is not None
-    }
+    """``{layer name: LoadStats}`` of the last forward of every tracked MoE layer of ``model``
+    that has run since :func:`track_load` (layer names are the blocks' module paths);
+    ``ValueError`` for a model without MoE layers."""
+    loads = {}
+    for layer in find_moe_layers(model, "collect_load"):
+        tracker = load_tracker(layer.router)
+        if tracker is not None and tracker.last is not None:
+            loads[layer.name] = tracker.last
+    return loads
+
+
+class _LoadCounter(Tap):
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.counts: torch.Tensor | None = None
+        self.calls = 0
+
+    def observe(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        counts = expert_counts(ids.detach().reshape(-1, 1), self.num_experts).long()
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.calls += 1
+
+
+class LoadMeasurement:
+    """What :func:`measure_load` yields: per MoE layer, the expert counts summed over every
+    forward run inside the block (prefill and each decode step of ``generate`` alike).
+
+    ``layers``: the layer names (module paths, :func:`moe_kernels.layers.find_moe_layers` order).
+    ``calls(name)``: how many forwards the layer ran. ``counts()``: ``{name: (E,) int64}`` device
+    tensors (zeros for a layer that did not run). ``stats()``: ``{name: LoadStats}`` of those
+    counts (NaN fields for a layer with no assignment). No host sync.
+    """
+
+    def __init__(self, counters: dict[str, _LoadCounter], devices: dict[str, torch.device]):
+        self._counters = counters
+        self._devices = devices
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._counters)
+
+    def calls(self, name: str) -> int:
+        return self._counters[name].calls
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        return {
+            name: counter.counts
+            if counter.counts is not None
+            else torch.zeros(counter.num_experts, dtype=torch.int64, device=self._devices[name])
+            for name, counter in self._counters.items()
+        }
+
+    def stats(self) -> dict[str, LoadStats]:
+        return {name: stats_from_counts(counts) for name, counts in self.counts().items()}
+
+
+@contextlib.contextmanager
+def measure_load(model: nn.Module) -> Iterator[LoadMeasurement]:
+    """``with measure_load(model) as load:`` counts, per MoE layer of ``model`` (as for
+    :func:`track_load`), the experts every forward inside the block selects (``model.generate``
+    included); read ``load.stats()`` / ``load.counts()`` inside or after the block. Leaves the
+    model as it was (``track_load`` settings untouched). ``ValueError`` as for :func:`track_load`."""
+    layers = find_moe_layers(model, "measure_load")
+    require_tapped(layers, "measure_load")
+    counters = {layer.name: _LoadCounter(layer.num_experts) for layer in layers}
+    devices = {layer.name: layer.router.weight.device for layer in layers}
+    for layer in layers:
+        attach_tap(layer.router, counters[layer.name])
+    try:
+        yield LoadMeasurement(counters, devices)
+    finally:
+        for layer in layers:
+            detach_tap(layer.router, counters[layer.name])

@@ -22,6 +22,7 @@ BENCHMARKS = {
     "expert_parallel": "bench_expert_parallel",
     "dynamics": "bench_dynamics",
     "cor": "bench_cor",
+    "replay": "bench_replay",
     # The CPU goals of every op in one table, at 1 thread and at all threads (not part of "all":
     # it re-times what the per-op benchmarks time, against CPU baselines, for minutes).
     "cpu": "bench_cpu",

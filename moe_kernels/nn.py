@@ -6,15 +6,18 @@ import torch
 from torch import nn
 
 from moe_kernels.activations import gated_activation
-from moe_kernels.balance import LoadTracking
+from moe_kernels.balance import LoadStats, load_tracker, set_load_tracking
 from moe_kernels.config import RoutingConfig, routing_or_default
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
+from moe_kernels.layers import MOE_LAYER, RUNS_TAPS, LayerParts, run_taps
 from moe_kernels.routing_override import resolve_selection
 
 
 class _LinearGate(nn.Module):
     """What both routers hold: the gate ``weight (E, H)`` (initialised as ``nn.Linear``'s), ``k``
-    and the ops' ``backend``."""
+    and the ops' ``backend``. ``route(hidden (..., H)) -> (weights (..., k), ids (..., k),
+    logits (..., E))`` is the forward with the logits routed from (after any tap of
+    :mod:`moe_kernels.layers`); ``forward`` returns its first two."""
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, backend: str, device, dtype):
         super().__init__()
@@ -27,6 +30,10 @@ class _LinearGate(nn.Module):
         """``hidden (..., H)`` -> router logits ``(..., E)`` in the weight's dtype."""
         return nn.functional.linear(hidden, self.weight)
 
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids, _ = self.route(hidden)
+        return weights, ids
+
     def extra_repr(self) -> str:
         num_experts, hidden = self.weight.shape
         return f"hidden_size={hidden}, num_experts={num_experts}, k={self.k}, {self._options()}backend={self.backend}"
@@ -34,6 +41,9 @@ class _LinearGate(nn.Module):
     def _options(self) -> str:
         """The subclass's options for :meth:`extra_repr`, each followed by ``", "``."""
         return ""
+
+
+setattr(_LinearGate, RUNS_TAPS, True)
 
 
 class TopKRouter(_LinearGate):
@@ -66,9 +76,13 @@ class TopKRouter(_LinearGate):
         bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k, bias = resolve_selection(self, self.k, self.e_score_correction_bias)  # Counterfactual Routing's k, prior
-        return softmax_topk(self.logits(hidden), k, routing=self.routing, bias=bias, backend=self.backend)
+
+        def select(logits, ids):
+            return softmax_topk(logits, k, routing=self.routing, bias=bias, ids=ids, backend=self.backend)
+
+        return run_taps(self, self.logits(hidden), k, select)
 
     def _options(self) -> str:
         return f"routing={self.routing}, "
@@ -120,9 +134,13 @@ class ProbMoERouter(_LinearGate):
         router.weight = weight
         return router
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         options = dict(k_min=self.k_min, renormalize=self.renormalize, training=self.training, backend=self.backend)
-        return probmoe_route(self.logits(hidden), self.k, **options)
+
+        def select(logits, ids):
+            return probmoe_route(logits, self.k, ids=ids, **options)
+
+        return run_taps(self, self.logits(hidden), self.k, select)
 
     def _options(self) -> str:
         return f"k_min={self.k_min}, renormalize={self.renormalize}, "
@@ -162,7 +180,18 @@ def add_shared_expert(
     return routed + shared
 
 
-class MoE(nn.Module, LoadTracking):
+def _moe_parts(block: MoE) -> LayerParts:
+    """The :class:`~moe_kernels.layers.LayerParts` of an ``MoE`` block (its ``MOE_LAYER`` marker)."""
+    router = block.router
+    k = getattr(router, "k", None)
+    if not isinstance(k, int):
+        raise ValueError(f"the router of an MoE block ({type(router).__name__}) has no int k")
+    routing = router.routing if isinstance(router, TopKRouter) else None
+    tapped = getattr(router, RUNS_TAPS, False) is True
+    return LayerParts(router, block.gate_up_proj.shape[0], k, routing, 0, tapped)
+
+
+class MoE(nn.Module):
     """A mixture-of-experts block: a router, ``num_experts`` routed gated MLPs run by
     :func:`moe_kernels.fused_experts`, and optionally a shared expert with a sigmoid gate
     (Qwen2-MoE / DeepSeek style).
@@ -187,7 +216,13 @@ class MoE(nn.Module, LoadTracking):
         track_load: store each forward's :class:`moe_kernels.balance.LoadStats` of the routed ids
             as ``last_load`` (a few small device ops, no host sync; off by default so that
             inference and CUDA-graph / compiled forwards carry no extra work or side effect).
-            Settable later, also for a whole model with :func:`moe_kernels.balance.track_load`.
+            Settable later, also for a whole model with :func:`moe_kernels.balance.track_load`;
+            it taps the router (a router set later starts untracked). Needs one of this
+            package's routers.
+        keep_router_logits: store each forward's router logits ``(T, E)`` (the flat tokens, still
+            in the autograd graph) as ``last_router_logits``, for
+            :func:`moe_kernels.balance.switch_aux_loss` / :func:`~moe_kernels.balance.router_z_loss`.
+            Needs a router with a ``route`` method (this package's routers).
     """
 
     def __init__(
@@ -205,6 +240,7 @@ class MoE(nn.Module, LoadTracking):
         shared_gate: bool = False,
         backend: str = "auto",
         track_load: bool = False,
+        keep_router_logits: bool = False,
         device=None,
         dtype=None,
     ):
@@ -234,13 +270,36 @@ class MoE(nn.Module, LoadTracking):
         self.activation = activation
         self.backend = backend
         self.track_load = track_load
-        self.last_load = None
+        self.keep_router_logits = keep_router_logits
+        self.last_router_logits: torch.Tensor | None = None
+
+    @property
+    def track_load(self) -> bool:
+        """Whether each forward stores its :class:`~moe_kernels.balance.LoadStats` (settable)."""
+        return load_tracker(self.router) is not None
+
+    @track_load.setter
+    def track_load(self, enabled: bool) -> None:
+        set_load_tracking(self.router, self.gate_up_proj.shape[0], enabled, f"{type(self).__name__}.track_load")
+
+    @property
+    def last_load(self) -> LoadStats | None:
+        """The last tracked forward's :class:`~moe_kernels.balance.LoadStats` (None before one)."""
+        tracker = load_tracker(self.router)
+        return None if tracker is None else tracker.last
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         flat = hidden.reshape(-1, hidden_size)
-        weights, ids = self.router(flat)
-        self.record_load(ids, self.gate_up_proj.shape[0])
+        if self.keep_router_logits:
+            route = getattr(self.router, "route", None)
+            if route is None:
+                raise ValueError(
+                    f"MoE: keep_router_logits needs a router with a route method, got {type(self.router).__name__}"
+                )
+            weights, ids, self.last_router_logits = route(flat)
+        else:
+            weights, ids = self.router(flat)
         biases = dict(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
         options = dict(activation=self.activation, backend=self.backend, **biases)
         out = fused_experts(flat, self.gate_up_proj, self.down_proj, weights, ids, **options)
@@ -252,3 +311,6 @@ class MoE(nn.Module, LoadTracking):
             f"hidden_size={hidden}, intermediate_size={width // 2}, num_experts={num_experts}, "
             f"activation={self.activation}, backend={self.backend}"
         )
+
+
+setattr(MoE, MOE_LAYER, staticmethod(_moe_parts))  # how layers.find_moe_layers reads a block

@@ -1,10 +1,12 @@
 """Small helpers shared by every layer: backend selection, output allocation (poisoned on a test's
-request), the compute dtype, slot keying, integer math. The launchers' tiling and argument helpers
-are in ``moe_kernels/ops/_launch.py``."""
+request), the compute dtype, slot keying, integer math, the batch-invariant mode's switch. The
+launchers' tiling and argument helpers are in ``moe_kernels/ops/_launch.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -96,3 +98,40 @@ def use_triton(backend: str, device: torch.device, op_name: str) -> bool:
             "backend='torch'"
         )
     raise RuntimeError(f"{op_name}: backend='triton' supports cuda and cpu tensors, got {device.type}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-invariant mode (the public switches are moe_kernels.batch_invariant / set_batch_invariant)
+
+_BATCH_INVARIANT = False
+
+
+def is_batch_invariant() -> bool:
+    """Whether the ops run in batch-invariant mode (:func:`batch_invariant`)."""
+    return _BATCH_INVARIANT
+
+
+def set_batch_invariant(enabled: bool) -> bool:
+    """Switch batch-invariant mode on or off for the process (all threads); returns the previous
+    setting. In it, ``softmax_topk``, ``knn_mix``, ``knn_route``, ``probmoe_route`` in eval mode
+    and ``fused_experts`` give every row a bitwise-identical result whatever the batch size and
+    the row's position in it: the Triton kernels take one tile configuration whatever the token
+    count (no split of small batches, no tuned per-size table), and the CPU ``fused_experts``
+    computes each routed row by one compiled pass with a fixed reduction order (see the README
+    for what it costs)."""
+    global _BATCH_INVARIANT
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_batch_invariant: enabled must be a bool, got {type(enabled).__name__}")
+    previous, _BATCH_INVARIANT = _BATCH_INVARIANT, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """``with batch_invariant():`` runs its block in batch-invariant mode
+    (:func:`set_batch_invariant`) and restores the previous mode after it."""
+    previous = set_batch_invariant(enabled)
+    try:
+        yield
+    finally:
+        set_batch_invariant(previous)

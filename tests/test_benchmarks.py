@@ -8,6 +8,7 @@ import csv
 import pytest
 import torch
 
+import moe_kernels
 from benchmarks import bench_routing
 from benchmarks.common import RESULTS_DIR_ENV, environment, write_results
 from moe_kernels.shapes import ROUTING_SHAPES
@@ -216,6 +217,29 @@ def test_hf_generate_benchmark_rows():
     assert [row["provider"] for row in rows] == ["hf_eager", "moe_kernels"]
     assert all(row["tokens_per_s"] > 0 for row in rows)
     assert rows[1]["same_tokens"] == 1.0  # float32: the patched model generates HF's tokens
+
+
+def test_replay_benchmark_rows():
+    from benchmarks import bench_replay
+
+    rows = bench_replay.run(quick=True, device="cpu")
+    providers = {(row["group"], row["provider"]) for row in rows}
+    assert providers == {
+        ("replay", "plain"),
+        ("replay", "record"),
+        ("replay", "replay"),
+        ("batch_invariant", "default"),
+        ("batch_invariant", "invariant"),
+    }
+    assert {row["op"] for row in rows if row["group"] == "batch_invariant"} == {
+        "softmax_topk",
+        "knn_mix",
+        "knn_route",
+        "probmoe_route",
+        "fused_experts",
+    }
+    assert all(row["median_us"] > 0 and row["ratio"] > 0 for row in rows)
+    assert not moe_kernels.is_batch_invariant()  # the mode was left as it was
 
 
 def test_overhead_benchmark_rows_and_stub():

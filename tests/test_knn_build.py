@@ -99,7 +99,7 @@ def test_built_memory_drives_a_knn_router():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(layers=["nope"]), r"layers must name MoE blocks with a TopKRouter, got \['nope'\]"),
+        (dict(layers=["nope"]), r"layers must name MoE blocks routed by softmax_topk, got \[.nope.\]"),
         (dict(steps=-1), "steps must be an int >= 0"),
     ],
 )
@@ -111,3 +111,38 @@ def test_bad_arguments(kwargs, match):
 def test_empty_reference_set():
     with pytest.raises(ValueError, match="reference_batches is empty"):
         build_routing_memory(TwoBlockModel(), [], _loss, progress=False)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_memories_build_for_patched_transformers_models(family):
+    transformers = pytest.importorskip("transformers")
+    import moe_kernels.integrations.transformers as hf
+
+    torch.manual_seed(0)
+    config = testing.tiny_hf_config(family)
+    model = hf.apply_moe_kernels(transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager"))
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def loss(model, batch):
+        return model(input_ids=batch, labels=batch).loss
+
+    layers = [layer.name for layer in mk.cor.find_moe_layers(model, "test")]
+    frozen = build_routing_memory(model, [ids], loss, steps=0, progress=False)
+    assert sorted(frozen.memories) == sorted(layers)
+    captured = {}
+
+    def keep(name):
+        def hook(_module, _args, out):
+            captured[name] = out[0]
+
+        return hook
+
+    for name, router in routed_layers(model).items():  # the router's own logits, its bias included
+        router.register_forward_hook(keep(name))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for name in layers:
+        torch.testing.assert_close(frozen.memories[name].values, captured[name].float())
+    built = build_routing_memory(model, [ids], loss, steps=8, lr=0.2, progress=False)
+    assert built.loss_after < built.loss_before
+    assert all("_moe_kernels_taps" not in router.__dict__ for router in routed_layers(model).values())

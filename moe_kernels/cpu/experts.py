@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from moe_kernels.activations import gated_activation, gated_activation_backward
 from moe_kernels.config import Activation
-from moe_kernels.cpu import experts_small
+from moe_kernels.cpu import experts_invariant, experts_small
 from moe_kernels.reference import experts as reference
-from moe_kernels.utils import new_output, slot_experts
+from moe_kernels.utils import is_batch_invariant, new_output, slot_experts
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows (slots) per block of experts in fused_experts' forward: about 7 MB of float32
@@ -195,6 +195,17 @@ def fused_experts_forward(
     regathered and the activation recomputed from ``h``, both cheap)."""
     Activation.parse(activation)
     width = gate_up_proj.shape[1]
+    if is_batch_invariant() and hidden.dtype in GROUPED_MM_DTYPES:
+        slots, tokens, experts, _ = _routing(ids, gate_up_proj.shape[0])
+        routed = (ids.shape[1], slots, tokens, experts, weights.reshape(-1)[slots])
+        out, h = experts_invariant.forward(
+            hidden, gate_up_proj, down_proj, activation, gate_up_bias, down_bias, *routed
+        )
+        if not save_h:
+            return out, hidden.new_empty((0, width))
+        saved = hidden.new_zeros((ids.numel(), width))
+        saved[: h.shape[0]] = h
+        return out, saved
     if not _can_use(hidden, gate_up_proj, down_proj):
         args = (hidden, gate_up_proj, down_proj, weights, ids)
         bias = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias)

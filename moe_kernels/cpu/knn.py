@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moe_kernels.config import KnnMixing
 from moe_kernels.cpu import routing as cpu_routing
-from moe_kernels.utils import compute_dtype
+from moe_kernels.utils import compute_dtype, is_batch_invariant
 
 # Gathered rows (T * n) above which the memory rows are summed by embedding_bag.
 EMBEDDING_BAG_MIN_ROWS = 64
@@ -77,8 +77,11 @@ def knn_mix_backward(grad_mixed, neighbor_sims, *, mixing, router_dtype, neighbo
 def _retrieved(memory_logits, neighbor_ids, weights, dtype):
     """``sum_j w_j memory_logits[neighbor_ids[:, j]]`` ``(T, E)``: one ``embedding_bag`` for many
     rows of a memory in the compute dtype (no gathered copy: 3.5x faster than gathering at
-    T = 1024, n = 8), else the gather and a batched product (cheaper to launch for a few rows)."""
-    if memory_logits.dtype == dtype and neighbor_ids.numel() > EMBEDDING_BAG_MIN_ROWS:
+    T = 1024, n = 8), else the gather and a batched product (cheaper to launch for a few rows: 6.0
+    against 8.4 us at T = 1, n = 8, E = 64). The two round differently, so in batch-invariant mode
+    a memory in the compute dtype always takes the ``embedding_bag``."""
+    many = neighbor_ids.numel() > EMBEDDING_BAG_MIN_ROWS or is_batch_invariant()
+    if memory_logits.dtype == dtype and many:
         return F.embedding_bag(neighbor_ids, memory_logits, per_sample_weights=weights, mode="sum")
     gathered = memory_logits[neighbor_ids.long()].to(dtype)
     return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)

@@ -80,6 +80,7 @@ def probmoe_route(
     renormalize: bool = False,
     training: bool = True,
     seed: int | None = None,
+    ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ProbMoE routing: sample in training, most probable subset in inference.
@@ -90,6 +91,10 @@ def probmoe_route(
         training: True samples ``S`` exactly; False takes the most probable subset: the top k
             (exact-k), or with a band the top ``c*`` where ``c*`` is the number of positive
             logits clamped to ``[k_min, k]``.
+        ids: ``(..., k)`` int32 / int64 expert ids in ``[-1, E)`` to take instead of sampling
+            or selecting (routing replay, :mod:`moe_kernels.replay`); the weights are those of
+            the mode for these ids (training: the straight-through weights below, so the router
+            still gets the marginals' gradient; inference: ``softmax(r)[ids]``), ``-1`` slots 0.
 
     Returns:
         ``weights (..., k)`` float32 (float64 for float64 logits) and ``ids (..., k)`` int32,
@@ -102,6 +107,8 @@ def probmoe_route(
     """
     check.boolean("probmoe_route", "training", training)
     check.boolean("probmoe_route", "renormalize", renormalize)
+    if ids is not None:
+        return _weights_of(logits, k, k_min, ids, renormalize, training, backend)
     if training:
         marginals, ids = _forward(logits, k, k_min, seed, True, backend, "probmoe_route")
         weights = _straight_through_weights(logits, marginals, ids, renormalize)
@@ -120,6 +127,21 @@ def probmoe_route(
 
 
 probmoe_route.__doc__ += _LAW
+
+
+def _weights_of(logits, k, k_min, ids, renormalize, training, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probmoe_route``'s ``(weights, ids int32)`` for given ``ids (..., k)``."""
+    op = "probmoe_route"
+    _check_args(logits, k, k_min, None, op)
+    check.tensor(op, "ids", ids, dtypes=check.ID_DTYPES, device=logits.device, device_of="logits")
+    expected = (*logits.shape[:-1], k)
+    check.shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
+    check.ids_in_range(op, "ids", ids, -1, logits.shape[-1], "E", what="expert ids or -1")
+    if training:
+        marginals = exact_k_marginals(logits, k, k_min=k_min, backend=backend)
+    else:  # the mode's weights have no marginal factor: a constant 1 keeps one formula
+        marginals = torch.ones_like(logits, dtype=compute_dtype(logits.dtype))
+    return _straight_through_weights(logits, marginals, ids, renormalize), ids.to(torch.int32)
 
 
 def _forward(logits, k, k_min, seed, sample, backend, op_name):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import RoutingConfig
+from moe_kernels.config import RENORM_EPS, RoutingConfig
 from moe_kernels.functional import _checks as check
 from moe_kernels.ops.routing import SOFTMAX_TOPK
+from moe_kernels.utils import compute_dtype
 
 
 def softmax_topk(
@@ -21,6 +22,7 @@ def softmax_topk(
     topk_groups: int | None = None,
     group_score: str | None = None,
     scale: float | None = None,
+    ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused gate scores + top-k expert selection (one kernel per direction).
@@ -37,6 +39,10 @@ def softmax_topk(
         score_func, renormalize, num_groups, topk_groups, group_score, scale: the fields of
             :class:`~moe_kernels.RoutingConfig` as keywords (sugar: each one given overrides
             ``routing``'s; None keeps it).
+        ids: ``(..., k)`` int32 / int64 expert ids in ``[-1, E)`` to take instead of selecting
+            (routing replay, :mod:`moe_kernels.replay`): the weights are the formula below for
+            these ids (``-1`` slots weigh 0), computed in PyTorch ops on any device, no host
+            sync for CUDA tensors; ``bias`` and the group limit, which only select, play no part.
         backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch path otherwise: the fast CPU
             path for CPU tensors),
             ``"triton"`` (CPU tensors need ``TRITON_INTERPRET=1``) or ``"torch"``.
@@ -84,6 +90,8 @@ def softmax_topk(
     """
     options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
     routing, triton_path = check.routing_call("softmax_topk", logits, k, bias, routing, options, backend)
+    if ids is not None:
+        return _weights_of(logits, k, ids, routing)
     flat = logits.dim() == 2  # the common case: no reshape in or out (each costs a dispatch)
     rows = logits if flat else logits.reshape(-1, logits.shape[-1])
     weights, ids = SOFTMAX_TOPK(rows, k, bias, routing, triton_path)
@@ -91,3 +99,23 @@ def softmax_topk(
         return weights, ids
     lead = logits.shape[:-1]
     return weights.reshape(*lead, k), ids.reshape(*lead, k)
+
+
+def _weights_of(logits: torch.Tensor, k: int, ids: torch.Tensor, routing: RoutingConfig):
+    """``softmax_topk``'s ``(weights, ids int32)`` for given ``ids (..., k)``, by the formula of
+    its docstring (scores in the compute dtype, the kernels' sigmoid ``1 / (1 + exp(-x))``),
+    differentiable with respect to ``logits`` by autograd."""
+    op = "softmax_topk"
+    check.tensor(op, "ids", ids, dtypes=check.ID_DTYPES, device=logits.device, device_of="logits")
+    expected = (*logits.shape[:-1], k)
+    check.shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
+    check.ids_in_range(op, "ids", ids, -1, logits.shape[-1], "E", what="expert ids or -1")
+    x = logits.to(compute_dtype(logits.dtype))
+    scores = torch.softmax(x, dim=-1) if routing.score_func == "softmax" else 1.0 / (1.0 + torch.exp(-x))
+    weights = scores.gather(-1, ids.long().clamp_min(0))
+    weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))
+    if routing.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    if routing.scale != 1.0:
+        weights = weights * routing.scale
+    return weights, ids.to(torch.int32)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_kernels.functional import softmax_topk
 from moe_kernels.knn.memory import RoutingMemory
-from moe_kernels.nn import MoE, TopKRouter
+from moe_kernels.layers import Tap, attach_tap, detach_tap, find_moe_layers
 
 
 @dataclass
@@ -27,14 +26,13 @@ class MemoryBuild:
     loss_after: float
 
 
-def routed_layers(model: nn.Module) -> dict[str, TopKRouter]:
-    """``{name of an MoE block: its router}`` for every :class:`moe_kernels.MoE` of ``model``
-    with a :class:`TopKRouter` (the routers a memory can be built for)."""
-    return {
-        name: module.router
-        for name, module in model.named_modules()
-        if isinstance(module, MoE) and isinstance(module.router, TopKRouter)
-    }
+def routed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name of an MoE block: its router}`` for every MoE layer of ``model`` that routes with
+    ``softmax_topk`` (the routers a memory can be built for): :class:`moe_kernels.MoE` blocks with
+    a :class:`moe_kernels.TopKRouter`, and transformers MoE blocks patched by
+    :func:`moe_kernels.integrations.transformers.apply_moe_kernels`. ``ValueError`` for a model
+    without MoE layers."""
+    return {layer.name: layer.router for layer in find_moe_layers(model, "build_routing_memory") if layer.routing}
 
 
 def build_routing_memory(
@@ -61,7 +59,8 @@ def build_routing_memory(
     lowest loss. The keys are the router inputs, the values those logits.
 
     Args:
-        model: a module holding :class:`moe_kernels.MoE` blocks with :class:`TopKRouter` routers.
+        model: a module holding :class:`moe_kernels.MoE` blocks with :class:`TopKRouter` routers, or
+            a transformers model patched by ``apply_moe_kernels`` (see :func:`routed_layers`).
         reference_batches: iterable of batches, each passed to ``loss_fn`` as is.
         loss_fn: ``(model, batch) -> scalar tensor`` to minimise.
         layers: names of the MoE blocks to build memories for (default: all of them).
@@ -78,7 +77,7 @@ def build_routing_memory(
     unknown = sorted(set(names) - set(routers))
     if unknown or not names:
         raise ValueError(
-            f"build_routing_memory: layers must name MoE blocks with a TopKRouter, got {unknown or names}; "
+            f"build_routing_memory: layers must name MoE blocks routed by softmax_topk, got {unknown or names}; "
             f"available: {sorted(routers)}"
         )
     if not isinstance(steps, int) or steps < 0:
@@ -91,11 +90,8 @@ def build_routing_memory(
         raise ValueError("build_routing_memory: reference_batches is empty")
     with _frozen(model):
         for number, batch in enumerate(batches, 1):
-            inputs = _router_inputs(model, routers, names, batch, loss_fn)
-            logits = {
-                name: nn.functional.linear(inputs[name], routers[name].weight).float().detach().requires_grad_(True)
-                for name in names
-            }
+            inputs, frozen = _router_inputs(model, routers, names, batch, loss_fn)
+            logits = {name: frozen[name].float().detach().requires_grad_(True) for name in names}
             best_loss, best = _optimise(model, routers, logits, batch, loss_fn, steps, lr, before)
             after.append(best_loss)
             for name in names:
@@ -137,47 +133,70 @@ def _frozen(model: nn.Module):
             param.requires_grad_(flag)
 
 
-def _router_inputs(model, routers, names, batch, loss_fn) -> dict[str, torch.Tensor]:
-    """Each chosen router's input ``(T, H)`` in one frozen forward."""
-    captured = {}
-    hooks = [
-        routers[name].register_forward_pre_hook(lambda _module, args, name=name: captured.__setitem__(name, args[0]))
-        for name in names
-    ]
+class _Capture(Tap):
+    """Keeps the last logits its router routed from."""
+
+    logits_seen: torch.Tensor | None = None
+
+    def observe(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        self.logits_seen = logits.detach()
+
+
+def _router_inputs(model, routers, names, batch, loss_fn) -> tuple[dict, dict]:
+    """Each chosen router's input ``(T, H)`` and logits ``(T, E)`` in one frozen forward."""
+    captured, taps = {}, {name: _Capture() for name in names}
+
+    def keep(name):
+        def hook(_module, args):
+            captured[name] = args[0]
+
+        return hook
+
+    hooks = [routers[name].register_forward_pre_hook(keep(name)) for name in names]
+    for name in names:
+        attach_tap(routers[name], taps[name])
     try:
         with torch.no_grad():
             loss_fn(model, batch)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: captured[name].detach() for name in names}
+        for name in names:
+            detach_tap(routers[name], taps[name])
+    missing = [name for name in names if taps[name].logits_seen is None]
+    if missing:
+        raise ValueError(f"build_routing_memory: loss_fn did not run the MoE layers {missing}")
+    inputs = {name: captured[name].detach().reshape(-1, captured[name].shape[-1]) for name in names}
+    return inputs, {name: taps[name].logits_seen for name in names}
+
+
+class _FromLogits(Tap):
+    """Makes its router route from given logits (the same batch every call)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[:-1].numel() != self.values.shape[0]:
+            raise RuntimeError(
+                f"build_routing_memory: a router saw {logits.shape[:-1].numel()} tokens, its logits have "
+                f"{self.values.shape[0]}: loss_fn must run the same batch every time"
+            )
+        return self.values.reshape(logits.shape)
 
 
 @contextlib.contextmanager
-def _routing_from(routers: dict[str, TopKRouter], logits: dict[str, torch.Tensor]):
+def _routing_from(routers: dict[str, nn.Module], logits: dict[str, torch.Tensor]):
     """Within the block, each router in ``logits`` routes its (same-sized) batch from the given
     logits instead of computing them from its input."""
-
-    def forward_from(router, values):
-        def forward(hidden):
-            if hidden.shape[0] != values.shape[0]:
-                raise RuntimeError(
-                    f"build_routing_memory: a router saw {hidden.shape[0]} tokens, its logits have "
-                    f"{values.shape[0]}: loss_fn must run the same batch every time"
-                )
-            return softmax_topk(
-                values, router.k, routing=router.routing, bias=router.e_score_correction_bias, backend=router.backend
-            )
-
-        return forward
-
-    for name, values in logits.items():
-        routers[name].forward = forward_from(routers[name], values)
+    taps = {name: _FromLogits(values) for name, values in logits.items()}
+    for name, tap in taps.items():
+        attach_tap(routers[name], tap)
     try:
         yield
     finally:
-        for name in logits:
-            del routers[name].forward  # back to the class's forward
+        for name, tap in taps.items():
+            detach_tap(routers[name], tap)
 
 
 def _optimise(model, routers, logits, batch, loss_fn, steps, lr, before) -> tuple[float, dict]:

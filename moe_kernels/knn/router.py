@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, routing_or_default
-from moe_kernels.functional import knn_route
+from moe_kernels.functional import knn_mix, knn_route, softmax_topk
 from moe_kernels.knn.memory import RoutingMemory
+from moe_kernels.layers import RUNS_TAPS, run_taps
 
 
 class KNNRouter(nn.Module):
@@ -62,33 +63,47 @@ class KNNRouter(nn.Module):
         self.last_confidence: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids, _ = self.route(hidden)
+        return weights, ids
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the frozen router's logits ``(..., E)`` (after any tap of
+        :mod:`moe_kernels.layers`) as a third output. Forced ids (routing replay) take the
+        weights of :func:`moe_kernels.knn_mix`'s mixed logits for those ids."""
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         flat = hidden.reshape(-1, hidden_size)
-        logits = nn.functional.linear(flat, self.weight)
-        ids, sims = self.memory.search(flat, self.n_neighbors)
+        neighbors, sims = self.memory.search(flat, self.n_neighbors)
         # An approximate index may find fewer than n neighbours (faiss id -1): such a slot counts
         # as similarity 0, which lowers the confidence, and points at a valid row it never weighs.
-        missing = ids < 0
-        ids = torch.where(missing, torch.zeros_like(ids), ids).to(logits.device)
-        sims = torch.where(missing, torch.zeros_like(sims), sims).to(logits.device)
-        mixing = self.mixing
-        weights, chosen, conf = knn_route(
-            logits,
-            ids,
-            sims,
-            self.memory_logits,
-            self.k,
-            routing=self.routing,
-            weighting=mixing.weighting,
-            temperature=mixing.temperature,
-            min_confidence=mixing.min_confidence,
+        missing = neighbors < 0
+        device = self.weight.device
+        neighbors = torch.where(missing, torch.zeros_like(neighbors), neighbors).to(device)
+        sims = torch.where(missing, torch.zeros_like(sims), sims).to(device)
+        mixing = dict(
+            weighting=self.mixing.weighting,
+            temperature=self.mixing.temperature,
+            min_confidence=self.mixing.min_confidence,
             backend=self.backend,
         )
-        self.last_confidence = conf.detach().reshape(lead)
-        return weights.reshape(*lead, self.k), chosen.reshape(*lead, self.k)
+
+        def select(logits, forced):
+            if forced is None:
+                options = dict(routing=self.routing, **mixing)
+                weights, ids, conf = knn_route(logits, neighbors, sims, self.memory_logits, self.k, **options)
+            else:
+                mixed, conf = knn_mix(logits, self.memory_logits[neighbors.long()], sims, **mixing)
+                weights, ids = softmax_topk(mixed, self.k, routing=self.routing, ids=forced, backend=self.backend)
+            self.last_confidence = conf.detach().reshape(lead)
+            return weights, ids
+
+        weights, ids, logits = run_taps(self, nn.functional.linear(flat, self.weight), self.k, select)
+        return weights.reshape(*lead, self.k), ids.reshape(*lead, self.k), logits.reshape(*lead, -1)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.weight.shape[0]}, k={self.k}, n_neighbors={self.n_neighbors}, "
             f"memory_entries={self.memory.num_entries}, {self.mixing}, routing={self.routing}"
         )
+
+
+setattr(KNNRouter, RUNS_TAPS, True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels._compat import interpreter_enabled
-from moe_kernels.utils import cdiv
+from moe_kernels.utils import cdiv, is_batch_invariant
 
 # Largest tile of (tokens x experts) elements one program holds: 4 per thread at 8 warps.
 # Registers grow about 8 per element held per thread (sm_90, Triton 3.9: 48-64 at 4, 80-128 at 8,
@@ -24,12 +24,20 @@ def row_tiling(width: int, num_tokens: int = 0, min_programs: int = 0) -> tuple[
     """``(rows per program, num_warps)`` for rows ``width`` columns wide held in one tile.
 
     Several rows per program amortise index math at large T; with ``min_programs``, small
-    batches are split finer so that they spread over at least that many programs.
+    batches are split finer so that they spread over at least that many programs. ``num_tokens``
+    0: the tiling whatever the batch (see :func:`tiling_rows`).
     """
     block_t = max(1, min(64, MAX_TILE // width))
-    while block_t > 1 and cdiv(num_tokens, block_t) < min_programs:
+    while block_t > 1 and num_tokens and cdiv(num_tokens, block_t) < min_programs:
         block_t //= 2
     return block_t, max(1, min(8, block_t * width // 128))
+
+
+def tiling_rows(num_rows: int) -> int:
+    """The row count a launcher sizes its tiles by: ``num_rows``, or 0 in batch-invariant mode
+    (:func:`moe_kernels.set_batch_invariant`), where every batch gets the one configuration a
+    0-row problem gets, so that a row's reduction order cannot depend on the batch."""
+    return 0 if is_batch_invariant() else num_rows
 
 
 def token_grid(meta: dict, num_tokens: int) -> tuple[int]:

@@ -26,7 +26,7 @@ import torch
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, Activation
 from moe_kernels.cpu import experts as cpu_experts
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops._launch import strides, unit_stride_last
+from moe_kernels.ops._launch import strides, tiling_rows, unit_stride_last
 from moe_kernels.ops.tuned_configs import device_name_of, grouped_mm_meta
 from moe_kernels.reference import experts as reference
 from moe_kernels.utils import cdiv, new_output
@@ -128,7 +128,7 @@ def _launch_forward(a, b, offsets, a_rows, row_scale, out_rows, *, gated: dict |
         # No product: zeros. (Gated with K = 0 still runs: its epilogue adds the bias.)
         return out.zero_(), (h.zero_() if h is not None else None)
     meta = grouped_mm_meta(
-        out_rows, n_cols, k_dim, a.dtype, gated=gated is not None, device_name=device_name_of(device)
+        tiling_rows(out_rows), n_cols, k_dim, a.dtype, gated=gated is not None, device_name=device_name_of(device)
     )
     grid = ((cdiv(out_rows, meta["BLOCK_M"]) + num_groups) * cdiv(n_cols, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](

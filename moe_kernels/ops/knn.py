@@ -36,7 +36,7 @@ import torch
 from moe_kernels.config import KnnMixing, RoutingConfig
 from moe_kernels.cpu import knn as cpu_knn
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops._launch import MIN_PROGRAMS, row_tiling, strides, token_grid, unit_stride_last
+from moe_kernels.ops._launch import MIN_PROGRAMS, row_tiling, strides, tiling_rows, token_grid, unit_stride_last
 from moe_kernels.ops.routing import forward_meta, launch_softmax_topk_backward
 from moe_kernels.reference import knn as reference
 from moe_kernels.utils import compute_dtype, new_output, next_power_of_2
@@ -255,7 +255,7 @@ def launch_knn_route(
         return weights, ids, conf
     valid = torch.ones((), dtype=torch.int32, device=device)
     num_neighbors = neighbor_sims.shape[1]
-    meta = knn_route_meta(num_tokens, num_experts, k, num_neighbors, routing, bias is not None, mixing)
+    meta = knn_route_meta(tiling_rows(num_tokens), num_experts, k, num_neighbors, routing, bias is not None, mixing)
     gather = _gather_args(router_logits, neighbor_ids, neighbor_sims, memory_logits, mixing)
     _knn_route_fwd_kernel[token_grid(meta, num_tokens)](
         bias_ptr=gather["router_ptr"] if bias is None else bias,  # never read without HAS_BIAS

@@ -22,7 +22,7 @@ import torch
 from moe_kernels.config import RoutingConfig
 from moe_kernels.cpu import routing as cpu_routing
 from moe_kernels.ops._boundary import define_op
-from moe_kernels.ops._launch import MIN_PROGRAMS, row_tiling, strides, token_grid, unit_stride_last
+from moe_kernels.ops._launch import MIN_PROGRAMS, row_tiling, strides, tiling_rows, token_grid, unit_stride_last
 from moe_kernels.reference import routing as reference
 from moe_kernels.utils import compute_dtype, new_output, next_power_of_2
 
@@ -100,7 +100,7 @@ def launch_softmax_topk(logits: torch.Tensor, k: int, routing: RoutingConfig, bi
     ids = new_output((num_tokens, k), torch.int32, logits.device)
     if num_tokens == 0:
         return weights, ids
-    meta = forward_meta(num_tokens, num_experts, k, routing, bias is not None)
+    meta = forward_meta(tiling_rows(num_tokens), num_experts, k, routing, bias is not None)
     _softmax_topk_fwd_kernel[token_grid(meta, num_tokens)](
         logits_ptr=logits,
         bias_ptr=logits if bias is None else bias,  # never read without HAS_BIAS

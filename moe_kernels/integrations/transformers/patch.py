@@ -25,6 +25,8 @@ from moe_kernels.integrations.transformers.experts import (
     moe_kernels_experts_forward,
 )
 from moe_kernels.integrations.transformers.families import FAMILIES
+from moe_kernels.layers import MOE_LAYER, RUNS_TAPS, TAPS, LayerParts
+from moe_kernels.routing_override import SELECTION_OVERRIDE
 from moe_kernels.utils import BACKENDS
 
 
@@ -76,7 +78,26 @@ def _patch_blocks(model, backend: str, routing: RoutingConfig | None, model_type
         _bind(target, function, backend, target_routing)
         if function is moe_kernels_experts_forward:
             pack_expert_weights(target)
+        else:
+            target.__dict__[RUNS_TAPS] = True
+    for moe in blocks:
+        moe.__dict__[MOE_LAYER] = _patched_parts(family.router_attr)
     return len(blocks)
+
+
+def _patched_parts(router_attr: str) -> Callable[[nn.Module], LayerParts]:
+    """A patched block's ``MOE_LAYER`` marker: ``block -> LayerParts`` of its router."""
+
+    def parts(block: nn.Module) -> LayerParts:
+        router = getattr(block, router_attr)
+        return LayerParts(router, router.weight.shape[0], int(router.top_k), router.__dict__[ROUTING], 1, True)
+
+    return parts
+
+
+# What a patch, or what runs on a patched model, leaves in a module's __dict__ besides SAVED: the
+# revert removes them all, so that the next apply starts from the unpatched model.
+_PATCH_STATE = (BACKEND, ROUTING, MOE_LAYER, RUNS_TAPS, TAPS, SELECTION_OVERRIDE)
 
 
 def pack_expert_weights(experts: nn.Module) -> tuple[str, ...]:
@@ -157,11 +178,12 @@ def apply_moe_kernels(model: nn.Module, *, backend: str = "auto", routing: Routi
 def revert_moe_kernels(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_moe_kernels` in place (a no-op on an unpatched model); returns ``model``."""
     for module in model.modules():
+        patched = SAVED in module.__dict__ or MOE_LAYER in module.__dict__
+        for key in _PATCH_STATE if patched else ():
+            module.__dict__.pop(key, None)
         saved = module.__dict__.pop(SAVED, None)
         if saved is None:
             continue
-        module.__dict__.pop(BACKEND, None)
-        module.__dict__.pop(ROUTING, None)
         for name in module.__dict__.pop(PACKED, ()):  # the checkpoint's contiguous layout again
             param = getattr(module, name)
             param.data = param.data.contiguous()

@@ -11,18 +11,20 @@ from torch import nn
 from moe_kernels.config import RoutingConfig
 from moe_kernels.functional import softmax_topk
 from moe_kernels.integrations.transformers.common import BACKEND, ROUTING
+from moe_kernels.layers import run_taps
 from moe_kernels.routing_override import resolve_selection
 
 
 def _route(router, logits, bias=None):
+    """``(weights, ids, logits)``: ``softmax_topk`` under the router's taps (the logits are those
+    routed from: a tap may replace them)."""
     k, bias = resolve_selection(router, router.top_k, bias)  # Counterfactual Routing's k and prior, if set
-    return softmax_topk(
-        logits,
-        k,
-        routing=router.__dict__[ROUTING],
-        bias=bias,
-        backend=router.__dict__.get(BACKEND, "auto"),
-    )
+    routing, backend = router.__dict__[ROUTING], router.__dict__.get(BACKEND, "auto")
+
+    def select(values, ids):
+        return softmax_topk(values, k, routing=routing, bias=bias, ids=ids, backend=backend)
+
+    return run_taps(router, logits, k, select)
 
 
 def routing_config(router: nn.Module) -> RoutingConfig:
@@ -38,7 +40,7 @@ def mixtral_router_forward(self, hidden_states):
     """Mixtral: softmax in float32, top-k, renormalised; float32 weights (HF keeps them so)."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits)
+    weights, ids, router_logits = _route(self, router_logits)
     return router_logits, weights, ids.long()
 
 
@@ -47,7 +49,7 @@ def softmax_router_forward(self, hidden_states):
     ``norm_topk_prob``; weights cast to the logits' dtype, as HF does."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits)
+    weights, ids, router_logits = _route(self, router_logits)
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
@@ -56,7 +58,7 @@ def deepseek_v3_router_forward(self, hidden_states):
     top-2-sum masking, top-k, optional renormalisation (+1e-20), routed scaling; float32 weights."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, bias=self.e_score_correction_bias.float())
+    weights, ids, router_logits = _route(self, router_logits, bias=self.e_score_correction_bias.float())
     return router_logits, weights, ids.long()
 
 
@@ -64,7 +66,7 @@ def gpt_oss_router_forward(self, hidden_states):
     """GPT-OSS: logits with the router bias, top-k on the logits, softmax over the k values (=
     the renormalised full softmax); weights cast to the logits' dtype, as HF's softmax has them."""
     router_logits = F.linear(hidden_states, self.weight, self.bias)
-    weights, ids = _route(self, router_logits)
+    weights, ids, router_logits = _route(self, router_logits)
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
