@@ -7,15 +7,18 @@ group             provider         what runs
 replay            plain            one forward of a model of one ``moe_kernels.MoE`` layer
                   record           ``with replay.record(model) as r: model(x)`` (taps attached,
                                    the forward's ids stored, taps removed)
+                  record_open      ``model(x)`` inside an open ``record`` (one step of a recorded
+                                   ``generate``: the per-forward cost alone)
                   replay           ``with replay.replay(model, r): model(x)`` (the recorded ids
                                    forced, the weights recomputed from the live logits)
 batch_invariant   default          the op as it runs by default (its fastest path)
-                  invariant        the same call inside ``moe_kernels.batch_invariant()``
+                  invariant        the same call with ``moe_kernels.set_batch_invariant(True)``
 ================  ===============  ============================================================
 
-The replay group's layer routes at OLMoE's sizes (H = 2048, E = 64, k = 8, float32) with experts
-16 wide: what record and replay add is per layer and per forward (``extra_us``: the row's median
-minus the plain row's), whatever the experts cost. ``ratio`` is a row's median over the plain /
+The replay group's layer routes like OLMoE's (E = 64, k = 8, renormalised; float32) at H = 256
+with experts 16 wide, so that the layer itself is cheap and what record and replay add, per layer
+and per forward (``extra_us``: the row's median minus the plain row's, whatever the experts
+cost), is not lost in its noise. ``ratio`` is a row's median over the plain /
 default row of its point. The batch-invariant group runs each op at decode and prefill sizes: the
 routing ops at T = 1 / 64 / 4096 (E = 64, k = 8; kNN with n = 8 over 4096 memory rows),
 ``fused_experts`` at OLMoE-1B-7B's layer in bfloat16 (H = 2048, I = 1024, E = 64, k = 8) at T = 1 /
@@ -27,6 +30,7 @@ tokens).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +43,7 @@ from moe_kernels import replay
 OP_NAME = "replay"
 GROUPS = ("replay", "batch_invariant")
 TABLE_COLUMNS = ("group", "op", "dtype", "T", "provider", "median_us", "p20_us", "p80_us", "ratio", "extra_us", "timer")
-HIDDEN, EXPERTS, K, NEIGHBORS, MEMORY = 2048, 64, 8, 8, 4096
+HIDDEN, EXPERTS, K, NEIGHBORS, MEMORY = 256, 64, 8, 8, 4096
 ROUTING_TOKENS, QUICK_TOKENS = (1, 64, 4096), (1, 64)
 # OLMoE-1B-7B's experts (bfloat16), and the quick run's small ones.
 EXPERT_SIZES, QUICK_EXPERT_SIZES = (2048, 1024, 64, 8), (256, 128, 16, 4)
@@ -49,7 +53,7 @@ EXPERT_TOKENS, QUICK_EXPERT_TOKENS = (1, 64, 512), (1, 16)
 def _replay_rows(tokens: Sequence[int], device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(mk.MoE(HIDDEN, 16, EXPERTS, K, routing=mk.RoutingConfig.renormalize(), device=device))
-    rows = []
+    rows, keep_open = [], contextlib.ExitStack()
     for num_tokens in tokens:
         x = torch.randn(1, num_tokens, HIDDEN, device=device)
         with torch.no_grad(), replay.record(model) as recorded:
@@ -63,8 +67,15 @@ def _replay_rows(tokens: Sequence[int], device: torch.device) -> list[dict]:
             with replay.replay(model, recorded):
                 return model(x)
 
-        calls = {"plain": lambda x=x: model(x), "record": record, "replay": forced}
-        rows += _timed({"group": "replay", "op": "MoE layer", "dtype": "float32", "T": num_tokens}, calls, device)
+        def record_open(x=x):
+            if not keep_open._exit_callbacks:
+                keep_open.enter_context(replay.record(model))
+            return model(x)
+
+        calls = {"plain": lambda x=x: model(x), "record": record, "record_open": record_open, "replay": forced}
+        case = {"group": "replay", "op": "MoE layer", "dtype": "float32", "T": num_tokens}
+        with keep_open:  # the open record's ids are dropped with it
+            rows += _timed(case, {name: (call, False) for name, call in calls.items()}, device)
     return rows
 
 
@@ -101,23 +112,20 @@ def _invariant_rows(tokens: Sequence[int], expert_tokens: Sequence[int], sizes: 
     points += [(t, _experts_calls(t, sizes, device), "bfloat16") for t in expert_tokens]
     for num_tokens, calls, dtype in points:
         for op, call in calls.items():
-
-            def invariant(call=call):
-                with mk.batch_invariant():
-                    return call()
-
             case = {"group": "batch_invariant", "op": op, "dtype": dtype, "T": num_tokens}
-            rows += _timed(case, {"default": call, "invariant": invariant}, device)
+            rows += _timed(case, {"default": (call, False), "invariant": (call, True)}, device)
     return rows
 
 
 def _timed(case: dict, calls: dict, device: torch.device) -> list[dict]:
-    """One row per provider of ``calls`` (the first is the baseline of ``ratio``)."""
+    """One row per provider of ``calls`` (``{provider: (call, batch-invariant mode)}``; the first
+    is the baseline of ``ratio``)."""
     rows = []
     with torch.no_grad():
-        for provider, call in calls.items():
-            warm_up(call, device)
-            rows.append({**case, "provider": provider, **time_fn(call, device=device)})
+        for provider, (call, invariant) in calls.items():
+            with mk.batch_invariant(invariant):
+                warm_up(call, device)
+                rows.append({**case, "provider": provider, **time_fn(call, device=device)})
     for row in rows:
         row["ratio"] = row["median_us"] / rows[0]["median_us"]
         row["extra_us"] = row["median_us"] - rows[0]["median_us"]

@@ -371,16 +371,20 @@ def _plot(path: Path, rows: Sequence[dict], title: str) -> Path | None:
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.8))
     axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    # One colour per provider in every panel, and one legend entry each (panels may show different
+    # providers: the legend of the first alone would name the others' lines wrongly).
+    colors = {provider: f"C{i % 10}" for i, provider in enumerate(dict.fromkeys(row["provider"] for row in rows))}
+    legend = {}
     for ax, (label, panel_rows) in zip(axes, panels.items()):
         for provider in dict.fromkeys(row["provider"] for row in panel_rows):
             points = sorted((row["T"], row["median_us"]) for row in panel_rows if row["provider"] == provider)
-            ax.plot(*zip(*points), marker="o", markersize=3, label=provider)
+            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=provider, color=colors[provider])
+            legend.setdefault(provider, line)
         ax.set(xscale="log", yscale="log", title=label, xlabel="tokens T", ylabel="median time (us)")
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[len(panels) :]:  # the grid's unused panels
         ax.set_axis_off()
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)

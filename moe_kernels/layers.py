@@ -19,7 +19,7 @@ This module imports only torch and :mod:`moe_kernels.config`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -51,21 +51,15 @@ class LayerParts:
 
 
 @dataclass(frozen=True)
-class MoELayer:
-    """One MoE layer of a model: its ``index`` in :func:`find_moe_layers`' order, its ``name``
-    (the block's module path), the ``block`` (whose output is the layer's output: ``MoE``, or the
-    transformers block, whose GPT-OSS forward returns ``(hidden, router_scores)``) and its
-    :class:`LayerParts` fields."""
+class MoELayer(LayerParts):
+    """One MoE layer of a model: its :class:`LayerParts` fields, its ``index`` in
+    :func:`find_moe_layers`' order, its ``name`` (the block's module path) and the ``block``
+    (whose output is the layer's output: ``MoE``, or the transformers block, whose GPT-OSS forward
+    returns ``(hidden, router_scores)``)."""
 
     index: int
     name: str
     block: nn.Module
-    router: nn.Module
-    num_experts: int
-    k: int
-    routing: RoutingConfig | None
-    weights_at: int
-    tapped: bool
 
     @property
     def eligible_experts(self) -> int:
@@ -89,7 +83,8 @@ def find_moe_layers(model: nn.Module, op: str) -> list[MoELayer]:
         describe = getattr(module, MOE_LAYER, None)
         if describe is not None:
             parts = describe(module)
-            layers.append(MoELayer(len(layers), name, module, *(getattr(parts, f) for f in _PART_FIELDS)))
+            described = {field.name: getattr(parts, field.name) for field in fields(LayerParts)}
+            layers.append(MoELayer(**described, index=len(layers), name=name, block=module))
         elif _looks_like_unpatched_hf_block(module):
             unpatched += 1
     if not layers:
@@ -104,9 +99,6 @@ def find_moe_layers(model: nn.Module, op: str) -> list[MoELayer]:
             f"apply_moe_kernels){hint}"
         )
     return layers
-
-
-_PART_FIELDS = ("router", "num_experts", "k", "routing", "weights_at", "tapped")
 
 
 def require_tapped(layers: list[MoELayer], op: str) -> None:

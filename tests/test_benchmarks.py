@@ -227,6 +227,7 @@ def test_replay_benchmark_rows():
     assert providers == {
         ("replay", "plain"),
         ("replay", "record"),
+        ("replay", "record_open"),
         ("replay", "replay"),
         ("batch_invariant", "default"),
         ("batch_invariant", "invariant"),

@@ -172,13 +172,18 @@ def _rewrite_header(path, header: dict) -> None:
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
 
 
-@pytest.mark.parametrize("fault", ["truncated", "data bit", "manifest field", "foreign", "version", "empty"])
-def test_corrupt_record_files_are_refused(tmp_path, fault):
+def _saved_record(tmp_path):
     model = _model().eval()
     with replay.record(model) as record:
         model(_inputs(2, 4))
     path = tmp_path / "r.routing"
     record.save(path)
+    return record, path
+
+
+@pytest.mark.parametrize("fault", ["truncated", "data bit", "manifest field", "foreign", "version", "empty"])
+def test_corrupt_record_files_are_refused(tmp_path, fault):
+    _, path = _saved_record(tmp_path)
     data = path.read_bytes()
     if fault == "truncated":
         path.write_bytes(data[: len(data) - 9])
@@ -206,11 +211,7 @@ def test_corrupt_record_files_are_refused(tmp_path, fault):
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
-    model = _model().eval()
-    with replay.record(model) as record:
-        model(_inputs(2, 4))
-    path = tmp_path / "r.routing"
-    record.save(path)
+    record, path = _saved_record(tmp_path)
     before = path.read_bytes()
     import safetensors.torch
 
@@ -267,3 +268,24 @@ def test_taps_are_gone_after_the_blocks():
     for module in model.modules():
         assert "_moe_kernels_taps" not in module.__dict__
         assert not module._forward_pre_hooks
+
+
+class _Reversed(nn.Module):
+    """Two MoE blocks registered a, b and called b, a."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = mk.MoE(H, I, E, 2), mk.MoE(H, I, E, 2)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.b(x)))
+
+
+def test_layers_are_listed_in_call_order():
+    model = _Reversed()
+    with replay.record(model) as record:
+        model(_inputs(2, 3))
+    assert record.layers == ["b", "a"]
+    with replay.replay(model, record), replay.record(model) as again:
+        model(_inputs(2, 3))
+    assert all(torch.equal(again.ids(name), record.ids(name)) for name in ("a", "b"))

@@ -11,17 +11,16 @@ memory, and a file whose checksum or manifest does not match is refused on load.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+from moe_kernels.files import read_tensors, write_tensors
+
+FORMAT = "moe_kernels.RoutingMemory"
+# 2: the checksum covers the manifest too (moe_kernels.files); version 1 files are refused.
+FORMAT_VERSION = 2
 METRICS = ("cosine", "inner_product")
 INDEXES = ("flat", "ivf", "ivfpq", "hnsw", "torch")
 # Keys scored per step of the exact PyTorch search: bounds its (T, chunk) similarity buffer.
@@ -165,18 +164,14 @@ class RoutingMemory:
         return None if entry is None else entry[1]
 
     def save(self, path) -> None:
-        """Write the memory to ``path`` (one safetensors file), atomically: the file is written
-        next to ``path`` under a temporary name and renamed over it only once complete."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
+        """Write the memory to ``path`` (one safetensors file), atomically, with a checksum over
+        its manifest and tensors (:mod:`moe_kernels.files`)."""
         tensors = {"keys": self.keys, "values": self.values}
         if self._faiss_index is not None:
             import faiss
 
             tensors["faiss_index"] = torch.from_numpy(faiss.serialize_index(self._faiss_index))
         manifest = dict(
-            format_version=FORMAT_VERSION,
             num_entries=self.num_entries,
             key_dim=self.key_dim,
             num_experts=self.num_experts,
@@ -185,48 +180,31 @@ class RoutingMemory:
             index_options=self.index_options,
             model=self.model,
             layer=self.layer,
-            checksum=_checksum(tensors),
         )
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, tmp, metadata={"moe_kernels_manifest": json.dumps(manifest)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_tensors(path, tensors, manifest, kind=FORMAT, version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path, *, model=None, layer=None, key_dim=None, num_experts=None) -> RoutingMemory:
         """Read a memory written by :meth:`save`. ``model``, ``layer``, ``key_dim`` and
-        ``num_experts``, when given, must match the manifest. A missing, truncated, corrupted or
-        mismatched file raises (FileNotFoundError / ValueError) and nothing is loaded."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RoutingMemory.load: no memory file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                manifest = json.loads((f.metadata() or {})["moe_kernels_manifest"])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as error:  # safetensors reports truncation and bad headers in its own types
-            raise ValueError(f"RoutingMemory.load: {path} is not a readable routing memory ({error})") from error
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"RoutingMemory.load: {path} has format version {manifest.get('format_version')}, "
-                f"expected {FORMAT_VERSION}"
-            )
-        if _checksum(tensors) != manifest["checksum"]:
-            raise ValueError(f"RoutingMemory.load: {path} is corrupted (checksum mismatch)")
+        ``num_experts``, when given, must match the manifest, and the manifest the tensors. A
+        missing file raises ``FileNotFoundError``; a truncated, corrupted, foreign or mismatched
+        one ``ValueError`` naming the file, and nothing is loaded."""
+        op = "RoutingMemory.load"
+        tensors, manifest = read_tensors(path, kind=FORMAT, version=FORMAT_VERSION, op=op)
+        keys, values = tensors.get("keys"), tensors.get("values")
+        if keys is None or values is None or keys.dim() != 2 or values.dim() != 2:
+            raise ValueError(f"{op}: {path} holds no (N, d) keys and (N, E) values")
+        described = dict(num_entries=keys.shape[0], key_dim=keys.shape[1], num_experts=values.shape[1])
+        for field, found in described.items():
+            if manifest.get(field) != found:
+                raise ValueError(f"{op}: {path}: the manifest's {field} is {manifest.get(field)!r}, its data {found}")
+        metric, index = manifest.get("metric"), manifest.get("index")
+        if metric not in METRICS or index not in INDEXES:
+            raise ValueError(f"{op}: {path}: unknown metric / index {metric!r} / {index!r}")
         expected = dict(model=model, layer=layer, key_dim=key_dim, num_experts=num_experts)
         for field, want in expected.items():
-            if want is not None and manifest[field] != want:
-                raise ValueError(
-                    f"RoutingMemory.load: {path} was built for {field}={manifest[field]!r}, expected {want!r}"
-                )
+            if want is not None and manifest.get(field) != want:
+                raise ValueError(f"{op}: {path} was built for {field}={manifest.get(field)!r}, expected {want!r}")
         memory = cls.__new__(cls)
         memory.keys, memory.values = tensors["keys"], tensors["values"]
         memory.metric, memory.index_kind = manifest["metric"], manifest["index"]
@@ -317,11 +295,3 @@ def _set_search_options(index, kind: str, options: dict) -> None:
         index.nprobe = int(options.get("nprobe", min(16, index.nlist)))
     elif kind == "hnsw":
         index.hnsw.efSearch = int(options.get("ef_search", 64))
-
-
-def _checksum(tensors: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
