@@ -180,15 +180,20 @@ def add_shared_expert(
     return routed + shared
 
 
-def _moe_parts(block: MoE) -> LayerParts:
-    """The :class:`~moe_kernels.layers.LayerParts` of an ``MoE`` block (its ``MOE_LAYER`` marker)."""
-    router = block.router
+def router_parts(router: nn.Module, num_experts: int) -> LayerParts:
+    """The :class:`~moe_kernels.layers.LayerParts` of a block routed by ``router`` (a module
+    returning ``(weights, ids)``) over ``num_experts`` experts: the ``MOE_LAYER`` marker of
+    :class:`MoE` and of the expert-parallel block."""
     k = getattr(router, "k", None)
     if not isinstance(k, int):
         raise ValueError(f"the router of an MoE block ({type(router).__name__}) has no int k")
     routing = router.routing if isinstance(router, TopKRouter) else None
     tapped = getattr(router, RUNS_TAPS, False) is True
-    return LayerParts(router, block.gate_up_proj.shape[0], k, routing, 0, tapped)
+    return LayerParts(router, num_experts, k, routing, 0, tapped)
+
+
+def _moe_parts(block: MoE) -> LayerParts:
+    return router_parts(block.router, block.gate_up_proj.shape[0])
 
 
 class MoE(nn.Module):

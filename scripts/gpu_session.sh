@@ -105,7 +105,8 @@ fi
 # 3. the benchmarks. GPU: the goal rows of the earlier issues (routing at T <= 512 and 16384 on every
 # registry shape; exact-k against softmax_topk; knn_route against softmax_topk; fused experts on
 # Qwen3-30B-A3B and OLMoE forward and forward+backward against torch._grouped_mm, HF and liger; HF
-# blocks and generation; the per-call overhead). CPU: each one's quick grid.
+# blocks and generation; the per-call overhead; routing replay and what batch-invariant mode costs).
+# CPU: each one's quick grid.
 if [ "$MODE" = gpu ]; then
     bench() { step "bench $1" "$2" "$OUT/bench.log" "$PY" -m moe_kernels.cli bench --op "$1" "${@:3}"; }
     bench softmax_topk 45 --dtype bfloat16 --tokens 1 64 512 16384
@@ -116,9 +117,12 @@ if [ "$MODE" = gpu ]; then
     bench hf_moe_block 30 --tokens 1 256 4096
     bench hf_generate 25 --quick
     bench op_overhead 15
+    bench replay 30
 else
     bench() { step "bench $1" "$2" "$OUT/bench.log" "$PY" -m moe_kernels.cli bench --op "$1" --quick --device cpu; }
-    for op in softmax_topk probmoe knn_route fused_experts hf_moe_block hf_generate op_overhead; do bench "$op" 60; done
+    for op in softmax_topk probmoe knn_route fused_experts hf_moe_block hf_generate op_overhead replay; do
+        bench "$op" 60
+    done
 fi
 tar -czf "$OUT/results.tgz" benchmarks/results 2>/dev/null || tar -czf "$OUT/results.tgz" --files-from /dev/null
 

@@ -264,12 +264,41 @@ def check_bad_input(rank: int, world: int) -> dict:
     }
 
 
+def check_replay(rank: int, world: int) -> dict:
+    """Routing replay and load metrics of an expert-parallel model on this rank's tokens (every
+    forward collective): the replayed forward reproduces the recorded one, a changed router still
+    selects the recorded ids and gets a gradient, and the counts match the record."""
+    from moe_kernels import balance, replay
+
+    torch.manual_seed(7)
+    model = nn.Sequential(ExpertParallelMoE.from_moe(MoE(HIDDEN, INTER, 2 * world, 2)))
+    x = torch.randn(2, 3 + rank, HIDDEN, generator=torch.Generator().manual_seed(rank))
+    with replay.record(model) as record, balance.measure_load(model) as load, torch.no_grad():
+        expected = model(x)
+    ids = record.ids("0")
+    with replay.replay(model, record), torch.no_grad():
+        out = model(x)
+    with torch.no_grad():
+        model[0].router.weight.add_(torch.randn_like(model[0].router.weight))
+    with replay.replay(model, record), replay.record(model) as again:
+        model(x).sum().backward()
+    grad = model[0].router.weight.grad
+    return dict(
+        shape=tuple(ids.shape),
+        same_output=bool(torch.allclose(out, expected, atol=1e-6, rtol=0)),
+        same_ids=bool(torch.equal(again.ids("0"), ids)),
+        router_grad=bool(grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0),
+        counts=bool(torch.equal(load.counts()["0"], torch.bincount(ids.reshape(-1), minlength=2 * world))),
+    )
+
+
 def rank_checks(rank: int, world: int) -> dict:
     """Everything one spawn of ``world`` ranks checks (bad input first: the rest then runs on a
     group that has been through every error path)."""
     from benchmarks import bench_expert_parallel
 
     results = {"bad input": check_bad_input(rank, world), "exchange": check_exchange(rank, world)}
+    results["replay"] = check_replay(rank, world)
     results["cases"] = {name: compare_with_unsharded(rank, world, case) for name, case in CASES.items()}
     results["bench rows"] = bench_expert_parallel.bench_rank(rank, world, bench_expert_parallel.TINY)
     return results

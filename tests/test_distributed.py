@@ -60,6 +60,14 @@ def test_cases_exercise_what_they_claim(ranks):
     assert set(EXPERT_PARAMS) >= set(cases["f64-topk-bias-shared-gate"]["expert_shapes"])
 
 
+def test_routing_replay_and_load_metrics_on_every_rank(ranks):
+    _, results = ranks
+    for rank, result in enumerate(results):
+        checks = result["replay"]
+        assert checks.pop("shape") == (2, 3 + rank, 2)
+        assert all(checks.values()), f"rank {rank}: {checks}"
+
+
 def test_dispatch_layout_and_identity_combine_exact(ranks):
     _, results = ranks
     for rank, result in enumerate(results):

@@ -289,3 +289,37 @@ def test_layers_are_listed_in_call_order():
     with replay.replay(model, record), replay.record(model) as again:
         model(_inputs(2, 3))
     assert all(torch.equal(again.ids(name), record.ids(name)) for name in ("a", "b"))
+
+
+@pytest.mark.parametrize("routing", [mk.RoutingConfig.renormalize(), mk.RoutingConfig.deepseek_v3()], ids=str)
+def test_softmax_topk_takes_given_ids(routing):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    bias = torch.randn(16, generator=g, dtype=torch.float64) * 0.1
+    weights, ids = mk.softmax_topk(logits, 4, routing=routing, bias=bias, backend="torch")
+    given, same_ids = mk.softmax_topk(logits, 4, routing=routing, ids=ids.long())
+    assert torch.equal(same_ids, ids)
+    torch.testing.assert_close(given, weights, rtol=1e-12, atol=0)
+    ids[0, 3] = -1  # an empty slot weighs 0
+    assert mk.softmax_topk(logits, 4, routing=routing, ids=ids)[0][0, 3] == 0
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: mk.softmax_topk(x, 4, routing=routing, ids=ids)[0], (logits,))
+    compiled = torch.compile(lambda x, i: mk.softmax_topk(x, 4, routing=routing, ids=i), fullgraph=True)
+    torch.testing.assert_close(
+        compiled(logits.detach().float(), ids)[0], mk.softmax_topk(logits.float(), 4, routing=routing, ids=ids)[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "ids,error,match",
+    [
+        (torch.zeros(6, 3, dtype=torch.int64), ValueError, r"ids must have shape \(\.\.\., k\) = \(6, 4\)"),
+        (torch.zeros(6, 4), TypeError, "ids must be int32 or int64"),
+        (torch.full((6, 4), 16), ValueError, r"ids must lie in \[-1, E\) = \[-1, 16\)"),
+    ],
+)
+def test_given_ids_are_checked(ids, error, match):
+    with pytest.raises(error, match=match):
+        mk.softmax_topk(torch.randn(6, 16), 4, ids=ids)
+    with pytest.raises(error, match=match):
+        mk.probmoe_route(torch.randn(6, 16), 4, ids=ids)

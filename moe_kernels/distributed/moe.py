@@ -12,7 +12,8 @@ from moe_kernels.activations import gated_activation
 from moe_kernels.distributed.exchange import combine, dispatch
 from moe_kernels.distributed.layout import DispatchHandle, group_rank_and_size, local_expert_count
 from moe_kernels.functional import grouped_mm
-from moe_kernels.nn import MoE, add_shared_expert
+from moe_kernels.layers import MOE_LAYER, LayerParts
+from moe_kernels.nn import MoE, add_shared_expert, router_parts
 
 
 class ExpertParallelMoE(nn.Module):
@@ -139,3 +140,11 @@ class ExpertParallelMoE(nn.Module):
             "backend": self.backend,
         }
         return ", ".join(f"{name}={value}" for name, value in fields.items())
+
+
+def _expert_parallel_parts(block: ExpertParallelMoE) -> LayerParts:
+    return router_parts(block.router, block.num_experts)  # the router's E: all experts, not this rank's
+
+
+# Routing replay, load metrics and Counterfactual Routing find the block (moe_kernels.layers).
+setattr(ExpertParallelMoE, MOE_LAYER, staticmethod(_expert_parallel_parts))
