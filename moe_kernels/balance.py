@@ -129,7 +129,8 @@ def switch_aux_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts:
         num_experts: ``E``, equal to ``router_logits.shape[1]``.
 
     Returns:
-        A scalar float32 (float64 for float64 logits) tensor, differentiable in ``router_logits``
+        A scalar float32 (float64 for float64 logits) tensor (0 for an empty batch, T = 0),
+        differentiable in ``router_logits``
         (``ids`` are constants); no host sync.
     """
     name = "switch_aux_loss"
@@ -142,6 +143,8 @@ def switch_aux_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts:
         raise ValueError(f"{name}: ids must be (T, k) with T = {router_logits.shape[0]}, got {tuple(ids.shape)}")
     logits = _at_least_float32(router_logits)
     tokens = logits.shape[0]
+    if tokens == 0:  # no token, no imbalance (an expert-parallel rank may route none)
+        return logits.sum() * 0.0
     counts = expert_counts(ids.reshape(-1, 1), num_experts).to(logits.dtype)
     mean_probs = torch.softmax(logits, dim=-1).mean(dim=0)
     return num_experts / tokens * torch.dot(counts, mean_probs)
@@ -154,9 +157,11 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
         router_logits: ``(T, E)`` floating logits, computed in float32 (float64 kept).
 
     Returns:
-        A scalar tensor, differentiable in ``router_logits``; no host sync.
+        A scalar tensor (0 for T = 0), differentiable in ``router_logits``; no host sync.
     """
     _check_logits("router_z_loss", router_logits)
+    if router_logits.shape[0] == 0:  # as switch_aux_loss: 0, not the NaN mean of nothing
+        return _at_least_float32(router_logits).sum() * 0.0
     return torch.logsumexp(_at_least_float32(router_logits), dim=-1).square().mean()
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +36,32 @@ KNN_WEIGHTINGS = ("similarity", "softmax")
 def is_int(value) -> bool:
     """A Python int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is integer-like (an int that is not a bool, a numpy
+    integer, a 0-d integer tensor: read with ``.item()``, a host sync for a device tensor), else
+    None (floats such as ``2.0`` included)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INT_DTYPES:
+        return int(value.item())
+    return None
+
+
+def integer(owner: str, name: str, value) -> int:
+    """:func:`as_int` of ``value``, or a ``TypeError`` naming ``owner`` and ``name``."""
+    result = as_int(value)
+    if result is None:
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return result
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def is_finite_number(value) -> bool:
@@ -385,11 +412,26 @@ class Activation(enum.IntEnum):
 
     @classmethod
     def parse(cls, name: str) -> Activation:
-        """The member named ``name`` (``"silu"`` -> ``Activation.SILU``); ``ValueError`` otherwise."""
+        """The member named ``name`` (``"silu"`` -> ``Activation.SILU``; a member is itself);
+        ``ValueError`` otherwise."""
         try:
             return cls[name.upper()] if isinstance(name, str) else cls(name)
         except (KeyError, ValueError):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}") from None
+
+
+def activation_name(owner: str, activation) -> str:
+    """The name the ops take (``"silu"``) for an activation given as that name or as an
+    :class:`Activation` member; ``TypeError`` for another kind, ``ValueError`` for an unknown
+    name, each naming ``owner``."""
+    if isinstance(activation, Activation):
+        return activation.label
+    if not isinstance(activation, str):
+        kind = type(activation).__name__
+        raise TypeError(f"{owner}: activation must be a str or a moe_kernels.Activation, got {kind}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{owner}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
 
 
 # The activation names the ops take, in code order.

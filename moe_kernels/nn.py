@@ -7,10 +7,22 @@ from torch import nn
 
 from moe_kernels.activations import gated_activation
 from moe_kernels.balance import LoadStats, load_tracker, set_load_tracking
-from moe_kernels.config import RoutingConfig, routing_or_default
+from moe_kernels.config import RoutingConfig, activation_name, integer, routing_or_default
 from moe_kernels.functional import fused_experts, probmoe_route, softmax_topk
 from moe_kernels.layers import MOE_LAYER, RUNS_TAPS, LayerParts, run_taps
 from moe_kernels.routing_override import resolve_selection
+from moe_kernels.utils import check_backend
+
+
+def _sizes(owner: str, **sizes) -> tuple[int, ...]:
+    """Each of ``sizes`` as an int >= 1 (integer-like accepted), or the named error."""
+    values = []
+    for name, value in sizes.items():
+        value = integer(owner, name, value)
+        if value < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value}")
+        values.append(value)
+    return tuple(values)
 
 
 class _LinearGate(nn.Module):
@@ -21,6 +33,12 @@ class _LinearGate(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, backend: str, device, dtype):
         super().__init__()
+        owner = type(self).__name__
+        hidden_size, num_experts = _sizes(owner, hidden_size=hidden_size, num_experts=num_experts)
+        k = integer(owner, "k", k)
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"{owner}: k must be an int in [1, num_experts={num_experts}], got {k}")
+        check_backend(owner, backend)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.k = k
@@ -112,6 +130,12 @@ class ProbMoERouter(_LinearGate):
         dtype=None,
     ):
         super().__init__(hidden_size, num_experts, k, backend, device, dtype)
+        if k_min is not None:
+            k_min = integer("ProbMoERouter", "k_min", k_min)
+            if not 0 <= k_min <= self.k:
+                raise ValueError(f"ProbMoERouter: k_min must be None or an int in [0, k={self.k}], got {k_min}")
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"ProbMoERouter: renormalize must be a bool, got {type(renormalize).__name__}")
         self.k_min = k_min
         self.renormalize = renormalize
 
@@ -153,6 +177,10 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str = "silu", device=None, dtype=None):
         super().__init__()
+        hidden_size, intermediate_size = _sizes(
+            "GatedMLP", hidden_size=hidden_size, intermediate_size=intermediate_size
+        )
+        activation = activation_name("GatedMLP", activation)
         self.gate_up_proj = nn.Parameter(
             torch.randn(2 * intermediate_size, hidden_size, device=device, dtype=dtype) * hidden_size**-0.5
         )
@@ -190,6 +218,21 @@ def router_parts(router: nn.Module, num_experts: int) -> LayerParts:
     routing = router.routing if isinstance(router, TopKRouter) else None
     tapped = getattr(router, RUNS_TAPS, False) is True
     return LayerParts(router, num_experts, k, routing, 0, tapped)
+
+
+def _check_router(router, hidden_size: int, num_experts: int, k: int) -> None:
+    """A router given to ``MoE`` must route over its experts: a module, and when it holds an
+    ``(E, H)`` gate weight and a ``k``, those of the block."""
+    if not isinstance(router, nn.Module):
+        raise TypeError(f"MoE: router must be an nn.Module, got {type(router).__name__}")
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and tuple(weight.shape) != (num_experts, hidden_size):
+        raise ValueError(
+            f"MoE: the router's weight (E, H) is {tuple(weight.shape)}, the block has E={num_experts}, H={hidden_size}"
+        )
+    router_k = getattr(router, "k", None)
+    if router_k is not None and router_k != k:
+        raise ValueError(f"MoE: the router selects k={router_k} experts, the block was built with k={k}")
 
 
 def _moe_parts(block: MoE) -> LayerParts:
@@ -252,6 +295,12 @@ class MoE(nn.Module):
         super().__init__()
         if router is not None and routing is not None:
             raise ValueError("MoE: routing applies to the default router only, got a router as well")
+        sizes = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_experts=num_experts, k=k)
+        hidden_size, intermediate_size, num_experts, k = _sizes("MoE", **sizes)
+        activation = activation_name("MoE", activation)
+        check_backend("MoE", backend)
+        if router is not None:
+            _check_router(router, hidden_size, num_experts, k)
         self.router = router or TopKRouter(
             hidden_size, num_experts, k, routing=routing, backend=backend, device=device, dtype=dtype
         )
@@ -294,6 +343,11 @@ class MoE(nn.Module):
         return None if tracker is None else tracker.last
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dtype != self.gate_up_proj.dtype:
+            raise TypeError(
+                f"MoE: hidden must have the block's dtype {self.gate_up_proj.dtype}, got {hidden.dtype} "
+                "(cast it, or the block with .to(dtype))"
+            )
         lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         flat = hidden.reshape(-1, hidden_size)
         if self.keep_router_logits:

@@ -60,6 +60,24 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return out
 
 
+def check_backend(owner: str, backend, device: torch.device | None = None) -> None:
+    """``backend`` is one of :data:`BACKENDS` (``ValueError`` naming ``owner`` otherwise); with a
+    ``device``, one the ops can run there: ``"triton"`` needs triton, and on the CPU the
+    interpreter (``TRITON_INTERPRET=1``), so that a module refuses when built, not at its first
+    forward."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+    if device is None or backend != "triton":
+        return
+    if not triton_importable():
+        raise ValueError(f"{owner}: backend='triton' needs the triton package (pip install triton)")
+    if device.type == "cpu" and not interpreter_enabled():
+        raise ValueError(
+            f"{owner}: backend='triton' on a CPU model needs TRITON_INTERPRET=1 set before Python starts; "
+            "use backend='auto' (the CPU path) or move the model to CUDA"
+        )
+
+
 def use_triton(backend: str, device: torch.device, op_name: str) -> bool:
     """Resolve ``backend`` ("auto" | "triton" | "torch") for tensors on ``device``.
 

@@ -101,7 +101,7 @@ def test_grouped_mm_float64_on_triton_path_is_refused(kernel_device):
             r"ids must lie in \[-1, E\) = \[-1, 3\).*got values in \[-2, -2\]",
         ),
         (dict(weights=torch.ones(4, 3)), ValueError, r"weights and ids must both have shape \(T, k\) with T=4"),
-        (dict(weights=torch.ones(4, 2, dtype=torch.float16)), TypeError, "weights must be float32"),
+        (dict(weights=torch.ones(4, 2, dtype=torch.int32)), TypeError, "weights must be float32"),
         (dict(activation="relu"), ValueError, "activation must be one of"),
         (
             dict(down_bias=torch.ones(3, 4)),
@@ -189,7 +189,7 @@ def bad_fused_experts_call(draw):
         "down_proj": [torch.ones(num_experts, 8, 5), torch.ones(num_experts + 1, 8, 4), p["down_proj"].double()],
         "weights": [
             torch.ones(num_tokens, k + 1),
-            torch.ones(num_tokens, k, dtype=torch.float16),
+            torch.ones(num_tokens, k, dtype=torch.int32),
             p["weights"].double(),
         ],
         "ids": [

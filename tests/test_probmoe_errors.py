@@ -18,7 +18,7 @@ import moe_kernels as mk
     [
         (dict(k=0), ValueError, r"k must be an int in \[1, E=6\], got 0"),
         (dict(k=7), ValueError, r"k must be an int in \[1, E=6\], got 7"),
-        (dict(k=2.0), ValueError, "k must be an int"),
+        (dict(k=2.0), TypeError, "k must be an int, got float 2.0"),
         (dict(k=3, k_min=4), ValueError, r"k_min must be None or an int in \[0, k=3\], got 4"),
         (dict(k=3, k_min=-1), ValueError, "k_min must be None or an int"),
         (dict(k=3, seed=-1), ValueError, "seed must be None or an int"),

@@ -23,8 +23,8 @@ LOGITS = torch.randn(4, 16)
     [
         (dict(k=0), ValueError, r"k must be an int in \[1, 16\].*got 0"),
         (dict(k=17), ValueError, r"k must be an int in \[1, 16\].*got 17"),
-        (dict(k=2.0), ValueError, r"k must be an int"),
-        (dict(k=True), ValueError, r"k must be an int"),
+        (dict(k=2.0), TypeError, r"k must be an int, got float 2.0"),
+        (dict(k=True), TypeError, r"k must be an int, got bool True"),
         (
             dict(k=7, num_groups=4, topk_groups=1),
             ValueError,
@@ -79,13 +79,13 @@ def test_validation_does_not_depend_on_earlier_calls():
     with pytest.raises(TypeError, match=r"softmax_topk: logits must be float32"):
         moe_kernels.softmax_topk(LOGITS.int(), 1)
     for bad in (1.0, True):
-        with pytest.raises(ValueError, match=r"softmax_topk: k must be an int"):
+        with pytest.raises(TypeError, match=r"softmax_topk: k must be an int"):
             moe_kernels.softmax_topk(LOGITS, bad)
     with pytest.raises(TypeError, match=r"softmax_topk: renormalize must be a bool, got int"):
         moe_kernels.softmax_topk(LOGITS, 1, renormalize=1)
     ids = torch.zeros(4, 1, dtype=torch.int64)
     moe_kernels.knn_route(LOGITS, ids, torch.ones(4, 1), LOGITS, 1)
-    with pytest.raises(ValueError, match=r"knn_route: k must be an int"):
+    with pytest.raises(TypeError, match=r"knn_route: k must be an int"):
         moe_kernels.knn_route(LOGITS, ids, torch.ones(4, 1), LOGITS, 1.0)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +9,11 @@ from pathlib import Path
 import torch
 
 from moe_kernels.config import is_finite_number
+from moe_kernels.files import read_json, write_json
 
 PLAN_FORMAT = "moe_kernels.cor.CoRPlan"
-PLAN_VERSION = 1
+# 2: written through moe_kernels.files (atomic, with a checksum); version 1 files are refused.
+PLAN_VERSION = 2
 
 
 def min_max_normalize(impact: torch.Tensor) -> torch.Tensor:
@@ -121,10 +122,11 @@ class CoRPlan:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON (float32 values round-trip exactly); returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write the plan as JSON (float32 values round-trip exactly), atomically and with a
+        checksum (:mod:`moe_kernels.files`: a failed write leaves the old file); returns the
+        path."""
+        document = {key: value for key, value in self.to_dict().items() if key not in ("format", "version")}
+        return write_json(path, document, kind=PLAN_FORMAT, version=PLAN_VERSION)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "CoRPlan.from_dict") -> CoRPlan:
@@ -155,11 +157,14 @@ class CoRPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CoRPlan:
-        """Read a plan written by :meth:`save`; ``ValueError`` for another format, version or a
-        malformed file."""
+        """Read a plan written by :meth:`save`; ``FileNotFoundError`` for no file, ``ValueError``
+        naming the file for another format or version, a corrupted or malformed file, or fields
+        that do not describe the plan's values."""
         source = f"CoRPlan.load({str(path)!r})"
+        document = read_json(path, kind=PLAN_FORMAT, version=PLAN_VERSION, op="CoRPlan.load")
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: not a JSON file ({error})") from None
-        return cls.from_dict(data, source)
+            return cls.from_dict({**document, "format": PLAN_FORMAT, "version": PLAN_VERSION}, source)
+        except (TypeError, ValueError) as error:  # a field that is no plan's: name the file
+            if source in str(error):
+                raise
+            raise ValueError(f"{source}: {error}") from error

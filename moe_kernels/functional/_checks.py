@@ -9,11 +9,12 @@ assert (no host sync: CUDA graphs and ``torch.compile`` keep working).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 
-from moe_kernels.config import RoutingConfig, check_mixing, override_routing, routing_or_default
+from moe_kernels.config import RoutingConfig, check_mixing, integer, override_routing, routing_or_default
 from moe_kernels.ops.routing import MAX_TRITON_EXPERTS, MAX_TRITON_GROUPS
 from moe_kernels.utils import use_triton
 
@@ -72,6 +73,38 @@ def shape_is(op: str, name: str, value: torch.Tensor, expected: tuple, described
         if callable(described):
             described = described()
         raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
+
+
+# Tensors whose values were checked, with the version (in-place update count) checked: a bias is
+# checked again only after it changed (DeepSeek-V3's correction bias is the same tensor for every
+# call of a decode; an update rule bumps its version).
+# Keyed by id (a tensor's == is elementwise), each entry dropped when its tensor is freed.
+_NAN_FREE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def no_nan(op: str, name: str, value: torch.Tensor) -> None:
+    """No NaN in ``value``: a ``ValueError`` for CPU tensors, a device-side assert elsewhere (and
+    under ``torch.compile``), no host sync; each version of a tensor is checked once."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~value.isnan().any(), f"{op}: {name} holds NaN")
+        return
+    key = id(value)
+    entry = _NAN_FREE.get(key)
+    if entry is not None and entry[0]() is value and entry[1] == value._version:
+        return
+    if value.is_cpu:
+        if value.isnan().any():
+            raise ValueError(f"{op}: {name} holds NaN (a NaN would silently rank its expert last), got {value}")
+    else:
+        torch._assert_async(~value.isnan().any(), f"{op}: {name} holds NaN")
+    _NAN_FREE[key] = (weakref.ref(value, lambda _, key=key: _NAN_FREE.pop(key, None)), value._version)
+
+
+def count(op: str, name: str, value) -> int:
+    """``value`` as a Python int when integer-like (:func:`moe_kernels.config.as_int`: numpy
+    integers and 0-d integer tensors too), else a ``TypeError`` naming ``op`` (``2.0`` and ``True``
+    included). An int passes at the cost of one type check."""
+    return value if type(value) is int else integer(op, name, value)
 
 
 def boolean(op: str, name: str, value) -> None:
@@ -155,6 +188,7 @@ def routing_args(
             raise TypeError(f"{op}: bias must be float32, got {bias.dtype}")
         shape_is(op, "bias", bias, (num_experts,), f"(E,) = ({num_experts},)")
         tensor(op, "bias", bias, device=logits.device, device_of="logits")
+        no_nan(op, "bias", bias)
     routing.check(num_experts, k, op)
     return routing
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import ACTIVATIONS, is_int
+from moe_kernels.config import activation_name, is_int
 from moe_kernels.functional import _checks as check
 from moe_kernels.ops import align
 from moe_kernels.ops.align import MoEAlignment
@@ -59,12 +59,13 @@ def fused_experts(
             is why :func:`moe_kernels.integrations.transformers.apply_moe_kernels` re-lays them.
         down_proj: ``(E, H, I)``, hidden's dtype (the same holds).
         weights: ``(T, k)`` float32 routing weights (float64 with float64 hidden), as returned by
-            :func:`moe_kernels.softmax_topk`.
+            :func:`moe_kernels.softmax_topk`; float16 / bfloat16 weights (what a transformers
+            router returns) are converted to float32 first.
         ids: ``(T, k)`` int32 / int64 expert ids in ``[-1, E)``; -1 marks an empty slot that
             contributes nothing (dynamic-k routing, expert-parallel local maps).
         activation: ``"silu"`` (SwiGLU), ``"gelu"`` (GeGLU, erf), ``"gelu_tanh"`` (GeGLU, tanh
-            approximation) or ``"gpt_oss"`` (GPT-OSS: interleaved, clamped at 7,
-            ``(up + 1) * gate * sigmoid(1.702 gate)``).
+            approximation) or ``"gpt_oss"`` (GPT-OSS: interleaved, clamped at 7, ``(up + 1) *
+            gate * sigmoid(1.702 gate)``), or the :class:`~moe_kernels.Activation` member.
         gate_up_bias: optional ``(E, 2I)``; down_bias: optional ``(E, H)``, hidden's dtype.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, as for every op.
 
@@ -83,6 +84,9 @@ def fused_experts(
     kept in hidden's dtype, GEMMs accumulate in float32. ``ids`` outside ``[-1, E)`` raise on
     CPU; on CUDA they fail a device-side assert (checked asynchronously, without a host sync).
     """
+    activation = activation_name("fused_experts", activation)
+    if isinstance(weights, torch.Tensor) and weights.dtype in (torch.float16, torch.bfloat16):
+        weights = weights.float()  # what an HF router returns: computed in float32 as the op does
     triton_path = use_triton(backend, hidden.device, "fused_experts")
     # The Triton path checks ids inside its alignment kernel (one flag, asserted asynchronously),
     # so no separate device check is queued here.
@@ -163,8 +167,7 @@ def _check_args(
         )
     weight_dtypes = (torch.float32, torch.float64) if hidden.dtype == torch.float64 else (torch.float32,)
     if weights.dtype not in weight_dtypes:
-        raise TypeError(f"{name}: weights must be float32, got {weights.dtype}")
-    check.choice(name, "activation", activation, ACTIVATIONS)
+        raise TypeError(f"{name}: weights must be float32 (or 16-bit, converted), got {weights.dtype}")
     for arg, bias, shape in (
         ("gate_up_bias", gate_up_bias, (num_experts, width)),
         ("down_bias", down_bias, (num_experts, hidden_size)),

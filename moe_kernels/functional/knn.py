@@ -155,6 +155,7 @@ def knn_route(
         )
     check.mix_args(op, router_logits, neighbor_sims, weighting, temperature, min_confidence)
     check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
+    k = check.count(op, "k", k)
     options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
     routing, triton_path = check.routing_call(op, router_logits, k, bias, routing, options, backend)
     # The Triton path checks the ids in its kernel (asserting on a flag afterwards): no separate
@@ -223,6 +224,7 @@ def knn_route_assignments(
     check.neighbor_ids(op, neighbor_ids, router_logits, neighbor_sims)
     check.memory_rows(op, neighbor_ids, memory_logits)
     # The gate's arguments are checked here, so that their errors name this op, not softmax_topk.
+    k = check.count(op, "k", k)
     routing = check.routing_args(
         op, router_logits, k, bias, routing, score_func, renormalize, num_groups, topk_groups, group_score, scale
     )

@@ -113,9 +113,10 @@ def probmoe_route(
         marginals, ids = _forward(logits, k, k_min, seed, True, backend, "probmoe_route")
         weights = _straight_through_weights(logits, marginals, ids, renormalize)
         return weights, ids
-    _check_args(logits, k, k_min, seed, "probmoe_route")
+    k, k_min = _check_args(logits, k, k_min, seed, "probmoe_route")
     if k_min is None or k_min == k:
-        return softmax_topk(logits, k, renormalize=renormalize, backend=backend)
+        weights, ids = softmax_topk(logits, k, renormalize=renormalize, backend=backend)
+        return _no_expert_where_undefined(logits, weights, ids, k)
     weights, ids = softmax_topk(logits, k, backend=backend)
     size = _band_map_size(logits, k, k_min)
     keep = torch.arange(k, device=ids.device) < size[..., None]
@@ -123,7 +124,16 @@ def probmoe_route(
     weights = torch.where(keep, weights, 0.0)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(RENORM_EPS)
-    return weights, ids
+    return _no_expert_where_undefined(logits, weights, ids, k_min)
+
+
+def _no_expert_where_undefined(logits, weights, ids, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The law's contract in inference as in training: a row whose law is undefined (a NaN or
+    +inf logit, which the softmax turns into NaN weights, or fewer than ``need`` experts above
+    -inf) selects no expert: ids -1, weights 0."""
+    undefined = weights.isnan().any(-1) | ((logits > float("-inf")).sum(-1) < need)
+    undefined = undefined[..., None]
+    return torch.where(undefined, 0.0, weights), torch.where(undefined, -1, ids)
 
 
 probmoe_route.__doc__ += _LAW
@@ -132,7 +142,7 @@ probmoe_route.__doc__ += _LAW
 def _weights_of(logits, k, k_min, ids, renormalize, training, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """``probmoe_route``'s ``(weights, ids int32)`` for given ``ids (..., k)``."""
     op = "probmoe_route"
-    _check_args(logits, k, k_min, None, op)
+    k, k_min = _check_args(logits, k, k_min, None, op)
     check.tensor(op, "ids", ids, dtypes=check.ID_DTYPES, device=logits.device, device_of="logits")
     expected = (*logits.shape[:-1], k)
     check.shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
@@ -147,7 +157,7 @@ def _weights_of(logits, k, k_min, ids, renormalize, training, backend) -> tuple[
 def _forward(logits, k, k_min, seed, sample, backend, op_name):
     """Validate, dispatch and run the ``exact_k`` op on ``(T, E)`` rows; returns ``marginals``
     and ``ids`` with the leading dims restored."""
-    _check_args(logits, k, k_min, seed, op_name)
+    k, k_min = _check_args(logits, k, k_min, seed, op_name)
     triton_path = use_triton(backend, logits.device, op_name)
     check.not_float64_on_triton(op_name, "logits", logits, triton_path)
     if triton_path and k > MAX_TRITON_K:
@@ -190,7 +200,10 @@ def _unused_seed(device) -> torch.Tensor:
     return seed
 
 
-def _check_args(logits, k, k_min, seed, op_name):
+def _check_args(logits, k, k_min, seed, op_name) -> tuple[int, int | None]:
+    """Check the arguments; returns ``(k, k_min)`` as Python ints (integer-like accepted)."""
+    k = check.count(op_name, "k", k)
+    k_min = k_min if k_min is None else check.count(op_name, "k_min", k_min)
     check.tensor(op_name, "logits", logits, dtypes=check.FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{op_name}: logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
@@ -201,6 +214,7 @@ def _check_args(logits, k, k_min, seed, op_name):
         raise ValueError(f"{op_name}: k_min must be None or an int in [0, k={k}], got {k_min!r}")
     if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"{op_name}: seed must be None or an int in [0, 2**63), got {seed!r}")
+    return k, k_min
 
 
 def _band_map_size(logits: torch.Tensor, k: int, k_min: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ def softmax_topk(
     Args:
         logits: ``(..., E)`` float32 / float16 / bfloat16 router logits, any strides; 1 <= E.
             float64 is accepted by ``backend="torch"`` (computed in float64, for gradcheck).
-        k: experts per token, ``1 <= k <= E`` (with groups: at most
+        k: experts per token (an int, a numpy integer or a 0-d integer tensor), ``1 <= k <= E``
+            (with groups: at most
             ``topk_groups * E // num_groups``, the experts left eligible).
         routing: a :class:`~moe_kernels.RoutingConfig` (score function, renormalisation, group
             limit, scale); default ``RoutingConfig()`` (softmax -> top-k).
@@ -88,6 +89,7 @@ def softmax_topk(
     kernel); the bias gets no gradient and ``ids`` is not differentiable. Saved for backward:
     ``logits`` (no copy) and ``ids``.
     """
+    k = check.count("softmax_topk", "k", k)
     options = (score_func, renormalize, num_groups, topk_groups, group_score, scale)
     routing, triton_path = check.routing_call("softmax_topk", logits, k, bias, routing, options, backend)
     if ids is not None:

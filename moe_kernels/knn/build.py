@@ -4,6 +4,7 @@ routing logits optimised for the reference targets as values (seed_algorithms.md
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -208,6 +209,11 @@ def _optimise(model, routers, logits, batch, loss_fn, steps, lr, before) -> tupl
         for step in range(steps + 1):
             loss = loss_fn(model, batch)
             value = float(loss.detach())
+            if not value < math.inf:  # NaN or inf: nothing to optimise, and no step to keep
+                raise ValueError(
+                    f"build_routing_memory: loss_fn returned a non-finite loss ({value}) at step {step} of a "
+                    "batch; check the batch and the model (a NaN before any step means the frozen model's loss)"
+                )
             if step == 0:
                 before.append(value)
             if value < best_loss:

@@ -23,6 +23,8 @@ FORMAT = "moe_kernels.RoutingMemory"
 FORMAT_VERSION = 2
 METRICS = ("cosine", "inner_product")
 INDEXES = ("flat", "ivf", "ivfpq", "hnsw", "torch")
+# Keys an IVF-PQ index needs to train its 8-bit product-quantiser codes (2**8 centroids each).
+PQ_MIN_ENTRIES = 256
 # Keys scored per step of the exact PyTorch search: bounds its (T, chunk) similarity buffer.
 SEARCH_CHUNK = 65536
 
@@ -269,6 +271,11 @@ def _build_faiss_index(keys: torch.Tensor, kind: str, options: dict):
             m = int(options.get("m", max(1, dim // 8)))
             if dim % m:
                 raise ValueError(f"RoutingMemory: index='ivfpq' needs m dividing d={dim}, got m={m}")
+            if num_entries < PQ_MIN_ENTRIES:  # faiss trains 256 centroids per code book
+                raise ValueError(
+                    f"RoutingMemory: index='ivfpq' needs at least {PQ_MIN_ENTRIES} keys to train its 8-bit codes, "
+                    f"got N={num_entries}; use index='flat' (exact) for a memory this small"
+                )
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
             if _refine_factor(options):
                 index = faiss.IndexRefineFlat(index)

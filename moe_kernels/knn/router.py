@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, routing_or_default
+from moe_kernels.config import KnnMixing, RoutingConfig, check_mixing, integer, routing_or_default
 from moe_kernels.functional import knn_mix, knn_route, softmax_topk
 from moe_kernels.knn.memory import RoutingMemory
 from moe_kernels.layers import RUNS_TAPS, run_taps
+from moe_kernels.utils import check_backend
 
 
 class KNNRouter(nn.Module):
@@ -44,6 +45,15 @@ class KNNRouter(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise TypeError(f"KNNRouter: weight must be a float (E, H) tensor, got {got}")
+        if not isinstance(memory, RoutingMemory):
+            raise TypeError(f"KNNRouter: memory must be a moe_kernels.knn.RoutingMemory, got {type(memory).__name__}")
+        k, n_neighbors = integer("KNNRouter", "k", k), integer("KNNRouter", "n_neighbors", n_neighbors)
+        if n_neighbors < 1:
+            raise ValueError(f"KNNRouter: n_neighbors must be an int >= 1, got {n_neighbors}")
+        check_backend("KNNRouter", backend)
         num_experts, hidden_size = weight.shape
         if memory.key_dim != hidden_size or memory.num_experts != num_experts:
             raise ValueError(

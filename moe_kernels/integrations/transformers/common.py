@@ -22,6 +22,8 @@ ROUTING = "_moe_kernels_routing"
 # Per patched experts module whose weights the patch re-laid (see patch.pack_expert_weights): the
 # names of those Parameters.
 PACKED = "_moe_kernels_packed"
+# Per experts module that ran the patched forward: the fused_experts activation found for it.
+ACTIVATION = "_moe_kernels_activation"
 
 
 # ---------------------------------------------------------------------------------------------

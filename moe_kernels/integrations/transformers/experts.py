@@ -11,6 +11,7 @@ from torch import nn
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from moe_kernels.functional import fused_experts
 from moe_kernels.integrations.transformers.common import (
+    ACTIVATION,
     BACKEND,
     EXPERTS_IMPLEMENTATION,
     layout_message,
@@ -18,8 +19,6 @@ from moe_kernels.integrations.transformers.common import (
 )
 
 _warned_fallback: set[str] = set()
-# The attribute caching a module's activation (None: not computable by fused_experts).
-_ACTIVATION = "_moe_kernels_activation"
 _UNSET = object()
 
 
@@ -119,9 +118,9 @@ def moe_kernels_experts_forward(
     if torch.compiler.is_compiling():
         activation = experts_activation(self)
     else:
-        activation = self.__dict__.get(_ACTIVATION, _UNSET)
+        activation = self.__dict__.get(ACTIVATION, _UNSET)
         if activation is _UNSET:
-            activation = self.__dict__[_ACTIVATION] = experts_activation(self)
+            activation = self.__dict__[ACTIVATION] = experts_activation(self)
     if activation is None:
         name = type(self).__name__
         if name not in _warned_fallback:

@@ -12,6 +12,7 @@ from torch import nn
 
 from moe_kernels.config import GPT_OSS_ALPHA, GPT_OSS_LIMIT, RoutingConfig
 from moe_kernels.integrations.transformers.common import (
+    ACTIVATION,
     BACKEND,
     PACKED,
     ROUTING,
@@ -27,7 +28,7 @@ from moe_kernels.integrations.transformers.experts import (
 from moe_kernels.integrations.transformers.families import FAMILIES
 from moe_kernels.layers import MOE_LAYER, RUNS_TAPS, TAPS, LayerParts
 from moe_kernels.routing_override import SELECTION_OVERRIDE
-from moe_kernels.utils import BACKENDS
+from moe_kernels.utils import check_backend
 
 
 def _bind(module: nn.Module, function: Callable, backend: str, routing: RoutingConfig | None = None) -> None:
@@ -97,7 +98,7 @@ def _patched_parts(router_attr: str) -> Callable[[nn.Module], LayerParts]:
 
 # What a patch, or what runs on a patched model, leaves in a module's __dict__ besides SAVED: the
 # revert removes them all, so that the next apply starts from the unpatched model.
-_PATCH_STATE = (BACKEND, ROUTING, MOE_LAYER, RUNS_TAPS, TAPS, SELECTION_OVERRIDE)
+_PATCH_STATE = (BACKEND, ROUTING, ACTIVATION, MOE_LAYER, RUNS_TAPS, TAPS, SELECTION_OVERRIDE)
 
 
 def pack_expert_weights(experts: nn.Module) -> tuple[str, ...]:
@@ -156,8 +157,8 @@ def apply_moe_kernels(model: nn.Module, *, backend: str = "auto", routing: Routi
     when transformers is missing or older than :data:`MIN_TRANSFORMERS_VERSION` (or its blocks are
     laid out otherwise).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"apply_moe_kernels: backend must be one of {BACKENDS}, got {backend!r}")
+    first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    check_backend("apply_moe_kernels", backend, None if first is None else first.device)
     if routing is not None and not isinstance(routing, RoutingConfig):
         raise TypeError(
             f"apply_moe_kernels: routing must be a moe_kernels.RoutingConfig or None, got {type(routing).__name__}"
