@@ -1,4 +1,5 @@
-"""The CPU goals of issue 13, each row a ratio measured in this run, at 1 thread and at all threads.
+"""The CPU goals (each op on the CPU against the PyTorch it replaces), each row a ratio measured in
+this run, at 1 thread and at all threads.
 
 Rows (``moe-kernels bench --op cpu``):
 

@@ -91,7 +91,7 @@ def _bench_point(shape, routing, memory, num_neighbors, num_tokens, dtype, devic
     rows = bandwidth_rows(case, providers, device, moved, cuda_graph=use_graph)
     floor = {row["provider"]: row["median_us"] for row in rows}["softmax_topk"]
     for row in rows:
-        # The small-T goal: at most 1 us more than softmax_topk.
+        # The small-T goal: at most 1 us more than softmax_topk.
         row["extra_us_vs_softmax_topk"] = row["median_us"] - floor if row["provider"] == "moe_kernels" else None
     return rows
 

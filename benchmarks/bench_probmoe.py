@@ -100,7 +100,7 @@ def _bench_point(num_experts, k, dtype, num_tokens, direction, device, providers
     rows = bandwidth_rows(case, calls, device, moved, cuda_graph=use_graph)
     floor = {row["provider"]: row["median_us"] for row in rows}.get("softmax_topk")
     for row in rows:
-        # The forward goal: at most 3x softmax_topk's time at the same shape.
+        # The forward goal: at most 3x softmax_topk's time at the same shape.
         row["x_softmax_topk"] = row["median_us"] / floor if row["provider"] == "moe_kernels" and floor else None
     return rows
 

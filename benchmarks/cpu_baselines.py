@@ -11,8 +11,8 @@ random floats; no NaN handling, no tie rule, int64 ids): what model code writes 
 - kNN: gather the memory rows, mix (similarity weights, mean-similarity confidence), route;
 - ProbMoE: the official code's DP (``log p`` / ``log q`` recursion with a ``-300`` sentinel,
   ``logaddexp`` as ``max + softplus(-|d|)``) with the marginals from
-  ``autograd.grad(..., create_graph=True)`` on a zero probe, as ``seed_algorithms.md`` §1.4
-  describes ProbMoE's release;
+  ``autograd.grad(..., create_graph=True)`` on a zero probe, as ProbMoE's release computes
+  them;
 - experts: transformers' own experts modules (``OlmoeExperts`` / ``Qwen3MoeExperts``) with
   ``experts_implementation="eager"`` (the per-expert loop) and ``"grouped_mm"``.
 """

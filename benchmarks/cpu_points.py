@@ -1,4 +1,4 @@
-"""The measurement points of the CPU goals (issue 13): for each, the calls to time (the op as users
+"""The measurement points of the CPU goals: for each, the calls to time (the op as users
 call it, and its baselines from :mod:`benchmarks.cpu_baselines`) on one set of inputs.
 
 A :class:`Point` is what both ``bench_cpu`` (ratios in one run, at 1 thread and at all threads)

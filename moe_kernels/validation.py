@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import moe_kernels
-from moe_kernels import reference, testing
+from moe_kernels import reference, testing, validation_more
 from moe_kernels.config import KnnMixing
 from moe_kernels.shapes import ROUTING_SHAPES
 from moe_kernels.utils import use_triton
@@ -188,7 +190,7 @@ def validate_rows(device: torch.device, dtypes=None, tokens=None, backend: str =
     dtypes = dtypes or VALIDATE_DTYPES[device.type]
     tokens = tokens or VALIDATE_TOKENS[device.type]
     rows = []
-    for validate_case in (_validate_routing_case, _validate_knn_case, _validate_exact_k_case, _validate_experts_case):
+    for validate_case in _CASES:
         for shape in ROUTING_SHAPES:
             for dtype in dtypes:
                 for num_tokens in tokens:
@@ -201,8 +203,19 @@ def validate_rows(device: torch.device, dtypes=None, tokens=None, backend: str =
 def number_of_rows(device: torch.device, dtypes=None, tokens=None) -> int:
     """How many rows :func:`validate_rows` produces."""
     return (
-        4
+        len(_CASES)
         * len(ROUTING_SHAPES)
         * len(dtypes or VALIDATE_DTYPES[device.type])
         * len(tokens or VALIDATE_TOKENS[device.type])
     )
+
+
+# Every op: the four above, and the rest (moe_kernels.validation_more) given this module's row
+# and tolerance helpers.
+_CASES = (
+    _validate_routing_case,
+    _validate_knn_case,
+    _validate_exact_k_case,
+    _validate_experts_case,
+    *(functools.partial(case, row=_row, within=_within) for case in validation_more.CASES),
+)

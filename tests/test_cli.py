@@ -18,7 +18,7 @@ def test_validate_passes_and_prints_every_model(capsys):
     out = capsys.readouterr().out
     for model in ("Mixtral-8x7B", "DeepSeek-V3", "Qwen3-Next-80B-A3B"):
         assert model in out
-    assert "32 passed, 0 failed" in out  # softmax_topk, knn_mix, exact_k and fused_experts, 8 models each
+    assert "64 passed, 0 failed" in out  # the 8 op families, 8 models each
 
 
 def test_validate_reports_failure(capsys, monkeypatch):

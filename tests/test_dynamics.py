@@ -62,7 +62,8 @@ def test_fixed_points_match_root_search():
 
 
 def test_symmetric_branch_values():
-    # seed_algorithms.md 4.2: K = 2.5, 3, 4 give winner loads 0.855, 0.929, 0.979; balanced below 2.
+    # The mean-field fixed points at E = 2: K = 2.5, 3, 4 give winner loads 0.855, 0.929, 0.979;
+    # balanced below K = 2 (docs/dynamics.md).
     for feedback, load in ((2.5, 0.855), (3.0, 0.929), (4.0, 0.979)):
         points = dynamics.fixed_points(feedback)
         assert [s for _, s in points] == [True, False, True]

@@ -74,7 +74,7 @@ def test_k_one_is_softmax():
 
 
 def test_float32_large_logits_stay_accurate():
-    # The range: float32 logits in [-80, 80], E = 512, k up to 32.
+    # The documented range: float32 logits in [-80, 80], E = 512, k up to 32.
     logits = torch.rand(8, 512) * 160 - 80
     for k, k_min in ((10, 10), (32, 20)):
         got = mk.exact_k_marginals(logits, k, k_min=k_min)

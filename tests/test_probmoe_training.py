@@ -85,5 +85,5 @@ def test_probmoe_fine_tuning_is_no_worse_than_top_k(seed):
     assert loss_topk < 0.5 * before and loss_probmoe < 0.5 * before  # both fine-tuned
     # Measured over 3 seeds (lr 1e-3 and 3e-4, k = 2 and 4): ratios 0.998-1.037. The paper's
     # other effect, a higher routing entropy, does not show on this task: ProbMoE's entropy
-    # came out 0.02-0.05 nats lower (see the closing note), so it is not asserted.
+    # came out 0.02-0.05 nats lower (measured, not a property of the method), so it is not asserted.
     assert loss_probmoe <= 1.05 * loss_topk, results

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -97,9 +98,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, stages=args.stages)
 
 
+def writable_folder(text: str) -> str:
+    """argparse ``type`` of an output folder: made if missing, and a file can be written in it (a
+    one-line usage error otherwise, before any stage runs)."""
+    try:
+        Path(text).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=text):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write in {text!r} ({error.strerror or error})") from None
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small version of every stage (a few minutes on a CPU)")
-    parser.add_argument("--out", default="demo_out", help="the report's folder (default: ./demo_out)")
+    parser.add_argument(
+        "--out", default="demo_out", type=writable_folder, help="the report's folder (default: ./demo_out)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--stages", nargs="+", help="run only these stages (they still run in order)")
+    names = [name for name, _ in STAGES]
+    parser.add_argument(
+        "--stages", nargs="+", choices=names, metavar="STAGE", help=f"run only these stages, in order: {names}"
+    )

@@ -4,9 +4,12 @@ routing weights. Both run on ``torch.distributed``'s ``all_to_all_single`` (gloo
 CUDA) and are differentiable: the backward of dispatch is a combine (unweighted) and the backward
 of combine is a dispatch (of the weighted output gradient).
 
-Host synchronisation: one per :func:`dispatch` (reading the exchanged split sizes, see
-:func:`moe_kernels.distributed.layout.make_handle`); none in :func:`combine` nor in either
-backward, which reuse the handle's splits.
+Before any row moves, the ranks agree on a small header (:mod:`moe_kernels.distributed.agree`):
+bad input on one rank, or ranks that disagree on E, H, the dtype, the expert output's width or
+``requires_grad``, raise a named error on every rank; every collective waits a bounded time for
+its peers (gloo). Host synchronisations: two per :func:`dispatch` (its header, then the exchanged
+split sizes, see :func:`moe_kernels.distributed.layout.make_handle`), one per :func:`combine` (its
+header); none in either backward, which reuse the handle's splits.
 
 Summation order: the ``k`` slots of a token are summed by one reduction over a ``(T, k, H)``
 buffer (slot ``j`` in position ``j``), never by atomics or an ``index_add`` over tokens; so
@@ -19,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kernels.distributed.layout import DispatchHandle, make_handle
+from moe_kernels.distributed.agree import agree, raise_unless_agreed, wait_bounded
+from moe_kernels.distributed.layout import ROW_DTYPES, DispatchHandle, make_handle
 from moe_kernels.utils import compute_dtype
 
 
@@ -43,8 +47,10 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, group=None) -
     gradient with unit weights. Collective: every rank of ``group`` must call it (and run its
     backward) in the same order. Bad arguments or out-of-range ids on any rank make *every* rank
     raise (the rank that has them a ``TypeError`` / ``ValueError`` naming them, the others a
-    ``RuntimeError`` naming that rank); a hidden size or dtype that differs between ranks makes
-    every rank raise ``ValueError`` / ``TypeError``.
+    ``RuntimeError`` naming that rank); an E, hidden size, dtype or ``requires_grad`` that differs
+    between ranks makes every rank raise ``ValueError`` / ``TypeError``. A peer that never joins
+    (it failed since the last exchange) makes this rank raise ``RuntimeError`` after
+    :func:`~moe_kernels.distributed.agree.exchange_timeout` seconds (gloo).
     """
     handle = make_handle(x, ids, num_experts, group)
     return _Dispatch.apply(x, handle), handle
@@ -65,52 +71,85 @@ def combine(expert_out: torch.Tensor, handle: DispatchHandle, weights: torch.Ten
 
     Differentiable with respect to ``expert_out`` (a :func:`dispatch` of the weighted output
     gradient, no new host synchronisation) and ``weights`` (``<grad_out[t], expert_out[row]>``,
-    zero at empty slots). Collective, as :func:`dispatch`. Its arguments are checked on this rank
-    only: a rank that raises here leaves its peers waiting in the exchange until the process
-    group's timeout (pass a handle and shapes from the same :func:`dispatch` on every rank).
+    zero at empty slots). Collective, as :func:`dispatch`: bad arguments on one rank, or an
+    expert output width, dtype or ``requires_grad`` that differs between ranks, raise on every
+    rank before any row moves (one header exchange, read on the host); a handle that is not a
+    :class:`DispatchHandle` raises here only, and the peers' wait is bounded.
     """
-    if not isinstance(handle, DispatchHandle):
+    if not isinstance(handle, DispatchHandle):  # no group to tell: the peers' wait is bounded
         raise TypeError(f"combine: handle must be the DispatchHandle dispatch returned, got {type(handle).__name__}")
+    problem = _check_combine(expert_out, handle, weights)
+    header = dict(error=problem is not None, width=-1, dtype=-1, grad_out=False, grad_weights=False)
+    if problem is None:
+        grad = torch.is_grad_enabled()
+        header.update(
+            width=expert_out.shape[1],
+            dtype=ROW_DTYPES.index(expert_out.dtype) if expert_out.dtype in ROW_DTYPES else len(ROW_DTYPES),
+            grad_out=grad and expert_out.requires_grad,
+            grad_weights=grad and weights.requires_grad,
+        )
+    table = agree("combine", header, handle.group, handle.offsets.device)
+    same = {
+        "width": ("expert_out's width", ValueError),
+        "dtype": ("expert_out's dtype", TypeError, (*ROW_DTYPES, "another dtype")),
+        "grad_out": ("expert_out.requires_grad (with grad mode on)", ValueError),
+        "grad_weights": ("weights.requires_grad (with grad mode on)", ValueError),
+    }
+    raise_unless_agreed("combine", table, handle.rank, problem, same)
+    return _Combine.apply(expert_out, weights, handle)
+
+
+def _check_combine(expert_out, handle: DispatchHandle, weights) -> Exception | None:
+    """The first problem with this rank's :func:`combine` arguments, not yet raised."""
     if not isinstance(expert_out, torch.Tensor) or not expert_out.is_floating_point():
-        raise TypeError(f"combine: expert_out must be a float tensor, got {_describe(expert_out)}")
+        return TypeError(f"combine: expert_out must be a float tensor, got {_describe(expert_out)}")
     if expert_out.dim() != 2 or expert_out.shape[0] != handle.num_received:
-        raise ValueError(
+        return ValueError(
             f"combine: expert_out must have shape (R, H) with R = {handle.num_received} rows received by "
             f"dispatch, got {tuple(expert_out.shape)}"
         )
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"combine: weights must be a float tensor, got {_describe(weights)}")
+        return TypeError(f"combine: weights must be a float tensor, got {_describe(weights)}")
     if tuple(weights.shape) != (handle.num_tokens, handle.top_k):
-        raise ValueError(
+        return ValueError(
             f"combine: weights must have shape (T, k) = ({handle.num_tokens}, {handle.top_k}), "
             f"got {tuple(weights.shape)}"
         )
     for name, tensor in (("expert_out", expert_out), ("weights", weights)):
         if tensor.device != handle.offsets.device:
-            raise ValueError(
+            return ValueError(
                 f"combine: {name} must be on the dispatch's device {handle.offsets.device}, got {tensor.device}"
             )
-    return _Combine.apply(expert_out, weights, handle)
+    return None
 
 
 def _describe(value) -> str:
     return f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _to_experts(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+def _to_experts(rows: torch.Tensor, handle: DispatchHandle, op: str) -> torch.Tensor:
     """Rows in send order ``(S, H)`` -> the receivers' expert-major rows ``(R, H)``."""
     received = rows.new_empty(handle.num_received, rows.shape[1])
-    dist.all_to_all_single(
-        received, rows.contiguous(), list(handle.output_splits), list(handle.input_splits), group=handle.group
-    )
+    splits = list(handle.output_splits), list(handle.input_splits)
+    sending = rows.contiguous()
+
+    def launch(async_op):
+        return dist.all_to_all_single(received, sending, *splits, group=handle.group, async_op=async_op)
+
+    wait_bounded(op, launch, rows.device)
     return received.index_select(0, handle.permutation)
 
 
-def _from_experts(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+def _from_experts(rows: torch.Tensor, handle: DispatchHandle, op: str) -> torch.Tensor:
     """The inverse of :func:`_to_experts`: expert-major rows ``(R, H)`` -> send order ``(S, H)``."""
     arrival = torch.empty_like(rows).index_copy_(0, handle.permutation, rows)  # a permutation: no sums
     returned = rows.new_empty(handle.num_sent, rows.shape[1])
-    dist.all_to_all_single(returned, arrival, list(handle.input_splits), list(handle.output_splits), group=handle.group)
+    splits = list(handle.input_splits), list(handle.output_splits)
+
+    def launch(async_op):
+        return dist.all_to_all_single(returned, arrival, *splits, group=handle.group, async_op=async_op)
+
+    wait_bounded(op, launch, rows.device)
     return returned
 
 
@@ -126,13 +165,13 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         ctx.handle = handle
         ctx.x_dtype = x.dtype
-        return _to_experts(x.index_select(0, handle.tokens), handle)
+        return _to_experts(x.index_select(0, handle.tokens), handle, "dispatch")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_recv: torch.Tensor):
         handle = ctx.handle
-        rows = _from_experts(grad_recv.to(ctx.x_dtype), handle)
+        rows = _from_experts(grad_recv.to(ctx.x_dtype), handle, "dispatch (backward)")
         # The gradient of x[t] sums its slots' rows: a fixed-order reduction over k.
         grad_x = _per_slot(rows, handle, compute_dtype(ctx.x_dtype)).sum(1)
         return grad_x.to(ctx.x_dtype), None
@@ -142,7 +181,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         dtype = compute_dtype(expert_out.dtype)
-        per_slot = _per_slot(_from_experts(expert_out, handle), handle, dtype)  # (T, k, H)
+        per_slot = _per_slot(_from_experts(expert_out, handle, "combine"), handle, dtype)  # (T, k, H)
         # Weights of empty slots are ignored, as by fused_experts (0 * NaN would not be).
         weights = torch.where(handle.sent, weights, torch.zeros_like(weights))
         out = (per_slot * weights.to(dtype).unsqueeze(-1)).sum(1)
@@ -164,5 +203,6 @@ class _Combine(torch.autograd.Function):
         grad_expert_out = None
         if ctx.needs_input_grad[0]:
             weighted = (grad * weights.to(dtype).unsqueeze(-1)).reshape(-1, grad_out.shape[-1])
-            grad_expert_out = _to_experts(weighted.index_select(0, handle.slots).to(ctx.out_dtype), handle)
+            rows = weighted.index_select(0, handle.slots).to(ctx.out_dtype)
+            grad_expert_out = _to_experts(rows, handle, "combine (backward)")
         return grad_expert_out, grad_weights, None

@@ -1,12 +1,12 @@
 """The routing layout of an expert-parallel exchange: which rows go to which rank, and how the rows
 a rank receives are grouped by its local experts (:class:`DispatchHandle`), built with one count
-exchange and one host synchronisation (:func:`make_handle`).
+exchange after a header the ranks agree on (:func:`make_handle`).
 
 Experts are split into ``W`` equal contiguous blocks (``W`` = the group's size): rank ``r`` owns
 global experts ``[r * E / W, (r + 1) * E / W)``. Every rank checks its own arguments *before* the
-count exchange but raises only *after* it, having told every peer (an error code in the exchanged
-header); so bad input on one rank makes every rank raise in the same call, and none is left
-waiting in a collective.
+header exchange but raises only *after* it, having told every peer (an error flag in the header,
+:mod:`moe_kernels.distributed.agree`); so bad input on one rank, or ranks that disagree on E, H,
+the dtype or ``requires_grad``, make every rank raise in the same call, before any row moves.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_kernels.distributed.agree import agree, raise_unless_agreed, wait_bounded
 from moe_kernels.utils import slot_experts
 
 # Dtypes the token rows may have, by their code in the exchanged header.
 ROW_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-# Header columns sent to every peer before the per-expert counts.
-_ERROR, _BAD_IDS, _HIDDEN, _DTYPE = range(4)
-_HEADER = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +66,8 @@ class DispatchHandle:
     rank: int
     world_size: int
     group: object = None
+    hidden_size: int = 0
+    requires_grad: bool = False
 
     @property
     def num_local_experts(self) -> int:
@@ -137,57 +137,59 @@ def _check_local(x, ids) -> Exception | None:
 def make_handle(x, ids, num_experts: int, group) -> DispatchHandle:
     """The layout of dispatching ``x (T, H)`` by ``ids (T, k)`` over ``group``.
 
-    Exchanges, with one ``all_to_all_single`` of a ``(W, 4 + E/W)`` int64 tensor, each rank's
-    header (an error code, an out-of-range-ids flag, H and the dtype) and its row count per
-    destination expert; then reads the received counts on the host (the one host synchronisation,
-    as in torchtitan's expert_parallel: ``all_to_all_single`` takes its split sizes as Python
-    ints). Raises on every rank together when any rank's input is bad.
+    First the ranks agree on a header (:func:`~moe_kernels.distributed.agree.agree`: an error
+    flag, an out-of-range-ids flag, E, H, the dtype and whether ``x`` requires grad), so that bad
+    input or a disagreement raises on every rank before any row moves; then they exchange their
+    row counts per destination expert (one ``all_to_all_single`` of ``(W, E/W)`` int64) and read
+    them on the host (``all_to_all_single`` takes its split sizes as Python ints, as in
+    torchtitan's expert_parallel). Two host synchronisations; each collective waits a bounded time.
     """
     rank, world = group_rank_and_size(group, "dispatch")
-    num_local = local_expert_count(num_experts, world, "dispatch")
     problem = _check_local(x, ids)
+    if problem is None:
+        try:
+            num_local = local_expert_count(num_experts, world, "dispatch")
+        except ValueError as error:
+            problem = error
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    header = dict(error=problem is not None, bad_ids=False, experts=-1, hidden=-1, dtype=-1, grad=False)
     if problem is None:
         flat = ids.reshape(-1).to(torch.int64)
-        bad_ids = ((flat < -1) | (flat >= num_experts)).any()
-        # Empty and out-of-range slots sort last, into a bin that is dropped: no masking by value.
-        key = slot_experts(ids, num_experts)
-        order = torch.argsort(key, stable=True)  # by global expert = by destination rank
-        in_range = key < num_experts
-        # scatter_add_, not bincount: CUDA's bincount reads the largest id on the host.
-        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
-    else:
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    # Filled on the device (torch.tensor(list, device=...) would wait for a host-to-device copy).
-    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
-    if problem is None:
-        header[_BAD_IDS] = bad_ids
-        header[_HIDDEN] = x.shape[1]
-        header[_DTYPE] = ROW_DTYPES.index(x.dtype)
-    else:
-        header[_ERROR] = 1
-    send = torch.cat([header.expand(world, _HEADER), counts.view(world, num_local)], dim=1)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # The one host synchronisation of dispatch: the split sizes (and the peers' headers).
-    host = torch.cat([recv.reshape(-1), counts.view(world, num_local).sum(1)]).tolist()
-    table = [host[r * (_HEADER + num_local) : (r + 1) * (_HEADER + num_local)] for r in range(world)]
+        header.update(
+            bad_ids=((flat < -1) | (flat >= num_experts)).any(),  # exchanged on the device, not read first
+            experts=num_experts,
+            hidden=x.shape[1],
+            dtype=ROW_DTYPES.index(x.dtype),
+            grad=x.requires_grad and torch.is_grad_enabled(),
+        )
+    table = agree("dispatch", header, group, device)
     _raise_if_any_bad(table, rank, problem, ids, num_experts)
 
-    input_splits = tuple(host[world * (_HEADER + num_local) :])
-    output_splits = tuple(sum(row[_HEADER:]) for row in table)
+    key = slot_experts(ids, num_experts)  # empty and out-of-range slots sort last, into a dropped bin
+    order = torch.argsort(key, stable=True)  # by global expert = by destination rank
+    in_range = key < num_experts
+    # scatter_add_, not bincount: CUDA's bincount reads the largest id on the host.
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts].view(world, num_local)
+    recv = torch.empty_like(counts)
+    wait_bounded(
+        "dispatch", lambda async_op: dist.all_to_all_single(recv, counts, group=group, async_op=async_op), device
+    )
+    # The second host synchronisation: the split sizes.
+    host = torch.cat([recv.reshape(-1), counts.sum(1)]).tolist()
+    table = [host[r * num_local : (r + 1) * num_local] for r in range(world)]
+    input_splits = tuple(host[world * num_local :])
+    output_splits = tuple(sum(row) for row in table)
     num_recv = sum(output_splits)
     top_k = ids.shape[1]
     slots = order[: sum(input_splits)]
     # Rows arrive by source rank, then local expert: label each with its local expert and sort
     # (stable) into expert-major order for the grouped GEMM.
-    recv_counts = recv[:, _HEADER:]  # (W, E/W), still on the device
     arrival_expert = torch.repeat_interleave(
-        torch.arange(num_local, device=device).repeat(world), recv_counts.reshape(-1), output_size=num_recv
+        torch.arange(num_local, device=device).repeat(world), recv.reshape(-1), output_size=num_recv
     )
     permutation = torch.argsort(arrival_expert, stable=True)
-    local_counts = recv_counts.sum(0).to(torch.int32)
+    local_counts = recv.sum(0).to(torch.int32)
     return DispatchHandle(
         slots=slots,
         tokens=slots // max(top_k, 1),
@@ -204,29 +206,30 @@ def make_handle(x, ids, num_experts: int, group) -> DispatchHandle:
         rank=rank,
         world_size=world,
         group=group,
+        hidden_size=x.shape[1],
+        requires_grad=bool(header["grad"]),
     )
 
 
-def _raise_if_any_bad(table: list[list[int]], rank: int, problem: Exception | None, ids, num_experts: int) -> None:
-    """Raise, on every rank alike, when any rank's header reports a problem."""
-    failed = [r for r, row in enumerate(table) if row[_ERROR] or row[_BAD_IDS]]
-    if failed:
-        if problem is not None:
-            raise problem
-        if table[rank][_BAD_IDS]:
+def _raise_if_any_bad(table: list[dict], rank: int, problem: Exception | None, ids, num_experts: int) -> None:
+    """Raise, on every rank alike, when any rank's header reports a problem or the ranks disagree."""
+    if any(row["bad_ids"] for row in table) and not any(row["error"] for row in table):
+        if table[rank]["bad_ids"]:
             flat = ids.reshape(-1)
             bad = flat[(flat < -1) | (flat >= num_experts)]  # error path: a second sync is fine
             raise ValueError(
                 f"dispatch: ids must be -1 (empty slot) or in [0, num_experts) = [0, {num_experts}), got "
                 f"{bad.numel()} out of range on rank {rank}, e.g. {bad[:4].tolist()}"
             )
+        failed = [r for r, row in enumerate(table) if row["bad_ids"]]
         raise RuntimeError(
             f"dispatch: rank(s) {failed} of the group got invalid arguments (they raise the details); "
             f"rank {rank} raises too, so that no rank waits in the exchange"
         )
-    hidden = [row[_HIDDEN] for row in table]
-    if len(set(hidden)) > 1:
-        raise ValueError(f"dispatch: x must have the same hidden size H on every rank, got H = {hidden} by rank")
-    dtypes = [ROW_DTYPES[row[_DTYPE]] for row in table]
-    if len(set(dtypes)) > 1:
-        raise TypeError(f"dispatch: x must have the same dtype on every rank, got {dtypes} by rank")
+    same = {
+        "experts": ("num_experts", ValueError),
+        "hidden": ("x's hidden size H", ValueError),
+        "dtype": ("x's dtype", TypeError, ROW_DTYPES),
+        "grad": ("x.requires_grad (with grad mode on), which decides whether a backward exchange runs,", ValueError),
+    }
+    raise_unless_agreed("dispatch", table, rank, problem, same)

@@ -1,5 +1,5 @@
-"""Load dynamics of adaptive softmax routing (``seed_algorithms.md`` §4): why routers collapse
-onto few experts, and when.
+"""Load dynamics of adaptive softmax routing (the minimal bifurcation model, arXiv 2605.29121;
+derivation in ``docs/dynamics.md``): why routers collapse onto few experts, and when.
 
 The rule, per step: ``p = softmax(K s + b)``; one expert ``I ~ Categorical(p)`` is selected;
 ``s <- (1 - eps) s + eps onehot(I)``. ``K`` is the dimensionless feedback strength, ``b`` a fixed

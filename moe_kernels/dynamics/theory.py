@@ -1,4 +1,4 @@
-"""Mean-field theory of the adaptive-score routing rule (``seed_algorithms.md`` §4.2).
+"""Mean-field theory of the adaptive-score routing rule (``docs/dynamics.md``, "The model").
 
 The rule, per step: ``p = softmax(K s + b)``, one expert ``I ~ Categorical(p)``,
 ``s <- (1 - eps) s + eps onehot(I)``. For ``eps -> 0`` the scores follow ``ds/dt = p(s) - s``.

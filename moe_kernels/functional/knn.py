@@ -185,7 +185,8 @@ def knn_route_assignments(
     group_score: str | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kNN-MoE routing mixed in assignment space (mode A of seed_algorithms.md §2.2).
+    """kNN-MoE routing mixed in assignment space (the paper's assignment-level variant: the
+    native gate's and the neighbours' top-k assignments combined, rather than their logits).
 
     Per token, with ``G = softmax_topk(., k, routing=routing)`` (the native gate) and the confidence
     ``conf`` and neighbour weights ``w_j`` of :func:`moe_kernels.knn_mix`::

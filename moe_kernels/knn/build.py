@@ -1,11 +1,11 @@
 """Building kNN-MoE routing memories: per MoE layer, router inputs of a reference set as keys and
-routing logits optimised for the reference targets as values (seed_algorithms.md §2.1)."""
+routing logits optimised for the reference targets as values (the kNN-MoE paper's memory,
+arXiv 2601.02144)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_kernels.knn.memory import RoutingMemory
 from moe_kernels.layers import Tap, attach_tap, detach_tap, find_moe_layers
+from moe_kernels.progress import Progress
 
 
 @dataclass
@@ -68,7 +69,8 @@ def build_routing_memory(
         steps, lr: Adam steps per batch and learning rate on the logits.
         metric, index, index_options: of each :class:`RoutingMemory`.
         model_name: recorded in each memory's manifest (with the layer name).
-        progress: print a progress line per batch to stderr.
+        progress: show progress on stderr (a redrawn line on a terminal, a line per tenth of the
+            batches elsewhere).
 
     Returns:
         :class:`MemoryBuild` with the memories and the reference loss before and after.
@@ -89,8 +91,8 @@ def build_routing_memory(
     batches = list(reference_batches)
     if not batches:
         raise ValueError("build_routing_memory: reference_batches is empty")
-    with _frozen(model):
-        for number, batch in enumerate(batches, 1):
+    with _frozen(model), Progress(len(batches), "build_routing_memory", enabled=progress) as bar:
+        for batch in batches:
             inputs, frozen = _router_inputs(model, routers, names, batch, loss_fn)
             logits = {name: frozen[name].float().detach().requires_grad_(True) for name in names}
             best_loss, best = _optimise(model, routers, logits, batch, loss_fn, steps, lr, before)
@@ -98,14 +100,7 @@ def build_routing_memory(
             for name in names:
                 keys[name].append(inputs[name].float().cpu())
                 values[name].append(best[name].cpu())
-            if progress:
-                print(
-                    f"\rbuild_routing_memory: batch {number}/{len(batches)}, reference loss "
-                    f"{sum(before) / len(before):.4f} -> {sum(after) / len(after):.4f}",
-                    end="\n" if number == len(batches) else "",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            bar.update(status={"loss_before": sum(before) / len(before), "loss_after": sum(after) / len(after)})
     memories = {
         name: RoutingMemory(
             torch.cat(keys[name]),
