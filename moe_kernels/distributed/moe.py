@@ -31,8 +31,8 @@ class ExpertParallelMoE(nn.Module):
     the router's and the shared expert's are this rank's contribution (reduce them across data
     parallel ranks as for any replicated parameter). Ranks may hold different numbers of tokens,
     zero included. Collective: every rank of the group runs forward (and backward) together, with
-    the same ``requires_grad`` on its input. One host synchronisation per forward (the
-    dispatch's split exchange).
+    the same ``requires_grad`` on its input (a difference raises on every rank). Three host
+    synchronisations per forward (the dispatch's header and split sizes, the combine's header).
 
     Build it with :meth:`from_moe` from a :class:`MoE` built identically (same seed) on every rank.
     """
