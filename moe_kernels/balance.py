@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from moe_kernels.config import real_number
 from moe_kernels.functional import expert_counts
 from moe_kernels.layers import RUNS_TAPS, Tap, attach_tap, detach_tap, find_moe_layers, require_tapped, taps_of
 
@@ -187,7 +188,8 @@ class AuxLossFreeBias(nn.Module):
     def __init__(self, num_experts: int, rate: float = 1e-3, *, device=None):
         super().__init__()
         num_experts = check_num_experts("AuxLossFreeBias", num_experts)
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) < math.inf:
+        real_number("AuxLossFreeBias", "rate", rate)
+        if not 0 <= float(rate) < math.inf:
             raise ValueError(f"AuxLossFreeBias: rate must be a finite number >= 0, got {rate!r}")
         self.num_experts = num_experts
         self.rate = float(rate)

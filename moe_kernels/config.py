@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from moe_kernels.kinds import as_int, integer, is_finite_number, is_int, real_number, string  # noqa: F401
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 # Added to the sum of the k weights a renormalised routing divides by (as DeepSeek-V3 does).
@@ -33,49 +33,20 @@ GROUP_SCORES = ("top2_sum", "max")
 KNN_WEIGHTINGS = ("similarity", "softmax")
 
 
-def is_int(value) -> bool:
-    """A Python int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def as_int(value) -> int | None:
-    """``value`` as a Python int when it is integer-like (an int that is not a bool, a numpy
-    integer, a 0-d integer tensor: read with ``.item()``, a host sync for a device tensor), else
-    None (floats such as ``2.0`` included)."""
-    if type(value) is int:
-        return value
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INT_DTYPES:
-        return int(value.item())
-    return None
-
-
-def integer(owner: str, name: str, value) -> int:
-    """:func:`as_int` of ``value``, or a ``TypeError`` naming ``owner`` and ``name``."""
-    result = as_int(value)
-    if result is None:
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
-    return result
-
-
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def is_finite_number(value) -> bool:
-    """An int or float (not a bool) with ``|value| < inf``. Written as a comparison rather than
-    ``math.isfinite`` so that it also holds for the symbolic floats of ``torch.compile(dynamic=True)``
-    (and is False for NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
-
-
 def _check_fields(
     owner: str, score_func, renormalize, num_groups, topk_groups, group_score, scale, num_experts: int | None = None
 ) -> None:
     """Raise a ``TypeError`` / ``ValueError`` naming ``owner`` and the option for any bad field
-    (``num_experts``, when known, only makes the messages more precise)."""
+    (``num_experts``, when known, only makes the messages more precise): ``TypeError`` for a wrong
+    kind, ``ValueError`` for a wrong value."""
+    string(owner, "score_func", score_func)
+    string(owner, "group_score", group_score)
+    real_number(owner, "scale", scale)
+    for name, value in (("num_groups", num_groups), ("topk_groups", topk_groups)):
+        if value is not None and as_int(value) is None:
+            raise TypeError(f"{owner}: {name} must be None or an int, got {type(value).__name__}")
+    num_groups = None if num_groups is None else as_int(num_groups)
+    topk_groups = None if topk_groups is None else as_int(topk_groups)
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"{owner}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
     if not isinstance(renormalize, bool):
@@ -154,6 +125,10 @@ class RoutingConfig:
         )
         if not isinstance(self.scale, float):  # 2 and 2.0 are one config (equal and of one hash)
             object.__setattr__(self, "scale", float(self.scale))
+        for name in ("num_groups", "topk_groups"):  # numpy integers as the ints the schema takes
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                object.__setattr__(self, name, as_int(value))
         # The (E, k) problems this config was checked for: an op call's check is one set lookup;
         # and the flat fields (neither is a field, so equality, hashing, repr and
         # dataclasses.fields do not see them).
@@ -331,7 +306,11 @@ _build_cached = functools.lru_cache(maxsize=256)(_build_keyed)
 
 
 def check_mixing(owner: str, weighting, temperature, min_confidence) -> None:
-    """Raise a ``ValueError`` naming ``owner`` and the option for a bad kNN mixing option."""
+    """Raise a ``TypeError`` (wrong kind) or ``ValueError`` (wrong value) naming ``owner`` and the
+    option for a bad kNN mixing option."""
+    string(owner, "weighting", weighting)
+    real_number(owner, "temperature", temperature)
+    real_number(owner, "min_confidence", min_confidence)
     if weighting not in KNN_WEIGHTINGS:
         raise ValueError(f"{owner}: weighting must be one of {KNN_WEIGHTINGS}, got {weighting!r}")
     if not is_finite_number(temperature) or temperature <= 0:

@@ -61,7 +61,7 @@ def test_value_semantics():
         (dict(topk_groups=2), ValueError, r"RoutingConfig: topk_groups=2 needs num_groups"),
         (dict(group_score="mean"), ValueError, r"RoutingConfig: group_score must be one of"),
         (dict(scale=float("inf")), ValueError, r"RoutingConfig: scale must be a finite number, got inf"),
-        (dict(scale="2"), ValueError, r"RoutingConfig: scale must be a finite number, got '2'"),
+        (dict(scale="2"), TypeError, r"RoutingConfig: scale must be a number, got str"),
     ],
 )
 def test_construction_validates_each_option(fields, error, match):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moe_kernels.config import is_finite_number
+from moe_kernels.config import is_finite_number, real_number
 from moe_kernels.files import read_json, write_json
 
 PLAN_FORMAT = "moe_kernels.cor.CoRPlan"
@@ -77,6 +77,7 @@ class CoRPlan:
             )
         if (self.prior < 0).any() or (self.prior > 1).any():
             raise ValueError("CoRPlan: prior must lie in [0, 1] (a min-max normalised impact)")
+        real_number("CoRPlan", "strength", self.strength)
         if not is_finite_number(self.strength):
             raise ValueError(f"CoRPlan: strength must be a finite number, got {self.strength!r}")
         self.strength = float(self.strength)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moe_kernels.config import is_finite_number
+from moe_kernels.config import is_finite_number, real_number
 from moe_kernels.cor._layers import find_moe_layers
 from moe_kernels.cor.plan import CoRPlan
 from moe_kernels.routing_override import clear_selection_override, set_selection_override
@@ -29,6 +29,7 @@ def apply_counterfactual_routing(model: nn.Module, plan: CoRPlan) -> nn.Module:
     op = "apply_counterfactual_routing"
     if not isinstance(plan, CoRPlan):
         raise TypeError(f"{op}: plan must be a moe_kernels.cor.CoRPlan, got {type(plan).__name__}")
+    real_number(op, "plan.strength", plan.strength)
     if not is_finite_number(plan.strength):
         raise ValueError(f"{op}: plan.strength must be a finite number, got {plan.strength!r}")
     try:  # the fields may have been changed since the plan was built: validate them again

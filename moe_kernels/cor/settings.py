@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_kernels.config import is_finite_number, is_int
+from moe_kernels.config import is_finite_number, is_int, real_number
 from moe_kernels.cor.losses import check_quantiles
 
 
@@ -33,7 +33,13 @@ class CalibrationSettings:
 
     def __post_init__(self):
         owner = "CalibrationSettings"
-        if self.total_k is not None and (not is_int(self.total_k) or self.total_k < 1):
+        if self.total_k is not None and not is_int(self.total_k):
+            raise TypeError(f"{owner}: total_k must be None or an int, got {type(self.total_k).__name__}")
+        for name in ("strength", "hard_quantile", "easy_quantile", "delta"):
+            real_number(owner, name, getattr(self, name))
+        if not is_int(self.tokens_per_forward):
+            raise TypeError(f"{owner}: tokens_per_forward must be an int, got {type(self.tokens_per_forward).__name__}")
+        if self.total_k is not None and self.total_k < 1:
             raise ValueError(f"{owner}: total_k must be None or a positive int, got {self.total_k!r}")
         if not is_finite_number(self.strength):
             raise ValueError(f"{owner}: strength must be a finite number, got {self.strength!r}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_kernels.config import integer
 from moe_kernels.knn.memory import RoutingMemory
 from moe_kernels.layers import Tap, attach_tap, detach_tap, find_moe_layers
 from moe_kernels.progress import Progress
@@ -83,7 +84,8 @@ def build_routing_memory(
             f"build_routing_memory: layers must name MoE blocks routed by softmax_topk, got {unknown or names}; "
             f"available: {sorted(routers)}"
         )
-    if not isinstance(steps, int) or steps < 0:
+    steps = integer("build_routing_memory", "steps", steps)
+    if steps < 0:
         raise ValueError(f"build_routing_memory: steps must be an int >= 0, got {steps!r}")
     keys = {name: [] for name in names}
     values = {name: [] for name in names}

@@ -207,11 +207,14 @@ class RoutingMemory:
         for field, want in expected.items():
             if want is not None and manifest.get(field) != want:
                 raise ValueError(f"{op}: {path} was built for {field}={manifest.get(field)!r}, expected {want!r}")
+        options = manifest.get("index_options")
+        if not isinstance(options, dict) or not isinstance(manifest.get("model"), (str, type(None))):
+            raise ValueError(f"{op}: {path}: index_options must be a dict and model a str or null in the manifest")
         memory = cls.__new__(cls)
-        memory.keys, memory.values = tensors["keys"], tensors["values"]
-        memory.metric, memory.index_kind = manifest["metric"], manifest["index"]
-        memory.index_options = manifest["index_options"]
-        memory.model, memory.layer = manifest["model"], manifest["layer"]
+        memory.keys, memory.values = keys, values
+        memory.metric, memory.index_kind = metric, index
+        memory.index_options = options
+        memory.model, memory.layer = manifest["model"], manifest.get("layer")
         memory._faiss_index = None
         memory._gpu_indexes = {}
         if "faiss_index" in tensors:
