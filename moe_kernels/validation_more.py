@@ -1,7 +1,8 @@
 """``validate``'s rows for the ops beyond the four of :mod:`moe_kernels.validation`: the fused kNN
-route, ProbMoE routing in both modes, the grouped GEMM and the alignment ops, each against its
-float64 reference (or, for sampled ids, against the law's support: distinct experts, in range,
-their number in the band)."""
+route (with ``knn_route_assignments``), ProbMoE routing in both modes (``exact_k_sample`` inside
+training), the grouped GEMM and the alignment ops, each against its float64 reference (for
+sampled ids, against the law's support: distinct experts, in range, their number in the band;
+for the composite ``knn_route_assignments``, against itself on float64 inputs)."""
 
 from __future__ import annotations
 
@@ -40,18 +41,29 @@ def validate_knn_route_case(shape, num_tokens, dtype, device, backend, row, with
     grads = [(router.grad, router64.grad), (memory.grad, memory64.grad)]
     ok = ids_match and within(weights, ref_weights, torch.float32) and all(within(a, b, dtype) for a, b in grads)
     grad_err = max(testing.max_errors(a, b)[0] for a, b in grads)
-    status = "exact" if ids_match else "MISMATCH"
-    return row(
-        "knn_route",
-        shape,
-        shape.k,
-        num_tokens,
-        dtype,
-        status,
-        testing.max_errors(weights, ref_weights)[0],
-        grad_err,
-        ok,
+    # knn_route_assignments (a composite of softmax_topk and tensor ops): its dense assignment
+    # against the same op on the float64 inputs.
+    cases = ((router, sims, memory, options, backend), (router64, sims.double(), memory64, options64, "torch"))
+    dense, dense64 = (
+        _dense(
+            *moe_kernels.knn_route_assignments(
+                r.detach(), neighbor_ids, s, m.detach(), shape.k, **o, **_mixing(mixing), backend=b
+            )[:2],
+            shape.num_experts,
+        )
+        for r, s, m, o, b in cases
     )
+    ok = ok and within(dense, dense64, torch.float32)
+    weight_err = max(testing.max_errors(weights, ref_weights)[0], testing.max_errors(dense, dense64)[0])
+    status = "exact" if ids_match else "MISMATCH"
+    return row("knn_route", shape, shape.k, num_tokens, dtype, status, weight_err, grad_err, ok)
+
+
+def _dense(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``(T, E)`` float64 assignment of ``weights`` at ``ids`` (-1 slots dropped)."""
+    dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float64, device=ids.device)
+    dense.scatter_add_(1, torch.where(ids < 0, num_experts, ids).long(), weights.double())
+    return dense[:, :num_experts]
 
 
 def _mixing(mixing: KnnMixing) -> dict:
