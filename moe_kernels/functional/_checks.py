@@ -100,6 +100,15 @@ def no_nan(op: str, name: str, value: torch.Tensor) -> None:
     _NAN_FREE[key] = (weakref.ref(value, lambda _, key=key: _NAN_FREE.pop(key, None)), value._version)
 
 
+def given_ids(op: str, ids, logits: torch.Tensor, k: int) -> None:
+    """Forced expert ids (routing replay) for ``logits (..., E)``: an int32 / int64 tensor of
+    shape ``(..., k)`` on the logits' device, values in ``[-1, E)``."""
+    tensor(op, "ids", ids, dtypes=ID_DTYPES, device=logits.device, device_of="logits")
+    expected = (*logits.shape[:-1], k)
+    shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
+    ids_in_range(op, "ids", ids, -1, logits.shape[-1], "E", what="expert ids or -1")
+
+
 def count(op: str, name: str, value) -> int:
     """``value`` as a Python int when integer-like (:func:`moe_kernels.config.as_int`: numpy
     integers and 0-d integer tensors too), else a ``TypeError`` naming ``op`` (``2.0`` and ``True``

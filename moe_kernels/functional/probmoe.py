@@ -143,10 +143,7 @@ def _weights_of(logits, k, k_min, ids, renormalize, training, backend) -> tuple[
     """``probmoe_route``'s ``(weights, ids int32)`` for given ``ids (..., k)``."""
     op = "probmoe_route"
     k, k_min = _check_args(logits, k, k_min, None, op)
-    check.tensor(op, "ids", ids, dtypes=check.ID_DTYPES, device=logits.device, device_of="logits")
-    expected = (*logits.shape[:-1], k)
-    check.shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
-    check.ids_in_range(op, "ids", ids, -1, logits.shape[-1], "E", what="expert ids or -1")
+    check.given_ids(op, ids, logits, k)
     if training:
         marginals = exact_k_marginals(logits, k, k_min=k_min, backend=backend)
     else:  # the mode's weights have no marginal factor: a constant 1 keeps one formula

@@ -108,10 +108,7 @@ def _weights_of(logits: torch.Tensor, k: int, ids: torch.Tensor, routing: Routin
     its docstring (scores in the compute dtype, the kernels' sigmoid ``1 / (1 + exp(-x))``),
     differentiable with respect to ``logits`` by autograd."""
     op = "softmax_topk"
-    check.tensor(op, "ids", ids, dtypes=check.ID_DTYPES, device=logits.device, device_of="logits")
-    expected = (*logits.shape[:-1], k)
-    check.shape_is(op, "ids", ids, expected, f"(..., k) = {expected}")
-    check.ids_in_range(op, "ids", ids, -1, logits.shape[-1], "E", what="expert ids or -1")
+    check.given_ids(op, ids, logits, k)
     x = logits.to(compute_dtype(logits.dtype))
     scores = torch.softmax(x, dim=-1) if routing.score_func == "softmax" else 1.0 / (1.0 + torch.exp(-x))
     weights = scores.gather(-1, ids.long().clamp_min(0))
