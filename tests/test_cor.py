@@ -57,7 +57,15 @@ def _oracle_sensitivity(model, batches):
             rows.append(((perturbed - clean)[hard].mean(), (perturbed - clean)[easy].mean()))
     hard_s = torch.stack([r[0] for r in rows])
     easy_s = torch.stack([r[1] for r in rows])
-    return hard_s.clamp_min(0) / (easy_s.clamp_min(0) + 1e-6), hard_s, easy_s
+    return _oracle_ratio(hard_s, easy_s), hard_s, easy_s
+
+
+def _oracle_ratio(hard, easy):
+    """The documented ratio, written out per layer in float64: easy floored at half the layers'
+    mean positive easy sensitivity (of the hard ones when no easy one is positive)."""
+    hard, easy = [max(float(x), 0.0) for x in hard], [max(float(x), 0.0) for x in easy]
+    scale = sum(easy) / len(easy) or sum(hard) / len(hard)
+    return torch.tensor([h / (max(e, 0.5 * scale) + 1e-6) for h, e in zip(hard, easy)], dtype=torch.float64)
 
 
 def _ablation(row: int, expert: int):
@@ -210,3 +218,22 @@ def test_essential_expert_has_the_largest_impact_in_its_layer():
     assert first[model.ESSENTIAL] > 1.0 and first[model.ESSENTIAL] > 10 * others.abs().max(), first
     plan = cor.calibrate(model, batches, _one_hot_losses)
     assert plan.prior[0, model.ESSENTIAL] == 1.0
+
+
+def test_knowledge_ratio_floor_when_easy_tokens_do_not_get_worse():
+    from moe_kernels.cor.sensitivity import knowledge_ratio
+
+    hard = torch.tensor([0.02, 0.02, 0.02])
+    # Layer 1's easy tokens improve (a noise-level -1e-5): unfloored its ratio would be 2e4,
+    # 1e4 times the others'; floored, it counts as half the typical easy sensitivity (1/150):
+    # three times the others'.
+    easy = torch.tensor([0.01, -1e-5, 0.01])
+    ratio = knowledge_ratio(hard, easy)
+    torch.testing.assert_close(ratio.double(), _oracle_ratio(hard, easy), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ratio[1] / ratio[0], torch.tensor(3.0), rtol=1e-3, atol=0)
+    assert knowledge_ratio(torch.zeros(3), -torch.ones(3)).tolist() == [0.0, 0.0, 0.0]
+    # No easy sensitivity positive: the floor comes from the hard ones.
+    torch.testing.assert_close(knowledge_ratio(hard, -easy).double(), _oracle_ratio(hard, -easy))
+    # Every easy sensitivity above the floor: hard / (easy + 1e-6), unchanged.
+    easy = torch.tensor([0.01, 0.02, 0.015])
+    torch.testing.assert_close(knowledge_ratio(hard, easy), hard / (easy + 1e-6))

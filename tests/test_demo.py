@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# The stages whose numbers a second run must reproduce (the model, the methods, the dynamics).
-RERUN_STAGES = ("language_model", "distribution_shift", "load_dynamics")
+# The stages whose numbers a second run must reproduce (the seeds' runs, the model, the methods,
+# the dynamics).
+RERUN_STAGES = ("experiments", "language_model", "distribution_shift", "load_dynamics")
+CLAIM_KEYS = {"paper", "claim", "criterion", "verdict", "reason", "estimate", "interval", "seeds", "settings"}
 
 
 def _numbers(value):
@@ -54,9 +56,13 @@ def test_readme_main_command_quick(tmp_path):
         "Minimal bifurcation model of load imbalance",
     }
     for claim in claims:
-        assert isinstance(claim["reproduced"], bool) and claim["claim"] and claim["measured"]
-        assert all(math.isfinite(number) for number in _numbers(claim["measured"]))
-    assert "## Claims" in report
+        assert set(claim) == CLAIM_KEYS and claim["claim"] and claim["criterion"] and claim["reason"]
+        assert claim["verdict"] in ("supported", "not supported", "inconclusive", "not testable")
+        # Two seeds in the quick run: no claim can be decided either way.
+        assert claim["verdict"] in ("inconclusive", "not testable"), claim
+        assert len(claim["seeds"]) == 2 and all(math.isfinite(n) for n in _numbers(claim["seeds"]))
+        assert all(s["source"] in ("paper", "ours") and s["reason"] for s in claim["settings"].values())
+    assert "## Claims" in report and "### Every seed's numbers" in report and "not task accuracy" in report
 
     again = tmp_path / "again"
     rerun = subprocess.run(

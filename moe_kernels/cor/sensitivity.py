@@ -14,12 +14,17 @@ from moe_kernels.cor.settings import DEFAULT_SETTINGS, CalibrationSettings, chec
 from moe_kernels.progress import Progress
 
 RATIO_EPS = 1e-6
+# The floor of the ratio's denominator, as a share of the layers' mean positive easy sensitivity.
+# Without it a layer whose easy tokens do not get worse (easy <= 0, often a noise-level value)
+# gets ratio hard / 1e-6 and takes the whole budget; floored, it counts as a layer whose easy
+# tokens got worse by half the typical amount.
+EASY_FLOOR = 0.5
 
 
 class LayerSensitivity(NamedTuple):
     """``ratio (L,)``, ``hard (L,)``, ``easy (L,)`` float32: the mean loss increase of the hard /
     easy tokens when layer l's output is scaled by ``1 - delta``, and
-    ``ratio = max(hard, 0) / (max(easy, 0) + 1e-6)`` (the Relative Knowledge Intensity)."""
+    ``ratio`` the Relative Knowledge Intensity (:func:`knowledge_ratio`)."""
 
     ratio: torch.Tensor
     hard: torch.Tensor
@@ -109,5 +114,17 @@ def sensitivity_from_clean(run: CalibrationRun) -> LayerSensitivity:
     counts = torch.stack([hard.sum(), easy.sum()]).double()
     means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], 0.0)
     hard_mean, easy_mean = means[0], means[1]
-    ratio = hard_mean.clamp_min(0) / (easy_mean.clamp_min(0) + RATIO_EPS)
-    return LayerSensitivity(ratio.float(), hard_mean.float(), easy_mean.float())
+    return LayerSensitivity(knowledge_ratio(hard_mean, easy_mean).float(), hard_mean.float(), easy_mean.float())
+
+
+def knowledge_ratio(hard: torch.Tensor, easy: torch.Tensor) -> torch.Tensor:
+    """The Relative Knowledge Intensity of each layer from its mean loss increases ``hard (L,)``
+    and ``easy (L,)``: ``max(hard, 0) / (max(max(easy, 0), EASY_FLOOR * s) + 1e-6)``, ``s`` the
+    mean of ``max(easy, 0)`` over the layers (of ``max(hard, 0)`` when no layer's easy tokens get
+    worse). The floor keeps a layer whose easy tokens do not get worse from taking the whole
+    budget on a noise-level denominator; 0 for every layer when no layer hurts any token (then
+    the budget is uniform)."""
+    hard_pos, easy_pos = hard.clamp_min(0), easy.clamp_min(0)
+    scale = easy_pos.mean()
+    scale = torch.where(scale > 0, scale, hard_pos.mean())
+    return hard_pos / (torch.maximum(easy_pos, EASY_FLOOR * scale) + RATIO_EPS)

@@ -5,18 +5,24 @@ that ships with Python, and writes one report (``report.md``, ``results.json``, 
 Stages, in order (each a function of the shared :class:`DemoContext`):
 
 1. validation: every op against its float64 references on this device;
-2. language model: a small character-level MoE LM trained on standard-library source code;
-3. distribution shift (source code -> English prose): zero-shot, kNN-MoE, router and full
-   fine-tuning, ProbMoE exact-k and dynamic-k, Counterfactual Routing;
-4. load dynamics: the bifurcation model, the trained routers' load, the collapse threshold;
-5. microbenchmarks of the fused ops against their baselines;
+2. experiments: the claims' pre-registered protocol (:mod:`moe_kernels.demo.protocol`) run once
+   per seed, seeds in parallel processes (:mod:`moe_kernels.demo.seed_run`);
+3. language model: the seeds' small character-level MoE LMs, pretrained on standard-library
+   source code with rare English prose;
+4. distribution shift (source code -> English prose): zero-shot, kNN-MoE, router and full
+   fine-tuning, ProbMoE exact-k and dynamic-k, top-1, Counterfactual Routing against placebos;
+5. load dynamics: the bifurcation model, the trained routers' load, the collapse threshold per seed;
+6. microbenchmarks of the fused ops against their baselines;
 
-then the claims table: each paper's claim, what was measured here, reproduced or not.
+then the claims table: each paper's claim, its criterion, the estimate across seeds with its
+one-sided 95% interval, and a verdict (supported, not supported, inconclusive, not testable),
+with every seed's numbers under it.
 
 A stage that fails is reported as failed (with its error) and the others still run (those that
 need its results report that); the exit code is 1 if any failed. ``--quick`` runs a small version
 of every stage (the test suite runs it). For a given seed the numbers are the same run to run
-(timings aside): the CPU stages run on one thread, where torch's kernels are deterministic.
+(timings aside): the CPU stages and every seed's process run on one thread, where torch's
+kernels are deterministic.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 
 from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.dynamics_stage import dynamics_stage
+from moe_kernels.demo.experiments import experiments_stage
 from moe_kernels.demo.lm_stage import language_model_stage
 from moe_kernels.demo.report import StageResult, environment, write_outputs
 from moe_kernels.demo.shift import shift_stage
@@ -41,6 +48,7 @@ from moe_kernels.demo.stages import microbenchmark_stage, validation_stage
 Stage = Callable[[DemoContext], StageResult]
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("validation", validation_stage),
+    ("experiments", experiments_stage),
     ("language_model", language_model_stage),
     ("distribution_shift", shift_stage),
     ("load_dynamics", dynamics_stage),

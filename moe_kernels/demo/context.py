@@ -1,20 +1,20 @@
-"""What the demo's stages share: the output folder, the device, the mode, the seed, the corpus and
-the trained language model (set by the language-model stage, read by the later ones)."""
+"""What the demo's stages share: the output folder, the device, the mode, the base seed, the corpus,
+the seeds' runs (set by the experiments stage) and seed ``base``'s language model (set by the
+language-model stage, read by the load-dynamics stage)."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from moe_kernels.demo.data import Corpus, even_batches, load_corpus, random_batches
-from moe_kernels.demo.model import SIZES, CharMoELM, ModelSize
+from moe_kernels.demo.data import Corpus, even_batches, load_corpus
+from moe_kernels.demo.model import CharMoELM
+from moe_kernels.demo.protocol import PROTOCOLS, Protocol
 
-# Characters of each corpus, and windows per evaluation set, by mode.
-CORPUS_CHARS = {"quick": 120_000, "full": 400_000}
+# Windows per evaluation set of the router statistics, by mode.
 EVAL_WINDOWS = {"quick": 2048, "full": 8192}
 
 
@@ -34,27 +34,24 @@ class DemoContext:
         return "quick" if self.quick else "full"
 
     @property
-    def size(self) -> ModelSize:
-        return SIZES["quick" if self.quick else self.device.type]
-
-    @property
     def corpus(self) -> Corpus:
         if self._corpus is None:
-            self._corpus = load_corpus(CORPUS_CHARS[self.mode])
+            self._corpus = load_corpus(PROTOCOLS[self.mode].corpus_chars)
         return self._corpus
 
-    def trained_model(self) -> CharMoELM:
-        """A fresh copy of the trained LM (each method changes its own copy)."""
+    def require_runs(self) -> tuple[list[dict], Protocol]:
+        """The seeds' results and the protocol; RuntimeError when the experiments stage did not run."""
+        if "runs" not in self.results:
+            raise RuntimeError("this stage needs the seeds' runs, whose stage (experiments) did not run or failed")
+        return self.results["runs"], self.results["protocol"]
+
+    def require_model(self) -> CharMoELM:
         if self.model is None:
             raise RuntimeError("this stage needs the language model, whose stage did not run or failed")
-        return copy.deepcopy(self.model)
-
-    def train_batches(self, data: torch.Tensor, count: int, seed_offset: int) -> list:
-        batches = random_batches(data, self.size.context, self.size.batch, count, self.seed * 1000 + seed_offset)
-        return [tuple(t.to(self.device) for t in batch) for batch in batches]
+        return self.model
 
     def eval_batches(self, data: torch.Tensor) -> list:
-        batches = even_batches(data, self.size.context, 512, EVAL_WINDOWS[self.mode])
+        batches = even_batches(data, PROTOCOLS[self.mode].size.context, 512, EVAL_WINDOWS[self.mode])
         return [tuple(t.to(self.device) for t in batch) for batch in batches]
 
     @contextlib.contextmanager

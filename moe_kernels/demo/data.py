@@ -4,9 +4,10 @@
 - **prose** (the shifted domain): the English reference topics of ``pydoc_data.topics``.
 
 Each corpus is split into contiguous parts (no window crosses a split): code into train and
-held-out; prose into a reference part (the new domain's training data: kNN memories and
-fine-tuning), a calibration part (Counterfactual Routing) and held-out. Windows are drawn with
-a seeded generator, so a seed fixes every batch.
+held-out; prose into a pretraining part (the rare prose of the pretraining mix), a reference part
+(the new domain's training data: kNN memories and fine-tuning), a calibration part (every choice
+a method makes, and Counterfactual Routing's calibration) and held-out. Windows are drawn with a
+seeded generator, so a seed fixes every batch.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Corpus:
 
     code_train: torch.Tensor
     code_held_out: torch.Tensor
+    prose_pretrain: torch.Tensor
     prose_reference: torch.Tensor
     prose_calibration: torch.Tensor
     prose_held_out: torch.Tensor
@@ -67,12 +69,14 @@ class Corpus:
 
 
 def load_corpus(max_chars: int) -> Corpus:
-    """Both corpora, at most ``max_chars`` characters each, split 90/10 (code) and 60/15/25 (prose)."""
+    """Both corpora, at most ``max_chars`` characters each, split 90/10 (code) and 5/55/15/25
+    (prose: pretraining, reference, calibration, held-out)."""
     code = encode(code_text(max_chars))
     prose = encode(prose_text(max_chars))
     code_cut = int(0.9 * code.numel())
-    ref_cut, cal_cut = int(0.6 * prose.numel()), int(0.75 * prose.numel())
-    return Corpus(code[:code_cut], code[code_cut:], prose[:ref_cut], prose[ref_cut:cal_cut], prose[cal_cut:])
+    cuts = [int(share * prose.numel()) for share in (0.05, 0.6, 0.75)]
+    parts = torch.tensor_split(prose, cuts)
+    return Corpus(code[:code_cut], code[code_cut:], *parts)
 
 
 def windows(data: torch.Tensor, context: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +91,26 @@ def random_batches(data: torch.Tensor, context: int, batch: int, count: int, see
     generator = torch.Generator().manual_seed(seed)
     high = data.numel() - context - 1
     return [windows(data, context, torch.randint(0, high, (batch,), generator=generator)) for _ in range(count)]
+
+
+def mixed_batches(
+    main: torch.Tensor, rare: torch.Tensor, rare_share: float, context: int, batch: int, count: int, seed: int
+) -> list:
+    """``count`` batches of ``batch`` windows at seeded random positions, ``round(rare_share *
+    batch)`` of each from ``rare`` (the last rows) and the rest from ``main``."""
+    rare_rows = round(rare_share * batch)
+    main_batches = random_batches(main, context, batch - rare_rows, count, seed)
+    if rare_rows == 0:
+        return main_batches
+    rare_batches = random_batches(rare, context, rare_rows, count, seed + 1)
+    return [tuple(torch.cat(parts) for parts in zip(a, b)) for a, b in zip(main_batches, rare_batches)]
+
+
+def all_batches(data: torch.Tensor, context: int, batch: int) -> list:
+    """Every window of the split (each position's target once), in order, in batches of ``batch``:
+    the held-out evaluation sets."""
+    positions = torch.arange(data.numel() - context)
+    return [windows(data, context, positions[i : i + batch]) for i in range(0, positions.numel(), batch)]
 
 
 def even_batches(data: torch.Tensor, context: int, batch: int, max_windows: int) -> list:

@@ -1,34 +1,25 @@
 """The demo's load-dynamics stage: the bifurcation model of adaptive softmax routing (theory and
 simulation), the trained LM's routers (their load on both domains, and the feedback strength at
 which adaptive scores would collapse them), and the digits experiment that tests the predicted
-collapse threshold against training runs."""
+collapse threshold against training runs, once per seed (run by the experiments stage)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from moe_kernels.balance import load_stats
+from moe_kernels.demo.claims import bifurcation_claim
 from moe_kernels.demo.context import DemoContext
 from moe_kernels.demo.model import record_routing
 from moe_kernels.demo.report import StageResult, markdown_table
 from moe_kernels.dynamics import plots
-from moe_kernels.dynamics.digits import linear_threshold, sweep_digits, threshold_table
-from moe_kernels.progress import Progress
+from moe_kernels.dynamics.digits import linear_threshold
 
-# The digits sweeps: (experts, swept K values as multiples of the predicted threshold, epochs).
-DIGITS = {
-    "quick": dict(experts=(2,), feedbacks=(0.5, 0.8, 1.2, 1.6, 2.0), pretrain_epochs=6, epochs=3),
-    "full": dict(experts=(2, 4), feedbacks=None, pretrain_epochs=10, epochs=5),
-}
 BIFURCATION = {
     "quick": dict(steps=4000, replicas=6, feedbacks=[0.5, 1.0, 1.5, 2.5, 3.0, 4.0]),
     "full": dict(steps=20000, replicas=16, feedbacks=None),
 }
-# "Near the predicted threshold": the measured one within this fraction of it.
-THRESHOLD_TOLERANCE = 0.2
 
 
 def dynamics_stage(ctx: DemoContext) -> StageResult:
@@ -43,39 +34,14 @@ def dynamics_stage(ctx: DemoContext) -> StageResult:
         )
     else:
         stage.notes.append("the language model's stage did not run: no router statistics")
-
-    options = DIGITS[ctx.mode]
-    sweeps = []
-    with Progress(len(options["experts"]), "digits sweeps") as bar:
-        for experts in options["experts"]:
-            sweeps.append(
-                sweep_digits(
-                    experts,
-                    options["feedbacks"],
-                    relative=True,
-                    pretrain_epochs=options["pretrain_epochs"],
-                    epochs=options["epochs"],
-                    grid_points=0,
-                    seed=ctx.seed,
-                    threads=None,
-                )
-            )
-            bar.update(status={"experts": experts})
-    stage.tables.append(threshold_table(sweeps))
-    stage.numbers = {
-        "lm_routers": layers,
-        "digits": [
-            {
-                "experts": s.num_experts,
-                "critical": _finite(s.critical),
-                "predicted": _finite(s.predicted),
-                "measured": _finite(s.measured),
-                "balanced": _finite(s.balanced),
-                "rows": s.rows,
-            }
-            for s in sweeps
-        ],
-    }
+    runs, protocol = ctx.require_runs()
+    digits = [
+        {"seed": run["seed"], **{key: d[key] for key in ("experts", "predicted", "measured", "with_bias")}}
+        for run in runs
+        for d in run["digits"]
+    ]
+    stage.tables.append(markdown_table(digits, ["seed", "experts", "predicted", "measured", "with_bias"]))
+    stage.numbers = {"lm_routers": layers, "digits": [run["digits"] for run in runs]}
     stage.notes += [
         "bifurcation.png: the stationary load of expert 0 of two experts against the feedback strength K, theory "
         "branches (solid stable, dashed unstable) and simulated chains (dots); the pitchfork at K = 2 unfolds with "
@@ -87,7 +53,7 @@ def dynamics_stage(ctx: DemoContext) -> StageResult:
         "(multiples of the predicted threshold); 'measured' is where its load imbalance reaches 0.5; "
         "with AuxLossFreeBias it stays balanced",
     ]
-    stage.claims = [_claim(sweeps)]
+    stage.claims = [bifurcation_claim(runs, protocol).to_dict()]
     return stage
 
 
@@ -110,31 +76,3 @@ def _lm_routers(ctx: DemoContext) -> list[dict]:
                 }
             )
     return rows
-
-
-def _finite(value: float) -> float | None:
-    """None for a threshold never reached (inf) or not computed (nan)."""
-    return value if math.isfinite(value) else None
-
-
-def _claim(sweeps) -> dict:
-    measured = {
-        f"E={s.num_experts}": {
-            "predicted": _finite(s.predicted),
-            "measured": _finite(s.measured),
-            "with_bias": _finite(s.balanced),
-        }
-        for s in sweeps
-    }
-    near = all(
-        math.isfinite(s.measured) and abs(s.measured - s.predicted) <= THRESHOLD_TOLERANCE * s.predicted for s in sweeps
-    )
-    held = all(math.isinf(s.balanced) or s.balanced > max(r["feedback"] for r in s.rows) for s in sweeps)
-    return {
-        "paper": "Minimal bifurcation model of load imbalance (arXiv 2605.29121)",
-        "claim": "adaptive softmax routing keeps its load balanced below a critical feedback strength and collapses "
-        f"near the predicted threshold (here: within {THRESHOLD_TOLERANCE:.0%}); a negative-feedback bias "
-        "(auxiliary-loss-free balancing) keeps it balanced past it",
-        "measured": measured,
-        "reproduced": bool(near and held),
-    }

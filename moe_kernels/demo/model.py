@@ -53,7 +53,8 @@ SIZES = {
 
 
 class CharMoELM(nn.Module):
-    """``forward(context (B, C) int64) -> logits (B, 128)``; ``blocks`` are the MoE layers."""
+    """``forward(context (B, C) int64) -> logits (B, 128)``; ``blocks`` are the MoE layers, routed
+    by ``routing`` (default ``RoutingConfig()``: softmax top-k, not renormalised, as OLMoE)."""
 
     def __init__(self, size: ModelSize, *, routing: RoutingConfig | None = None, device=None):
         super().__init__()
@@ -68,7 +69,7 @@ class CharMoELM(nn.Module):
                     size.intermediate,
                     size.experts,
                     size.k,
-                    routing=routing or RoutingConfig.renormalize(),
+                    routing=routing or RoutingConfig(),
                     device=device,
                 )
                 for _ in range(size.layers)
