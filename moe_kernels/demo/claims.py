@@ -39,11 +39,12 @@ FINETUNED = ("full_ft", "exact_k", "dynamic_k", "top_1")
 BIFURCATION = "Minimal bifurcation model of load imbalance (arXiv 2605.29121)"
 
 
-def _claim(paper, claim, criterion, decided, seeds, claim_settings) -> ClaimResult:
+def _claim(paper, claim, criterion, decided, seeds, claim_settings, bound=None) -> ClaimResult:
     verdict, reason, result = decided
     interval = None if result is None else (result.low, result.high)
     mean = None if result is None else result.mean
-    return ClaimResult(paper, claim, criterion, verdict, reason, mean, interval, seeds, claim_settings)
+    values = () if result is None else result.values
+    return ClaimResult(paper, claim, criterion, verdict, reason, mean, interval, seeds, claim_settings, values, bound)
 
 
 def _pick(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -120,6 +121,7 @@ def knn_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             beats,
             _pick(rows, ("zero_shot", "knn", "knn_change", "knn_change_se", "chosen")),
             knn_settings,
+            bound=0.0,
         ),
         _claim(
             KNN,
@@ -129,6 +131,7 @@ def knn_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             competitive,
             _pick(rows, ("zero_shot", "knn", "router_ft", "full_ft", "headroom", "share_of_router_ft")),
             knn_settings,
+            bound=KNN_SHARE,
         ),
         _claim(
             KNN,
@@ -139,6 +142,7 @@ def knn_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             fallback,
             _pick(rows, ("code_change", "code_change_se", "confidence_prose", "confidence_code", "chosen")),
             knn_settings,
+            bound=margin,
         ),
     ]
 
@@ -191,6 +195,7 @@ def probmoe_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             below([r["exact_minus_top_k"] for r in rows], DELTA),
             _pick(rows, ("top_k", "exact_k", "exact_minus_top_k", "exact_minus_top_k_se", "lr", "epochs")),
             probmoe_settings,
+            bound=DELTA,
         ),
         _claim(
             PROBMOE,
@@ -199,6 +204,7 @@ def probmoe_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             diversity,
             _pick(rows, ("entropy_top_k", "entropy_exact_k", "experts_for_99_top_k", "experts_for_99_exact_k")),
             probmoe_settings,
+            bound=0.0,
         ),
         _claim(
             PROBMOE,
@@ -208,6 +214,7 @@ def probmoe_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
             dynamic,
             _pick(rows, DYNAMIC_KEYS),
             probmoe_settings,
+            bound=FEWER_SHARE * k,
         ),
     ]
 
@@ -245,19 +252,17 @@ def cor_claim(runs: list[dict], protocol: Protocol) -> ClaimResult:
         )
     primary = [r["cor_entropy"] for r in rows]
     result = estimate(primary)
+    # The placebo distribution of the mean across seeds: placebo j of every seed averaged.
+    count = min(len(run["cor"]["placebos"]["entropy"]) for run in runs)
+    pooled = [sum(run["cor"]["placebos"]["entropy"][j] for run in runs) / len(runs) for j in range(count)]
+    bound = _quantile(pooled, PLACEBO_QUANTILE)
     if not any(r["budget_moved"] for r in rows):
         decided = ("not testable", "budget not exercised: no layer's budget moved in any seed", result)
     elif len(rows) < MIN_SEEDS:
         decided = ("inconclusive", f"{len(rows)} seed(s): a verdict needs at least {MIN_SEEDS}", result)
     else:
-        count = min(len(run["cor"]["placebos"]["entropy"]) for run in runs)
-        pooled = [sum(run["cor"]["placebos"]["entropy"][j] for run in runs) / len(runs) for j in range(count)]
-        bound = _quantile(pooled, PLACEBO_QUANTILE)
-        beats = (
-            result.mean < bound,
-            f"mean change {result.mean:.4g} vs the pooled placebos' 5th percentile {bound:.4g}",
-        )
-        placebo = ("supported" if beats[0] else "not supported", beats[1], result)
+        why = f"mean change {result.mean:.4g} vs the pooled placebos' 5th percentile {bound:.4g}"
+        placebo = ("supported" if result.mean < bound else "not supported", why, result)
         all_tokens = _named("all tokens", below([r["cor_all"] for r in rows], DELTA))
         decided = (*combine(_named("placebos", placebo), all_tokens), result)
     return _claim(
@@ -270,6 +275,7 @@ def cor_claim(runs: list[dict], protocol: Protocol) -> ClaimResult:
         decided,
         rows,
         cor_settings,
+        bound=bound,
     )
 
 

@@ -17,6 +17,7 @@ made on the prose calibration split):
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from moe_kernels.demo.claims import cor_claim, knn_claims, probmoe_claims
@@ -58,6 +59,31 @@ def plot_placebos(runs: list[dict], path) -> object:
     return save_png(fig, path)
 
 
+def plot_claims(results: list, path) -> object:
+    """One panel per claim: every seed's value (dots), the mean with its one-sided 95% bounds (the
+    bar), and the criterion's bound (dashed); the title carries the verdict."""
+    from matplotlib.figure import Figure
+
+    columns = 2
+    rows = (len(results) + columns - 1) // columns
+    fig = Figure(figsize=(11, 2.1 * rows))
+    for index, claim in enumerate(results):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        if claim.values:
+            ax.scatter(claim.values, [0.0] * len(claim.values), s=18, color="tab:gray", zorder=3)
+            low = claim.interval[0] if math.isfinite(claim.interval[0]) else min(claim.values)
+            high = claim.interval[1] if math.isfinite(claim.interval[1]) else max(claim.values)
+            ax.plot([low, high], [0.25, 0.25], color="tab:blue", lw=3)
+            ax.plot([claim.estimate], [0.25], "o", color="tab:blue")
+        if claim.bound is not None:
+            ax.axvline(claim.bound, color="tab:red", ls="--", lw=1.2)
+        ax.set_yticks([])
+        ax.set_ylim(-0.5, 0.75)
+        ax.set_title(f"{claim.paper.split(' (')[0]}: {claim.claim[:48]}...\n{claim.verdict}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return save_png(fig, path)
+
+
 def shift_stage(ctx: DemoContext) -> StageResult:
     stage = StageResult("distribution_shift", "Distribution shift: source code -> English prose")
     runs, protocol = ctx.require_runs()
@@ -89,9 +115,12 @@ def shift_stage(ctx: DemoContext) -> StageResult:
         f"Counterfactual Routing's per-layer budget per seed ({budgets}; static {runs[0]['cor']['budget_static']}); "
         f"placebos: {protocol.placebos} priors per seed with the plan's values shuffled across experts",
     ]
-    stage.claims = [
-        *(c.to_dict() for c in knn_claims(runs, protocol)),
-        *(c.to_dict() for c in probmoe_claims(runs, protocol)),
-        cor_claim(runs, protocol).to_dict(),
-    ]
+    results = [*knn_claims(runs, protocol), *probmoe_claims(runs, protocol), cor_claim(runs, protocol)]
+    stage.claims = [claim.to_dict() for claim in results]
+    plot = plot_claims(results, ctx.out / "claims.png")
+    stage.plots.append(str(plot.relative_to(ctx.out)))
+    stage.notes.append(
+        "claims.png: per claim, every seed's value (grey), the mean and its one-sided 95% bounds (blue) and the "
+        "criterion's bound (red, dashed); CoR's bound is the pooled placebos' 5th percentile"
+    )
     return stage

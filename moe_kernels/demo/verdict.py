@@ -43,6 +43,7 @@ class Estimate:
     low: float
     high: float
     seeds: int
+    values: tuple[float, ...] = ()
 
 
 def t95(degrees: int) -> float:
@@ -62,10 +63,10 @@ def estimate(values: Sequence[float]) -> Estimate:
     n = len(values)
     mean = sum(values) / n
     if n == 1:
-        return Estimate(mean, -math.inf, math.inf, 1)
+        return Estimate(mean, -math.inf, math.inf, 1, tuple(values))
     spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
     margin = t95(n - 1) * spread
-    return Estimate(mean, mean - margin, mean + margin, n)
+    return Estimate(mean, mean - margin, mean + margin, n, tuple(values))
 
 
 def _decide(supported: bool, refuted: bool, seeds: int, claim_side: str, bound: float) -> tuple[str, str]:
@@ -127,6 +128,10 @@ class ClaimResult:
     interval: tuple[float, float] | None = None
     seeds: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # For the plot, not in results.json: the per-seed values the estimate averages, and the
+    # criterion's bound on them (None when the row has none).
+    values: tuple[float, ...] = ()
+    bound: float | None = None
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
