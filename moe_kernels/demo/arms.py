@@ -106,9 +106,9 @@ class RoutingStats(Tap):
             mass = (probs.sort(dim=-1, descending=True).values.cumsum(-1) < 0.99).sum(-1) + 1
             used = (ids.reshape(-1, ids.shape[-1]) >= 0).sum(-1)
             rows = torch.stack([used.double(), entropy.double(), mass.double(), (logits > 0).sum(-1).double()])
-            self.sums += rows.sum(1)
+            self.sums += rows.sum(1).cpu()
             self.tokens += logits.shape[0]
-            self.cardinality += torch.bincount(used, minlength=self.k + 1)[: self.k + 1].double()
+            self.cardinality += torch.bincount(used, minlength=self.k + 1)[: self.k + 1].double().cpu()
 
 
 def evaluate(model: CharMoELM, held_out: dict) -> tuple[dict, dict]:

@@ -45,11 +45,6 @@ class DemoContext:
             raise RuntimeError("this stage needs the seeds' runs, whose stage (experiments) did not run or failed")
         return self.results["runs"], self.results["protocol"]
 
-    def require_model(self) -> CharMoELM:
-        if self.model is None:
-            raise RuntimeError("this stage needs the language model, whose stage did not run or failed")
-        return self.model
-
     def eval_batches(self, data: torch.Tensor) -> list:
         batches = even_batches(data, PROTOCOLS[self.mode].size.context, 512, EVAL_WINDOWS[self.mode])
         return [tuple(t.to(self.device) for t in batch) for batch in batches]

@@ -32,16 +32,17 @@ def _losses(model: CharMoELM, batches, plan: cor.CoRPlan | None) -> torch.Tensor
     if plan is not None:
         cor.apply_counterfactual_routing(model, plan)
     try:
-        return torch.cat([token_losses(model, batch) for batch in batches]).double()
+        return torch.cat([token_losses(model, batch) for batch in batches]).double().cpu()
     finally:
         cor.revert_counterfactual_routing(model)
 
 
 def predictive_entropy(model: CharMoELM, batches) -> torch.Tensor:
-    """``(N,)`` float64 entropy of the model's next-character distribution at every position."""
+    """``(N,)`` float64 entropy (on the CPU) of the model's next-character distribution at every
+    position."""
     with torch.no_grad():
         parts = [torch.distributions.Categorical(logits=model(context).double()).entropy() for context, _ in batches]
-    return torch.cat(parts)
+    return torch.cat(parts).cpu()
 
 
 def cor_arm(model: CharMoELM, prose, held_out: list, static: torch.Tensor, protocol: Protocol, seed: int) -> dict:
@@ -51,7 +52,9 @@ def cor_arm(model: CharMoELM, prose, held_out: list, static: torch.Tensor, proto
     subsets).
     ``static (N,)``: the static per-token held-out losses."""
     size = model.size
+    device = next(model.parameters()).device
     calibration = random_batches(prose, size.context, size.batch, protocol.cor_calibration_batches, seed * 1000 + 4)
+    calibration = [tuple(t.to(device) for t in batch) for batch in calibration]
     settings = cor.CalibrationSettings(strength=protocol.cor_strength)
     plan = cor.calibrate(model, calibration, token_losses, settings)
     base_k = torch.tensor([block.router.k for block in model.blocks], dtype=torch.int64)

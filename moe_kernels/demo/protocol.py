@@ -83,7 +83,7 @@ PROTOCOLS = {
     "full": Protocol(
         mode="full",
         seeds=5,
-        size=SIZES["cpu"],
+        size=SIZES["full"],
         z_loss=1e-3,
         pretrain_prose_share=0.05,
         corpus_chars=300_000,
@@ -140,8 +140,9 @@ def settings(protocol: Protocol) -> dict[str, dict[str, Setting]]:
             f"character MoE LM: {p.size.layers} layers of {p.size.experts} experts, top-{p.size.k}, hidden "
             f"{p.size.hidden}, context {p.size.context}",
             "ours",
-            "a tiny OLMoE-architecture model trains at 66 ms per step (1,024 tokens) against 17.5 ms here "
-            "(docs/claims.md); five seeds of every arm would not fit 15 minutes on 2 cores",
+            "a tiny OLMoE-architecture model takes 66 ms per training step against 17.5 ms here: 5 seeds would "
+            "take about 17 minutes on 2 cores; ProbMoE and kNN routers are not options of the HF patch yet "
+            "(docs/claims.md)",
         ),
         "renormalize": Setting(False, "paper", "OLMoE and ProbMoE route with softmax top-k weights, not renormalised"),
         "router_z_loss": Setting(p.z_loss, "paper", "OLMoE's router z-loss coefficient in pretraining"),
