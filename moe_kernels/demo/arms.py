@@ -18,10 +18,9 @@ import copy
 import time
 
 import torch
-from torch import nn
 
 from moe_kernels.config import RoutingConfig
-from moe_kernels.demo.model import CharMoELM, batch_loss, mean_loss
+from moe_kernels.demo.model import CharMoELM, batch_loss, mean_loss, token_losses
 from moe_kernels.demo.protocol import Protocol
 from moe_kernels.layers import Tap, attach_tap, detach_tap
 from moe_kernels.nn import ProbMoERouter, TopKRouter
@@ -126,9 +125,9 @@ def evaluate(model: CharMoELM, held_out: dict) -> tuple[dict, dict]:
             attach_tap(block.router, tap)
         parts, total = [], 0.0
         try:
-            with torch.no_grad():
+            with torch.no_grad():  # the kNN routers' confidences need no graph either
                 for context, target in batches:
-                    parts.append(nn.functional.cross_entropy(model(context), target, reduction="none").double().cpu())
+                    parts.append(token_losses(model, (context, target)).double().cpu())
                     if knn:
                         total += float(torch.stack([b.router.last_confidence for b in model.blocks]).double().mean())
         finally:

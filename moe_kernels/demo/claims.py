@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from moe_kernels.demo.protocol import (
     DELTA,
     FALLBACK_SE,
@@ -220,12 +222,8 @@ def probmoe_claims(runs: list[dict], protocol: Protocol) -> list[ClaimResult]:
 
 
 def _quantile(values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (``torch.quantile``'s default rule)."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """``torch.quantile``'s linear-interpolation quantile of ``values``, in float64."""
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
 def cor_claim(runs: list[dict], protocol: Protocol) -> ClaimResult:

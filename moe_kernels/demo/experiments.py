@@ -51,9 +51,11 @@ def _command(ctx: DemoContext, seed: int, folder: Path) -> list[str]:
 
 
 def _stop(running: dict) -> None:
-    for process, _, _ in running.values():
+    """Kill the seeds still running (another seed failed, or the demo was interrupted)."""
+    for process, log, _ in running.values():
         process.kill()
         process.wait()
+        log.close()
 
 
 def run_seeds(ctx: DemoContext, seeds: list[int], workers: int) -> tuple[list[dict], dict]:
